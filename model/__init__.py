@@ -1,0 +1,1 @@
+"""Llama/Qwen-family decoder, HF checkpoint and tokenizer loading, paged KV cache and engine."""
