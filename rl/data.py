@@ -1,0 +1,211 @@
+"""Problem sets for training and evaluation: JSONL files and (optionally) Hugging Face datasets.
+
+A record becomes a `Problem(id, question, answer, meta)`. The answer comes either from an explicit
+field (`answer_key`) or, MATH style, from the last `\\boxed{...}` of a worked solution
+(`solution_key`), with nested braces handled. Every error names the file and the 1-based line
+(or the dataset row) and says what was expected.
+
+Not done here: prompt rendering (see `prompts.py`) and answer checking (see `math_reward.py`).
+Code problems (HumanEval/MBPP) have their own loaders in the sandbox module.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+_BOXED_COMMANDS = ("\\boxed", "\\fbox")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: `answer` is the reference the reward compares against (a LaTeX string for MATH)."""
+
+    id: str
+    question: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces included.
+
+    `\\boxed 5` (argument without braces, a single token) is accepted as TeX does. Returns None when
+    there is no box or the last one is never closed.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"last_boxed expects a str, got {type(text).__name__}")
+    start = max(text.rfind(cmd) for cmd in _BOXED_COMMANDS)
+    if start < 0:
+        return None
+    cmd = next(c for c in _BOXED_COMMANDS if text.startswith(c, start))
+    pos = start + len(cmd)
+    if pos < len(text) and text[pos] == " ":
+        # `\boxed 5`: TeX takes the next token as the argument.
+        rest = text[pos:].split(maxsplit=1)
+        if not rest:
+            return None
+        return rest[0].rstrip("$.") or None
+    if pos >= len(text) or text[pos] != "{":
+        return None
+    depth = 0
+    i = pos
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # an escaped character (`\{`, `\}`, `\\`) never opens or closes a group
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[pos + 1 : i]
+        i += 1
+    return None
+
+
+def problem_from_record(
+    record: Any,
+    where: str,
+    *,
+    question_key: str = "problem",
+    answer_key: str | None = None,
+    solution_key: str | None = "solution",
+    id_key: str | None = None,
+    default_id: str,
+) -> Problem:
+    """Map one record (a dict) to a Problem; `where` ("file.jsonl line 7") prefixes every error."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    question = _required_str(record, question_key, where, "question_key")
+    if answer_key is not None:
+        if answer_key not in record:
+            raise ValueError(f"{where}: missing answer field {answer_key!r} (answer_key); keys present: {sorted(record)}")
+        value = record[answer_key]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"{where}: answer field {answer_key!r} must be a string or number, got {type(value).__name__}")
+        answer = str(value).strip()
+        if not answer:
+            raise ValueError(f"{where}: answer field {answer_key!r} is empty")
+    elif solution_key is not None:
+        solution = _required_str(record, solution_key, where, "solution_key")
+        answer = last_boxed(solution)
+        if answer is None or not answer.strip():
+            raise ValueError(f"{where}: solution field {solution_key!r} has no complete \\boxed{{...}} answer")
+        answer = answer.strip()
+    else:
+        raise ValueError("either answer_key or solution_key must be given to know where the reference answer is")
+    if id_key is not None:
+        if id_key not in record:
+            raise ValueError(f"{where}: missing id field {id_key!r} (id_key); keys present: {sorted(record)}")
+        problem_id = str(record[id_key])
+    else:
+        problem_id = default_id
+    used = {question_key, answer_key, id_key}
+    meta = {k: v for k, v in record.items() if k not in used}
+    return Problem(id=problem_id, question=question, answer=answer, meta=meta)
+
+
+def _required_str(record: dict, key: str, where: str, arg: str) -> str:
+    if key not in record:
+        raise ValueError(f"{where}: missing field {key!r} ({arg}); keys present: {sorted(record)}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def load_jsonl(
+    path: str | Path,
+    *,
+    question_key: str = "problem",
+    answer_key: str | None = None,
+    solution_key: str | None = "solution",
+    id_key: str | None = None,
+) -> list[Problem]:
+    """Read one problem per non-blank line. Ids default to `<file name>:<line>`; ids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"problem file not found: {path}")
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            problem = problem_from_record(
+                record, where, question_key=question_key, answer_key=answer_key,
+                solution_key=solution_key, id_key=id_key, default_id=f"{path.name}:{lineno}",
+            )
+            if problem.id in seen:
+                raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first on line {seen[problem.id]})")
+            seen[problem.id] = lineno
+            problems.append(problem)
+    if not problems:
+        raise ValueError(f"{path}: no problems (the file is empty)")
+    return problems
+
+
+def problems_from_records(
+    records: Iterable[Any],
+    source: str,
+    *,
+    question_key: str = "problem",
+    answer_key: str | None = None,
+    solution_key: str | None = "solution",
+    id_key: str | None = None,
+) -> list[Problem]:
+    """Map in-memory records (dataset rows) to Problems; errors name `source` and the 0-based row."""
+    problems = []
+    seen: dict[str, int] = {}
+    for row, record in enumerate(records):
+        where = f"{source} row {row}"
+        problem = problem_from_record(
+            dict(record) if not isinstance(record, dict) and hasattr(record, "keys") else record,
+            where, question_key=question_key, answer_key=answer_key, solution_key=solution_key,
+            id_key=id_key, default_id=f"{source}:{row}",
+        )
+        if problem.id in seen:
+            raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first at row {seen[problem.id]})")
+        seen[problem.id] = row
+        problems.append(problem)
+    if not problems:
+        raise ValueError(f"{source}: no problems (the dataset is empty)")
+    return problems
+
+
+def load_hf_dataset(
+    name: str,
+    *,
+    split: str = "train",
+    config: str | None = None,
+    question_key: str = "problem",
+    answer_key: str | None = None,
+    solution_key: str | None = "solution",
+    id_key: str | None = None,
+) -> list[Problem]:
+    """Load a split through the `datasets` package (a local path or a hub name it can reach).
+
+    `datasets` is an optional dependency: without it this raises ImportError saying how to install it.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            "load_hf_dataset needs the optional 'datasets' package (pip install datasets); "
+            "alternatively export the split to JSONL and use load_jsonl"
+        ) from e
+    dataset = datasets.load_dataset(name, config, split=split)
+    return problems_from_records(
+        dataset, f"{name}[{split}]", question_key=question_key, answer_key=answer_key,
+        solution_key=solution_key, id_key=id_key,
+    )
