@@ -1,1 +1,4 @@
 """Llama/Qwen-family decoder, HF checkpoint and tokenizer loading, paged KV cache and engine."""
+from .config import ModelConfig
+from .model import Transformer
+from .loading import from_pretrained, save_pretrained

@@ -1,0 +1,260 @@
+"""The decoder: Llama / Qwen2 / Qwen3 families in one readable file, numerically matching HF.
+
+Notable features
+- Pre-norm blocks: RMSNorm -> attention (GQA, optional q/k/v bias, optional q/k RMSNorm per head)
+  -> residual -> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; tied or untied output head.
+- Rotate-half RoPE exactly as HF computes it (inverse frequencies on the CPU in fp32, cos/sin from
+  fp32 positions, cast to the activation dtype), so HF checkpoints load without permuting q/k.
+  Plain RoPE and the `llama3` frequency scaling.
+- Three input layouts for `hidden_states`:
+    dense   input_ids [B, T] (all sequences start at position 0 unless `positions` says otherwise);
+    packed  input_ids [N] + cu_seqlens [S+1]: several sequences back to back, no padding, attention
+            never crosses a boundary (training);
+    engine  input_ids [N] + positions [N] + attn(layer_idx, q, k, v): the caller owns the KV cache
+            and runs attention itself; the model knows nothing about caches (rollouts).
+- Per-layer activation checkpointing for training.
+
+Not done here: KV caches, sampling (the engine), loading (loading.py), attention kernels
+(attention.py). Dropout, sliding windows and other RoPE types are not supported (config.py refuses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import causal_attention, check_backend
+from .config import ModelConfig
+
+# attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D]
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and multiply by the weight after casting back, the order HF uses:
+        # bf16 results then agree with HF checkpoints' reference outputs bit for bit.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies [head_dim/2], fp32, computed on the CPU as HF does."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [..., H, D]; cos/sin [..., D] shared by every head
+    return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its own activations (one per forward)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
+    attn: AttentionFn | None = None
+    backend: str = "auto"
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
+        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        if inputs.attn is not None:
+            out = inputs.attn(self.layer_idx, q, k, v)
+        else:
+            out = causal_attention(
+                q, k, v, scale=self.head_dim**-0.5, cu_seqlens=inputs.cu_seqlens,
+                max_seqlen=inputs.max_seqlen, backend=inputs.backend,
+            )
+        return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), inputs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, *, attention_backend: str = "auto"):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"Transformer needs a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.attention_backend = check_backend(attention_backend)
+        self.activation_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init as HF does it: N(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D] output projection (the embedding matrix itself when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each layer in backward instead of storing its activations (training only)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """"auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" or "flash"."""
+        self.attention_backend = check_backend(backend)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits [..., V] in the model's dtype; same keyword arguments as `hidden_states`."""
+        return F.linear(self.hidden_states(input_ids, **kwargs), self.lm_head_weight)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        attn: AttentionFn | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states: [B, T, D] for dense input, [N, D] for packed or engine input.
+
+        `max_seqlen` (packed only, optional) is the longest sequence; giving it skips a host sync.
+        """
+        positions, max_seqlen = self._check_inputs(input_ids, positions, cu_seqlens, attn, max_seqlen)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rope(positions, x.dtype)
+        inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
+        for layer in self.layers:
+            x = checkpoint(layer, x, inputs, use_reentrant=False) if recompute else layer(x, inputs)
+        return self.norm(x)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = positions.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        freqs = positions[..., None].float() * self._inv_freq[device]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _check_inputs(self, input_ids, positions, cu_seqlens, attn, max_seqlen):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an int64/int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        device = input_ids.device
+        if input_ids.dim() == 2:
+            if cu_seqlens is not None or attn is not None:
+                raise ValueError("cu_seqlens and attn take 1-D (packed) input_ids, got shape " f"{tuple(input_ids.shape)}")
+            batch, length = input_ids.shape
+            if positions is None:
+                positions = torch.arange(length, device=device).expand(batch, length)
+            elif positions.shape not in ((batch, length), (length,)):
+                raise ValueError(f"positions must be [B, T] or [T] = {(batch, length)}, got {tuple(positions.shape)}")
+            return positions, None
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be [B, T] or packed [N], got shape {tuple(input_ids.shape)}")
+        n = input_ids.shape[0]
+        if attn is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give either cu_seqlens (packed training) or attn (engine), not both")
+            if positions is None or positions.shape != (n,):
+                raise ValueError(f"engine mode (attn=...) needs positions of shape [{n}], got "
+                                 f"{None if positions is None else tuple(positions.shape)}")
+            return positions, None
+        if cu_seqlens is None:
+            raise ValueError("1-D input_ids are a packed batch: pass cu_seqlens (or attn for engine mode)")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, input_ids on {device}")
+        if max_seqlen is None:  # one host sync: check the offsets while we have them
+            offsets = cu_seqlens.tolist()
+            lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+            if offsets[0] != 0 or offsets[-1] != n or min(lengths) < 0:
+                raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {offsets[:8]}{'...' if len(offsets) > 8 else ''}")
+            max_seqlen = max(lengths)
+        if positions is None:
+            cu = cu_seqlens.long()
+            starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n)
+            positions = torch.arange(n, device=device) - starts
+        elif positions.shape != (n,):
+            raise ValueError(f"positions must have shape [{n}] like input_ids, got {tuple(positions.shape)}")
+        return positions, max_seqlen
