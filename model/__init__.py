@@ -2,3 +2,4 @@
 from .config import ModelConfig
 from .model import Transformer
 from .loading import from_pretrained, save_pretrained
+from .tokenizer import Tokenizer, load_tokenizer

@@ -85,3 +85,144 @@ def load_hf_model(path):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# --- tokenizers -----------------------------------------------------------------------------------
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What is 2 + 2? The answer is 4.",
+    "Solve for x: 3x + 5 = 20, so x = 5. Final Answer: The final answer is $5$. I hope it is correct.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))",
+    "There might be an error in the solution above. Please correct the error, if any.",
+    "système, naïve café — ünïcödé <b>bold</b> & 'quotes' \"double\"",
+]
+
+# Written for these tests in the style of Qwen2.5's and Llama-3.1's templates: default system
+# prompt, tools rendered with tojson, namespaces, loop controls, raise_exception, strftime_now,
+# and indented block tags that only render cleanly with trim_blocks + lstrip_blocks.
+QWEN_STYLE_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- elif messages[0]['role'] != 'system' %}
+    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(turns=0) %}
+{%- for message in messages %}
+    {%- if message.role not in ['system', 'user', 'assistant', 'tool'] %}
+        {{- raise_exception('unknown role ' + message.role) }}
+    {%- endif %}
+    {%- if message.role == 'system' and tools %}
+        {%- continue %}
+    {%- endif %}
+    {%- if message.role == 'assistant' %}
+        {%- set ns.turns = ns.turns + 1 %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\\n' }}
+    {%- if message.reasoning_content is defined %}
+        {{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}
+    {%- endif %}
+    {{- message.content }}
+    {%- if message.tool_calls is defined %}
+        {%- for call in message.tool_calls %}
+            {{- '\\n<tool_call>\\n' + call | tojson + '\\n</tool_call>' }}
+        {%- endfor %}
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+LLAMA3_STYLE_TEMPLATE = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = strftime_now("%Y") %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{%- if tools is not none %}
+    {{- "Use these functions:\\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\\n\\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+
+CHAT_STYLES = {
+    "qwen": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=QWEN_STYLE_TEMPLATE,
+                 config=dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+                 generation_eos=["<|im_end|>", "<|endoftext|>"], add_bos=False),
+    "llama3": dict(specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                             "<|eot_id|>"], template=LLAMA3_STYLE_TEMPLATE,
+                   config=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None),
+                   generation_eos=["<|end_of_text|>", "<|eot_id|>"], add_bos=True),
+}
+
+
+def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = None):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on CORPUS in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if add_bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{add_bos} $A", pair=f"{add_bos} $A {add_bos} $B", special_tokens=[(add_bos, tok.token_to_id(add_bos))]
+        )
+    return tok
+
+
+def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool = False):
+    """Write a HF tokenizer folder (tokenizer.json, tokenizer_config.json, chat template,
+    generation_config.json) in the Qwen or Llama-3 style. The template goes to
+    chat_template.jinja (transformers-5 layout) or, with template_in_config, into the config."""
+    spec = CHAT_STYLES[style]
+    bos = spec["config"]["bos_token"]
+    tok = make_backend_tokenizer(spec["specials"], add_bos=bos if spec["add_bos"] else None)
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": 4096, **spec["config"]}
+    if template_in_config:
+        config["chat_template"] = spec["template"]
+    else:
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(spec["template"])
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [tok.token_to_id(t) for t in spec["generation_eos"]]}, f)
+    return path
