@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPE_OF = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -44,7 +44,6 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     initializer_range: float = 0.02
-    extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not interpret
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -127,7 +126,8 @@ class ModelConfig:
         _refuse_unsupported_features(raw)
         rope_theta, rope_scaling = _rope_settings(raw)
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: raw[k] for k in known & raw.keys() if k not in ("rope_theta", "rope_scaling", "extra", "architecture")}
+        # Keys we do not model (use_cache, dtype, ...) are dropped; the refused ones were checked above.
+        kwargs = {k: raw[k] for k in known & raw.keys() if k not in ("rope_theta", "rope_scaling", "architecture")}
         if architecture == "Qwen3ForCausalLM" and raw.get("head_dim") is None:
             kwargs["head_dim"] = 128  # Qwen3Config's default, not hidden_size // heads
         if architecture == "Qwen2ForCausalLM":
@@ -135,8 +135,7 @@ class ModelConfig:
         else:
             kwargs["attention_bias"] = bool(raw.get("attention_bias", False))
         kwargs.pop("qk_norm", None)  # decided by the family
-        extra = {k: v for k, v in raw.items() if k not in known and k not in ("rope_parameters", "architectures")}
-        return cls(architecture=architecture, rope_theta=rope_theta, rope_scaling=rope_scaling, extra=extra, **kwargs)
+        return cls(architecture=architecture, rope_theta=rope_theta, rope_scaling=rope_scaling, **kwargs)
 
     def to_hf_dict(self) -> dict:
         """The `config.json` transformers reads back as the same model (both RoPE spellings written)."""
