@@ -1,0 +1,85 @@
+"""PNG plots of a run from its metrics.jsonl (matplotlib, Agg backend: no display needed).
+
+- `accuracy.png`: accuracy at attempt 1 and 2 over steps (top) and Δ(t1,t2) with Δi→c and Δc→i (bottom).
+- `reward_kl.png`: reward per attempt (top) and KL per attempt (bottom).
+
+Series are found by the last "/"-separated part of a metric name, so `acc_t1`, `train/acc_t1` and
+`eval/acc_t1` are all accuracy-at-t1 curves, labelled by their prefix:
+accuracy `acc_t1`, `acc_t2`; Δ `delta`, `delta_i2c`, `delta_c2i`; reward `reward_1`, `reward_2`;
+KL `kl_1`, `kl_2`. Points whose value is missing, None or non-finite are left out. A figure with
+no series at all is not written; a file with none of these metrics is an error naming what it has.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .run_log import read_metrics
+
+FIGURES = {
+    "accuracy.png": ("Self-correction accuracy", (("Accuracy", ("acc_t1", "acc_t2")),
+                                                  ("Δ(t1, t2)", ("delta", "delta_i2c", "delta_c2i")))),
+    "reward_kl.png": ("Reward and KL per attempt", (("Reward", ("reward_1", "reward_2")),
+                                                    ("KL to reference", ("kl_1", "kl_2")))),
+}
+
+
+def _series(records: list[dict], suffix: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{metric name: (steps, values)} for every name whose last part is `suffix`."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for name, value in record.items():
+            if name.rsplit("/", 1)[-1] != suffix:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            steps, values = out.setdefault(name, ([], []))
+            steps.append(record["step"])
+            values.append(float(value))
+    return out
+
+
+def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the run's figures into `out_dir`; returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # must precede pyplot's import; a headless machine has no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_jsonl_path)
+    if not records:
+        raise ValueError(f"{metrics_jsonl_path}: no records to plot")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, (title, panels) in FIGURES.items():
+        panel_series = [(label, {name: s for suffix in suffixes for name, s in _series(records, suffix).items()})
+                        for label, suffixes in panels]
+        if not any(series for _, series in panel_series):
+            continue
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), sharex=True, squeeze=False)
+        for ax, (label, series) in zip(axes[:, 0], panel_series):
+            for name, (steps, values) in sorted(series.items()):
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if series:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, alpha=0.5)
+        axes[0, 0].set_title(title)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        path = out_dir / filename
+        tmp = out_dir / f".{filename}.tmp"
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)  # never a half-written PNG
+        written.append(path)
+    if not written:
+        wanted = sorted({s for _, panels in FIGURES.values() for _, suffixes in panels for s in suffixes})
+        found = sorted({k for r in records for k in r} - {"step", "time"})
+        raise ValueError(f"{metrics_jsonl_path}: none of the plotted metrics {wanted} (by last '/' part) "
+                         f"were logged; found {found}")
+    return written
