@@ -355,24 +355,24 @@ class MathGrader:
         self.close()
 
 
-_default_grader: MathGrader | None = None
-_default_grader_lock = threading.Lock()
+_default_graders: dict[float, MathGrader] = {}
+_default_graders_lock = threading.Lock()
 
 
 def math_reward(completion: str, reference: str, *, timeout_s: float = 5.0) -> float:
     """1.0 if the completion's final answer equals `reference` (math-verify), else 0.0; never raises on bad math.
 
     On the main thread this grades in-process; on any other thread it uses a shared one-worker
-    MathGrader (started on first use). Use a MathGrader directly for batches and failure counts.
+    MathGrader per timeout (started on first use). Use a MathGrader directly for batches and counts.
     """
     _check_inputs([completion], [reference])
     if threading.current_thread() is threading.main_thread():
         return grade_in_main_thread(completion, reference, timeout_s).reward
-    global _default_grader
-    with _default_grader_lock:
-        if _default_grader is None:
-            _default_grader = MathGrader(workers=1, timeout_s=timeout_s)
-    return _default_grader.grade([completion], [reference])[0]
+    with _default_graders_lock:
+        grader = _default_graders.get(float(timeout_s))
+        if grader is None:
+            grader = _default_graders[float(timeout_s)] = MathGrader(workers=1, timeout_s=timeout_s)
+    return grader.grade([completion], [reference])[0]
 
 
 # The worker loads this file by path (no `score.rl` package import) and serves JSON lines.

@@ -88,6 +88,14 @@ class PromptBuilder:
             self.instruction_ids = list(tokenizer.encode(f"\n\n{correction_instruction}{BASE_ANSWER_CUE}"))
             self.turn_end_id = None
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end an attempt: the tokenizer's EOS ids plus, for chat, the template's end-of-turn token."""
+        ids = [int(i) for i in (getattr(self.tokenizer, "eos_token_ids", None) or [])]
+        if self.turn_end_id is not None and self.turn_end_id not in ids:
+            ids.append(self.turn_end_id)
+        return ids
+
     # --- attempt 1 ---------------------------------------------------------------------------------
     def first_attempt_messages(self, question: str) -> list[dict]:
         user = QUESTION_TEMPLATE.format(question=question)

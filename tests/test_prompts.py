@@ -26,10 +26,12 @@ def test_paper_texts():
 
 
 def test_first_attempt_is_the_chat_template(chat_tokenizer):
-    tok, _ = chat_tokenizer
+    tok, style = chat_tokenizer
     builder = PromptBuilder(tok, chat=True)
     messages = [{"role": "system", "content": MATH_SYSTEM_PROMPT}, {"role": "user", "content": f"Problem:\n{QUESTION}"}]
     assert builder.first_attempt_ids(QUESTION) == tok.apply_chat_template(messages, add_generation_prompt=True)
+    turn_end = tok.token_to_id("<|im_end|>" if style == "qwen" else "<|eot_id|>")
+    assert turn_end in builder.stop_token_ids and set(tok.eos_token_ids) <= set(builder.stop_token_ids)
 
 
 @pytest.mark.parametrize("reply", REPLIES)
@@ -85,6 +87,7 @@ def test_base_model_plain_text():
     builder = PromptBuilder(tok, chat=False, correction_instruction=CODE_CORRECTION_INSTRUCTION)
     prompt = builder.first_attempt_ids(QUESTION)
     assert prompt[0] == tok.bos_token_id
+    assert builder.stop_token_ids == [tok.eos_token_id]
     assert tok.decode(prompt[1:]) == f"{MATH_SYSTEM_PROMPT}\n\nProblem:\n{QUESTION}\n\nSolution:\n"
     attempt1 = tok.encode("x = 4") + [tok.eos_token_id]
     for finish_reason, a1 in (("stop", attempt1), ("length", attempt1[:-1])):
