@@ -107,16 +107,20 @@ class _GradingTimeout(BaseException):
     """Raised by our own alarm. A BaseException so math-verify's `except Exception` cannot swallow it."""
 
 
-def _quiet_math_verify_logs() -> None:
+class _DropTimeoutDisabled(logging.Filter):
     # math-verify warns once per process that its timeouts are off; that is deliberate here.
-    class _DropTimeoutDisabled(logging.Filter):
-        def filter(self, record):
-            return "Timeout is disabled" not in record.getMessage()
+    def filter(self, record):
+        return "Timeout is disabled" not in record.getMessage()
 
+
+_TIMEOUT_WARNING_FILTER = _DropTimeoutDisabled()
+
+
+def _quiet_math_verify_logs() -> None:
     for name in ("math_verify.parser", "math_verify.grader"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTimeoutDisabled) for f in logger.filters):
-            logger.addFilter(_DropTimeoutDisabled())
+        if _TIMEOUT_WARNING_FILTER not in logger.filters:
+            logger.addFilter(_TIMEOUT_WARNING_FILTER)
 
 
 def _grade_unbounded(completion: str, reference: str) -> Grade:
