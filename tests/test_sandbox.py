@@ -28,11 +28,14 @@ def run(source, **kw):
 
 @pytest.fixture(autouse=True)
 def no_stragglers():
-    """After each test: the launchers have no descendants left (the runs' namespaces are gone)."""
+    """After each test, each launcher's only descendant is its idle fork server: nothing of a run remains."""
     yield
     for launcher in default_pool()._all:
-        children = psutil.Process(launcher._proc.pid).children(recursive=True)
-        assert children == [], f"processes left behind: {children}"
+        process = psutil.Process(launcher._proc.pid)
+        zygotes = process.children()
+        assert len(zygotes) <= 1 and process.children(recursive=True) == zygotes, (
+            f"processes left behind: {process.children(recursive=True)}"
+        )
 
 
 # ---- benign programs -------------------------------------------------------------------
@@ -142,9 +145,24 @@ def test_writes_outside_the_work_dir_fail(tmp_path):
 
 
 def test_killing_parent_and_pid1_is_harmless():
-    r = run("import os, signal\nfor pid in (os.getppid(), 1):\n    try: os.kill(pid, signal.SIGKILL)\n    except OSError: pass\nprint('alive')")
-    assert r.stdout == "alive\n"
+    program = (
+        "import os, signal\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+        "    for pid in (os.getppid(), 1):\n"
+        "        try: os.kill(pid, sig)\n"
+        "        except OSError: pass\n"
+        "print('alive')"
+    )
+    assert run(program).stdout == "alive\n"
     assert run("print('still works')").stdout == "still works\n"
+
+
+def test_nothing_of_a_run_reaches_the_next():
+    leave = "import os\nopen('leak', 'w').write('x')\nos.mkdir('locked')\nos.chmod('locked', 0)\nimport sys; sys.leaked = 1"
+    look = "import os, sys\nprint(os.listdir('.'), hasattr(sys, 'leaked'))"
+    with SandboxPool(1) as pool:  # one launcher, so both runs share its fork server
+        assert pool.execute(leave, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).status == "ok"
+        assert pool.execute(look, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).stdout == "['main.py'] False\n"
 
 
 def test_stdout_flood():

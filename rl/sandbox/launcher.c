@@ -5,23 +5,29 @@
  * is a small C process, so no execution pays for forking a trainer that holds torch and a
  * model. Requests arrive on fd 0, results leave on fd 1 (framing: see protocol.py).
  *
- * Each program runs inside a fresh set of namespaces (user, pid, mount, net, ipc, uts):
- *   - user: the program is an unprivileged uid (host "nobody" when the launcher is root),
- *     so rlimits such as RLIMIT_NPROC apply and it holds no capability after exec;
- *   - pid: a small init (this file) is pid 1; when it exits the kernel kills every process
- *     left in the namespace, which catches daemons that left the process group;
+ * The launcher builds a set of namespaces (user, pid, mount, net, ipc, uts) and starts a
+ * Python fork server (zygote.py) inside them as pid 1; each program is a fork of that
+ * warm interpreter, so no execution pays for interpreter start-up either. After each run
+ * the zygote kills everything the run left and wipes its directory; at a timeout or an
+ * output overflow the launcher kills the whole namespace and starts a fresh zygote.
+ *   - user: programs are an unprivileged uid (host "nobody" when the launcher is root),
+ *     so rlimits such as RLIMIT_NPROC apply, and they hold no capability;
+ *   - pid: the zygote is pid 1: programs cannot kill it, orphans come back to it, and when
+ *     it dies the kernel kills every process left, daemons that left the group included;
  *   - mount: a tmpfs root holding only read-only binds of the Python runtime and system
  *     libraries, /dev/{null,zero,full,random,urandom} and a size-limited writable /sandbox;
  *   - net: no interface is up, so nothing (host loopback included) is reachable;
  *   - ipc, uts: no shared SysV IPC with the host, a private hostname.
  * On top: a cleared environment, no inherited descriptors, rlimits (CPU, address space,
- * file size, open files, processes, core), its own session, SIGKILL of the whole namespace
- * at the wall-clock deadline, when output passes its cap, or when the parent dies.
+ * file size, open files, processes, core; set by the zygote), its own session, SIGKILL of
+ * the whole namespace at the wall-clock deadline, when output passes its cap, or when the
+ * parent dies.
  *
  * Namespaces the kernel refuses are reported in the hello message; unless started with
  * --allow-missing the launcher then refuses to run anything (strict mode).
  * Not done: cgroup memory/pid accounting (RLIMIT_AS is per process, RLIMIT_NPROC bounds
- * how many), seccomp syscall filtering.
+ * how many), seccomp syscall filtering, fresh namespaces per program (consecutive programs
+ * of one launcher share them; nothing of a run survives it but SysV IPC objects).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -40,6 +46,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -53,9 +60,7 @@
 #define SANDBOX_ID 1000      /* program uid/gid inside its user namespace (root launcher) */
 #define NOBODY_ID 65534      /* the host uid/gid that SANDBOX_ID maps to */
 #define WORK_TMPFS_MB 32     /* writable space of one run */
-#define FILE_SIZE_MB 16      /* RLIMIT_FSIZE */
-#define MAX_PROCS 32         /* RLIMIT_NPROC: processes + threads of one run */
-#define MAX_OPEN_FILES 256
+#define ZYGOTE_START_S 20    /* how long a starting zygote may take to say it is ready */
 
 static const struct { uint32_t bit; int flag; const char *name; } NAMESPACES[] = {
     {PROT_USER, CLONE_NEWUSER, "user"}, {PROT_PID, CLONE_NEWPID, "pid"},
@@ -64,25 +69,9 @@ static const struct { uint32_t bit; int flag; const char *name; } NAMESPACES[] =
 };
 #define N_NAMESPACES (sizeof NAMESPACES / sizeof NAMESPACES[0])
 
-/* Runs the program with python -I -S (no site, no environment, no user paths). Without
- * site, exit()/quit() do not exist, yet model code calls them. MemoryError is turned into
- * a distinct exit code so the parent can report "memory" rather than a generic error. */
-static const char PRELUDE[] =
-    "import builtins, sys\n"
-    "builtins.exit = builtins.quit = sys.exit\n"
-    "sys.argv = ['main.py']\n"
-    "try:\n"
-    "    _src = open('main.py', 'rb').read()\n"
-    "    exec(compile(_src, 'main.py', 'exec'), {'__name__': '__main__', '__file__': 'main.py',"
-    " '__builtins__': builtins})\n"
-    "except MemoryError:\n"
-    "    import os, traceback\n"
-    "    traceback.print_exc()\n"
-    "    sys.stderr.flush()\n"
-    "    os._exit(" MEMORY_EXIT_STR ")\n";
-
 struct config {
     const char *python;
+    char *zygote_source;
     const char *ro_paths[MAX_RO_PATHS];
     int n_ro_paths;
     uint32_t present;  /* PROT_* bits the kernel grants */
@@ -90,15 +79,12 @@ struct config {
     int is_root;
     unsigned program_id;      /* uid and gid the program runs as, as init sees them */
     unsigned program_host_id; /* the same, as the host sees them */
+    char work_base[64];       /* where the zygote makes each run's directory */
     pid_t parent;
 };
 
-/* What the init of one run reports to the launcher over its status pipe. */
-struct init_report {
-    int32_t setup_failed; /* 0: wait_status is the program's; 1: message says what failed */
-    int32_t wait_status;
-    char message[240];
-};
+/* The running fork server: its pid (pid 1 of the namespaces), control socket, pidfd. */
+struct zygote { pid_t pid; int control, pidfd; };
 
 static void die(const char *what) {
     fprintf(stderr, "score-sandbox: %s: %s\n", what, strerror(errno));
@@ -166,10 +152,11 @@ static uint32_t probe_namespaces(uint32_t without) {
     return present;
 }
 
-static void fail_setup(int status_fd, const char *step) {
-    struct init_report r = {.setup_failed = 1};
-    snprintf(r.message, sizeof r.message, "sandbox setup failed at %s: %s", step, strerror(errno));
-    write_full(status_fd, &r, sizeof r);
+/* In the zygote's init before exec: tell the launcher what failed, then give up. */
+static void fail_setup(int control_fd, const char *step) {
+    char message[512];
+    int n = snprintf(message, sizeof message, "Fsandbox setup failed at %s: %s", step, strerror(errno));
+    send(control_fd, message, (size_t)n, 0);
     _exit(1);
 }
 
@@ -234,11 +221,6 @@ static void enter_filesystem_view(const struct config *cfg, int status_fd) {
         fail_setup(status_fd, "remounting / read-only");
 }
 
-static void set_limit(int resource, rlim_t value) {
-    struct rlimit rl = {value, value};
-    setrlimit(resource, &rl);
-}
-
 /* Leave init's identity for the program's: no capabilities, now or after exec. */
 static int drop_privileges(const struct config *cfg) {
     if (cfg->present & PROT_USER) {
@@ -260,64 +242,30 @@ static int drop_privileges(const struct config *cfg) {
     return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 }
 
-/* The program itself: runs as a child of init, never returns. */
-static void exec_program(const struct config *cfg, const struct request *req, int fds[3], const char *work_dir) {
-    setsid(); /* own session and process group */
-    for (int i = 0; i < 3; i++)
-        if (dup2(fds[i], i) < 0) _exit(127);
-    syscall(SYS_close_range, 3, ~0U, 0); /* no inherited descriptors */
-    signal(SIGPIPE, SIG_DFL);
-    set_limit(RLIMIT_CPU, req->timeout_ms / 1000 + 2);
-    set_limit(RLIMIT_AS, (rlim_t)req->memory_mb << 20);
-    set_limit(RLIMIT_FSIZE, (rlim_t)FILE_SIZE_MB << 20);
-    set_limit(RLIMIT_NOFILE, MAX_OPEN_FILES);
-    set_limit(RLIMIT_NPROC, MAX_PROCS);
-    set_limit(RLIMIT_CORE, 0);
-    if (drop_privileges(cfg) || chdir(work_dir)) _exit(126);
-    char *const argv[] = {(char *)cfg->python, "-I", "-S", "-B", "-c", (char *)PRELUDE, NULL};
-    char *const envp[] = {"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=" WORK_DIR, "TMPDIR=" WORK_DIR,
-                          "LANG=C.UTF-8", NULL};
-    execve(cfg->python, argv, envp);
-    _exit(127);
-}
-
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
-    (void)st, (void)type, (void)ftw;
-    return remove(path);
-}
-
-/* Init of one run (pid 1 of its pid namespace when that exists). Never returns. */
-static void run_init(const struct config *cfg, const struct request *req, const char *source,
-                     int sync_fd, int status_fd, int fds[3], const char *host_work_dir) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL); /* launcher gone -> init gone -> namespace gone */
+/* The zygote's side of start_zygote: enter the view, drop privileges, exec the fork server. */
+static void exec_zygote(const struct config *cfg, int control_fd, int sync_fd) {
     close(STDIN_FILENO), close(STDOUT_FILENO); /* the launcher's request/response pipes */
     char go;
-    /* Wait until the id maps are written; EOF here also means the launcher died before
-     * PR_SET_PDEATHSIG took effect. */
+    /* Wait until the id maps are written; EOF means the launcher died first. */
     if (read_full(sync_fd, &go, 1)) _exit(1);
     close(sync_fd);
-    if (cfg->present & PROT_MOUNT) {
-        enter_filesystem_view(cfg, status_fd);
-        int fd = open(WORK_DIR "/main.py", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0 || write_full(fd, source, req->source_len) || close(fd)) fail_setup(status_fd, "writing main.py");
-    }
+    if (cfg->present & PROT_MOUNT) enter_filesystem_view(cfg, control_fd);
     if (cfg->present & PROT_UTS) sethostname("sandbox", 7);
-
-    pid_t program = fork();
-    if (program < 0) fail_setup(status_fd, "fork");
-    if (program == 0) exec_program(cfg, req, fds, host_work_dir[0] ? host_work_dir : WORK_DIR);
-    for (int i = 0; i < 3; i++) close(fds[i]);
-    /* Reap everything (orphans reparent to us) until the program itself is done. */
-    struct init_report report = {0};
-    for (;;) {
-        int status;
-        pid_t pid = wait(&status);
-        if (pid == program) { report.wait_status = status; break; }
-        if (pid < 0 && errno != EINTR) break;
-    }
-    write_full(status_fd, &report, sizeof report);
-    if (!(cfg->present & PROT_PID)) kill(-program, SIGKILL); /* best effort without a pid namespace */
-    _exit(0);
+    if (drop_privileges(cfg)) fail_setup(control_fd, "dropping privileges");
+    prctl(PR_SET_PDEATHSIG, SIGKILL); /* after the uid change, which clears it */
+    int null_fd = open("/dev/null", O_RDWR);
+    if (null_fd < 0 || dup2(null_fd, 0) < 0 || dup2(null_fd, 1) < 0 || dup2(control_fd, 3) < 0)
+        fail_setup(control_fd, "setting up descriptors");
+    syscall(SYS_close_range, 4, ~0U, 0); /* nothing of the launcher's leaks in */
+    char home[96], tmpdir[96], base[96];
+    snprintf(home, sizeof home, "HOME=%s/run", cfg->work_base);
+    snprintf(tmpdir, sizeof tmpdir, "TMPDIR=%s/run", cfg->work_base);
+    snprintf(base, sizeof base, "SANDBOX_WORK_BASE=%s", cfg->work_base);
+    /* A cleared environment: only what the programs need, nothing of the parent's. */
+    char *const envp[] = {"PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", home, tmpdir, base, NULL};
+    char *const argv[] = {(char *)cfg->python, "-I", "-S", "-B", "-c", cfg->zygote_source, NULL};
+    execve(cfg->python, argv, envp);
+    fail_setup(3, cfg->python);
 }
 
 /* Init keeps the launcher's own uid as uid 0 of the namespace (it needs that uid to reach
@@ -338,6 +286,48 @@ static int write_id_maps(pid_t pid, const struct config *cfg) {
     return 0;
 }
 
+/* Starts the namespaces and the fork server in them. Returns 0, or -1 with `error` set. */
+static int start_zygote(const struct config *cfg, struct zygote *z, char *error, size_t error_size) {
+    int sv[2], sync_pipe[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) || pipe2(sync_pipe, O_CLOEXEC)) die("socketpair");
+    pid_t pid = clone_fork(cfg->clone_flags);
+    if (pid < 0) die("clone");
+    if (pid == 0) {
+        close(sv[0]), close(sync_pipe[1]);
+        exec_zygote(cfg, sv[1], sync_pipe[0]);
+    }
+    close(sv[1]), close(sync_pipe[0]);
+    if (cfg->present & PROT_USER && write_id_maps(pid, cfg)) {
+        snprintf(error, error_size, "writing uid/gid maps failed: %s", strerror(errno));
+        kill(pid, SIGKILL);
+    }
+    write_full(sync_pipe[1], "g", 1);
+    close(sync_pipe[1]);
+    struct pollfd p = {sv[0], POLLIN, 0};
+    char message[512];
+    ssize_t n = poll(&p, 1, ZYGOTE_START_S * 1000) == 1 ? recv(sv[0], message, sizeof message - 1, 0) : -1;
+    if (n == 1 && message[0] == 'R') {
+        z->pid = pid, z->control = sv[0];
+        z->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        if (z->pidfd < 0) die("pidfd_open");
+        return 0;
+    }
+    if (n > 1 && message[0] == 'F') snprintf(error, error_size, "%.*s", (int)n - 1, message + 1);
+    else if (!error[0]) snprintf(error, error_size, "the sandbox fork server did not start");
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    close(sv[0]);
+    return -1;
+}
+
+static void stop_zygote(struct zygote *z) {
+    if (!z->pid) return;
+    kill(z->pid, SIGKILL); /* pid 1 of the namespace: everything in it dies too */
+    waitpid(z->pid, NULL, 0);
+    close(z->control), close(z->pidfd);
+    z->pid = 0;
+}
+
 struct capture { char *data; uint32_t len; };
 
 /* Reads what is available; returns 0 on EOF, 1 if more may come, 2 if the cap is passed. */
@@ -353,108 +343,146 @@ static int drain(int fd, struct capture *c, uint32_t cap) {
     return keep < (size_t)n ? 2 : 1;
 }
 
-static void run_request(const struct config *cfg, const struct request *req, const char *source,
+/* Hands the program and its pipe ends to the zygote (SCM_RIGHTS). */
+static int send_request(const struct zygote *z, const struct request *req, int fds[4]) {
+    uint32_t header[3] = {PROTOCOL_MAGIC, req->timeout_ms, req->memory_mb};
+    struct iovec iov = {header, sizeof header};
+    union { char buf[CMSG_SPACE(4 * sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf};
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET, cmsg->cmsg_type = SCM_RIGHTS, cmsg->cmsg_len = CMSG_LEN(4 * sizeof(int));
+    memcpy(CMSG_DATA(cmsg), fds, 4 * sizeof(int));
+    return sendmsg(z->control, &msg, MSG_NOSIGNAL) == (ssize_t)sizeof header ? 0 : -1;
+}
+
+static void respond(const struct response *resp, const struct capture *out, const struct capture *err) {
+    if (write_full(STDOUT_FILENO, resp, sizeof *resp) || write_full(STDOUT_FILENO, out->data, out->len) ||
+        write_full(STDOUT_FILENO, err->data, err->len))
+        exit(0); /* parent gone */
+}
+
+/* Waits for the zygote's "S" + pid: the run has forked. -1 if the zygote died instead. */
+static int await_start(struct zygote *z, int32_t *run_pid) {
+    struct pollfd p = {z->control, POLLIN, 0};
+    char message[16];
+    if (poll(&p, 1, ZYGOTE_START_S * 1000) != 1 || recv(z->control, message, sizeof message, 0) != 5 || message[0] != 'S')
+        return -1;
+    memcpy(run_pid, message + 1, 4);
+    return 0;
+}
+
+static void respond_setup_failed(struct response *resp, struct capture *out, struct capture *err, uint32_t cap) {
+    resp->flags = FLAG_SETUP_FAILED;
+    err->len = (uint32_t)strnlen(err->data, cap);
+    resp->stdout_len = 0, resp->stderr_len = err->len;
+    respond(resp, out, err);
+}
+
+static void run_request(const struct config *cfg, struct zygote *z, const struct request *req, const char *source,
                         const char *stdin_data) {
     struct response resp = {.magic = PROTOCOL_MAGIC};
-    struct capture out = {malloc(req->max_output_bytes + 1), 0}, err = {malloc(req->max_output_bytes + 1), 0};
-    struct init_report report = {.setup_failed = 1};
-    int in_pipe[2], out_pipe[2], err_pipe[2], sync_pipe[2], status_pipe[2];
-    char host_work_dir[64] = "";
+    uint32_t cap = req->max_output_bytes;
+    struct capture out = {malloc(cap + 512), 0}, err = {malloc(cap + 512), 0};
     if (!out.data || !err.data) die("malloc");
-    if (pipe2(in_pipe, O_CLOEXEC) || pipe2(out_pipe, O_CLOEXEC) || pipe2(err_pipe, O_CLOEXEC) ||
-        pipe2(sync_pipe, O_CLOEXEC) || pipe2(status_pipe, O_CLOEXEC))
-        die("pipe");
-    if (!(cfg->present & PROT_MOUNT)) { /* no private root: a fresh host directory instead */
-        snprintf(host_work_dir, sizeof host_work_dir, "/tmp/score-sandbox-XXXXXX");
-        if (!mkdtemp(host_work_dir)) die("mkdtemp");
-        char path[96];
-        snprintf(path, sizeof path, "%s/main.py", host_work_dir);
-        int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0 || write_full(fd, source, req->source_len) || close(fd)) die("writing main.py");
-        if (chown(host_work_dir, cfg->program_host_id, cfg->program_host_id)) die("chown work dir");
-    }
     int64_t start = now_ns();
-    pid_t init = clone_fork(cfg->clone_flags);
-    if (init < 0) die("clone");
-    if (init == 0) {
-        int fds[3] = {in_pipe[0], out_pipe[1], err_pipe[1]};
-        close(in_pipe[1]), close(out_pipe[0]), close(err_pipe[0]), close(sync_pipe[1]), close(status_pipe[0]);
-        run_init(cfg, req, source, sync_pipe[0], status_pipe[1], fds, host_work_dir);
+    int src_pipe[2], in_pipe[2], out_pipe[2], err_pipe[2];
+    int32_t run_pid = 0;
+    /* A zygote that died since the last run (e.g. failing to clean up) is replaced, and
+     * the request retried once on the fresh one. */
+    for (int attempt = 0;; attempt++) {
+        struct pollfd alive = {z->pid ? z->pidfd : -1, POLLIN, 0};
+        if (z->pid && poll(&alive, 1, 0) == 1) stop_zygote(z);
+        err.data[0] = 0;
+        if (!z->pid && start_zygote(cfg, z, err.data, cap + 512)) {
+            respond_setup_failed(&resp, &out, &err, cap);
+            free(out.data), free(err.data);
+            return;
+        }
+        if (pipe2(src_pipe, O_CLOEXEC) || pipe2(in_pipe, O_CLOEXEC) || pipe2(out_pipe, O_CLOEXEC) ||
+            pipe2(err_pipe, O_CLOEXEC))
+            die("pipe");
+        int theirs[4] = {src_pipe[0], in_pipe[0], out_pipe[1], err_pipe[1]};
+        int started = send_request(z, req, theirs) == 0 && await_start(z, &run_pid) == 0;
+        for (int i = 0; i < 4; i++) close(theirs[i]);
+        if (started) break;
+        close(src_pipe[1]), close(in_pipe[1]), close(out_pipe[0]), close(err_pipe[0]);
+        stop_zygote(z);
+        if (attempt == 1) {
+            snprintf(err.data, cap, "the sandbox fork server died before the run started");
+            respond_setup_failed(&resp, &out, &err, cap);
+            free(out.data), free(err.data);
+            return;
+        }
     }
-    close(in_pipe[0]), close(out_pipe[1]), close(err_pipe[1]), close(sync_pipe[0]), close(status_pipe[1]);
-    if (cfg->present & PROT_USER && write_id_maps(init, cfg)) {
-        snprintf(report.message, sizeof report.message, "writing uid/gid maps failed: %s", strerror(errno));
-        kill(init, SIGKILL);
-    }
-    write_full(sync_pipe[1], "g", 1);
-    close(sync_pipe[1]);
+    /* The run reads its source before anything else, so this cannot block for long. */
+    write_full(src_pipe[1], source, req->source_len);
+    close(src_pipe[1]);
 
-    int pidfd = (int)syscall(SYS_pidfd_open, init, 0);
-    if (pidfd < 0) die("pidfd_open");
     fcntl(in_pipe[1], F_SETFL, O_NONBLOCK);
     uint32_t stdin_sent = 0;
-    int in_open = 1, out_open = 1, err_open = 1, init_alive = 1, killed = 0;
-    if (req->stdin_len == 0) close(in_pipe[1]), in_open = 0;
-    int64_t deadline = start + (int64_t)req->timeout_ms * 1000000;
-    while (out_open || err_open || init_alive) {
+    int in_open = req->stdin_len > 0, out_open = 1, err_open = 1, reported = 0, killed = 0, zygote_died = 0;
+    int32_t wait_status = 0;
+    if (!in_open) close(in_pipe[1]);
+    int64_t deadline = start + (int64_t)req->timeout_ms * 1000000, give_up = 0;
+    while (out_open || err_open || !(reported || zygote_died)) {
         /* Negative descriptors are skipped by poll; closed ones would report POLLNVAL forever. */
-        struct pollfd p[5] = {{out_open ? out_pipe[0] : -1, POLLIN, 0}, {err_open ? err_pipe[0] : -1, POLLIN, 0},
-                              {init_alive ? pidfd : -1, POLLIN, 0}, {in_open ? in_pipe[1] : -1, POLLOUT, 0},
-                              {STDIN_FILENO, 0, 0}};
-        int64_t left_ms = (deadline - now_ns()) / 1000000;
-        if (killed) left_ms = 200;
-        int n = poll(p, 5, left_ms < 0 ? 0 : left_ms > 200 ? 200 : (int)left_ms);
+        struct pollfd p[6] = {{out_open ? out_pipe[0] : -1, POLLIN, 0}, {err_open ? err_pipe[0] : -1, POLLIN, 0},
+                              {in_open ? in_pipe[1] : -1, POLLOUT, 0}, {z->pid ? z->control : -1, POLLIN, 0},
+                              {z->pid ? z->pidfd : -1, POLLIN, 0}, {STDIN_FILENO, 0, 0}};
+        int64_t now = now_ns(), left_ms = ((killed ? give_up : deadline) - now) / 1000000;
+        int n = poll(p, 6, left_ms < 0 ? 0 : left_ms > 200 ? 200 : (int)left_ms);
         if (n < 0 && errno != EINTR) die("poll");
-        int parent_gone = (p[4].revents & (POLLHUP | POLLERR)) || getppid() != cfg->parent;
-        if (parent_gone) { kill(init, SIGKILL); exit(0); }
-        if (!killed && now_ns() >= deadline) { resp.flags |= FLAG_TIMED_OUT; kill(init, SIGKILL); killed = 1; }
+        if ((p[5].revents & (POLLHUP | POLLERR)) || getppid() != cfg->parent) { stop_zygote(z); exit(0); }
+        now = now_ns();
+        int overflow = 0;
         if (out_open && p[0].revents) {
             int r = drain(out_pipe[0], &out, req->max_output_bytes);
-            if (r == 0) out_open = 0;
-            if (r == 2 && !killed) { resp.flags |= FLAG_OUTPUT_LIMIT; kill(init, SIGKILL); killed = 1; }
+            out_open = r != 0, overflow |= r == 2;
         }
         if (err_open && p[1].revents) {
             int r = drain(err_pipe[0], &err, req->max_output_bytes);
-            if (r == 0) err_open = 0;
-            if (r == 2 && !killed) { resp.flags |= FLAG_OUTPUT_LIMIT; kill(init, SIGKILL); killed = 1; }
+            err_open = r != 0, overflow |= r == 2;
         }
-        if (in_open && p[3].revents) {
+        if (in_open && p[2].revents) {
             ssize_t w = write(in_pipe[1], stdin_data + stdin_sent, req->stdin_len - stdin_sent);
             if (w > 0) stdin_sent += (uint32_t)w;
             if ((w < 0 && errno != EAGAIN && errno != EINTR) || stdin_sent == req->stdin_len)
                 close(in_pipe[1]), in_open = 0; /* done, or the program closed its stdin */
         }
-        if (init_alive && p[2].revents) {
-            int status;
-            waitpid(init, &status, 0);
-            init_alive = 0;
-            /* The namespace dies with init; stragglers holding the pipes die with it. */
-            if (read_full(status_pipe[0], &report, sizeof report) && !killed && !report.message[0])
-                snprintf(report.message, sizeof report.message, "sandbox init ended without a report");
+        if (z->pid && p[3].revents & POLLIN) {
+            char message[16];
+            ssize_t m = recv(z->control, message, sizeof message, 0);
+            if (m == 5 && message[0] == 'W') memcpy(&wait_status, message + 1, 4), reported = 1;
         }
+        if (z->pid && p[4].revents && !reported) zygote_died = 1;
+        if (!killed && !reported && (overflow || now >= deadline)) {
+            resp.flags |= overflow ? FLAG_OUTPUT_LIMIT : FLAG_TIMED_OUT;
+            /* Without a pid namespace the run's group must be killed by hand. */
+            if (!(cfg->present & PROT_PID) && run_pid > 0) kill(-run_pid, SIGKILL);
+            stop_zygote(z);
+            killed = 1, zygote_died = 1;
+            give_up = now + 1000000000; /* stragglers holding the pipes get one second */
+        }
+        if (killed && now >= give_up) break;
     }
     if (in_open) close(in_pipe[1]);
-    close(out_pipe[0]), close(err_pipe[0]), close(status_pipe[0]), close(pidfd);
-    if (host_work_dir[0]) nftw(host_work_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    close(out_pipe[0]), close(err_pipe[0]);
+    if (zygote_died && !killed) stop_zygote(z); /* died on its own: reap; restart next time */
 
     resp.wall_ns = (uint64_t)(now_ns() - start);
     if (killed) {
         resp.outcome = OUTCOME_SIGNALED, resp.code = SIGKILL;
-    } else if (report.setup_failed) {
+    } else if (!reported) {
         resp.flags |= FLAG_SETUP_FAILED;
-        err.len = 0;
-        uint32_t n = (uint32_t)strnlen(report.message, sizeof report.message);
-        if (n > req->max_output_bytes) n = req->max_output_bytes;
-        memcpy(err.data, report.message, n), err.len = n;
-    } else if (WIFSIGNALED(report.wait_status)) {
-        resp.outcome = OUTCOME_SIGNALED, resp.code = WTERMSIG(report.wait_status);
+        snprintf(err.data, cap, "the sandbox fork server died during the run");
+        err.len = (uint32_t)strnlen(err.data, cap);
+    } else if (WIFSIGNALED(wait_status)) {
+        resp.outcome = OUTCOME_SIGNALED, resp.code = WTERMSIG(wait_status);
     } else {
-        resp.outcome = OUTCOME_EXITED, resp.code = WEXITSTATUS(report.wait_status);
+        resp.outcome = OUTCOME_EXITED, resp.code = WEXITSTATUS(wait_status);
     }
     resp.stdout_len = out.len, resp.stderr_len = err.len;
-    if (write_full(STDOUT_FILENO, &resp, sizeof resp) || write_full(STDOUT_FILENO, out.data, out.len) ||
-        write_full(STDOUT_FILENO, err.data, err.len))
-        exit(0); /* parent gone */
+    respond(&resp, &out, &err);
     free(out.data), free(err.data);
 }
 
@@ -468,6 +496,30 @@ static int next_request(const struct config *cfg, struct request *req) {
     if (read_full(STDIN_FILENO, req, sizeof *req)) exit(0);
     if (req->magic != PROTOCOL_MAGIC) { fprintf(stderr, "score-sandbox: bad request magic\n"); exit(2); }
     return 0;
+}
+
+static char *read_text_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) die(path);
+    static char text[1 << 16];
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    if (n == sizeof text - 1) { fprintf(stderr, "score-sandbox: %s is too large\n", path); exit(2); }
+    fclose(f);
+    text[n] = 0;
+    return text;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st, (void)type, (void)ftw;
+    return remove(path);
+}
+
+static struct zygote *running_zygote;
+static const char *host_work_base;
+
+static void cleanup(void) {
+    if (running_zygote) stop_zygote(running_zygote);
+    if (host_work_base) nftw(host_work_base, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static uint32_t parse_namespaces(const char *list) {
@@ -489,12 +541,14 @@ int main(int argc, char **argv) {
     int allow_missing = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--python") && i + 1 < argc) cfg.python = argv[++i];
+        else if (!strcmp(argv[i], "--zygote") && i + 1 < argc) cfg.zygote_source = read_text_file(argv[++i]);
         else if (!strcmp(argv[i], "--ro") && i + 1 < argc && cfg.n_ro_paths < MAX_RO_PATHS) cfg.ro_paths[cfg.n_ro_paths++] = argv[++i];
         else if (!strcmp(argv[i], "--without") && i + 1 < argc) without = parse_namespaces(argv[++i]); /* tests of the fallback */
         else if (!strcmp(argv[i], "--allow-missing")) allow_missing = 1;
-        else { fprintf(stderr, "score-sandbox: unexpected argument '%s'\nusage: score-sandbox --python PATH [--ro PATH]... [--without NS,...] [--allow-missing]\n", argv[i]); return 2; }
+        else { fprintf(stderr, "score-sandbox: unexpected argument '%s'\nusage: score-sandbox --python PATH --zygote FILE [--ro PATH]... [--without NS,...] [--allow-missing]\n", argv[i]); return 2; }
     }
     if (!cfg.python || cfg.python[0] != '/') { fprintf(stderr, "score-sandbox: --python needs an absolute path\n"); return 2; }
+    if (!cfg.zygote_source) { fprintf(stderr, "score-sandbox: --zygote FILE (zygote.py) is required\n"); return 2; }
     for (int i = 0; i < cfg.n_ro_paths; i++)
         if (cfg.ro_paths[i][0] != '/') { fprintf(stderr, "score-sandbox: --ro needs absolute paths, got '%s'\n", cfg.ro_paths[i]); return 2; }
     syscall(SYS_close_range, 3, ~0U, 0);
@@ -507,17 +561,29 @@ int main(int argc, char **argv) {
     if (cfg.present & PROT_USER) cfg.program_id = cfg.is_root ? SANDBOX_ID : 0;
     else cfg.program_id = cfg.is_root ? NOBODY_ID : getuid();
     cfg.program_host_id = cfg.is_root ? NOBODY_ID : getuid();
+    if (cfg.present & PROT_MOUNT) {
+        snprintf(cfg.work_base, sizeof cfg.work_base, WORK_DIR);
+    } else { /* no private root: a fresh host directory, removed at exit */
+        snprintf(cfg.work_base, sizeof cfg.work_base, "/tmp/score-sandbox-XXXXXX");
+        if (!mkdtemp(cfg.work_base) || chown(cfg.work_base, cfg.program_host_id, cfg.program_host_id)) die("work dir");
+        host_work_base = cfg.work_base;
+    }
+    atexit(cleanup);
     struct hello hello = {PROTOCOL_MAGIC, cfg.present, PROT_ALL};
     if (write_full(STDOUT_FILENO, &hello, sizeof hello)) return 0;
     if (cfg.present != PROT_ALL && !allow_missing) return 3; /* strict: never run unprotected */
 
+    struct zygote z = {0};
+    running_zygote = &z;
+    char error[512] = "";
+    if (start_zygote(&cfg, &z, error, sizeof error)) fprintf(stderr, "score-sandbox: %s\n", error); /* retried per request */
     for (;;) {
         struct request req;
         next_request(&cfg, &req);
         char *source = malloc(req.source_len + 1), *stdin_data = malloc(req.stdin_len + 1);
         if (!source || !stdin_data) die("malloc");
         if (read_full(STDIN_FILENO, source, req.source_len) || read_full(STDIN_FILENO, stdin_data, req.stdin_len)) return 0;
-        run_request(&cfg, &req, source, stdin_data);
+        run_request(&cfg, &z, &req, source, stdin_data);
         free(source), free(stdin_data);
     }
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import protocol
 
 LAUNCHER_PATH = Path(__file__).with_name("score-sandbox")
+ZYGOTE_PATH = Path(__file__).with_name("zygote.py")
 
 # System library trees the interpreter needs (read-only inside the sandbox); the
 # interpreter's own prefix is added when it lives elsewhere (pyenv, conda, venv base).
@@ -94,7 +95,7 @@ class Launcher:
                 '`pip install -e ".[test]"` (needs cmake and a C compiler); reinstall the package'
             )
         python = base_python()
-        cmd = [str(LAUNCHER_PATH), "--python", python]
+        cmd = [str(LAUNCHER_PATH), "--python", python, "--zygote", str(ZYGOTE_PATH)]
         for path in runtime_paths(python):
             cmd += ["--ro", path]
         if without:

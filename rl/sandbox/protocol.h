@@ -15,9 +15,6 @@
 #define PROT_UTS 32u
 #define PROT_ALL 63u
 
-/* The prelude exits with this code when the program raised MemoryError. */
-#define MEMORY_EXIT_STR "113"
-
 #define OUTCOME_EXITED 0u
 #define OUTCOME_SIGNALED 1u
 

@@ -9,7 +9,7 @@ MAGIC = 0x31584253  # "SBX1"
 # One bit per namespace, in the order the launcher probes them.
 PROTECTIONS = {"user": 1, "pid": 2, "mount": 4, "net": 8, "ipc": 16, "uts": 32}
 
-MEMORY_EXIT = 113  # the prelude's exit code when the program raised MemoryError
+MEMORY_EXIT = 113  # zygote.py's exit code for a program that raised MemoryError
 
 OUTCOME_EXITED, OUTCOME_SIGNALED = 0, 1
 FLAG_TIMED_OUT, FLAG_OUTPUT_LIMIT, FLAG_SETUP_FAILED = 1, 2, 4
