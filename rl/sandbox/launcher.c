@@ -455,8 +455,9 @@ static void run_request(const struct config *cfg, struct zygote *z, const struct
             if (m == 5 && message[0] == 'W') memcpy(&wait_status, message + 1, 4), reported = 1;
         }
         if (z->pid && p[4].revents && !reported) zygote_died = 1;
+        if (overflow && !(resp.flags & (FLAG_TIMED_OUT | FLAG_OUTPUT_LIMIT))) resp.flags |= FLAG_OUTPUT_LIMIT;
         if (!killed && !reported && (overflow || now >= deadline)) {
-            resp.flags |= overflow ? FLAG_OUTPUT_LIMIT : FLAG_TIMED_OUT;
+            if (!overflow) resp.flags |= FLAG_TIMED_OUT;
             /* Without a pid namespace the run's group must be killed by hand. */
             if (!(cfg->present & PROT_PID) && run_pid > 0) kill(-run_pid, SIGKILL);
             stop_zygote(z);
