@@ -158,7 +158,8 @@ def _load_weights(model_dir: Path, model: Transformer) -> None:
     loaded = from_pretrained(model_dir, device="cpu").state_dict()
     current = model.state_dict()
     if loaded.keys() != current.keys():
-        raise ValueError(f"{model_dir}: checkpoint tensors {sorted(loaded.keys() ^ current.keys())} do not match the model")
+        differing = sorted(loaded.keys() ^ current.keys())
+        raise ValueError(f"{model_dir}: checkpoint tensors {differing} do not match the model's")
     with torch.no_grad():
         for name, tensor in current.items():
             source = loaded[name]

@@ -82,10 +82,12 @@ def problem_from_record(
     question = _required_str(record, question_key, where, "question_key")
     if answer_key is not None:
         if answer_key not in record:
-            raise ValueError(f"{where}: missing answer field {answer_key!r} (answer_key); keys present: {sorted(record)}")
+            raise ValueError(
+                f"{where}: missing answer field {answer_key!r} (answer_key); keys present: {sorted(record)}")
         value = record[answer_key]
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"{where}: answer field {answer_key!r} must be a string or number, got {type(value).__name__}")
+            raise ValueError(
+                f"{where}: answer field {answer_key!r} must be a string or number, got {type(value).__name__}")
         answer = str(value).strip()
         if not answer:
             raise ValueError(f"{where}: answer field {answer_key!r} is empty")
