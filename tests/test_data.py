@@ -91,3 +91,20 @@ def test_hf_loader_without_datasets_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(ImportError, match="pip install datasets"):
         load_hf_dataset("some/math")
+
+
+def test_hf_loader_maps_rows_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "1+1?", "final": 2, "uid": "a"}, {"question": "2+2?", "final": "4", "uid": "b"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    problems = load_hf_dataset("org/set", split="test", config="main", question_key="question",
+                               answer_key="final", id_key="uid")
+    assert calls == [("org/set", "main", "test")]
+    assert [(p.id, p.question, p.answer) for p in problems] == [("a", "1+1?", "2"), ("b", "2+2?", "4")]
