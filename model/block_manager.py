@@ -14,7 +14,9 @@ Prefix reuse:
 - After the last shared block, the request may reuse the first rows of any block that continues
   the same chain (a partial tail, e.g. the end of a finished first attempt, or a full block whose
   tail differs): it gets a fresh block and the engine copies those rows (copy on write). The
-  source is pinned until the step ends so nothing overwrites it before the copy.
+  source is pinned until the step ends so nothing overwrites it before the copy, and a block that
+  receives copied rows in this step is not a source in the same step (all copies of a step run
+  as one batched gather, so it would hand out rows it has not received yet).
 - Every prefill computes at least one token: the reusable prefix stops at len(tokens) - 1.
 Released blocks keep their content and sit in an LRU free list; a sequence's blocks are released
 tail first, so its prefix outlives its tail. Allocation takes the least recently used block and
@@ -76,6 +78,7 @@ class BlockManager:
         self.children: dict[int, set[int]] = {}  # parent chain id -> blocks continuing that chain
         self._chain_ids = count()
         self._pinned: list[int] = []  # copy sources held until `end_step`
+        self._copy_targets: set[int] = set()  # blocks receiving copied rows in this step
 
     # ---------------------------------------------------------------- queries
     @property
@@ -103,6 +106,8 @@ class BlockManager:
         if limit > 0:
             want = token_ids[cached:cached + limit]
             for block_id in self.children.get(parent, ()):
+                if block_id in self._copy_targets:
+                    continue  # its rows arrive in the same batched copy: read its own source instead
                 rows = _common_prefix(self.blocks[block_id].token_ids, want)
                 if rows > copy_rows:
                     copy_source, copy_rows = block_id, rows
@@ -141,6 +146,7 @@ class BlockManager:
             self._add_tokens(block, tokens[start:start + bs])
             if copy is None and plan.copy_source is not None:
                 copy = BlockCopy(plan.copy_source, block.block_id, plan.copy_rows)
+                self._copy_targets.add(block.block_id)
             table.append(block.block_id)
             parent = block.chain_id
         seq.block_table = table
@@ -166,6 +172,7 @@ class BlockManager:
         for block_id in self._pinned:
             self._release(block_id)
         self._pinned = []
+        self._copy_targets.clear()
 
     def clear_cache(self) -> None:
         """Forget every reusable block (e.g. the weights changed); only valid with no block in use."""

@@ -26,9 +26,12 @@ class FakeCache:
         for pos in range(start, len(seq)):
             self.rows[seq.block_table[pos // bs]][pos % bs] = seq.token_ids[pos]
 
-    def copy(self, copy):
-        if copy is not None:
-            self.rows[copy.dst][:copy.rows] = self.rows[copy.src][:copy.rows]
+    def copy_all(self, copies):
+        """A step's copies as the engine runs them: one gather of every source, then the writes."""
+        copies = [c for c in copies if c is not None]
+        gathered = [list(self.rows[c.src][:c.rows]) for c in copies]
+        for c, rows in zip(copies, gathered):
+            self.rows[c.dst][:c.rows] = rows
 
     def check(self, seq):
         bs = self.bm.block_size
@@ -47,8 +50,7 @@ def admit(bm, cache, batch):
         assert seq.num_cached_tokens == plan.num_cached_tokens <= len(seq) - 1
     for seq in batch:
         cache.store(seq, seq.num_cached_tokens)
-    for copy in copies:
-        cache.copy(copy)
+    cache.copy_all(copies)
     bm.end_step()
     for seq in batch:
         cache.check(seq)
@@ -157,8 +159,7 @@ def test_thousand_random_requests_leak_nothing():
             batch.append(seq)
         for seq in batch:
             cache.store(seq, seq.num_cached_tokens)
-        for copy in step_copies:
-            cache.copy(copy)
+        cache.copy_all(step_copies)
         bm.end_step()
         for seq in batch:
             cache.check(seq)

@@ -1,0 +1,72 @@
+"""The per-step attention context the engine hands to the model as `attn=`.
+
+`model.hidden_states(input_ids [N], positions=[N], attn=ctx)` calls `ctx(layer_idx, q, k, v)` in
+every layer with the new tokens' q [N, Hq, D] and k/v [N, Hkv, D] (after q/k-norm and RoPE). The
+context (1) stores k/v into the layer's cache blocks through `slot_mapping`, (2) runs this step's
+copy-on-write row copies — after the store, because a copy source may be a block filled in this
+very step by another sequence of the batch — and (3) returns paged attention of q over each
+sequence's blocks. All step metadata (block tables, lengths, gather plan) is built once per
+step, not per layer.
+
+Backends: "triton" (our kernel, CUDA), "torch" (reference, CPU), "flash" (flash-attn's
+`flash_attn_varlen_func` with a block table; needs fp16/bf16 on CUDA and block_size % 256 == 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from score.kernels import paged_attention, plan_paged_attention, store_kv
+
+BACKENDS = ("auto", "triton", "torch", "flash")
+
+
+def flash_varlen_with_block_table():
+    """flash-attn's varlen function if it is installed and loads, else None (never an error)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except (ImportError, OSError):
+        return None
+    return flash_attn_varlen_func
+
+
+class AttentionContext:
+    def __init__(self, kv_cache: torch.Tensor, *, backend: str, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 max_q_len: int, max_context_len: int, copy_src: torch.Tensor | None,
+                 copy_dst: torch.Tensor | None):
+        self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
+        self.backend = backend
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.context_lens = context_lens
+        self.cu_seqlens_q = cu_seqlens_q
+        self.max_q_len = max_q_len
+        self.max_context_len = max_context_len
+        self.copy_src, self.copy_dst = copy_src, copy_dst  # cache rows (block * block_size + offset)
+        self.scale = kv_cache.shape[-1] ** -0.5
+        self.plan = None
+        if backend == "torch":
+            self.plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, kv_cache.shape[3],
+                                             max_q_len, max_context_len)
+        self.cu_seqlens_k = self.flash = None
+        if backend == "flash":
+            self.flash = flash_varlen_with_block_table()
+            self.cu_seqlens_k = torch.nn.functional.pad(context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
+        impl = "torch" if self.backend == "torch" else "triton"
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl=impl)
+        if self.copy_src is not None:
+            rows = k_cache.shape[2:]
+            for cache in (k_cache, v_cache):
+                flat = cache.view(-1, *rows)
+                flat[self.copy_dst] = flat[self.copy_src]
+        if self.backend == "flash":
+            return self.flash(
+                q, k_cache, v_cache, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
+                max_seqlen_q=self.max_q_len, max_seqlen_k=self.max_context_len, softmax_scale=self.scale,
+                causal=True, block_table=self.block_tables)
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
+                               max_q_len=self.max_q_len, max_context_len=self.max_context_len,
+                               scale=self.scale, impl=impl, plan=self.plan)

@@ -1,0 +1,295 @@
+"""Rollout engine: paged KV cache with automatic prefix reuse and continuous batching.
+
+    engine = Engine(model, block_size=16, num_blocks=None, max_model_len=None, max_num_seqs=256)
+    outs = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=512, seed=7))
+    outs[i][j]  # Completion(token_ids, logprobs, finish_reason) of sample j of prompt i
+
+Every prompt (and every sample of it) looks up the longest cached prefix of its token ids, so the
+n samples of a prompt compute the prompt once, and a second attempt `prompt + attempt1 +
+instruction` computes only the instruction (the first attempt's blocks stay cached after it
+finishes, until their memory is needed). `engine.clear_cache()` must be called when the weights
+change: cached K/V belong to the weights that computed them. `engine.stats` counts prefilled
+(computed) and reused prompt tokens.
+
+A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
+forward) or a decode batch (one token per running sequence, one forward), then samples one token
+per sequence (one device->host transfer per step). Completions include the stop token that ended
+them (EOS or a `stop_token_ids` member; finish_reason "stop"); otherwise they end at max_tokens
+or max_model_len (finish_reason "length").
+
+Not done: chunked prefill, speculative decoding, streaming, per-request SamplingParams within one
+call, CUDA graphs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
+from .block_manager import BlockManager
+from .sampling import SamplingParams, make_generator, sample, sample_seed
+from .scheduler import Scheduler, ScheduledStep
+from .sequence import Sequence
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class EngineStats:
+    """Cumulative since construction (or `reset`)."""
+
+    prefilled_tokens: int = 0  # prompt tokens computed (recomputation after preemption included)
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the cache
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of prompt tokens served from the cache."""
+        total = self.prefilled_tokens + self.reused_tokens
+        return self.reused_tokens / total if total else 0.0
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["hit_rate"] = self.hit_rate
+        return out
+
+
+class Engine:
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, kv_cache_memory_fraction: float = 0.5,
+                 attention_backend: str = "auto"):
+        """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
+        `kv_cache_memory_fraction` of the free device memory (host RAM on CPU)."""
+        cfg = model.config
+        weight = model.lm_head_weight
+        self.model, self.device, self.dtype = model, weight.device, weight.dtype
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+        if max_model_len is None:
+            max_model_len = cfg.max_position_embeddings
+        if not isinstance(max_model_len, int) or not 2 <= max_model_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len must be an int in [2, max_position_embeddings="
+                             f"{cfg.max_position_embeddings}], got {max_model_len!r}")
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * weight.element_size()
+        blocks_per_seq = -(-max_model_len // block_size)
+        needed = blocks_per_seq + 1  # + one spare: a copy-on-write source stays pinned for a step
+        if num_blocks is None:
+            budget = int(_free_memory(self.device) * kv_cache_memory_fraction) // block_bytes
+            num_blocks = min(budget, max_num_seqs * blocks_per_seq + 1)
+        if not isinstance(num_blocks, int) or num_blocks < needed:
+            raise ValueError(
+                f"a KV pool of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                f"max_model_len={max_model_len} tokens: it needs at least {needed} blocks ({blocks_per_seq} "
+                f"+ 1 spare for copy-on-write); raise num_blocks or lower max_model_len")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(max_model_len, 8192)
+        if max_num_batched_tokens < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                             f"({max_model_len}): a prompt is prefilled in one step")
+        self.backend = self._pick_backend(attention_backend)
+        with torch.inference_mode():
+            self.kv_cache = torch.zeros(2, num_layers, num_blocks, block_size, kv_heads, head_dim,
+                                        dtype=self.dtype, device=self.device)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        eos = cfg.eos_token_id
+        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.stats = EngineStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def _pick_backend(self, backend: str) -> str:
+        if backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
+        flash_ok = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+                    and self.block_size % 256 == 0 and flash_varlen_with_block_table() is not None)
+        if backend == "auto":
+            return "flash" if flash_ok else "triton" if self.device.type == "cuda" else "torch"
+        if backend == "flash" and not flash_ok:
+            raise ValueError("attention_backend='flash' needs flash-attn installed, a CUDA fp16/bf16 model "
+                             f"and block_size % 256 == 0 (got {self.device}, {self.dtype}, {self.block_size})")
+        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise ValueError("attention_backend='triton' needs a CUDA model (or TRITON_INTERPRET=1)")
+        return backend
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix (call after the weights change)."""
+        if self.scheduler.has_work():
+            raise RuntimeError("clear_cache during generation")
+        self.block_manager.clear_cache()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams, use_tqdm: bool = False
+                 ) -> list[list[Completion]]:
+        """Outer list per prompt, inner list of `params.n` completions (sample order)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompts = self._check_prompts(prompts)
+        base_seed = params.seed
+        if base_seed is None and not params.greedy:
+            base_seed = int(torch.randint(0, 2**62, (1,)))  # follows torch.manual_seed
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                gen = None if params.greedy else make_generator(sample_seed(base_seed, i, j), self.device)
+                max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
+                seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=max_tokens, generator=gen))
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="seq")
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            with torch.inference_mode():
+                while self.scheduler.has_work():
+                    finished = self._step(params, stop_ids)
+                    if bar is not None:
+                        bar.update(finished)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        out = [[None] * params.n for _ in prompts]
+        for seq in seqs:
+            out[seq.prompt_index][seq.sample_index] = Completion(seq.output_ids, seq.logprobs, seq.finish_reason)
+        return out
+
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token id lists")
+        vocab = self.model.config.vocab_size
+        checked = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, torch.Tensor):
+                prompt = prompt.tolist()
+            if not isinstance(prompt, (list, tuple)) or not prompt:
+                raise ValueError(f"prompts[{i}] must be a non-empty list of token ids, got {prompt!r:.80}")
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; max_model_len={self.max_model_len} "
+                                 "leaves no room for a generated token")
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
+                raise ValueError(f"prompts[{i}] holds {bad!r}, not a token id in [0, {vocab})")
+            checked.append(list(prompt))
+        return checked
+
+    def _abort(self) -> None:
+        """Drop every queued and running sequence (after an error) so the engine stays usable."""
+        sched = self.scheduler
+        for seq in list(sched.running):
+            self.block_manager.free_sequence(seq)
+        sched.running.clear()
+        sched.waiting.clear()
+        self.block_manager.end_step()
+
+    def _step(self, params: SamplingParams, stop_ids: frozenset) -> int:
+        step = self.scheduler.schedule()
+        if not step.seqs:  # every running sequence was preempted; the next step re-admits them
+            self.stats.preemptions = self.scheduler.num_preemptions
+            return 0
+        ctx, input_ids, positions, last_rows = self._prepare(step)
+        hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
+        if last_rows is not None:
+            hidden = hidden[last_rows]
+        logits = F.linear(hidden, self.model.lm_head_weight).float()
+        tokens, logprobs = sample(logits, params, [seq.generator for seq in step.seqs])
+        self.block_manager.end_step()
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host transfer
+
+        stats = self.stats
+        if step.is_prefill:
+            stats.prefill_steps += 1
+            stats.prefilled_tokens += int(input_ids.numel())
+            stats.reused_tokens += step.num_reused_tokens
+        else:
+            stats.decode_steps += 1
+        stats.generated_tokens += len(tokens)
+        stats.preemptions = self.scheduler.num_preemptions
+        finished = 0
+        for seq, token, logprob in zip(step.seqs, tokens, logprobs):
+            seq.num_cached_tokens = len(seq)
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            if token in stop_ids:
+                self.scheduler.finish(seq, "stop")
+            elif seq.num_output_tokens >= seq.max_tokens:
+                self.scheduler.finish(seq, "length")
+            else:
+                continue
+            finished += 1
+        return finished
+
+    def _prepare(self, step: ScheduledStep):
+        """Packed inputs and the attention context of one step (all host lists -> one copy each)."""
+        bs = self.block_size
+        input_ids, positions, slots, q_lens = [], [], [], []
+        for seq in step.seqs:
+            start = seq.num_cached_tokens if step.is_prefill else len(seq) - 1
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[start:])
+            positions.extend(range(start, len(seq)))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, len(seq)))
+            q_lens.append(len(seq) - start)
+        context_lens = [len(seq) for seq in step.seqs]
+        width = max(len(seq.block_table) for seq in step.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in step.seqs]
+        cu = [0]
+        for n in q_lens:
+            cu.append(cu[-1] + n)
+        copy_src = copy_dst = None
+        if step.copies:
+            src_rows, dst_rows = [], []
+            for c in step.copies:
+                src_rows.extend(range(c.src * bs, c.src * bs + c.rows))
+                dst_rows.extend(range(c.dst * bs, c.dst * bs + c.rows))
+            copy_src, copy_dst = self._ints(src_rows, torch.long), self._ints(dst_rows, torch.long)
+        max_q_len = max(q_lens)
+        ctx = AttentionContext(
+            self.kv_cache, backend=self.backend, slot_mapping=self._ints(slots, torch.int32),
+            block_tables=self._ints(tables, torch.int32), context_lens=self._ints(context_lens, torch.int32),
+            cu_seqlens_q=self._ints(cu, torch.int32), max_q_len=max_q_len, max_context_len=max(context_lens),
+            copy_src=copy_src, copy_dst=copy_dst)
+        last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
+        return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
+
+    def _ints(self, values, dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30  # a platform without sysconf: assume 4 GiB

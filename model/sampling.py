@@ -1,0 +1,106 @@
+"""Sampling parameters and the sampler: temperature, top-k, top-p, per-request seeds, logprobs.
+
+Reported logprobs are those of the sampling distribution BEFORE top-k/top-p truncation:
+`log_softmax(logits / temperature)` of the chosen token, and plain `log_softmax(logits)` for
+greedy (temperature 0). This is what an RL trainer recomputes from the same weights, so the two
+agree up to numerics (truncation would put log(kept mass) into every ratio).
+
+Randomness: every sequence owns a `torch.Generator` seeded from (seed, prompt index, sample
+index), and draws exactly one row of exponential noise per generated token; the token is
+argmax(probs / noise), which is an exact sample from `probs` (the exponential race). So a
+sequence's samples do not depend on which other sequences share its batch, nor on preemption.
+Nothing here reads a tensor back to the host; the engine does one transfer per step for the
+whole batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0 or -1: off
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    seed: int | None = None  # None: drawn from torch's default generator
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"SamplingParams.n must be an int >= 1, got {self.n!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be an int >= 1, or 0/-1 for off, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        try:
+            stops = tuple(int(t) for t in self.stop_token_ids)
+        except (TypeError, ValueError):
+            raise ValueError(f"SamplingParams.stop_token_ids must be token ids, got {self.stop_token_ids!r}") from None
+        object.__setattr__(self, "stop_token_ids", stops)
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit generator seed for sample j of prompt i, stable across runs and machines."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits [S, V] with everything outside the top-k and the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p (the most likely
+    token always stays). Top-k applies first.
+    """
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i]."""
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs
+    scaled = logits / params.temperature
+    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
+    noise = torch.empty_like(probs)
+    for row, gen in enumerate(generators):
+        noise[row].exponential_(generator=gen)
+    # exponential_ can return exactly 0; a tiny floor keeps the division finite without bias worth naming
+    tokens = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
