@@ -7,8 +7,8 @@ run a logits forward under `torch.inference_mode`: fp32 on CPU, bf16 on CUDA. tr
 its default attention (SDPA), ours SDPA on CPU and flash-attn on CUDA when installed. A third
 layout runs ours on the same tokens as one packed varlen batch (the layout training uses).
 Each round times both implementations back to back (alternating which goes first), so a busy
-machine slows both alike; the ratio of median tokens/s, ours/transformers, is printed at the end
-of the module and stored in each row's extra_info. Results: bench/RESULTS.md.
+machine slows both alike; the ratio of best-round tokens/s, ours/transformers, is printed at the
+end of the module and stored with the medians in each row's extra_info. Results: bench/RESULTS.md.
 """
 import os
 import statistics
@@ -42,7 +42,7 @@ if CUDA:
                      num_key_value_heads=2, vocab_size=32768, head_dim=64)
 VARIANT_OF = {"llama_gqa": "llama", "qwen3_qknorm": "qwen3_tied"}
 BATCH, SEQ = (2, 256) if not CUDA else (8, 1024)
-ROUNDS = 12 if not CUDA else 30
+ROUNDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def models(tmp_path_factory):
 def results(request):
     table = {}
     yield table
-    lines = [f"model forward, {DEVICE} {str(DTYPE).removeprefix('torch.')}, {BATCH}x{SEQ} tokens, median tokens/s:"]
+    lines = [f"model forward, {DEVICE} {str(DTYPE).removeprefix('torch.')}, {BATCH}x{SEQ} tokens, best-round tokens/s:"]
     for (name, layout), row in table.items():
         lines.append(f"  {name:13s} {layout:6s} ours {row['ours']:9.0f}  transformers {row['transformers']:9.0f}"
                      f"  ratio ours/transformers {row['ours'] / row['transformers']:.3f}")
@@ -117,8 +117,12 @@ def test_forward_vs_transformers(benchmark, models, results, name, layout):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(pair, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    row = {label: BATCH * SEQ / statistics.median(t[1:]) for label, t in times.items()}  # [0] is the warm-up
-    benchmark.extra_info.update({f"{k}_tokens_per_s": v for k, v in row.items()})
+    # [0] is the warm-up. The fastest round is the least disturbed by other processes, so the
+    # ratio uses it; medians are kept alongside.
+    row = {label: BATCH * SEQ / min(t[1:]) for label, t in times.items()}
+    benchmark.extra_info.update({f"{k}_tokens_per_s_best": v for k, v in row.items()})
+    benchmark.extra_info.update({f"{k}_tokens_per_s_median": BATCH * SEQ / statistics.median(t[1:])
+                                 for k, t in times.items()})
     benchmark.extra_info["ratio_ours_over_transformers"] = row["ours"] / row["transformers"]
     if CUDA:
         benchmark.extra_info["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
