@@ -5,15 +5,15 @@ named `model` or `rl` lands at the top of site-packages: `score` is a namespace 
 purely from this mapping.
 
 Building also compiles the sandbox launcher (CMakeLists.txt, rl/sandbox/launcher.c) with the
-system's cmake and C compiler into rl/sandbox/, from where it ships as package data (and is
-used in place by editable installs). Without cmake or a compiler the install fails.
+system's cmake and C compiler into rl/sandbox/ (used in place by editable installs) and into
+the wheel. Without cmake or a compiler the install fails.
 """
 import os
 import shutil
 import subprocess
 
-from setuptools import find_packages, setup
-from setuptools.command.build_py import build_py
+from setuptools import Command, find_packages, setup
+from setuptools.command.build import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,8 +31,20 @@ def mapped_packages():
     return packages, package_dir
 
 
-class build_native_then_py(build_py):
-    """Runs CMake for the sandbox launcher before the Python files are collected."""
+class build_native(Command):
+    """Builds the sandbox launcher with CMake into rl/sandbox/ (where editable installs use
+    it) and copies it, executable, into build_lib (for wheels). A `build` sub-command of its
+    own, because setuptools silences errors of a customised build_py in editable mode and
+    the install must fail when the launcher cannot be built."""
+
+    description = "build the sandbox launcher (CMakeLists.txt) with the system's cmake"
+    user_options = []
+
+    def initialize_options(self):
+        self.build_lib = None
+
+    def finalize_options(self):
+        self.set_undefined_options("build", ("build_lib", "build_lib"))
 
     def run(self):
         cmake = shutil.which("cmake")
@@ -53,11 +65,13 @@ class build_native_then_py(build_py):
                     f"score-rl: building the sandbox launcher failed at `{' '.join(step)}` "
                     f"(exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
                 )
-        super().run()
-        # Package data is copied without its mode; the launcher must stay executable.
-        built = os.path.join(self.build_lib, "score", "rl", "sandbox", "score-sandbox")
-        if os.path.exists(built):
-            os.chmod(built, 0o755)
+        target_dir = os.path.join(self.build_lib, "score", "rl", "sandbox")
+        os.makedirs(target_dir, exist_ok=True)
+        shutil.copy2(os.path.join(out_dir, "score-sandbox"), target_dir)  # copy2 keeps the exec bit
+
+
+class build_with_native(build):
+    sub_commands = [("build_native", None)] + build.sub_commands
 
 
 packages, package_dir = mapped_packages()
@@ -71,8 +85,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"score.rl.sandbox": ["score-sandbox", "launcher.c", "protocol.h"]},
-    cmdclass={"build_py": build_native_then_py},
+    cmdclass={"build": build_with_native, "build_native": build_native},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
