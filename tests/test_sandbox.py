@@ -5,7 +5,10 @@ process (nothing under the launcher) and no file behind, and leave this process 
 """
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 import warnings
 
 import psutil
@@ -212,6 +215,27 @@ def test_thread_exhaustion():
 def test_ctypes_segfault():
     r = run("import ctypes\nctypes.string_at(0)")
     assert r.status == "killed" and r.returncode == -11
+
+
+def test_parent_death_kills_launcher_and_program():
+    script = (
+        "from score.rl.sandbox import SandboxPool\n"
+        "pool = SandboxPool(1)\n"
+        "print(pool._all[0]._proc.pid, flush=True)\n"
+        "pool.execute('import time; time.sleep(60)', timeout_s=60, memory_mb=256)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    launcher = psutil.Process(int(parent.stdout.readline()))
+    for _ in range(200):  # wait until the program runs: zygote plus its forked child
+        family = [launcher] + launcher.children(recursive=True)
+        if len(family) >= 3:
+            break
+        time.sleep(0.01)
+    assert len(family) >= 3, family
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(family, timeout=3)
+    assert alive == []
 
 
 # ---- missing protections ---------------------------------------------------------------

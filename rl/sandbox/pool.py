@@ -142,12 +142,18 @@ _default_pool = None
 _default_lock = threading.Lock()
 
 
+_default_pool_pid = None
+
+
 def default_pool() -> SandboxPool:
-    """The shared strict pool behind `execute` and `run_batch` (started on first use)."""
-    global _default_pool
+    """The shared strict pool behind `execute` and `run_batch` (started on first use).
+
+    A forked child (e.g. a data-loader worker) starts its own: the parent's launchers
+    answer the parent's pipes only."""
+    global _default_pool, _default_pool_pid
     with _default_lock:
-        if _default_pool is None:
-            _default_pool = SandboxPool()
+        if _default_pool is None or _default_pool_pid != os.getpid():
+            _default_pool, _default_pool_pid = SandboxPool(), os.getpid()
             atexit.register(_default_pool.close)
         return _default_pool
 
