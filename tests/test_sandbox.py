@@ -160,12 +160,21 @@ def test_killing_parent_and_pid1_is_harmless():
     assert run("print('still works')").stdout == "still works\n"
 
 
+def test_fork_server_cannot_be_traced():
+    # A run that could ptrace its fork server could fake every later result.
+    r = run("import ctypes\nprint(ctypes.CDLL(None).ptrace(16, 1, 0, 0))")  # PTRACE_ATTACH pid 1
+    assert r.status == "ok" and r.stdout == "-1\n"
+
+
 def test_nothing_of_a_run_reaches_the_next():
-    leave = "import os\nopen('leak', 'w').write('x')\nos.mkdir('locked')\nos.chmod('locked', 0)\nimport sys; sys.leaked = 1"
-    look = "import os, sys\nprint(os.listdir('.'), hasattr(sys, 'leaked'))"
+    leave = (
+        "import os\nopen('leak', 'w').write('x')\nos.mkdir('locked')\nos.chmod('locked', 0)\n"
+        "open('../beside', 'w').write('x')\nos.symlink('/usr', '../link')\nimport sys; sys.leaked = 1"
+    )
+    look = "import os, sys\nprint(os.listdir('.'), os.listdir('..'), hasattr(sys, 'leaked'))"
     with SandboxPool(1) as pool:  # one launcher, so both runs share its fork server
         assert pool.execute(leave, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).status == "ok"
-        assert pool.execute(look, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).stdout == "['main.py'] False\n"
+        assert pool.execute(look, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB).stdout == "['main.py'] ['run'] False\n"
 
 
 def test_stdout_flood():

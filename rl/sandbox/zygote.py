@@ -88,6 +88,9 @@ def run_program(source: bytes, timeout_ms: int, memory_mb: int) -> int:
 
 def remove_tree(path: str) -> None:
     """rmtree that first undoes a run's chmod-ing of its own directories (we are the same uid)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+        return
     os.chmod(path, 0o700)
     for root, dirs, _ in os.walk(path):
         for name in dirs:
@@ -149,8 +152,11 @@ def serve(control: socket.socket) -> None:
                 break
         kill_leftovers(pid)
         control.send(b"W" + struct.pack("=i", status))
-        # If this raises, the zygote exits and the launcher starts a fresh one (new tmpfs).
-        remove_tree(work_dir)
+        # Everything under the base goes, not only the run directory: the run could write
+        # anywhere in it (same uid). If this raises, the zygote exits and the launcher
+        # starts a fresh one, on a fresh tmpfs.
+        for name in os.listdir(WORK_BASE):
+            remove_tree(os.path.join(WORK_BASE, name))
 
 
 def main() -> None:
