@@ -1,8 +1,9 @@
 """One running copy of the native launcher (launcher.c) and the request/response exchange.
 
-A `Launcher` is a long-lived child process that executes programs one at a time inside
-fresh namespaces; the parent pays Python and fork costs once, not per program. It is not
-thread-safe by itself: `SandboxPool` hands each one to a single thread at a time.
+A `Launcher` is a long-lived child process that executes programs one at a time through
+the fork server it keeps inside its namespaces; the parent pays for forking itself and for
+interpreter start-up once, not per program. It is not thread-safe by itself: `SandboxPool`
+hands each one to a single thread at a time.
 """
 import dataclasses
 import os
