@@ -200,14 +200,14 @@ def test_daemonized_grandchild_is_killed():
         "    if os.fork() == 0:\n"
         f"        os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
         "    os._exit(0)\n"
-        "time.sleep(0.5)\n"
+        "time.sleep(1.5)\n"  # long enough to see the daemon from here on a busy machine
     )
 
     def daemons():
         return [p for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])]
 
     results, seen = [], False
-    runner = threading.Thread(target=lambda: results.append(run(program)))
+    runner = threading.Thread(target=lambda: results.append(run(program, timeout_s=3.0)))
     runner.start()
     while runner.is_alive() and not seen:
         seen = bool(daemons())
@@ -235,7 +235,7 @@ def test_parent_death_kills_launcher_and_program():
     )
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     launcher = psutil.Process(int(parent.stdout.readline()))
-    for _ in range(200):  # wait until the program runs: zygote plus its forked child
+    for _ in range(1000):  # wait (up to 10 s on a busy machine) until the program runs: zygote + its child
         family = [launcher] + launcher.children(recursive=True)
         if len(family) >= 3:
             break
