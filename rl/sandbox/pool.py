@@ -60,8 +60,13 @@ class SandboxPool:
         self._idle = queue.SimpleQueue()
         self._all = []
         self._lock = threading.Lock()
-        for _ in range(workers):
-            self._idle.put(self._start())  # fails here, loudly, when strict mode refuses
+        try:
+            for _ in range(workers):
+                self._idle.put(self._start())  # fails here, loudly, when strict mode refuses
+        except BaseException:
+            for launcher in self._all:
+                launcher.close()
+            raise
         self.missing_protections = self._all[0].missing_protections
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="sandbox")
         self._closed = False
