@@ -1,0 +1,288 @@
+"""Run configuration: typed dataclasses read from one TOML file per run.
+
+A run file has the sections `[model] [data] [prompt] [reward] [rollout] [score] [optim] [run]`; every
+field below carries its default and a one-line help (`describe_config()` prints them all, and
+`configs/*.toml` show them in use). Unknown sections or keys, wrong types and out-of-range values are
+errors that name the file, the line and the key (`ConfigError`). `--set section.key=value` overrides
+are parsed as TOML values (a bare word that is not valid TOML is taken as a string).
+
+Not done here: loading the model or data the fields point to (the trainer does that and reports its
+own errors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; the message names the file, line and key."""
+
+
+def _f(default, help: str, *, check=None, choices=None, factory=None):
+    meta = {"help": help, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_pos = (lambda v: v > 0, "> 0")
+_nonneg = (lambda v: v >= 0, ">= 0")
+_prob = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+
+
+@dataclass
+class ModelSection:
+    path: str = _f("", "HF-format model folder (config.json, safetensors, tokenizer files); required")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "dtype of the trained weights (AdamW state follows it)")
+    autocast_bf16: bool = _f(True, "bf16 autocast of the forward passes on GPU (ignored on CPU)")
+    activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward to save memory")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train: auto = cuda when available")
+
+
+@dataclass
+class DataSection:
+    train: str = _f("", "training problems, JSONL; required")
+    eval: str = _f("", "held-out problems for the end-of-run evaluation, JSONL ('' = none)")
+    question_key: str = _f("problem", "JSONL field holding the question")
+    answer_key: str = _f("", "JSONL field holding the reference answer ('' = last \\boxed{} of solution_key)")
+    solution_key: str = _f("solution", "JSONL field holding a worked solution (used when answer_key is '')")
+    id_key: str = _f("", "JSONL field holding a problem id ('' = file:line)")
+    shuffle: bool = _f(True, "reshuffle the training problems every epoch (seeded by run.seed and epoch)")
+
+
+@dataclass
+class PromptSection:
+    chat: bool = _f(True, "render prompts with the tokenizer's chat template (instruct models); false = plain text")
+    system_prompt: str = _f("default", "system prompt; 'default' = the paper's prompt for reward.kind, '' = none")
+    correction_instruction: str = _f(
+        "default", "instruction between the attempts; 'default' = the paper's instruction for reward.kind")
+
+
+@dataclass
+class RewardSection:
+    kind: Literal["math", "exact", "code"] = _f(
+        "math", "math: final answer equal by math-verify; exact: final answer equal as a string; "
+        "code: all unit tests pass in the sandbox")
+    timeout_s: float = _f(5.0, "per-answer grading / per-program execution timeout in seconds", check=_pos)
+    workers: int = _f(1, "grading worker processes (math) or sandboxes run in parallel (code)", check=_pos)
+    memory_mb: int = _f(1024, "address-space limit of one sandboxed program (code)", check=_pos)
+
+
+@dataclass
+class RolloutSection:
+    samples_per_prompt: int = _f(4, "k trajectories per prompt (RLOO needs k >= 2)",
+                                 check=(lambda v: v >= 2, ">= 2"))
+    temperature: float = _f(1.0, "sampling temperature of training rollouts (the paper's 1.0)", check=_pos)
+    top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)", check=(lambda v: 0 < v <= 1, "in (0, 1]"))
+    top_k: int = _f(0, "top-k sampling (0 = off)", check=_nonneg)
+    max_tokens_attempt1: int = _f(512, "token budget of attempt 1", check=_pos)
+    max_tokens_attempt2: int = _f(512, "token budget of attempt 2", check=_pos)
+    block_size: int = _f(16, "KV-cache block size of the engine", check=_pos)
+    max_num_seqs: int = _f(256, "sequences the engine decodes at once", check=_pos)
+    num_blocks: int = _f(0, "KV-cache blocks (0 = sized by the engine)", check=_nonneg)
+
+
+@dataclass
+class ScoreSection:
+    stage1_steps: int = _f(100, "optimizer steps of Stage I (attempt 1 anchored to the base model)", check=_nonneg)
+    stage2_steps: int = _f(200, "optimizer steps of Stage II (both attempts, progress bonus)", check=_nonneg)
+    alpha: float = _f(10.0, "progress bonus weight in Stage II: r2 + alpha*(r2 - r1)", check=_nonneg)
+    beta1: float = _f(0.01, "KL weight against the reference, every attempt not anchored", check=_nonneg)
+    beta2: float = _f(0.1, "Stage I KL weight on attempt 1 (0.1 MATH, 0.25 code in the paper)", check=_nonneg)
+    kl_kind: Literal["k1", "k2", "k3", "k3+"] = _f("k1", "per-token KL estimator")
+    kl_placement: Literal["kl_in_reward", "kl_loss"] = _f(
+        "kl_in_reward", "kl_in_reward: sequence KL subtracted from the returns (paper); kl_loss: per-token loss term")
+    baseline: Literal["rloo", "none"] = _f("rloo", "leave-one-out baseline over the k samples of a prompt")
+    normalization: Literal["token_mean", "sequence_mean"] = _f(
+        "token_mean", "loss normaliser: all active tokens of the step's batch, or its trajectories")
+    base_first_attempt_mix: float = _f(
+        0.0, "Stage II: fraction of prompts whose attempt 1 comes from the frozen base model (paper's option)",
+        check=_prob)
+
+
+@dataclass
+class OptimSection:
+    lr: float = _f(5e-6, "peak AdamW learning rate", check=_pos)
+    weight_decay: float = _f(0.0, "AdamW weight decay", check=_nonneg)
+    beta1: float = _f(0.9, "AdamW beta1", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    beta2: float = _f(0.999, "AdamW beta2", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    eps: float = _f(1e-8, "AdamW epsilon", check=_pos)
+    warmup_steps: int = _f(10, "linear warm-up steps from 0 to lr", check=_nonneg)
+    schedule: Literal["constant", "cosine"] = _f("constant", "after warm-up: constant lr, or cosine decay")
+    min_lr_ratio: float = _f(0.1, "cosine floor as a fraction of lr", check=_prob)
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)", check=_nonneg)
+    prompts_per_step: int = _f(32, "prompts per optimizer step (each gives k trajectories)", check=_pos)
+    prompts_per_micro_batch: int = _f(
+        8, "prompts per forward/backward (gradient accumulation; a prompt's group is never split)", check=_pos)
+
+
+@dataclass
+class RunSection:
+    seed: int = _f(0, "seed of data order, sampling and init; sampling is keyed on (step, prompt, sample)")
+    checkpoint_every: int = _f(50, "save a checkpoint every N optimizer steps (0 = only at the end)", check=_nonneg)
+    keep_last: int = _f(3, "checkpoints kept on disk", check=_pos)
+    eval_max_problems: int = _f(0, "cap on end-of-run evaluation problems (0 = all)", check=_nonneg)
+    eval_max_tokens: int = _f(512, "token budget of each greedy evaluation attempt", check=_pos)
+    tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    plots: bool = _f(True, "write PNG plots of the run's metrics at the end")
+    progress: bool = _f(True, "tqdm progress bars")
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    score: ScoreSection = field(default_factory=ScoreSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def total_steps(self) -> int:
+        return self.score.stage1_steps + self.score.stage2_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_TYPES = {name: globals()[t] if isinstance(t, str) else t for name, t in SECTIONS.items()}
+
+
+def describe_config() -> str:
+    """Every section and field with its type, default and help (what `score train --describe` prints)."""
+    lines = []
+    for name, cls in _SECTION_TYPES.items():
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"  {f.name} = {f.default!r}  # {_type_name(hints[f.name])}: {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a run TOML, apply `section.key=value` overrides, validate; errors name file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return config_from_dict(raw, source=str(path), text=text)
+
+
+def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> RunConfig:
+    """Build a validated RunConfig from nested dicts ({section: {key: value}})."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"{_where(source, text, None, name)}: unknown section [{name}]; "
+                              f"known sections: {', '.join(_SECTION_TYPES)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(source, text, None, name)}: [{name}] must be a table of keys, "
+                              f"got {type(value).__name__}")
+        sections[name] = _build_section(name, value, source, text)
+    for name, cls in _SECTION_TYPES.items():
+        sections.setdefault(name, cls())
+    return RunConfig(**sections)
+
+
+def _build_section(name: str, values: dict, source: str, text: str):
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = _where(source, text, name, key)
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {name}.{key}; known keys of [{name}]: {', '.join(fields)}")
+        kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key].metadata.get("check"), where)
+    return cls(**kwargs)
+
+
+def _check_value(key: str, value, hint, check, where: str):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key} must be one of {list(choices)}, got {value!r}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    else:  # pragma: no cover - every field above has one of these types
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    if check is not None and not check[0](value):
+        raise ConfigError(f"{where}: {key} must be {check[1]}, got {value!r}")
+    return value
+
+
+def _apply_override(raw: dict, item: str, path: Path) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    dotted, value_text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be section.key (e.g. optim.lr), got {dotted!r}")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()  # a bare word: a string
+    section, key = parts
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"--set {item!r}: [{section}] in {path} is not a table")
+    table[key] = value
+
+
+def _where(source: str, text: str, section: Optional[str], key: str) -> str:
+    """`file:line` of a key (or a section header when `section` is None), or just the file."""
+    line = _line_of(text, section, key) if text else None
+    return f"{source}:{line}" if line else f"{source} (--set or default)" if text else source
+
+
+def _line_of(text: str, section: Optional[str], key: str) -> Optional[int]:
+    current = None
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+    assign = re.compile(r"^\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
+    for i, line in enumerate(text.splitlines(), start=1):
+        m = header.match(line)
+        if m:
+            current = m.group(1)
+            if section is None and current == key:
+                return i
+            continue
+        m = assign.match(line)
+        if m and section is not None and current == section and m.group(1).strip('"') == key:
+            return i
+    return None
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "|".join(repr(c) for c in typing.get_args(hint))
+    return hint.__name__

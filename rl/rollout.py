@@ -1,0 +1,175 @@
+"""Two-attempt rollouts: two plain `engine.generate` calls, token in, token out, then rewards.
+
+Attempt 1: every prompt's `k` samples in one call (the prompt's KV is computed once). Attempt 2:
+each trajectory's context `prompt + attempt1 + instruction` is built from token ids by the
+PromptBuilder (never by decoding and re-encoding), so the engine reuses attempt 1's cached blocks
+and only prefills the instruction. Sampling seeds are keyed on (step seed, prompt position, sample),
+so a trajectory does not depend on how the engine batches it.
+
+Optionally some prompts take their attempt 1 from a second engine on the frozen base model (the
+paper's "first attempts sampled from the base model"): those attempt-1 tokens are off-policy and
+the trainer does not train on them (`Trajectory.first_from_base`).
+
+Not done here: the forward/backward passes (trainer.py) and evaluation (evaluate.py, greedy).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from score.model.sampling import SamplingParams, sample_seed
+
+from .data import Problem
+from .prompts import PromptBuilder
+
+
+@dataclass
+class Trajectory:
+    """One sample of one prompt: `[prompt, attempt1, instruction, attempt2]` as token ids."""
+
+    group: int  # position of the prompt in the step's batch (trajectories of one prompt share it)
+    problem: Problem
+    prompt_ids: list[int]
+    attempt1_ids: list[int]
+    attempt1_logprobs: list[float]
+    finish1: str
+    instruction_ids: list[int]
+    attempt2_ids: list[int]
+    attempt2_logprobs: list[float]
+    finish2: str
+    text1: str = ""
+    text2: str = ""
+    r1: float = 0.0
+    r2: float = 0.0
+    first_from_base: bool = False
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.attempt1_ids + self.instruction_ids + self.attempt2_ids
+
+    @property
+    def attempt_labels(self) -> list[int]:
+        """Per token: 0 context (prompt, instruction; attempt 1 when sampled by the base model), 1, 2."""
+        a1 = 0 if self.first_from_base else 1
+        return ([0] * len(self.prompt_ids) + [a1] * len(self.attempt1_ids) + [0] * len(self.instruction_ids)
+                + [2] * len(self.attempt2_ids))
+
+
+@dataclass
+class RolloutStats:
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    reward_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def sampling_params(n: int, *, temperature: float, top_p: float, top_k: int, max_tokens: int,
+                    seed: int | None, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+    return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                          stop_token_ids=tuple(stop_token_ids), seed=seed)
+
+
+def two_attempt_rollout(
+    engine,
+    builder: PromptBuilder,
+    problems: Sequence[Problem],
+    reward_fn,
+    *,
+    k: int,
+    temperature: float,
+    max_tokens1: int,
+    max_tokens2: int,
+    seed: int | None,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    base_engine=None,
+    from_base: Sequence[bool] | None = None,
+    progress: bool = False,
+) -> tuple[list[Trajectory], RolloutStats]:
+    """k two-attempt trajectories per problem (grouped, problem order), rewarded; temperature 0 = greedy.
+
+    `from_base[i]` True: problem i's attempt 1 is sampled by `base_engine` (same seeds).
+    """
+    if not problems:
+        raise ValueError("two_attempt_rollout needs at least one problem")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    from_base = list(from_base) if from_base is not None else [False] * len(problems)
+    if len(from_base) != len(problems):
+        raise ValueError(f"from_base has {len(from_base)} entries for {len(problems)} problems")
+    if any(from_base) and base_engine is None:
+        raise ValueError("from_base asks for base-model first attempts but no base_engine was given")
+    tokenizer = builder.tokenizer
+    start = time.perf_counter()
+    prompts = [builder.first_attempt_ids(p.question) for p in problems]
+
+    # Attempt 1 (seed stream 1), policy and (optionally) base engines; the seed of sample j of
+    # prompt i depends only on (seed, i, j), so splitting prompts between engines changes nothing.
+    params1 = sampling_params(k, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens1,
+                              seed=None if seed is None else seed * 2 + 1)
+    outs1 = [None] * len(problems)
+    for use_base, eng in ((False, engine), (True, base_engine)):
+        idx = [i for i, b in enumerate(from_base) if b == use_base]
+        if not idx:
+            continue
+        got = _generate_at_positions(eng, [prompts[i] for i in idx], idx, params1, progress)
+        for i, o in zip(idx, got):
+            outs1[i] = o
+
+    # Attempt 2 (seed stream 2): one context per trajectory, n = 1.
+    contexts, spans, meta = [], [], []
+    for i, problem in enumerate(problems):
+        for j, c in enumerate(outs1[i]):
+            ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
+            contexts.append(ctx)
+            spans.append(span)
+            meta.append((i, j))
+    params2 = sampling_params(1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens2,
+                              seed=None if seed is None else seed * 2 + 2)
+    outs2 = engine.generate(contexts, params2, use_tqdm=progress)
+    gen_seconds = time.perf_counter() - start
+
+    trajectories = []
+    for (i, j), ctx, (a, b), o2 in zip(meta, contexts, spans, outs2):
+        c1, c2 = outs1[i][j], o2[0]
+        trajectories.append(Trajectory(
+            group=i, problem=problems[i], prompt_ids=prompts[i], attempt1_ids=list(c1.token_ids),
+            attempt1_logprobs=list(c1.logprobs), finish1=c1.finish_reason, instruction_ids=ctx[a:b],
+            attempt2_ids=list(c2.token_ids), attempt2_logprobs=list(c2.logprobs), finish2=c2.finish_reason,
+            text1=tokenizer.decode(c1.token_ids, skip_special_tokens=True),
+            text2=tokenizer.decode(c2.token_ids, skip_special_tokens=True), first_from_base=from_base[i]))
+
+    t0 = time.perf_counter()
+    probs = [t.problem for t in trajectories]
+    rewards = reward_fn([t.text1 for t in trajectories] + [t.text2 for t in trajectories], probs + probs)
+    for n, t in enumerate(trajectories):
+        t.r1, t.r2 = float(rewards[n]), float(rewards[n + len(trajectories)])
+    stats = RolloutStats(seconds=gen_seconds,
+                         generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
+                         reward_seconds=time.perf_counter() - t0)
+    return trajectories, stats
+
+
+def _generate_at_positions(engine, prompts, positions, params: SamplingParams, progress: bool):
+    """`engine.generate`, with sample j of prompt m seeded from (seed, positions[m], j).
+
+    The engine seeds by call-local position, which is the batch position when the call holds the
+    whole batch (the usual case). A mixed batch (base-model and policy first attempts) runs one
+    call per sample with its own seed, so each sample stays keyed on its batch position."""
+    if positions == list(range(len(positions))) or params.seed is None:
+        return engine.generate(prompts, params, use_tqdm=progress)
+    out = []
+    for prompt, pos in zip(prompts, positions):
+        samples = []
+        for j in range(params.n):
+            one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                 max_tokens=params.max_tokens, stop_token_ids=params.stop_token_ids,
+                                 seed=sample_seed(params.seed, pos, j))
+            samples.append(engine.generate([prompt], one)[0][0])
+        out.append(samples)
+    return out
