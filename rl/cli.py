@@ -1,12 +1,115 @@
-"""The `score` command line."""
+"""The `score` command line: `train`, `eval` and `demo`.
+
+    score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume]
+    score train --describe                     # every config key with its default and meaning
+    score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
+    score demo  --out DIR [--ablations] [--quick] [--seed N]
+
+Errors in the user's input (config, data, paths) are printed as one line naming the cause and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="score", description="SCoRe self-correction RL trainer")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run Stage I and Stage II from a TOML config")
+    train.add_argument("--config", help="run configuration (TOML)")
+    train.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, final/, plots/")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps in all")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (TOML syntax; repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--describe", action="store_true", help="print every config key with its default and exit")
+
+    ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
+    ev.add_argument("--model", required=True, help="HF-format model folder")
+    ev.add_argument("--data", required=True, help="problems (JSONL; 'humaneval' with reward.kind = code)")
+    ev.add_argument("--out", required=True, help="folder for eval.jsonl and eval_metrics.json")
+    ev.add_argument("--config", default=None, help="take prompt/reward/data-field settings from this run config")
+    ev.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    ev.add_argument("--max-problems", type=int, default=0, help="evaluate only the first N problems (0 = all)")
+
+    demo = sub.add_parser("demo", help="the embedded CPU demo: warm-up, base eval, SCoRe, eval, table")
+    demo.add_argument("--out", required=True, help="demo folder (results.json, eval_*.jsonl, plots)")
+    demo.add_argument("--ablations", action="store_true", help="also run 'no Stage I' and 'no reward shaping'")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in seconds, not the result")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the task data, warm-up and RL")
     return parser
+
+
+def _train(args) -> int:
+    from .config import describe_config, load_config
+
+    if args.describe:
+        print(describe_config())
+        return 0
+    if not args.config or not args.out:
+        raise ValueError("score train needs --config FILE and --out DIR")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    cfg = load_config(args.config, args.set)
+    from .trainer import train
+
+    final = train(cfg, args.out, max_steps=args.max_steps, resume=args.resume)
+    print(f"final policy: {final}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .config import config_with_overrides, load_config
+
+    if args.max_problems < 0:
+        raise ValueError(f"--max-problems must be >= 0, got {args.max_problems}")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: not a folder")
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        from score.model import load_tokenizer
+
+        chat = load_tokenizer(args.model).chat_template is not None
+        cfg = config_with_overrides({"prompt": {"chat": chat}}, args.set, source="score eval")
+    cfg.model.path = args.model
+    cfg.data.eval = args.data
+
+    import torch
+    from score.model import Engine, from_pretrained, load_tokenizer
+
+    from .evaluate import evaluate, table, write_json, write_records
+    from .trainer import load_problems, make_reward, pick_device, prompt_builder
+
+    problems = load_problems(cfg, args.data)
+    if args.max_problems:
+        problems = problems[:args.max_problems]
+    device = pick_device(cfg.model.device)
+    model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
+    tokenizer = load_tokenizer(args.model)
+    reward = make_reward(cfg)
+    try:
+        engine = Engine(model, block_size=cfg.rollout.block_size, max_num_seqs=cfg.rollout.max_num_seqs)
+        metrics, records = evaluate(engine, prompt_builder(cfg, tokenizer), problems, reward,
+                                    max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
+    finally:
+        reward.close()
+    out = Path(args.out)
+    write_records(out / "eval.jsonl", records)
+    write_json(out / "eval_metrics.json", metrics)
+    print(table({Path(args.model).name or "model": metrics}))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, ablations=args.ablations, quick=args.quick, seed=args.seed)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -15,7 +118,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    handler = {"train": _train, "eval": _eval, "demo": _demo}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"score {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

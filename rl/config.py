@@ -184,6 +184,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(raw, source=str(path), text=text)
 
 
+def config_with_overrides(raw: dict, overrides, *, source: str) -> RunConfig:
+    """`config_from_dict` after applying `section.key=value` overrides to `raw`."""
+    for item in overrides:
+        _apply_override(raw, item, Path(source))
+    return config_from_dict(raw, source=source)
+
+
 def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> RunConfig:
     """Build a validated RunConfig from nested dicts ({section: {key: value}})."""
     if not isinstance(raw, dict):
