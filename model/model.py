@@ -154,7 +154,9 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Tied: no separate head parameter at all, so state_dict, optimizers and FSDP see one matrix.
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
@@ -218,16 +220,17 @@ class Transformer(nn.Module):
 
     def _check_inputs(self, input_ids, positions, cu_seqlens, attn, max_seqlen):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an int64/int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            got = getattr(input_ids, "dtype", type(input_ids))
+            raise ValueError(f"input_ids must be an int64/int32 tensor, got {got}")
         device = input_ids.device
         if input_ids.dim() == 2:
             if cu_seqlens is not None or attn is not None:
-                raise ValueError("cu_seqlens and attn take 1-D (packed) input_ids, got shape " f"{tuple(input_ids.shape)}")
+                raise ValueError(f"cu_seqlens and attn take 1-D (packed) input_ids, got shape {tuple(input_ids.shape)}")
             batch, length = input_ids.shape
             if positions is None:
                 positions = torch.arange(length, device=device).expand(batch, length)
             elif positions.shape not in ((batch, length), (length,)):
-                raise ValueError(f"positions must be [B, T] or [T] = {(batch, length)}, got {tuple(positions.shape)}")
+                raise ValueError(f"positions must be [B, T] = {[batch, length]} or [T], got {tuple(positions.shape)}")
             return positions, None
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be [B, T] or packed [N], got shape {tuple(input_ids.shape)}")
@@ -242,14 +245,17 @@ class Transformer(nn.Module):
         if cu_seqlens is None:
             raise ValueError("1-D input_ids are a packed batch: pass cu_seqlens (or attn for engine mode)")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         if cu_seqlens.device != device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, input_ids on {device}")
         if max_seqlen is None:  # one host sync: check the offsets while we have them
             offsets = cu_seqlens.tolist()
             lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
             if offsets[0] != 0 or offsets[-1] != n or min(lengths) < 0:
-                raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {offsets[:8]}{'...' if len(offsets) > 8 else ''}")
+                shown = f"{offsets[:8]}{'...' if len(offsets) > 8 else ''}"
+                raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {shown}")
             max_seqlen = max(lengths)
         if positions is None:
             cu = cu_seqlens.long()
