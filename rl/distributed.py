@@ -1,0 +1,269 @@
+"""One node, many GPUs: process group, FSDP2 sharding, generation-time unsharding, batch split, reductions.
+
+Launched by `torchrun` (or `score train --nproc G`, see launch.py), every rank runs the same trainer
+on its share of the prompts. This module holds the pieces that make that trainer distributed:
+
+- `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from the torchrun environment and sets
+  up the process group: NCCL with one GPU per rank when CUDA is present, gloo on CPU.
+- `shard_policy(model, env)` applies PyTorch's FSDP2 (`fully_shard`) to every decoder layer and then
+  to the root (embedding, final norm, output head). On GPU the mixed-precision policy computes in
+  bf16 and reduces gradients in fp32; the sharded parameters themselves stay fp32 (AdamW's master
+  weights: an lr of 5e-6 is below bf16's resolution, so bf16 master weights would not move).
+  Gradients are SUMMED across ranks, never averaged: each rank's loss is divided by the GLOBAL
+  denominator (`all_reduce_sum` of the active-token count), so the reduced gradient is exactly the
+  1-rank gradient of the same global batch and a 2-rank run matches a 1-rank run.
+- `shard_reference(model, env)`: the frozen reference, sharded the same way, stored in the compute
+  dtype (bf16 on GPU: it is never updated), no gradients, optionally CPU-offloaded (GPU only).
+- `unsharded(model)`: all-gathers every layer for the duration of a rollout (the engine runs many
+  small decode forwards; all-gathering each layer on each of them would cost 2 x params bytes of
+  traffic per token). Memory cost while inside: one full copy of the weights in the compute dtype
+  per GPU (2 bytes x params on GPU, e.g. 15.2 GB for a 7.6B model), on top of the sharded state.
+  Leaving the block frees it. Build the Engine inside this block the first time, so it sees the
+  compute dtype (it sizes its KV cache from `model.lm_head_weight.dtype`).
+- `shard_groups(num_groups, env)`: the contiguous slice of RLOO prompt groups this rank owns;
+  groups are never split and every rank gets the same number, so every rank runs the same number
+  of micro-batches (FSDP's collectives must match one for one).
+- `all_reduce_sum`, `all_reduce_max`, `gather_lists`: statistics across ranks, in fp64/rank order.
+- `clip_grad_norm(model, max_norm)`: global gradient norm over sharded (DTensor) gradients; the same
+  float on every rank, so a non-finite norm skips the step everywhere.
+
+Nothing is keyed on the rank: sampling seeds come from (step, global prompt index, sample) (pass
+`shard_groups(...)` positions to the rollout), so a run's samples do not depend on the world size.
+
+Not done: multi-node (one node of up to 8 GPUs is the target), tensor/sequence parallelism, and
+overlapping rollouts of one rank with training of another.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "nccl" | "gloo"
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh over all ranks
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group torchrun set up. `device`: "auto" (cuda:LOCAL_RANK when CUDA is
+    available, else cpu), "cuda" or "cpu". `timeout_s` bounds every collective, so a rank that
+    disappears without the launcher noticing turns into an error, not a hang."""
+    missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise ValueError(f"init_distributed needs the torchrun environment; missing {', '.join(missing)} "
+                         "(start with `torchrun --nproc_per_node=G -m score.rl.cli train ...` or `score train --nproc G`)")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local)
+        dev, backend = torch.device("cuda", local), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(f"process group (rank {dist.get_rank()}/{dist.get_world_size()}) disagrees with "
+                           f"the environment (RANK={rank}, WORLD_SIZE={world})")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(dev.type, (world,))
+    return DistEnv(rank, world, local, dev, backend, mesh)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------------
+def _mp_policy(env: DistEnv, compute_dtype: torch.dtype | None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+    if compute_dtype == torch.float32:
+        return MixedPrecisionPolicy(), compute_dtype
+    # fp32 reduction: summing 8 ranks' bf16 gradients in bf16 loses ~3 bits on every element.
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32), compute_dtype
+
+
+def _shard(model: nn.Module, env: DistEnv, mp_policy, offload_policy=None) -> nn.Module:
+    from torch.distributed.fsdp import OffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"expected a score.model.Transformer with .layers, got {type(model).__name__}")
+    kw = dict(mesh=env.mesh, mp_policy=mp_policy, offload_policy=offload_policy or OffloadPolicy())
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    # The trainer calls `hidden_states` (not forward) and then uses `lm_head_weight`; registering
+    # it makes FSDP all-gather the root's embedding/norm/head around that call as around forward.
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def shard_policy(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 per decoder layer + root, in place; returns the model. Build the optimizer AFTER this
+    (its state then lives on the shards). `compute_dtype` None: bf16 on GPU, fp32 on CPU."""
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        dtypes = sorted({str(p.dtype) for p in model.parameters()})
+        raise ValueError(f"the policy's master weights must be float32 (got {dtypes}); load it with "
+                         "dtype=float32 and let compute_dtype choose bf16 for the forward/backward")
+    mp_policy, _ = _mp_policy(env, compute_dtype)
+    _shard(model, env, mp_policy)
+    # Sum, do not average: each rank divides its loss by the global denominator itself. Forced sum
+    # with divide factor 1 is a plain SUM reduce-scatter (gloo has no PREMUL_SUM).
+    for module in fsdp_modules(model):  # per FSDP module: the setting is not inherited
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def shard_reference(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype | None = None,
+                    cpu_offload: bool = False) -> nn.Module:
+    """Frozen reference: no grad, eval, stored in the compute dtype and sharded like the policy.
+    `cpu_offload` keeps its shards in pinned host memory and copies each layer in for its forward
+    (GPU only; saves 2 x params / world bytes of GPU memory, costs a host-to-device copy per step)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if cpu_offload and env.device.type != "cuda":
+        raise ValueError("cpu_offload of the reference needs GPUs (on CPU the shards are already in host memory)")
+    _, dtype = _mp_policy(env, compute_dtype)
+    model.requires_grad_(False).eval()
+    model.to(dtype)
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return _shard(model, env, MixedPrecisionPolicy(), CPUOffloadPolicy() if cpu_offload else None)
+
+
+def fsdp_modules(model: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    found = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} is not sharded (call shard_policy/shard_reference first)")
+    return found
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every all-gathered weight. The root keeps its embedding/head gathered after a forward
+    (FSDP expects backward to need them next); call this after a no-grad forward of the reference."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module):
+    """All-gather the whole model for generation; reshard on exit (see the module docstring for
+    its memory cost). Gradients must not be computed inside (the engine runs in inference mode)."""
+    modules = fsdp_modules(model)
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        for module in modules:
+            module.unshard()
+        yield model
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Work split and reductions
+# ---------------------------------------------------------------------------------------------------
+def shard_groups(num_groups: int, env: DistEnv | None) -> range:
+    """Global indices of the prompt groups this rank owns: a contiguous equal slice.
+
+    Equal slices keep micro-batch counts equal across ranks; contiguous slices in rank order make
+    `gather_lists` return results in global order. A group (one prompt's k samples) is never split."""
+    world, rank = (1, 0) if env is None else (env.world_size, env.rank)
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+    if num_groups % world:
+        raise ValueError(f"{num_groups} prompts per step cannot be split evenly over {world} ranks; "
+                         f"use a multiple of {world} (e.g. {num_groups + world - num_groups % world})")
+    per_rank = num_groups // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _reduce(values, op, env: DistEnv | None):
+    if isinstance(values, dict):
+        keys = sorted(values)
+        reduced = _reduce([values[k] for k in keys], op, env)
+        return dict(zip(keys, reduced))
+    vals = [float(v) for v in values]
+    if env is None or env.world_size == 1:
+        return vals
+    # fp64 so that sums of token counts and losses are exact enough to be rank-count independent.
+    device = env.device if env.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def all_reduce_sum(values, env: DistEnv | None):
+    """Sum floats over ranks: a list -> list, a dict -> dict (same keys on every rank)."""
+    return _reduce(values, dist.ReduceOp.SUM, env)
+
+
+def all_reduce_max(values, env: DistEnv | None):
+    return _reduce(values, dist.ReduceOp.MAX, env)
+
+
+def gather_lists(local: list, env: DistEnv | None) -> list:
+    """Concatenate every rank's list in rank order (picklable items; for per-trajectory metrics)."""
+    if env is None or env.world_size == 1:
+        return list(local)
+    parts: list = [None] * env.world_size
+    dist.all_gather_object(parts, list(local))
+    return [item for part in parts for item in part]
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (over all shards) to `max_norm` (inf: measure only); returns
+    the norm before clipping, identical on every rank."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,162 @@
+"""FSDP2 training on 2 CPU ranks (gloo) against 1 rank and a plain process; DCP resume across world
+sizes; consolidated HF export; generation on unsharded weights; the launcher on a failing rank.
+
+The ranks run tests/dist_worker.py under score.rl.launch (torchrun's agent). One 2-rank run and one
+1-rank run are shared by the tests of this module (the process start-up dominates their cost).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dist_worker as W
+from score.rl import distributed as D
+from score.rl.dist_checkpoint import latest_sharded, load_sharded
+
+TESTS = Path(__file__).resolve().parent
+STEPS, SAVE_AT = 4, 2
+TOL = 1e-5
+
+
+def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    code = ("import sys; from score.rl.launch import launch; "
+            f"sys.exit(launch({nproc}, {list(args)!r}, module='dist_worker'))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    two = _launch(2, "run2", str(out), str(STEPS), str(SAVE_AT))
+    assert two.returncode == 0, two.stderr[-4000:]
+    ckpt = latest_sharded(out)
+    assert ckpt is not None and ckpt.name == f"step_{SAVE_AT:06d}"
+    one = _launch(1, "resume1", str(out), str(STEPS), str(ckpt))
+    assert one.returncode == 0, one.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_run():
+    """The same steps in one process without a process group (what the single-GPU trainer does)."""
+    model, snapshots, norms = W.make_model(), {}, []
+    optimizer = W.make_optimizer(model)
+    for step in range(STEPS):
+        norms.append(W.train_step(model, optimizer, step, None))
+        snapshots[step + 1] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, snapshots, norms
+
+
+def test_two_ranks_match_one_rank_and_plain(runs, plain_run):
+    _, snapshots, plain_norms = plain_run
+    two = load_file(runs / f"params_step{STEPS}.safetensors")
+    one = load_file(runs / f"params_fresh1_step{STEPS}.safetensors")
+    changed = _max_rel_diff(two, W.make_model().state_dict())
+    assert changed > 1e-2  # the steps really moved the weights
+    rel_two_plain = _max_rel_diff(two, snapshots[STEPS])
+    rel_two_one = _max_rel_diff(two, one)
+    print(f"max rel param diff after {STEPS} AdamW steps: 2-rank vs plain {rel_two_plain:.2e}, "
+          f"2-rank vs 1-rank {rel_two_one:.2e}")
+    assert rel_two_plain <= TOL and rel_two_one <= TOL
+    norms_two = json.loads((runs / "run2.json").read_text())["norms"]
+    norms_one = json.loads((runs / "resume1.json").read_text())["norms"]
+    assert norms_two == pytest.approx(plain_norms, rel=TOL) and norms_one == pytest.approx(plain_norms, rel=TOL)
+
+
+def test_resume_from_two_rank_checkpoint_on_one_rank(runs, plain_run):
+    state = json.loads((runs / "resume1.json").read_text())["state"]
+    assert state == {"data_step": SAVE_AT, "step": SAVE_AT, "world_size": 2}
+    resumed = load_file(runs / f"params_resumed1_step{STEPS}.safetensors")
+    two = load_file(runs / f"params_step{STEPS}.safetensors")
+    rel = _max_rel_diff(resumed, two)
+    print(f"max rel param diff, 2-rank run vs resumed on 1 rank at step {STEPS}: {rel:.2e}")
+    assert rel <= TOL
+
+
+def test_sharded_checkpoint_loads_into_plain_model(runs):
+    model = W.make_model()
+    state = load_sharded(latest_sharded(runs), model, None)
+    assert state["step"] == SAVE_AT
+    saved = load_file(runs / f"params_step{SAVE_AT}.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
+def test_consolidated_export_loads_in_transformers(runs):
+    import transformers
+
+    from score.model import from_pretrained
+
+    final = load_file(runs / f"params_step{STEPS}.safetensors")
+    reference = W.make_model()
+    reference.load_state_dict(final)
+    ids = torch.tensor([[3, 17, 42, 8, 96, 0, 11]])
+    with torch.no_grad():
+        expected = reference(ids)
+        ours = from_pretrained(runs / "hf")(ids)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(runs / "hf", dtype=torch.float32).eval()
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_on_unsharded_weights(runs):
+    from score.model import Engine, SamplingParams
+
+    info = json.loads((runs / "run2.json").read_text())
+    assert info["resharded_after_generation"]
+    model = W.make_model()
+    model.load_state_dict(load_file(runs / f"params_step{STEPS}.safetensors"))
+    with torch.no_grad():
+        expected = model(torch.tensor([W.PROMPTS[0]]))
+    torch.testing.assert_close(load_file(runs / "unsharded_logits.safetensors")["logits"], expected,
+                               rtol=1e-5, atol=1e-5)
+    engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
+    outs = engine.generate(W.PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert info["tokens"] == [o[0].token_ids for o in outs]
+
+
+def test_rank_failure_stops_job_and_names_rank():
+    start = time.monotonic()
+    result = _launch(2, "fail", "1", timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed first (exit code 3" in result.stderr, result.stderr[-3000:]
+    print(f"failing job ended in {elapsed:.1f} s")
+
+
+def test_shard_groups_contiguous_equal_and_validated():
+    class Env:  # only rank/world_size are read
+        def __init__(self, rank, world_size):
+            self.rank, self.world_size = rank, world_size
+
+    assert [list(D.shard_groups(8, Env(r, 4))) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert list(D.shard_groups(3, None)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot be split evenly over 4 ranks"):
+        D.shard_groups(6, Env(0, 4))
+    with pytest.raises(ValueError, match="num_groups"):
+        D.shard_groups(0, Env(0, 1))
+    assert D.all_reduce_sum({"b": 2, "a": 1}, None) == {"a": 1.0, "b": 2.0}
+    assert D.gather_lists([1, 2], None) == [1, 2]
+
+
+def test_init_distributed_outside_torchrun_names_missing_variables(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="missing RANK, WORLD_SIZE, LOCAL_RANK"):
+        D.init_distributed()
