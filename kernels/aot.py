@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
@@ -136,34 +137,46 @@ def compile_launch(cfg: Launch, capability: int):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def check_all(capabilities=AOT_TARGETS) -> list[dict]:
-    """Compile every discovered launch for each capability; one result dict per (launch, target)."""
-    results = []
-    for module, table in discover_launches().items():
-        for cfg in table:
-            for cap in capabilities:
-                started = time.time()
-                entry = {"module": module, "launch": cfg.name, "capability": cap}
-                try:
-                    compiled = compile_launch(cfg, cap)
-                    entry.update(
-                        ok=True,
-                        shared=int(compiled.metadata.shared),
-                        shared_limit=SHARED_MEMORY_LIMIT[cap],
-                        has_ptx="ptx" in compiled.asm,
-                        has_cubin="cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0,
-                    )
-                except Exception as exc:  # reported per launch so one failure does not hide others
-                    entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
-                entry["seconds"] = round(time.time() - started, 2)
-                results.append(entry)
-    return results
+def _check_one(task: tuple[str, int, int]) -> dict:
+    module, index, cap = task
+    cfg = importlib.import_module(module).aot_launches()[index]
+    started = time.time()
+    entry = {"module": module, "launch": cfg.name, "capability": cap}
+    try:
+        compiled = compile_launch(cfg, cap)
+        entry.update(
+            ok=True,
+            shared=int(compiled.metadata.shared),
+            shared_limit=SHARED_MEMORY_LIMIT[cap],
+            has_ptx="ptx" in compiled.asm,
+            has_cubin="cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0,
+        )
+    except Exception as exc:  # reported per launch so that one failure does not hide the others
+        entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+    entry["seconds"] = round(time.time() - started, 2)
+    return entry
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_all(capabilities=AOT_TARGETS, workers: int | None = None) -> list[dict]:
+    """Compile every discovered launch for each capability; one result dict per (launch, target).
+
+    Compilation (mostly ptxas) is CPU-bound, so it runs in `workers` forked processes (default:
+    one per CPU core); Triton's on-disk cache makes repeated runs fast.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = [(module, i, cap) for module, table in discover_launches().items()
+             for i in range(len(table)) for cap in capabilities]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [_check_one(t) for t in tasks]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_check_one, tasks))
+
+
+def main() -> int:
     """Compile everything (`python -m score.kernels.aot`), print one JSON list, exit 1 on failure."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET for ahead-of-time compilation", file=sys.stderr)
         return 2

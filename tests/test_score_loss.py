@@ -211,6 +211,17 @@ def test_triton_and_torch_agree_with_unsorted_groups(impl):
     assert torch.allclose(grad, ref_grad, atol=1e-7)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_output_element_is_written(impl, monkeypatch):
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    nan = float("nan")
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(nan))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(nan))
+    out, grad = run(impl, random_batch(seed=12), stage=2, kl_kind="k3", normalization="sequence_mean")
+    for t in (out.loss, out.returns, out.advantages, out.kl, grad):
+        assert torch.isfinite(t).all()
+
+
 def _bad(**override):
     logp, ref, attempt, cu, groups, r1, r2 = random_batch()
     args = dict(logp=logp, ref_logp=ref, attempt=attempt, cu_seqlens=cu, group_ids=groups, r1=r1, r2=r2)
