@@ -8,7 +8,7 @@ count, runs one micro-batch per group, clips the global gradient norm and steps 
 Modes (argv[1]):
   run2    OUT STEPS SAVE_AT  train STEPS steps from the seeded init, DCP-save after SAVE_AT steps,
           write params after SAVE_AT and STEPS steps, unsharded logits and greedy engine tokens,
-          and a consolidated HF export of the final weights
+          a consolidated HF export of the final weights, and the sharded reference's log-probs
   resume1 OUT STEPS CKPT     train STEPS steps fresh (the 1-rank run), then load CKPT and train
           to STEPS steps again (the resumed run); write both final parameter sets
   fail    EXIT_RANK          every rank joins; EXIT_RANK exits with code 3, the others wait in a barrier
@@ -80,6 +80,12 @@ def train_step(model, optimizer, step: int, env) -> float:
     return norm
 
 
+def sequence_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    ids = torch.tensor(tokens)
+    hidden = model.hidden_states(ids, cu_seqlens=torch.tensor([0, len(tokens)], dtype=torch.int32))
+    return fused_linear_logprob(hidden[:-1], model.lm_head_weight, ids[1:])
+
+
 def _save_params(model, path) -> None:
     full = full_state_dict(model)
     if full:
@@ -106,9 +112,16 @@ def run2(out: str, steps: int, save_at: int) -> None:
         engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
         outs = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True))
     sharded_after = all(hasattr(p, "to_local") for p in model.parameters())
+
+    reference = D.shard_reference(make_model(), env)  # the initial weights, frozen
+    with torch.no_grad():
+        ref_logp = sequence_logprobs(reference, PROMPTS[0])
+    D.reshard(reference)
+    sharded_after = sharded_after and all(hasattr(p, "to_local") for p in reference.parameters())
     export_consolidated(model, os.path.join(out, "hf"))
     if env.is_main:
-        save_file({"logits": logits.contiguous()}, os.path.join(out, "unsharded_logits.safetensors"))
+        save_file({"logits": logits.contiguous(), "ref_logp": ref_logp.contiguous()},
+                  os.path.join(out, "unsharded_logits.safetensors"))
         with open(os.path.join(out, "run2.json"), "w") as f:
             json.dump({"norms": norms, "tokens": [o[0].token_ids for o in outs],
                        "resharded_after_generation": sharded_after}, f)

@@ -115,7 +115,7 @@ def test_consolidated_export_loads_in_transformers(runs):
     torch.testing.assert_close(theirs, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_generation_on_unsharded_weights(runs):
+def test_generation_on_unsharded_weights_and_sharded_reference(runs):
     from score.model import Engine, SamplingParams
 
     info = json.loads((runs / "run2.json").read_text())
@@ -125,6 +125,11 @@ def test_generation_on_unsharded_weights(runs):
     with torch.no_grad():
         expected = model(torch.tensor([W.PROMPTS[0]]))
     torch.testing.assert_close(load_file(runs / "unsharded_logits.safetensors")["logits"], expected,
+                               rtol=1e-5, atol=1e-5)
+    reference = W.make_model()
+    with torch.no_grad():
+        ref_logp = W.sequence_logprobs(reference, W.PROMPTS[0])
+    torch.testing.assert_close(load_file(runs / "unsharded_logits.safetensors")["ref_logp"], ref_logp,
                                rtol=1e-5, atol=1e-5)
     engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
     outs = engine.generate(W.PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True))
