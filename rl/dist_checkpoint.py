@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,6 +121,14 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         elif not (path / STATE_FILE).is_file():
             error = f"{path} has no {STATE_FILE} (an interrupted save?)"
     _broadcast_error(error)
+    with warnings.catch_warnings():  # DCP warns that it loads "in a single process", as we asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        _load(path, model, optimizer)
+    with open(path / STATE_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load(path: Path, model: nn.Module, optimizer) -> None:
     if optimizer is None:
         model_sd = get_model_state_dict(model)
         dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=not _is_dist())
@@ -128,8 +137,6 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not _is_dist())
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    with open(path / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

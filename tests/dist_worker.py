@@ -8,7 +8,8 @@ count, runs one micro-batch per group, clips the global gradient norm and steps 
 Modes (argv[1]):
   run2    OUT STEPS SAVE_AT  train STEPS steps from the seeded init, DCP-save after SAVE_AT steps,
           write params after SAVE_AT and STEPS steps, unsharded logits and greedy engine tokens,
-          a consolidated HF export of the final weights, and the sharded reference's log-probs
+          a consolidated HF export of the final weights, the sharded reference's log-probs, and one
+          bf16-compute step
   resume1 OUT STEPS CKPT     train STEPS steps fresh (the 1-rank run), then load CKPT and train
           to STEPS steps again (the resumed run); write both final parameter sets
   fail    EXIT_RANK          every rank joins; EXIT_RANK exits with code 3, the others wait in a barrier
@@ -119,11 +120,20 @@ def run2(out: str, steps: int, save_at: int) -> None:
     D.reshard(reference)
     sharded_after = sharded_after and all(hasattr(p, "to_local") for p in reference.parameters())
     export_consolidated(model, os.path.join(out, "hf"))
+
+    # The GPU configuration (bf16 compute, fp32 master weights and fp32 gradient reduction), on gloo.
+    mixed = D.shard_policy(make_model(), env, compute_dtype=torch.bfloat16)
+    mixed_norm = train_step(mixed, make_optimizer(mixed), 0, env)
+    with D.unsharded(mixed):
+        gathered = str(mixed.layers[0].mlp.up_proj.weight.dtype)
+    mixed_dtypes = {"master": str(mixed.layers[0].mlp.up_proj.weight.dtype),
+                    "grad": str(mixed.layers[0].mlp.up_proj.weight.grad.dtype), "gathered": gathered}
     if env.is_main:
         save_file({"logits": logits.contiguous(), "ref_logp": ref_logp.contiguous()},
                   os.path.join(out, "unsharded_logits.safetensors"))
         with open(os.path.join(out, "run2.json"), "w") as f:
-            json.dump({"norms": norms, "tokens": [o[0].token_ids for o in outs],
+            json.dump({"norms": norms, "tokens": [o[0].token_ids for o in outs], "mixed_norm": mixed_norm,
+                       "mixed_dtypes": mixed_dtypes,
                        "resharded_after_generation": sharded_after}, f)
     D.shutdown()
 

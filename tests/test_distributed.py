@@ -78,6 +78,13 @@ def test_two_ranks_match_one_rank_and_plain(runs, plain_run):
     assert norms_two == pytest.approx(plain_norms, rel=TOL) and norms_one == pytest.approx(plain_norms, rel=TOL)
 
 
+def test_bf16_compute_keeps_fp32_master_weights_and_gradients(runs, plain_run):
+    info = json.loads((runs / "run2.json").read_text())
+    assert info["mixed_dtypes"] == {"master": "torch.float32", "grad": "torch.float32", "gathered": "torch.bfloat16"}
+    _, _, plain_norms = plain_run
+    assert info["mixed_norm"] == pytest.approx(plain_norms[0], rel=1e-2)  # bf16 forward/backward
+
+
 def test_resume_from_two_rank_checkpoint_on_one_rank(runs, plain_run):
     state = json.loads((runs / "resume1.json").read_text())["state"]
     assert state == {"data_step": SAVE_AT, "step": SAVE_AT, "world_size": 2}
