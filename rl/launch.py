@@ -43,6 +43,26 @@ def launch(nproc: int, args: list[str], *, module: str = "score.rl.cli") -> int:
     return 0
 
 
+def split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """(`--nproc` value or None, argv without it): how `score train --nproc G ...` becomes
+    `launch(G, ["train", ...])` while the ranks run the same command line minus `--nproc`."""
+    nproc, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            if nproc is not None:
+                raise ValueError("--nproc given twice")
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--nproc needs a whole number >= 1, got {value!r}")
+            nproc = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return nproc, rest
+
+
 def describe_failure(exc, nproc: int) -> str:
     """One line per failed rank, the first (root-cause) failure first."""
     first_rank, first = exc.get_first_failure()

@@ -152,6 +152,17 @@ def test_rank_failure_stops_job_and_names_rank():
     print(f"failing job ended in {elapsed:.1f} s")
 
 
+def test_split_nproc_for_the_score_train_shortcut():
+    from score.rl.launch import split_nproc
+
+    assert split_nproc(["train", "--nproc", "4", "--config", "c.yaml"]) == (4, ["train", "--config", "c.yaml"])
+    assert split_nproc(["train", "--nproc=2"]) == (2, ["train"])
+    assert split_nproc(["train", "--out", "x"]) == (None, ["train", "--out", "x"])
+    for bad in (["train", "--nproc"], ["train", "--nproc", "0"], ["--nproc", "2", "--nproc", "2"]):
+        with pytest.raises(ValueError, match="--nproc"):
+            split_nproc(bad)
+
+
 def test_shard_groups_contiguous_equal_and_validated():
     class Env:  # only rank/world_size are read
         def __init__(self, rank, world_size):
