@@ -19,6 +19,9 @@ Convention (every `score.kernels` module with Triton kernels follows it):
   `GPUTarget("cuda", 80, 32)` and `GPUTarget("cuda", 90, 32)` and checking shared memory against
   the per-block limit of A100 (sm_80) and H100 (sm_90).
 
+Triton still specialises some runtime values when launching (integers equal to 1, divisibility
+by 16 as alignment hints); those are hints on the same configuration, not new configurations.
+
 Not done here: autotuning. A table entry is one fixed configuration chosen by hand; adding an
 entry makes the test compile it too.
 """
@@ -98,6 +101,9 @@ def launch(cfg: Launch, grid: tuple, *args) -> None:
                 raise ValueError(f"{cfg.name}: argument {name} is {got}, the launch table says {expected}")
         elif expected.startswith("*"):
             raise ValueError(f"{cfg.name}: argument {name} must be a tensor ({expected}), got {type(value)}")
+        elif expected == "i32" and not -2**31 <= int(value) < 2**31:
+            # Triton would silently specialise the argument to i64: an uncompiled variant.
+            raise ValueError(f"{cfg.name}: argument {name} = {value} does not fit the table's i32")
     cfg.kernel[grid](*args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -286,16 +286,15 @@ def _forward_torch(hidden, weight, targets, inv_temperature, with_entropy):
     target_logit = torch.zeros(n, dtype=torch.float32, device=dev)
     z_buf = torch.empty(tok * voc, dtype=torch.float32, device=dev)
     e_buf = torch.empty(tok * voc, dtype=torch.float32, device=dev)
-    h32 = hidden if hidden.dtype == torch.float32 else None
+    # 1/T is folded into the (small) hidden rows rather than applied to every logits tile.
+    h32 = hidden.float() * inv_temperature if inv_temperature != 1.0 else hidden.float()
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
         w_t = weight[v0:v0 + vc].float().t()
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
             rows = slice(n0, n0 + nc)
-            h = h32[rows] if h32 is not None else hidden[rows].float()
-            z = torch.mm(h, w_t, out=z_buf[:nc * vc].view(nc, vc))
-            z.mul_(inv_temperature)
+            z = torch.mm(h32[rows], w_t, out=z_buf[:nc * vc].view(nc, vc))
             hit, local = _target_hits(targets[rows], v0, vc)
             picked = z.gather(1, local[:, None]).squeeze(1)
             target_logit[rows] = torch.where(hit, picked, target_logit[rows])
@@ -332,7 +331,12 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
     grad_weight = torch.empty_like(weight) if need_weight else None
     z_buf = torch.empty(tok * voc, dtype=torch.float32, device=dev)
     p_buf = torch.empty(tok * voc, dtype=torch.float32, device=dev)
-    h32 = hidden if hidden.dtype == torch.float32 else hidden.float()
+    h32 = hidden.float()
+    # 1/T enters twice: in the logits (folded into the hidden rows used for recompute) and in
+    # d logits = d z / T (folded into the per-token gradients, since d z is linear in them).
+    h_scaled = h32 * inv_temperature if inv_temperature != 1.0 else h32
+    g_logp = g_logp * inv_temperature
+    g_ent = g_ent * inv_temperature if g_ent is not None else None
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
         w32 = weight[v0:v0 + vc].float()
@@ -344,8 +348,8 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
             nc = min(tok, n - n0)
             rows = slice(n0, n0 + nc)
             h = h32[rows]
-            z = torch.mm(h, w32.t(), out=z_buf[:nc * vc].view(nc, vc))
-            z.mul_(inv_temperature).sub_(lse[rows, None])  # z is now log p
+            z = torch.mm(h_scaled[rows], w32.t(), out=z_buf[:nc * vc].view(nc, vc))
+            z.sub_(lse[rows, None])  # z is now log p
             p = torch.exp(z, out=p_buf[:nc * vc].view(nc, vc))
             if g_ent is None:
                 dz = p.mul_(-g_logp[rows, None])
@@ -355,7 +359,6 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
             hit, local = _target_hits(targets[rows], v0, vc)
             hit_rows = hit.nonzero().squeeze(1)
             dz.index_put_((hit_rows, local[hit_rows]), g_logp[rows][hit_rows], accumulate=True)
-            dz.mul_(inv_temperature)
             if need_hidden:
                 grad_hidden[rows].addmm_(dz, w32)
             if need_weight:
