@@ -181,6 +181,29 @@ def test_hand_computed_stage1_kl_loss(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_stage1_kl_in_reward(impl):
+    out, grad = run(impl, hand_batch(), stage=1, beta1=0.1, beta2=0.5, kl_kind="k1")
+    # attempt 1: -beta2 * KL1; attempt 2: r2 - beta1 * KL2
+    want = torch.tensor([[-0.25, 0.9], [-0.75, 1.0], [0.0, -0.2], [-0.5, -0.1]])
+    assert torch.allclose(out.returns, want, atol=1e-6)
+    assert torch.allclose(out.advantages[0], want[0] - want[1], atol=1e-6)
+    assert math.isclose(float(grad[1]), -(-0.25 + 0.75) / 12, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_stage2_kl_loss(impl):
+    out, grad = run(impl, hand_batch(), stage=2, alpha=10.0, beta1=0.1, beta2=0.5, kl_kind="k1",
+                    kl_placement="kl_loss")
+    # returns carry no KL: (r1, r2 + 10 (r2 - r1))
+    want = torch.tensor([[0.0, 11.0], [1.0, 1.0], [1.0, -10.0], [0.0, 0.0]])
+    assert torch.allclose(out.returns, want, atol=1e-6)
+    # token 1 (trajectory 0, attempt 1): A = 0 - 1 = -1; KL term beta1 * d(k1)/dlogp = 0.1
+    assert math.isclose(float(grad[1]), (1.0 + 0.1) / 12, abs_tol=1e-7)
+    # token 4 (trajectory 0, attempt 2): A = 11 - 1 = 10
+    assert math.isclose(float(grad[4]), (-10.0 + 0.1) / 12, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_progress_bonus_touches_attempt2_tokens_only(impl):
     batch = random_batch(seed=3)
     kw = dict(stage=2, beta1=0.01, beta2=0.1, kl_kind="k1")
