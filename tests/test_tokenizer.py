@@ -153,3 +153,15 @@ def test_bad_special_token_in_config_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"eos_token '<\|nope\|>' is not in tokenizer.json"):
         load_tokenizer(tmp_path)
     assert isinstance(RustTokenizer.from_file(str(tmp_path / "tokenizer.json")), RustTokenizer)
+
+
+def test_named_templates_in_config_use_the_default(tmp_path):
+    make_chat_tokenizer(tmp_path, "qwen", template_in_config=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools!' }}"},
+                               {"name": "default", "template": config["chat_template"]}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    want = hf.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, tokenize=False) == want
+    assert want.startswith("<|im_start|>system")
