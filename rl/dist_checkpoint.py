@@ -83,7 +83,9 @@ def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Op
             shutil.rmtree(tmp)  # left by a crashed save
     _broadcast_error(error)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _is_dist())
+    with warnings.catch_warnings():  # DCP warns that it saves "in a single process", as we asked
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _is_dist())
     _barrier()
     if _rank() == 0:
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:

@@ -104,6 +104,30 @@ def test_sharded_checkpoint_loads_into_plain_model(runs):
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
 
 
+def test_save_sharded_without_process_group_prunes_and_refuses_overwrite(tmp_path):
+    from score.rl.dist_checkpoint import save_sharded, sorted_checkpoints
+
+    model = W.make_model()
+    optimizer = W.make_optimizer(model)
+    W.train_step(model, optimizer, 0, None)
+    for step in (1, 2, 3):
+        save_sharded(tmp_path, step, model, optimizer, {"data_step": step}, keep_last=2)
+    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    with pytest.raises(ValueError, match="already exists"):
+        save_sharded(tmp_path, 3, model, optimizer, {})
+    with pytest.raises(ValueError, match="JSON"):
+        save_sharded(tmp_path, 4, model, optimizer, {"bad": object()})
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        load_sharded(tmp_path, model, optimizer)
+    fresh = W.make_model()
+    fresh_opt = W.make_optimizer(fresh)
+    assert load_sharded(latest_sharded(tmp_path), fresh, fresh_opt)["data_step"] == 3
+    W.train_step(model, optimizer, 1, None)
+    W.train_step(fresh, fresh_opt, 1, None)  # same optimizer state -> same update
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_consolidated_export_loads_in_transformers(runs):
     import transformers
 
