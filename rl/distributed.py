@@ -73,8 +73,8 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
     disappears without the launcher noticing turns into an error, not a hang."""
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
-        raise ValueError(f"init_distributed needs the torchrun environment; missing {', '.join(missing)} "
-                         "(start with `torchrun --nproc_per_node=G -m score.rl.cli train ...` or `score train --nproc G`)")
+        raise ValueError(f"init_distributed needs the torchrun environment; missing {', '.join(missing)} (start "
+                         "with `torchrun --nproc_per_node=G -m score.rl.cli train ...` or `score train --nproc G`)")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if timeout_s <= 0:
