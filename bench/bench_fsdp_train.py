@@ -1,0 +1,155 @@
+"""Training-phase throughput of the FSDP2 policy (rl/distributed.py) vs the same step un-sharded.
+
+    pytest bench/bench_fsdp_train.py --benchmark-only -q -s
+
+One training phase = packed forward of whole groups, fused attempt-token log-probs, summed loss
+over the global token count, backward, global-norm clip, AdamW step: what the trainer does after a
+rollout. Ours: the model under `shard_policy` on a world of 1 rank (gloo on CPU, NCCL on GPU; bf16
+compute with fp32 master weights and fp32 gradient reduction on GPU). Peer: the same model
+un-sharded in torch eager (fp32 weights, bf16 autocast on GPU), the single-GPU trainer's path.
+Both run in this process on the same batch, rounds interleaved. Reported: tokens/s of each, the
+ratio, and on GPU the MFU: model FLOPs (6 x matmul parameters per token + causal attention
+12 x layers x head_dim x heads x (mean causal context) per token) over the card's dense bf16 peak.
+
+Model: Qwen2.5-1.5B's shape with random weights on CUDA (issue 7's target: MFU >= 40% on one H100),
+a 2-layer toy on CPU (there it only proves the benchmark runs; the ratio measures FSDP's overhead).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+
+import pytest
+import torch
+
+from score.kernels import fused_linear_logprob
+from score.model import ModelConfig, Transformer
+
+CUDA = torch.cuda.is_available()
+if CUDA:
+    CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=32768, architecture="Qwen2ForCausalLM")
+    SEQS, SEQ_LEN, ROUNDS = 16, 1024, 5  # 16k packed tokens per micro-batch
+else:
+    CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=512, architecture="Qwen2ForCausalLM")
+    SEQS, SEQ_LEN, ROUNDS = 4, 128, 5
+# Dense bf16 tensor-core peaks (datasheets, no sparsity), FLOP/s.
+PEAKS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
+
+
+def card_peak() -> float | None:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAKS.items():
+        if all(part in name for part in key.split()):
+            return peak
+    if "H100" in name:
+        return PEAKS["H100 SXM"]
+    return None
+
+
+def step_flops(cfg: ModelConfig, matmul_params: int, seqs: int, seq_len: int) -> float:
+    tokens = seqs * seq_len
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
+    return tokens * (6 * matmul_params + attention)
+
+
+def make_batch(device):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CONFIG["vocab_size"], (SEQS * SEQ_LEN,), generator=gen).to(device)
+    cu = torch.arange(0, SEQS * SEQ_LEN + 1, SEQ_LEN, dtype=torch.int32).to(device)
+    rows = torch.cat([torch.arange(s * SEQ_LEN, (s + 1) * SEQ_LEN - 1) for s in range(SEQS)]).to(device)
+    return ids, cu, rows
+
+
+def training_phase(model, optimizer, batch, autocast) -> None:
+    ids, cu, rows = batch
+    optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        hidden = model.hidden_states(ids, cu_seqlens=cu, max_seqlen=SEQ_LEN)
+    hidden = hidden.index_select(0, rows)
+    weight = model.lm_head_weight
+    logp = fused_linear_logprob(hidden, weight.to(hidden.dtype), ids[rows + 1])
+    (-logp.sum() / rows.numel()).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+    optimizer.step()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setups():
+    import contextlib
+
+    from score.rl import distributed as D
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost",
+                      MASTER_PORT=str(_free_port()))
+    env = D.init_distributed()
+    device = env.device
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIG)
+    with torch.device(device):
+        plain = Transformer(cfg)
+        sharded = Transformer(cfg)
+    sharded.load_state_dict(plain.state_dict())
+    plain.set_activation_checkpointing(CUDA)
+    sharded.set_activation_checkpointing(CUDA)
+    D.shard_policy(sharded, env)
+    bf16 = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else contextlib.nullcontext
+    runs = {
+        "fsdp2": (sharded, torch.optim.AdamW(sharded.parameters(), lr=1e-5), contextlib.nullcontext),
+        "eager": (plain, torch.optim.AdamW(plain.parameters(), lr=1e-5), bf16),
+    }
+    matmul_params = sum(p.numel() for name, p in plain.named_parameters() if p.dim() == 2 and "embed" not in name)
+    matmul_params += plain.lm_head_weight.numel()  # the head's matmul (tied: the embedding)
+    yield runs, make_batch(device), step_flops(cfg, matmul_params, SEQS, SEQ_LEN)
+    D.shutdown()
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def test_training_phase_throughput(benchmark, setups):
+    runs, batch, flops = setups
+    for model, optimizer, autocast in runs.values():  # warm-up: allocations, kernel autotuning
+        training_phase(model, optimizer, batch, autocast)
+    times = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(ROUNDS):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            model, optimizer, autocast = runs[name]
+            _sync()
+            t0 = time.perf_counter()
+            training_phase(model, optimizer, batch, autocast)
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    model, optimizer, autocast = runs["fsdp2"]
+    benchmark.pedantic(training_phase, args=(model, optimizer, batch, autocast), rounds=1, iterations=1)
+    tokens = SEQS * SEQ_LEN
+    peak = card_peak()
+    info = {}
+    for name, ts in times.items():
+        best = min(ts)
+        info[f"{name}_tokens_per_s"] = tokens / best
+        if peak:
+            info[f"{name}_mfu"] = flops / best / peak
+    info["fsdp2_over_eager_speed"] = statistics.median(te / tf for tf, te in zip(times["fsdp2"], times["eager"]))
+    if CUDA:
+        info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        info["card"] = torch.cuda.get_device_name()
+    benchmark.extra_info.update(info)
+    print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    assert all(v > 0 for k, v in info.items() if k.endswith("tokens_per_s"))
