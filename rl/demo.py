@@ -9,7 +9,7 @@
 4. Stage I and Stage II run through `rl.trainer.Trainer`, the same code path as `score train`
    (the run's config is written to `DIR/score/config.toml`, its metrics to `DIR/score/metrics.jsonl`).
 5. The trained model is evaluated the same way (`DIR/eval_score.jsonl`); the table is printed and
-   `DIR/results.json` written; plots go to `DIR/plots`.
+   `DIR/results.json` written; plots of the SCoRe run's metrics go to `DIR/plots`.
 `--ablations` adds "no Stage I" (Stage II only, same number of steps) and "no reward shaping"
 (alpha = 0). `--quick` shrinks everything to check the pipeline in seconds (not the result).
 """
@@ -46,7 +46,7 @@ DEMO_RL = {
     "score": {"stage1_steps": 25, "stage2_steps": 45, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
     "optim": {"lr": 5e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
               "prompts_per_micro_batch": 16},
-    "run": {"checkpoint_every": 0, "keep_last": 1, "eval_max_tokens": 32, "plots": True},
+    "run": {"checkpoint_every": 0, "keep_last": 1, "eval_max_tokens": 32, "plots": False},
 }
 
 
@@ -56,7 +56,7 @@ class DemoSizes:
     layers: int = 3
     heads: int = 4
     vocab: int = 400
-    warmup_steps: int = 600
+    warmup_steps: int = 800
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     rl_train_problems: int = 4000
@@ -188,7 +188,6 @@ def evaluate_model(model, tokenizer, cfg: RunConfig, problems, progress: bool):
 
 def run_rl(name: str, cfg: RunConfig, run_dir: Path, eval_problems, progress: bool):
     """Stage I + II with the real trainer, then the greedy evaluation of the trained policy."""
-    from .plots import plot_run
     from .trainer import Trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +199,7 @@ def run_rl(name: str, cfg: RunConfig, run_dir: Path, eval_problems, progress: bo
                                     max_tokens=cfg.run.eval_max_tokens, progress=progress)
     finally:
         trainer.close()
-    plots = plot_run(run_dir / "metrics.jsonl", run_dir / "plots") if cfg.run.plots else []
-    return metrics, records, plots
+    return metrics, records
 
 
 def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = False, seed: int = 0,
@@ -235,7 +233,10 @@ def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = Fals
     rows = {"Base model": base_metrics}
     results = {"base": base_metrics}
 
-    score_metrics, score_records, plots = run_rl("SCoRe", cfg, out / "score", eval_set, progress)
+    score_metrics, score_records = run_rl("SCoRe", cfg, out / "score", eval_set, progress)
+    from .plots import plot_run
+
+    plots = plot_run(out / "score" / "metrics.jsonl", out / "plots")
     write_records(out / "eval_score.jsonl", score_records)
     rows["SCoRe"] = score_metrics
     results["score"] = score_metrics
@@ -249,7 +250,7 @@ def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = Fals
             if quick:
                 ab_cfg.score.stage2_steps = ab_cfg.score.stage2_steps if key != "no_stage1" else 2
             ab_cfg.run.progress = progress
-            m, recs, _ = run_rl(name, ab_cfg, out / key, eval_set, progress)
+            m, recs = run_rl(name, ab_cfg, out / key, eval_set, progress)
             write_records(out / f"eval_{key}.jsonl", recs)
             rows[name] = m
             results[key] = m

@@ -28,8 +28,9 @@ from .math_reward import extract_final_answer
 import os
 OPERANDS = int(os.environ.get("DEMO_OPS","3"))
 LOW, HIGH = int(os.environ.get("DEMO_LOW","10")), int(os.environ.get("DEMO_HIGH","99"))
-# Warm-up mixture: pair sums, direct answers to the task, two-attempt traces (the rest).
-PAIR_SUMS, DIRECT = float(os.environ.get("DEMO_PAIRS", "0.3")), 0.25
+# Warm-up mixture: sums of single digits (the skill a column-wise attempt needs), direct answers
+# to the task, two-attempt traces (the rest).
+DIGIT_SUMS, DIRECT = 0.25, 0.25
 # What the warm-up traces' second attempts do (fractions of traces; see the module docstring).
 RESTATE, REGUESS, RECOMPUTE = 0.45, 0.35, 0.20
 # Chance that a trace's attempt 1 is wrong (the wrong attempt is shown, never trained on).
@@ -93,12 +94,15 @@ def direct_answer(value: int) -> str:
 
 
 def worked_solution(operands: tuple[int, ...]) -> str:
-    """Running sums, then the boxed total: '17+45=62, 62+32=94. \\boxed{94}'."""
-    total, steps = operands[0], []
-    for x in operands[1:]:
-        steps.append(f"{total}+{x}={total + x}")
-        total += x
-    return ", ".join(steps) + ". " + direct_answer(total)
+    """Column addition, units then tens (with the carry), then the boxed total:
+    17+45+32 -> '7+5+2=14, 1+1+4+3=9. \\boxed{94}'. Each step sums single digits."""
+    units = [x % 10 for x in operands]
+    tens = [x // 10 for x in operands]
+    unit_sum = sum(units)
+    carry = unit_sum // 10
+    tens_sum = carry + sum(tens)
+    steps = [f"{'+'.join(map(str, units))}={unit_sum}", f"{'+'.join(map(str, [carry] + tens))}={tens_sum}"]
+    return ", ".join(steps) + ". " + direct_answer(sum(operands))
 
 
 def near_miss(value: int, rng: random.Random) -> int:
@@ -116,15 +120,15 @@ def check_answer(completion: str, answer: str) -> float:
 
 
 def warmup_example(rng: random.Random) -> WarmupExample:
-    """One warm-up sequence: pair sums (the skill a step-by-step attempt needs), direct answers to the
+    """One warm-up sequence: digit sums (the skill a column-wise attempt needs), direct answers to the
     task, and two-attempt traces with careless second attempts."""
     u = rng.random()
-    if u < PAIR_SUMS:
-        pair = (rng.randint(LOW, OPERANDS * HIGH), rng.randint(LOW, HIGH))
-        return WarmupExample("+".join(map(str, pair)), (direct_answer(sum(pair)),), (True,))
+    if u < DIGIT_SUMS:
+        digits = tuple(rng.randint(0, 9) for _ in range(rng.randint(OPERANDS, OPERANDS + 1)))
+        return WarmupExample("+".join(map(str, digits)), (direct_answer(sum(digits)),), (True,))
     operands = sample_operands(rng, "train")
     question, total = "+".join(map(str, operands)), sum(operands)
-    if u < PAIR_SUMS + DIRECT:
+    if u < DIGIT_SUMS + DIRECT:
         return WarmupExample(question, (direct_answer(total),), (True,))
     first_right = rng.random() >= WRONG_FIRST_ATTEMPT
     first = total if first_right else near_miss(total, rng)
