@@ -131,8 +131,10 @@ def _shard(model: nn.Module, env: DistEnv, mp_policy, offload_policy=None) -> nn
         raise ValueError(f"expected a score.model.Transformer with .layers, got {type(model).__name__}")
     kw = dict(mesh=env.mesh, mp_policy=mp_policy, offload_policy=offload_policy or OffloadPolicy())
     for layer in layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+        fully_shard(layer, reshard_after_forward=True, **kw)
+    # The root (embedding, final norm, head) stays gathered from forward to backward: backward needs
+    # it again at once. Explicit, so that `unsharded` can restore exactly these settings.
+    fully_shard(model, reshard_after_forward=False, **kw)
     # The trainer calls `hidden_states` (not forward) and then uses `lm_head_weight`; registering
     # it makes FSDP all-gather the root's embedding/norm/head around that call as around forward.
     register_fsdp_forward_method(model, "hidden_states")
@@ -194,7 +196,8 @@ def unsharded(model: nn.Module):
     """All-gather the whole model for generation; reshard on exit (see the module docstring for
     its memory cost). Gradients must not be computed inside (the engine runs in inference mode)."""
     modules = fsdp_modules(model)
-    for module in modules:
+    layers = [m for m in modules if m is not model]  # the root never reshards after forward (_shard)
+    for module in layers:
         module.set_reshard_after_forward(False, recurse=False)
     try:
         for module in modules:
@@ -203,6 +206,7 @@ def unsharded(model: nn.Module):
     finally:
         for module in modules:
             module.reshard()
+        for module in layers:
             module.set_reshard_after_forward(True, recurse=False)
 
 

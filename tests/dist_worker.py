@@ -6,7 +6,7 @@ share of the step's prompt groups, divides its summed token log-prob loss by the
 count, runs one micro-batch per group, clips the global gradient norm and steps AdamW.
 
 Modes (argv[1]):
-  run2    OUT STEPS SAVE_AT  train STEPS steps from the seeded init, DCP-save after SAVE_AT steps,
+  run2    OUT STEPS SAVE_AT  generate + train STEPS steps from the seeded init, DCP-save after SAVE_AT steps,
           write params after SAVE_AT and STEPS steps, unsharded logits and greedy engine tokens,
           a consolidated HF export of the final weights, the sharded reference's log-probs, and one
           bf16-compute step
@@ -94,24 +94,29 @@ def _save_params(model, path) -> None:
 
 
 def run2(out: str, steps: int, save_at: int) -> None:
+    from score.model import Engine, SamplingParams
+
     env = D.init_distributed("cpu")
     model = D.shard_policy(make_model(), env)
     optimizer = make_optimizer(model)
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True)
+    with D.unsharded(model):  # built while gathered: the engine takes the compute dtype from the weights
+        engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
     norms = []
-    for step in range(steps):
+    for step in range(steps):  # as the trainer: generate on gathered weights, then train sharded
+        with D.unsharded(model):
+            engine.generate(PROMPTS, greedy)
+        engine.clear_cache()
         norms.append(train_step(model, optimizer, step, env))
         if step + 1 == save_at:
             save_sharded(out, save_at, model, optimizer, {"data_step": save_at})
             _save_params(model, os.path.join(out, f"params_step{save_at}.safetensors"))
     _save_params(model, os.path.join(out, f"params_step{steps}.safetensors"))
 
-    from score.model import Engine, SamplingParams
-
     with D.unsharded(model):
         with torch.no_grad():
             logits = model(torch.tensor([PROMPTS[0]]))
-        engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
-        outs = engine.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True))
+        outs = engine.generate(PROMPTS, greedy)
     sharded_after = all(hasattr(p, "to_local") for p in model.parameters())
 
     reference = D.shard_reference(make_model(), env)  # the initial weights, frozen
