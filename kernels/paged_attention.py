@@ -18,8 +18,8 @@ Two implementations of the same maths:
   in fp32 (fp32 inputs use the dot's default precision, TF32 on tensor-core GPUs); the tile
   stops at its last query's position, so the causal part costs nothing extra.
 - torch (`paged_attention_torch`): the CPU path and the test oracle. One gather of every
-  sequence's keys through its block table, a batched matmul per KV head group, a masked softmax
-  in fp32 (float64 stays float64). The gather indices and masks depend only on the step, not the
+  sequence's keys through its block table, then torch's fused SDPA with a boolean mask (GQA
+  native) in fp32 (float64 stays float64). The gather indices and masks depend only on the step, not the
   layer, so `plan_paged_attention` builds them once and every layer reuses the plan.
 
 flash-attn is not used here; the engine picks it separately (it needs 256-token blocks).
@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -174,15 +175,19 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q):
 class PagedAttentionPlan:
     """Per-step gather indices and masks for the torch path, shared by every layer."""
 
-    key_slots: torch.Tensor  # [S, T] int64: cache row (block * block_size + offset) of key t
-    visible: torch.Tensor  # [S, max_q, 1, T] bool: query i of sequence s may see key t
+    block_index: torch.Tensor  # [S, ceil(T / block_size)] int64: the blocks holding keys 0..T-1
+    visible: torch.Tensor  # [S, 1, max_q, T] bool: query i of sequence s may see key t
     query_index: tuple[torch.Tensor, torch.Tensor]  # packed row -> (sequence, i)
     max_q_len: int
+    max_context_len: int
     block_size: int
+    # gather buffers reused by every layer (and by later steps when the caller keeps the dict):
+    # a fresh multi-MB tensor per layer costs more in page faults than the copy itself
+    workspace: dict
 
 
 def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: int,
-                         max_q_len: int, max_context_len: int) -> PagedAttentionPlan:
+                         max_q_len: int, max_context_len: int, workspace: dict | None = None) -> PagedAttentionPlan:
     """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync)."""
     device = block_tables.device
     num_seqs = context_lens.numel()
@@ -191,8 +196,6 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
         raise ValueError(f"block_tables has {block_tables.shape[1]} columns, context length "
                          f"{max_context_len} needs {needed_blocks} blocks of {block_size}")
     pos = torch.arange(max_context_len, device=device)
-    blocks = block_tables[:, :needed_blocks].long().repeat_interleave(block_size, dim=1)[:, :max_context_len]
-    key_slots = blocks * block_size + pos % block_size
     ctx = context_lens.long()
     cu = cu_seqlens_q.long()
     q_lens = cu[1:] - cu[:-1]
@@ -201,34 +204,43 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
-    return PagedAttentionPlan(key_slots, visible[:, :, None, :], (seq_of_row, row_in_seq), max_q_len, block_size)
+    return PagedAttentionPlan(block_tables[:, :needed_blocks].long(), visible[:, None], (seq_of_row, row_in_seq),
+                              max_q_len, max_context_len, block_size, {} if workspace is None else workspace)
+
+
+def _workspace_buffer(workspace: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)
 
 
 def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float) -> torch.Tensor:
     """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input."""
-    num_seqs, max_ctx = plan.key_slots.shape
+    num_seqs, max_ctx = plan.block_index.shape[0], plan.max_context_len
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
-    group = hq // hkv
     compute = torch.promote_types(q.dtype, torch.float32)
-    # [S, T, Hkv, D] -> [S, Hkv, 1, T, D]: one gather per step and layer, not one per token
-    k = k_cache.reshape(-1, hkv, d)[plan.key_slots].to(compute).permute(0, 2, 1, 3).unsqueeze(2)
-    v = v_cache.reshape(-1, hkv, d)[plan.key_slots].to(compute).permute(0, 2, 1, 3).unsqueeze(2)
-    if plan.max_q_len == 1 and n == num_seqs:
-        q_pad = q.reshape(num_seqs, 1, hq, d)
+    num_gathered = plan.block_index.shape[1] * plan.block_size
+
+    def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
+        index = plan.block_index.view(-1)
+        rows = _workspace_buffer(plan.workspace, name, (index.numel(), cache[0].numel()), cache)
+        torch.index_select(cache.view(cache.shape[0], -1), 0, index, out=rows)
+        return rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2).to(compute)
+
+    decode = plan.max_q_len == 1 and n == num_seqs
+    if decode:
+        q_pad = q.view(num_seqs, 1, hq, d)
     else:
         q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
-    # [S, max_q, Hkv, G, D] -> [S, Hkv, G, max_q, D]
-    qh = q_pad.to(compute).view(num_seqs, plan.max_q_len, hkv, group, d).permute(0, 2, 3, 1, 4)
-    scores = torch.matmul(qh, k.transpose(-1, -2)) * scale  # [S, Hkv, G, max_q, T]
-    # key 0 is visible to every row (padded query rows see the whole context), so no row is all -inf
-    scores = scores.masked_fill(~plan.visible.view(num_seqs, 1, 1, plan.max_q_len, max_ctx), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v)  # [S, Hkv, G, max_q, D]
-    out = out.permute(0, 3, 1, 2, 4).reshape(num_seqs, plan.max_q_len, hq, d)
-    if plan.max_q_len == 1 and n == num_seqs:
-        return out.view(n, hq, d).to(q.dtype)
-    return out[plan.query_index].to(q.dtype)
+    # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2).to(compute), gather(k_cache, "k"), gather(v_cache, "v"),
+                                         attn_mask=plan.visible, scale=scale, enable_gqa=hq != hkv)
+    out = out.transpose(1, 2)  # [S, max_q, Hq, D]
+    out = out.reshape(n, hq, d) if decode else out[plan.query_index]
+    return out.to(q.dtype)
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,

@@ -117,6 +117,7 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
+        self._workspace: dict = {}  # gather buffers of the torch attention path, kept across steps
 
     @property
     def num_blocks(self) -> int:
@@ -276,7 +277,7 @@ class Engine:
             self.kv_cache, backend=self.backend, slot_mapping=self._ints(slots, torch.int32),
             block_tables=self._ints(tables, torch.int32), context_lens=self._ints(context_lens, torch.int32),
             cu_seqlens_q=self._ints(cu, torch.int32), max_q_len=max_q_len, max_context_len=max(context_lens),
-            copy_src=copy_src, copy_dst=copy_dst)
+            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace)
         last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
         return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
 

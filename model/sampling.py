@@ -6,9 +6,10 @@ greedy (temperature 0). This is what an RL trainer recomputes from the same weig
 agree up to numerics (truncation would put log(kept mass) into every ratio).
 
 Randomness: every sequence owns a `torch.Generator` seeded from (seed, prompt index, sample
-index), and draws exactly one row of exponential noise per generated token; the token is
-argmax(probs / noise), which is an exact sample from `probs` (the exponential race). So a
-sequence's samples do not depend on which other sequences share its batch, nor on preemption.
+index) and draws exactly one uniform number per generated token; the token is where that number
+falls in the cumulative distribution (inverse-CDF sampling, cumulative sums in float64 so a
+32k-128k vocabulary loses no resolution). So a sequence's samples do not depend on which other
+sequences share its batch, nor on preemption, and the only per-sequence work is one scalar draw.
 Nothing here reads a tensor back to the host; the engine does one transfer per step for the
 whole batch.
 """
@@ -97,10 +98,14 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         return tokens, logprobs
     scaled = logits / params.temperature
     logprobs_all = torch.log_softmax(scaled, dim=-1)
-    probs = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1)
-    noise = torch.empty_like(probs)
-    for row, gen in enumerate(generators):
-        noise[row].exponential_(generator=gen)
-    # exponential_ can return exactly 0; a tiny floor keeps the division finite without bias worth naming
-    tokens = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
+    if 0 < params.top_k < logits.shape[-1] or params.top_p < 1.0:
+        weights = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1, dtype=torch.float64)
+    else:
+        weights = logprobs_all.double().exp()
+    cdf = weights.cumsum_(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=gen, device=logits.device, dtype=torch.float64)
+                         for gen in generators])
+    # the first index whose cumulative mass exceeds u * total: a token of zero mass is never picked
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
