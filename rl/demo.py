@@ -2,7 +2,7 @@
 
 1. A byte-level BPE tokenizer is trained on the demo task's texts (`tokenizers`), and a tiny
    Llama-style decoder (score.model.Transformer) is warmed up with supervised training on the
-   procedural task of `demo_task.py` (sums of three two-digit numbers): direct first attempts and
+   procedural task of `demo_task.py` (sums of four numbers from 10 to 29): direct first attempts and
    two-attempt traces whose second attempts are careless (module docstring there).
 2. That base model is saved in HF format (`DIR/base`: safetensors, config.json, tokenizer files).
 3. It is evaluated greedily on held-out problems (two attempts): `DIR/eval_base.jsonl`.
@@ -41,12 +41,12 @@ DEMO_RL = {
     "data": {"question_key": "problem", "answer_key": "answer", "id_key": "id"},
     "prompt": {"chat": False, "system_prompt": "", "correction_instruction": demo_task.CORRECTION_INSTRUCTION},
     "reward": {"kind": "exact"},
-    "rollout": {"samples_per_prompt": 4, "temperature": 1.0, "max_tokens_attempt1": 10, "max_tokens_attempt2": 32,
+    "rollout": {"samples_per_prompt": 4, "temperature": 1.0, "max_tokens_attempt1": 10, "max_tokens_attempt2": 40,
                 "max_num_seqs": 256},
-    "score": {"stage1_steps": 25, "stage2_steps": 45, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
-    "optim": {"lr": 5e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
+    "score": {"stage1_steps": 40, "stage2_steps": 80, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
+    "optim": {"lr": 1e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
               "prompts_per_micro_batch": 16},
-    "run": {"checkpoint_every": 0, "keep_last": 1, "eval_max_tokens": 32, "plots": False},
+    "run": {"checkpoint_every": 0, "keep_last": 1, "eval_max_tokens": 40, "plots": False},
 }
 
 
@@ -56,7 +56,7 @@ class DemoSizes:
     layers: int = 3
     heads: int = 4
     vocab: int = 400
-    warmup_steps: int = 800
+    warmup_steps: int = 1000
     warmup_batch: int = 64
     warmup_lr: float = 3e-3
     rl_train_problems: int = 4000
@@ -260,7 +260,7 @@ def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = Fals
     results["wall_s"] = time.perf_counter() - started
     results["plots"] = [str(p) for p in plots]
     write_json(out / "results.json", results)
-    print(table(rows, title=f"Demo (sums of three two-digit numbers, greedy, n={len(eval_set)} held-out problems, "
+    print(table(rows, title=f"Demo (sums of four numbers from 10 to 29, greedy, n={len(eval_set)} held-out problems, "
                             f"seed {seed})"))
     print(f"wall time {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results

@@ -1,15 +1,16 @@
-"""The embedded demo's task: add three two-digit numbers, with checkable integer answers.
+"""The embedded demo's task: add four numbers from 10 to 29, with checkable integer answers.
 
-Why this task: a tiny decoder trained for a minute from scratch answers `a+b+c` *directly* only
-part of the time (one forward pass per digit must do two additions with carries), while the same
-model adds *two* numbers reliably. So a second attempt has room to be better than the first if it
-works step by step ("17+45=62, 62+32=94."), and the question is whether RL finds that.
+Why this task: a tiny decoder trained for a minute from scratch answers `a+b+c+d` *directly* only
+part of the time (the digits of the total need several additions with carries in one pass), while
+it sums a handful of single digits reliably. So a second attempt has room to be better than the
+first if it works column by column ("7+5+3+9=24, 2+1+1+2+1=7. \\boxed{74}" for 17+15+23+19), and the
+question is whether RL finds that and learns when to change an answer.
 
-The supervised warm-up data (`warmup_texts`) makes a base model that answers attempt 1 directly and
-self-corrects badly, like the paper's base model: its two-attempt traces show a careless second
+The supervised warm-up data (`warmup_example`) makes a base model that answers attempt 1 directly
+and self-corrects badly, like the paper's base model: its two-attempt traces show a careless second
 attempt that mostly restates or re-guesses an answer (re-guesses of a right answer are wrong, so
-the base model breaks right answers), and only sometimes recomputes step by step. SCoRe then has
-to learn, from the reward alone, when and how to change the answer. Nothing here knows about the
+the base model breaks right answers), and only sometimes works column by column. SCoRe then has to
+learn, from the reward alone, when and how to change the answer. Nothing here knows about the
 trainer; answers are checked by `check_answer` (exact match of the final `\\boxed{}` answer, the
 same extraction the math reward uses).
 
@@ -25,14 +26,13 @@ from dataclasses import dataclass
 from .data import Problem
 from .math_reward import extract_final_answer
 
-import os
-OPERANDS = int(os.environ.get("DEMO_OPS","3"))
-LOW, HIGH = int(os.environ.get("DEMO_LOW","10")), int(os.environ.get("DEMO_HIGH","99"))
+OPERANDS = 4
+LOW, HIGH = 10, 29
 # Warm-up mixture: sums of single digits (the skill a column-wise attempt needs), direct answers
 # to the task, two-attempt traces (the rest).
-DIGIT_SUMS, DIRECT = 0.25, 0.25
+DIGIT_SUMS, DIRECT = 0.30, 0.20
 # What the warm-up traces' second attempts do (fractions of traces; see the module docstring).
-RESTATE, REGUESS, RECOMPUTE = 0.45, 0.35, 0.20
+RESTATE, REGUESS, RECOMPUTE = 0.40, 0.25, 0.35
 # Chance that a trace's attempt 1 is wrong (the wrong attempt is shown, never trained on).
 WRONG_FIRST_ATTEMPT = 0.5
 # Correction instruction of the demo: the paper's, minus the answer-format sentence (the demo's
@@ -124,7 +124,10 @@ def warmup_example(rng: random.Random) -> WarmupExample:
     task, and two-attempt traces with careless second attempts."""
     u = rng.random()
     if u < DIGIT_SUMS:
-        digits = tuple(rng.randint(0, 9) for _ in range(rng.randint(OPERANDS, OPERANDS + 1)))
+        while True:  # a digit sum may itself be a task problem: never one of the held-out split
+            digits = tuple(rng.randint(0, 9) for _ in range(rng.randint(OPERANDS, OPERANDS + 1)))
+            if len(digits) != OPERANDS or min(digits) < LOW or split_of(digits) == "train":
+                break
         return WarmupExample("+".join(map(str, digits)), (direct_answer(sum(digits)),), (True,))
     operands = sample_operands(rng, "train")
     question, total = "+".join(map(str, operands)), sum(operands)

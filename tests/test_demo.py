@@ -31,7 +31,7 @@ def test_eval_split_is_disjoint_from_training():
     for _ in range(300):
         ex = demo_task.warmup_example(rng)
         operands = tuple(int(x) for x in ex.question.split("+"))
-        if len(operands) == demo_task.OPERANDS and min(operands) >= demo_task.LOW:  # a task problem
+        if len(operands) == demo_task.OPERANDS and min(operands) >= demo_task.LOW:  # a task problem (or a digit sum that is one)
             assert demo_task.split_of(operands) == "train"
 
 
