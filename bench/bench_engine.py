@@ -9,7 +9,8 @@ intermediate 1,408, 8 layers, 8 heads, 2 KV heads, tied embeddings), fp32 on CPU
 transformers gets each attempt as one batched `generate` call (all prompts have equal length,
 so nothing is padded); our engine gets the same two calls. transformers writes the checkpoint
 that both load. Each round runs both back to back (alternating which goes first) so load from
-other processes hits both alike; the ratio uses the fastest round of each. Reported: generated
+other processes hits both alike; the headline ratio is the median over rounds of the per-round
+time ratio (the best-round ratio is kept too). Reported: generated
 tokens/s, prompt tokens each side computes (prefill), our cache hit rate, peak RSS growth, and
 whether the issue's target (>= 3x transformers' tokens/s) was met. BENCH_THREADS sets torch's
 thread count for both sides (1 is far steadier on a 2-core machine shared with other jobs).
@@ -34,7 +35,7 @@ transformers = pytest.importorskip("transformers")
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 16, 256, 128, 16
-ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "3"))
 if os.environ.get("BENCH_THREADS"):  # e.g. 1 on a machine shared with other jobs (see RESULTS.md)
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 GENERATED = 2 * NUM_PROMPTS * NEW_TOKENS
@@ -117,6 +118,7 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         "ours_tokens_per_s_median": GENERATED / statistics.median(times["ours"]),
         "transformers_tokens_per_s_median": GENERATED / statistics.median(times["transformers"]),
         "ratio_ours_over_transformers": best["ours"] / best["transformers"],
+        "ratio_median_of_rounds": statistics.median(h / o for h, o in zip(times["transformers"], times["ours"])),
         "ours_prefilled_tokens": stats.prefilled_tokens,
         "ours_reused_tokens": stats.reused_tokens,
         "ours_cache_hit_rate": stats.hit_rate,
@@ -124,7 +126,7 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         "peak_rss_growth_MiB": peak_rss_mib() - rss_before,
         "torch_threads": torch.get_num_threads(),
     }
-    info["target_3x_met"] = info["ratio_ours_over_transformers"] >= 3.0  # issue 4's target, same run
+    info["target_3x_met"] = info["ratio_median_of_rounds"] >= 3.0  # issue 4's target, same run
     benchmark.extra_info.update(info)
     lines = [f"two-attempt rollout, CPU fp32, {NUM_PROMPTS}x{PROMPT_LEN} prompts, 2x{NEW_TOKENS} sampled tokens:"]
     lines += [f"  {k:34s} {v:.3f}" if isinstance(v, float) else f"  {k:34s} {v}" for k, v in info.items()]
