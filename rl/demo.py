@@ -220,7 +220,8 @@ def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = Fals
     save_pretrained(model, base_dir)
     tokenizer.save_pretrained(base_dir)
 
-    train_file = write_problems(out / "data" / "train.jsonl", demo_task.problems(sizes.rl_train_problems, "train", seed))
+    train_problems = demo_task.problems(sizes.rl_train_problems, "train", seed)
+    train_file = write_problems(out / "data" / "train.jsonl", train_problems)
     eval_problems = demo_task.problems(sizes.eval_problems, "eval", seed)
     eval_file = write_problems(out / "data" / "eval.jsonl", eval_problems)
     cfg = demo_config(base_dir, train_file, eval_file, seed, quick)

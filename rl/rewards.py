@@ -46,7 +46,8 @@ class BatchReward:
 
         missing = [p.id for p in problems if "code" not in p.meta]
         if missing:
-            raise ValueError(f"code rewards need problem.meta['code'] (a HumanEval/MBPP dict); missing for {missing[:3]}")
+            raise ValueError("code rewards need problem.meta['code'] (a HumanEval/MBPP dict); "
+                             f"missing for {missing[:3]}")
         return [float(r) for r in code_rewards(list(texts), [p.meta["code"] for p in problems],
                                                timeout_s=self.timeout_s, memory_mb=self.memory_mb)]
 

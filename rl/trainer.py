@@ -165,7 +165,8 @@ def pack(trajectories: list[Trajectory], device: torch.device) -> dict:
         "rows": as_t(rows, torch.long), "targets": as_t(targets, torch.long), "attempt": as_t(attempt, torch.int32),
         "engine_logp": as_t(engine_logp, torch.float32), "cu_active": as_t(cu_active, torch.int32),
         "group_ids": as_t(groups, torch.long),
-        "r1": as_t([t.r1 for t in trajectories], torch.float32), "r2": as_t([t.r2 for t in trajectories], torch.float32),
+        "r1": as_t([t.r1 for t in trajectories], torch.float32),
+        "r2": as_t([t.r2 for t in trajectories], torch.float32),
     }
 
 

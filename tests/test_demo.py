@@ -31,13 +31,14 @@ def test_eval_split_is_disjoint_from_training():
     for _ in range(300):
         ex = demo_task.warmup_example(rng)
         operands = tuple(int(x) for x in ex.question.split("+"))
-        if len(operands) == demo_task.OPERANDS and min(operands) >= demo_task.LOW:  # a task problem (or a digit sum that is one)
+        if len(operands) == demo_task.OPERANDS and min(operands) >= demo_task.LOW:  # a task problem
             assert demo_task.split_of(operands) == "train"
 
 
 def test_warmup_traces_are_token_in_token_out():
     tok = build_tokenizer(300, 0)
-    builder = PromptBuilder(tok, chat=False, system_prompt=None, correction_instruction=demo_task.CORRECTION_INSTRUCTION)
+    builder = PromptBuilder(tok, chat=False, system_prompt=None,
+                            correction_instruction=demo_task.CORRECTION_INSTRUCTION)
     ex = demo_task.WarmupExample("17+45+32", ("\\boxed{93}", "\\boxed{94}"), (False, True))
     ids, mask = encode_warmup(ex, builder, tok.eos_token_id)
     prompt = builder.first_attempt_ids("17+45+32")
