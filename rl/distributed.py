@@ -104,6 +104,9 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Without the barrier a fast rank can tear down its gloo pairs while a slow one is still
+        # destroying its own, and the slow one aborts ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
