@@ -4,8 +4,9 @@ package) and MBPP-format JSONL files. Formats: see score.rl.code_reward.
 Nothing is downloaded: HumanEval comes from the installed package's data file; MBPP is
 read from a file the user provides (one JSON object per line, as the MBPP release ships).
 """
-import json
 from pathlib import Path
+
+from .data import read_jsonl_objects
 
 
 def load_humaneval() -> list:
@@ -29,34 +30,21 @@ def load_mbpp_jsonl(path) -> list:
     MBPP) or "prompt" (sanitized MBPP, copied to "text"); "task_id" defaults to the line
     number; optional "test_setup_code" (str), "test_imports" (list of str), "code".
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MBPP file not found: {path}")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "test_list" not in row:
-                raise ValueError(f"{where}: missing key 'test_list' (MBPP format); keys are {sorted(row)}")
-            _check_str_list(row["test_list"], "test_list", where)
-            if not row["test_list"]:
-                raise ValueError(f"{where}: 'test_list' is empty; a problem without tests cannot be graded")
-            text = row.get("text", row.get("prompt"))
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: needs the task text as a string under 'text' or 'prompt'")
-            if "test_imports" in row:
-                _check_str_list(row["test_imports"], "test_imports", where)
-            if not isinstance(row.get("test_setup_code", ""), str):
-                raise ValueError(f"{where}: 'test_setup_code' must be a string")
-            problems.append({**row, "text": text, "task_id": row.get("task_id", line_no)})
+    for line_no, where, row in read_jsonl_objects(path, "MBPP file"):
+        if "test_list" not in row:
+            raise ValueError(f"{where}: missing key 'test_list' (MBPP format); keys are {sorted(row)}")
+        _check_str_list(row["test_list"], "test_list", where)
+        if not row["test_list"]:
+            raise ValueError(f"{where}: 'test_list' is empty; a problem without tests cannot be graded")
+        text = row.get("text", row.get("prompt"))
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: needs the task text as a string under 'text' or 'prompt'")
+        if "test_imports" in row:
+            _check_str_list(row["test_imports"], "test_imports", where)
+        if not isinstance(row.get("test_setup_code", ""), str):
+            raise ValueError(f"{where}: 'test_setup_code' must be a string")
+        problems.append({**row, "text": text, "task_id": row.get("task_id", line_no)})
     if not problems:
         raise ValueError(f"{path}: no problems (the file is empty)")
     return problems

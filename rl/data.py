@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -121,6 +121,29 @@ def _required_str(record: dict, key: str, where: str, arg: str) -> str:
     return value
 
 
+
+def read_jsonl_objects(path, what: str = "JSONL file") -> Iterator[tuple[int, str, dict]]:
+    """Yield `(line number, "FILE line N", object)` for every non-blank line of a JSONL file.
+
+    The one JSONL reader of score.rl: blank lines are skipped, and a missing file, invalid JSON or a
+    line that is not a JSON object is an error naming the file and the 1-based line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, where, record
+
 def load_jsonl(
     path: str | Path,
     *,
@@ -131,27 +154,17 @@ def load_jsonl(
 ) -> list[Problem]:
     """Read one problem per non-blank line. Ids default to `<file name>:<line>`; ids must be unique."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"problem file not found: {path}")
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            problem = problem_from_record(
-                record, where, question_key=question_key, answer_key=answer_key,
-                solution_key=solution_key, id_key=id_key, default_id=f"{path.name}:{lineno}",
-            )
-            if problem.id in seen:
-                raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first on line {seen[problem.id]})")
-            seen[problem.id] = lineno
-            problems.append(problem)
+    for lineno, where, record in read_jsonl_objects(path, "problem file"):
+        problem = problem_from_record(
+            record, where, question_key=question_key, answer_key=answer_key,
+            solution_key=solution_key, id_key=id_key, default_id=f"{path.name}:{lineno}",
+        )
+        if problem.id in seen:
+            raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first on line {seen[problem.id]})")
+        seen[problem.id] = lineno
+        problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems (the file is empty)")
     return problems

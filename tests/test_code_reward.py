@@ -144,10 +144,10 @@ def test_mbpp_loads_and_grades(mbpp_file):
 def test_mbpp_errors_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(MBPP_ROWS[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: invalid JSON"):
         load_mbpp_jsonl(path)
     path.write_text(json.dumps({"text": "t"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing key 'test_list'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: missing key 'test_list'"):
         load_mbpp_jsonl(path)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_mbpp_jsonl(tmp_path / "nope.jsonl")
