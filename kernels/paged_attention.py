@@ -232,15 +232,18 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
 
     decode = plan.max_q_len == 1 and n == num_seqs
     if decode:
-        q_pad = q.view(num_seqs, 1, hq, d)
-    else:
-        q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
+        # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
+        # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed
+        # (0.85 ms -> 0.52 ms for 16 x 8 heads over 450 keys); the mask [S, 1, 1, T] broadcasts
+        q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)
+        out = F.scaled_dot_product_attention(q_grouped, gather(k_cache, "k"), gather(v_cache, "v"),
+                                             attn_mask=plan.visible, scale=scale)
+        return out.reshape(n, hq, d).to(q.dtype)
+    q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
     # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
     out = F.scaled_dot_product_attention(q_pad.transpose(1, 2).to(compute), gather(k_cache, "k"), gather(v_cache, "v"),
                                          attn_mask=plan.visible, scale=scale, enable_gqa=hq != hkv)
-    out = out.transpose(1, 2)  # [S, max_q, Hq, D]
-    out = out.reshape(n, hq, d) if decode else out[plan.query_index]
-    return out.to(q.dtype)
+    return out.transpose(1, 2)[plan.query_index].to(q.dtype)  # [S, max_q, Hq, D] -> packed rows
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,

@@ -117,6 +117,7 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
+        self._lm_head_t = None  # CPU: the LM head weight transposed, during generate
         self._workspace: dict = {}  # gather buffers of the torch attention path, kept across steps
 
     @property
@@ -166,8 +167,21 @@ class Engine:
             bar = tqdm(total=len(seqs), desc="generate", unit="seq")
         for seq in seqs:
             self.scheduler.add(seq)
+        # Flush subnormal floats to zero for the duration of the call (CPU only; the flag is
+        # process-wide, so the caller's setting is restored afterwards). Small-weight models
+        # produce subnormal activations, which x86 handles in microcode at up to 2x the cost of
+        # the whole forward; they lie below fp32's normal range (~1.2e-38), so only values that
+        # small change.
+        flush = self.device.type == "cpu" and not _flushing_denormals()
+        if flush:
+            flush = torch.set_flush_denormal(True)  # False where the CPU lacks the mode
         try:
             with torch.inference_mode():
+                # CPU BLAS multiplies [M, D] x [D, V] 1.5x faster than against the [V, D] weight
+                # for decode-sized M (8.7 -> 5.9 ms at 16 x 512 x 32,000), so the LM head gets a
+                # transposed copy, taken per call because the trainer updates weights between calls
+                self._lm_head_t = (self.model.lm_head_weight.t().contiguous() if self.device.type == "cpu"
+                                   else None)
                 while self.scheduler.has_work():
                     finished = self._step(params, stop_ids)
                     if bar is not None:
@@ -176,6 +190,9 @@ class Engine:
             self._abort()
             raise
         finally:
+            if flush:
+                torch.set_flush_denormal(False)
+            self._lm_head_t = None  # V x D floats: not kept between calls
             if bar is not None:
                 bar.close()
         out = [[None] * params.n for _ in prompts]
@@ -220,7 +237,10 @@ class Engine:
         hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
         if last_rows is not None:
             hidden = hidden[last_rows]
-        logits = F.linear(hidden, self.model.lm_head_weight).float()
+        if self._lm_head_t is not None:
+            logits = torch.mm(hidden, self._lm_head_t).float()
+        else:
+            logits = F.linear(hidden, self.model.lm_head_weight).float()
         tokens, logprobs = sample(logits, params, [seq.generator for seq in step.seqs])
         self.block_manager.end_step()
         tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host transfer
@@ -284,6 +304,12 @@ class Engine:
     def _ints(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+
+def _flushing_denormals() -> bool:
+    """Whether subnormal results are flushed to zero right now (torch has no getter for it)."""
+    product = torch.tensor([1e-30], dtype=torch.float32) * torch.tensor([1e-10], dtype=torch.float32)
+    return bool(product[0] == 0)  # 1e-40 is subnormal in fp32
 
 
 def _free_memory(device: torch.device) -> int:

@@ -96,7 +96,7 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
-    scaled = logits / params.temperature
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits  # x / 1 == x exactly
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     if 0 < params.top_k < logits.shape[-1] or params.top_p < 1.0:
         weights = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1, dtype=torch.float64)
