@@ -184,11 +184,23 @@ class PagedAttentionPlan:
     # gather buffers reused by every layer (and by later steps when the caller keeps the dict):
     # a fresh multi-MB tensor per layer costs more in page faults than the copy itself
     workspace: dict
+    # decode with a persistent per-layer key buffer (see `plan_paged_attention`): its token capacity,
+    # and when this step continues the previous one, the (sequence, position, cache row) of each new key
+    decode_capacity: int = 0
+    extend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: int,
-                         max_q_len: int, max_context_len: int, workspace: dict | None = None) -> PagedAttentionPlan:
-    """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync)."""
+                         max_q_len: int, max_context_len: int, workspace: dict | None = None,
+                         continues_decode: bool | None = None) -> PagedAttentionPlan:
+    """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync).
+
+    `continues_decode` (a caller that keeps `workspace` across steps, e.g. the engine): None keeps
+    the plain per-layer gather. Otherwise decode steps keep every layer's gathered keys and values
+    in the workspace, and True promises that this step decodes exactly the sequences of the
+    previous step, in the same order, each one token further, with its older K/V untouched: then
+    only the new token's K/V are copied into the buffers instead of gathering every key again.
+    """
     device = block_tables.device
     num_seqs = context_lens.numel()
     needed_blocks = -(-max_context_len // block_size)
@@ -204,8 +216,20 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
-    return PagedAttentionPlan(block_tables[:, :needed_blocks].long(), visible[:, None], (seq_of_row, row_in_seq),
+    plan = PagedAttentionPlan(block_tables[:, :needed_blocks].long(), visible[:, None], (seq_of_row, row_in_seq),
                               max_q_len, max_context_len, block_size, {} if workspace is None else workspace)
+    if continues_decode is None or max_q_len != 1 or n != num_seqs:
+        return plan
+    state = plan.workspace.get("decode_keys")  # (sequences, capacity) of the kept buffers
+    if continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
+        new_pos = ctx - 1
+        new_rows = plan.block_index.gather(1, (new_pos // block_size)[:, None]).squeeze(1) * block_size
+        plan.extend = (torch.arange(num_seqs, device=device), new_pos, new_rows + new_pos % block_size)
+        plan.decode_capacity = state[1]
+    else:  # room for 256 more tokens before the next full gather
+        plan.decode_capacity = (needed_blocks + -(-256 // block_size)) * block_size
+        plan.workspace["decode_keys"] = (num_seqs, plan.decode_capacity)
+    return plan
 
 
 def _workspace_buffer(workspace: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -231,6 +255,11 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
         return rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2).to(compute)
 
     decode = plan.max_q_len == 1 and n == num_seqs
+    if decode and plan.decode_capacity:
+        q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)  # see below
+        out = F.scaled_dot_product_attention(q_grouped, _decode_keys(plan, k_cache, "k"),
+                                             _decode_keys(plan, v_cache, "v"), attn_mask=plan.visible, scale=scale)
+        return out.reshape(n, hq, d).to(q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
         # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed
@@ -244,6 +273,27 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
     out = F.scaled_dot_product_attention(q_pad.transpose(1, 2).to(compute), gather(k_cache, "k"), gather(v_cache, "v"),
                                          attn_mask=plan.visible, scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)[plan.query_index].to(q.dtype)  # [S, max_q, Hq, D] -> packed rows
+
+
+def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str) -> torch.Tensor:
+    """[S, Hkv, T, D]: every sequence's keys (or values) from this layer's persistent buffer.
+
+    Positions past a sequence's length hold zeros or older finite keys; the mask hides them.
+    """
+    num_seqs, capacity, block_size = plan.block_index.shape[0], plan.decode_capacity, plan.block_size
+    rows = cache.shape[1:]  # [block_size, Hkv, D]
+    key = (name, cache.data_ptr())  # one buffer per layer and K/V
+    buf = plan.workspace.get(key)
+    if plan.extend is None:
+        shape = (num_seqs, capacity, *rows[1:])
+        if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
+            buf = plan.workspace[key] = cache.new_zeros(shape)
+        num_blocks = plan.block_index.shape[1]
+        buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[plan.block_index]
+    else:
+        seq, pos, cache_row = plan.extend
+        buf[seq, pos] = cache.view(-1, *rows[1:])[cache_row]
+    return buf[:, :plan.max_context_len].transpose(1, 2).to(torch.promote_types(cache.dtype, torch.float32))
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,

@@ -33,7 +33,8 @@ class AttentionContext:
     def __init__(self, kv_cache: torch.Tensor, *, backend: str, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  max_q_len: int, max_context_len: int, copy_src: torch.Tensor | None,
-                 copy_dst: torch.Tensor | None, workspace: dict | None = None):
+                 copy_dst: torch.Tensor | None, workspace: dict | None = None,
+                 continues_decode: bool | None = None):
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
         self.backend = backend
         self.slot_mapping = slot_mapping
@@ -47,7 +48,7 @@ class AttentionContext:
         self.plan = None
         if backend == "torch":
             self.plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, kv_cache.shape[3],
-                                             max_q_len, max_context_len, workspace)
+                                             max_q_len, max_context_len, workspace, continues_decode)
         self.cu_seqlens_k = self.flash = None
         if backend == "flash":
             self.flash = flash_varlen_with_block_table()

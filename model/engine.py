@@ -118,7 +118,8 @@ class Engine:
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
         self._lm_head_t = None  # CPU: the LM head weight transposed, during generate
-        self._workspace: dict = {}  # gather buffers of the torch attention path, kept across steps
+        self._workspace: dict = {}
+        self._last_decode: list | None = None  # the sequences of the previous step when it decoded  # gather buffers of the torch attention path, kept across steps
 
     @property
     def num_blocks(self) -> int:
@@ -160,6 +161,7 @@ class Engine:
                 gen = None if params.greedy else make_generator(sample_seed(base_seed, i, j), self.device)
                 max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=max_tokens, generator=gen))
+        self._last_decode = None
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
         if use_tqdm:
@@ -227,6 +229,7 @@ class Engine:
         sched.running.clear()
         sched.waiting.clear()
         self.block_manager.end_step()
+        self._last_decode = None
 
     def _step(self, params: SamplingParams, stop_ids: frozenset) -> int:
         step = self.scheduler.schedule()
@@ -293,11 +296,15 @@ class Engine:
                 dst_rows.extend(range(c.dst * bs, c.dst * bs + c.rows))
             copy_src, copy_dst = self._ints(src_rows, torch.long), self._ints(dst_rows, torch.long)
         max_q_len = max(q_lens)
+        # the torch path keeps each layer's gathered K/V between decode steps of the same batch
+        last, self._last_decode = self._last_decode, None if step.is_prefill else list(step.seqs)
+        continues = (not step.is_prefill and last is not None and len(last) == len(step.seqs)
+                     and all(a is b for a, b in zip(last, step.seqs)))
         ctx = AttentionContext(
             self.kv_cache, backend=self.backend, slot_mapping=self._ints(slots, torch.int32),
             block_tables=self._ints(tables, torch.int32), context_lens=self._ints(context_lens, torch.int32),
             cu_seqlens_q=self._ints(cu, torch.int32), max_q_len=max_q_len, max_context_len=max(context_lens),
-            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace)
+            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace, continues_decode=continues)
         last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
         return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
 

@@ -101,6 +101,31 @@ def test_torch_float64_is_exact_and_plan_is_reusable():
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
+def test_torch_decode_steps_extend_the_kept_keys():
+    """Consecutive decode steps of one batch copy only each new token's K/V into the kept buffers."""
+    full = [6, 18, 2, 41]
+    args, keys, values = build_case(full, [1] * 4, 3, 4, 2, 8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    workspace = {}
+    for step, continues in ((0, False), (1, True)):
+        ctx_lens = [c - 1 + step for c in full]  # step 0 sees all but the last position
+        if step == 1:  # the new token's K/V land in the cache (as the engine's store does)
+            for s, ctx in enumerate(ctx_lens):
+                block = args["block_tables"][s, (ctx - 1) // 3]
+                for cache, ref in ((args["k_cache"], keys), (args["v_cache"], values)):
+                    ref[s][ctx - 1] = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+                    cache[block, (ctx - 1) % 3] = ref[s][ctx - 1]
+        step_args = dict(args, context_lens=torch.tensor(ctx_lens, dtype=torch.int32),
+                         max_context_len=max(ctx_lens), q=torch.randn(4, 4, 8, generator=gen, dtype=torch.float64))
+        plan = plan_paged_attention(step_args["block_tables"], step_args["context_lens"], args["cu_seqlens_q"], 3,
+                                    1, max(ctx_lens), workspace, continues_decode=continues)
+        assert (plan.extend is not None) == continues
+        ref = dense_reference(step_args["q"], keys, values, [1] * 4, ctx_lens, 8 ** -0.5)
+        for _ in range(2):  # two layers' calls share the plan
+            torch.testing.assert_close(paged_attention(**step_args, impl="torch", plan=plan), ref,
+                                       atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_store_kv_writes_only_mapped_rows(impl):
     gen = torch.Generator().manual_seed(3)
