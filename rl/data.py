@@ -154,20 +154,10 @@ def load_jsonl(
 ) -> list[Problem]:
     """Read one problem per non-blank line. Ids default to `<file name>:<line>`; ids must be unique."""
     path = Path(path)
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for lineno, where, record in read_jsonl_objects(path, "problem file"):
-        problem = problem_from_record(
-            record, where, question_key=question_key, answer_key=answer_key,
-            solution_key=solution_key, id_key=id_key, default_id=f"{path.name}:{lineno}",
-        )
-        if problem.id in seen:
-            raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first on line {seen[problem.id]})")
-        seen[problem.id] = lineno
-        problems.append(problem)
-    if not problems:
-        raise ValueError(f"{path}: no problems (the file is empty)")
-    return problems
+    keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
+    entries = ((lineno, where, record, f"{path.name}:{lineno}")
+               for lineno, where, record in read_jsonl_objects(path, "problem file"))
+    return _unique_problems(entries, str(path), "on line", "file", keys)
 
 
 def problems_from_records(
@@ -180,21 +170,26 @@ def problems_from_records(
     id_key: str | None = None,
 ) -> list[Problem]:
     """Map in-memory records (dataset rows) to Problems; errors name `source` and the 0-based row."""
-    problems = []
+    keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
+    entries = ((row, f"{source} row {row}",
+                dict(record) if not isinstance(record, dict) and hasattr(record, "keys") else record,
+                f"{source}:{row}")
+               for row, record in enumerate(records))
+    return _unique_problems(entries, source, "at row", "dataset", keys)
+
+
+def _unique_problems(entries, source: str, position_word: str, container: str, keys: dict) -> list[Problem]:
+    """Problems from `(position, where, record, default id)` entries; ids must be unique, and none is an error."""
+    problems: list[Problem] = []
     seen: dict[str, int] = {}
-    for row, record in enumerate(records):
-        where = f"{source} row {row}"
-        problem = problem_from_record(
-            dict(record) if not isinstance(record, dict) and hasattr(record, "keys") else record,
-            where, question_key=question_key, answer_key=answer_key, solution_key=solution_key,
-            id_key=id_key, default_id=f"{source}:{row}",
-        )
+    for position, where, record, default_id in entries:
+        problem = problem_from_record(record, where, default_id=default_id, **keys)
         if problem.id in seen:
-            raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first at row {seen[problem.id]})")
-        seen[problem.id] = row
+            raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first {position_word} {seen[problem.id]})")
+        seen[problem.id] = position
         problems.append(problem)
     if not problems:
-        raise ValueError(f"{source}: no problems (the dataset is empty)")
+        raise ValueError(f"{source}: no problems (the {container} is empty)")
     return problems
 
 
