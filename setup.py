@@ -87,7 +87,7 @@ setup(
     package_dir=package_dir,
     cmdclass={"build": build_with_native, "build_native": build_native},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa (model and engine attention)
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tokenizers>=0.19",
