@@ -179,11 +179,6 @@ class Engine:
             flush = torch.set_flush_denormal(True)  # False where the CPU lacks the mode
         try:
             with torch.inference_mode():
-                # CPU BLAS multiplies [M, D] x [D, V] 1.5x faster than against the [V, D] weight
-                # for decode-sized M (8.7 -> 5.9 ms at 16 x 512 x 32,000), so the LM head gets a
-                # transposed copy, taken per call because the trainer updates weights between calls
-                self._lm_head_t = (self.model.lm_head_weight.t().contiguous() if self.device.type == "cpu"
-                                   else None)
                 while self.scheduler.has_work():
                     finished = self._step(params, stop_ids)
                     if bar is not None:
@@ -240,7 +235,13 @@ class Engine:
         hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
         if last_rows is not None:
             hidden = hidden[last_rows]
-        if self._lm_head_t is not None:
+        if self.device.type == "cpu":
+            # CPU BLAS multiplies [M, D] x [D, V] 1.5x faster than against the [V, D] weight for
+            # decode-sized M (8.7 -> 5.9 ms at 16 x 512 x 32,000), so the LM head gets a transposed
+            # copy, taken once per generate call (the trainer updates weights between calls) and
+            # after the model's forward (under FSDP2 the root's weights are plain tensors only then).
+            if self._lm_head_t is None:
+                self._lm_head_t = self.model.lm_head_weight.t().contiguous()
             logits = torch.mm(hidden, self._lm_head_t).float()
         else:
             logits = F.linear(hidden, self.model.lm_head_weight).float()
