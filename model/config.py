@@ -13,9 +13,10 @@ types, activations other than SiLU, MLP bias, partial rotary embeddings.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
+
+from .json_file import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPE_OF = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -110,11 +111,7 @@ class ModelConfig:
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json at {file}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}: not valid JSON ({err})") from None
+        raw = read_json_object(file)
         try:
             return cls.from_hf_dict(raw)
         except ValueError as err:

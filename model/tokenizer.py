@@ -28,6 +28,8 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
 
+from .json_file import read_json_object
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -179,7 +181,7 @@ class Tokenizer:
         if self.eos_token_ids[1:] or (self.eos_token_ids and "eos_token" not in self.special_tokens):
             # More than one stop id only fits generation_config.json; keep what else it holds.
             gen_file = os.path.join(path, "generation_config.json")
-            gen = _read_json(gen_file) if os.path.exists(gen_file) else {}
+            gen = read_json_object(gen_file) if os.path.exists(gen_file) else {}
             gen["eos_token_id"] = list(self.eos_token_ids)
             with open(gen_file, "w", encoding="utf-8") as f:
                 json.dump(gen, f, indent=2)
@@ -202,7 +204,7 @@ def load_tokenizer(path) -> Tokenizer:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            config.update(_read_json(file))
+            config.update(read_json_object(file))
     special = {}
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = config.get(name)
@@ -226,24 +228,13 @@ def load_tokenizer(path) -> Tokenizer:
     extra_eos = []
     gen_file = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_file):
-        eos = _read_json(gen_file).get("eos_token_id")
+        eos = read_json_object(gen_file).get("eos_token_id")
         extra_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     return Tokenizer(
         backend, **special, extra_eos_token_ids=extra_eos, chat_template=chat_template,
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
     )
-
-
-def _read_json(file: str) -> dict:
-    with open(file, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _plain(value):

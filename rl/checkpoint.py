@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from score.model import Transformer, from_pretrained, save_pretrained
+from score.model.json_file import read_json_object
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -135,11 +136,7 @@ def load_checkpoint(
         if (path / CHECKPOINTS).is_dir():
             hint = f" (that is a run folder; its newest checkpoint is {latest_checkpoint(path)})"
         raise FileNotFoundError(f"{path} is not a checkpoint: no {STATE_FILE}{hint}")
-    with open(state_file, encoding="utf-8") as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{state_file}: invalid JSON ({e})") from None
+    record = read_json_object(state_file)
     if record.get("format") != FORMAT_VERSION:
         raise ValueError(f"{state_file}: checkpoint format {record.get('format')!r}, expected {FORMAT_VERSION}")
 
