@@ -146,19 +146,28 @@ class Engine:
         self.block_manager.clear_cache()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams, use_tqdm: bool = False
-                 ) -> list[list[Completion]]:
-        """Outer list per prompt, inner list of `params.n` completions (sample order)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, use_tqdm: bool = False, *,
+                 seed_keys: list[int] | None = None) -> list[list[Completion]]:
+        """Outer list per prompt, inner list of `params.n` completions (sample order).
+
+        Sample j of prompt i draws from a generator seeded by (params.seed, seed_keys[i], j);
+        `seed_keys` defaults to the prompt positions. A caller that splits one batch over several
+        calls (data-parallel ranks, base/policy engines) passes each prompt's global position, so
+        the samples do not depend on the split."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompts = self._check_prompts(prompts)
+        if seed_keys is None:
+            seed_keys = list(range(len(prompts)))
+        elif len(seed_keys) != len(prompts) or not all(isinstance(k, int) and k >= 0 for k in seed_keys):
+            raise ValueError(f"seed_keys must be {len(prompts)} ints >= 0 (one per prompt), got {seed_keys!r:.80}")
         base_seed = params.seed
         if base_seed is None and not params.greedy:
             base_seed = int(torch.randint(0, 2**62, (1,)))  # follows torch.manual_seed
         seqs = []
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
-                gen = None if params.greedy else make_generator(sample_seed(base_seed, i, j), self.device)
+                gen = None if params.greedy else make_generator(sample_seed(base_seed, seed_keys[i], j), self.device)
                 max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=max_tokens, generator=gen))
         self._last_decode = None

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from score.model.sampling import SamplingParams, sample_seed
+from score.model.sampling import SamplingParams
 
 from .data import Problem
 from .prompts import PromptBuilder
@@ -90,15 +90,21 @@ def two_attempt_rollout(
     base_engine=None,
     from_base: Sequence[bool] | None = None,
     progress: bool = False,
+    first: int = 0,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """k two-attempt trajectories per problem (grouped, problem order), rewarded; temperature 0 = greedy.
 
     `from_base[i]` True: problem i's attempt 1 is sampled by `base_engine` (same seeds).
+    `first`: the position of `problems[0]` in the step's whole batch, when a data-parallel rank
+    rolls out a slice of it; seeds are keyed on whole-batch positions, so the slices of a batch
+    sample exactly what one call over the whole batch would (`Trajectory.group` stays local).
     """
     if not problems:
         raise ValueError("two_attempt_rollout needs at least one problem")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if first < 0:
+        raise ValueError(f"first must be >= 0, got {first}")
     from_base = list(from_base) if from_base is not None else [False] * len(problems)
     if len(from_base) != len(problems):
         raise ValueError(f"from_base has {len(from_base)} entries for {len(problems)} problems")
@@ -109,7 +115,8 @@ def two_attempt_rollout(
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
 
     # Attempt 1 (seed stream 1), policy and (optionally) base engines; the seed of sample j of
-    # prompt i depends only on (seed, i, j), so splitting prompts between engines changes nothing.
+    # prompt i depends only on (seed, first + i, j), so splitting prompts between engines or
+    # ranks changes nothing.
     params1 = sampling_params(k, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens1,
                               seed=None if seed is None else seed * 2 + 1)
     outs1 = [None] * len(problems)
@@ -117,11 +124,13 @@ def two_attempt_rollout(
         idx = [i for i, b in enumerate(from_base) if b == use_base]
         if not idx:
             continue
-        got = _generate_at_positions(eng, [prompts[i] for i in idx], idx, params1, progress)
+        got = eng.generate([prompts[i] for i in idx], params1, use_tqdm=progress,
+                           seed_keys=[first + i for i in idx])
         for i, o in zip(idx, got):
             outs1[i] = o
 
-    # Attempt 2 (seed stream 2): one context per trajectory, n = 1.
+    # Attempt 2 (seed stream 2): one context per trajectory, n = 1, keyed on the trajectory's
+    # whole-batch position.
     contexts, spans, meta = [], [], []
     for i, problem in enumerate(problems):
         for j, c in enumerate(outs1[i]):
@@ -131,7 +140,8 @@ def two_attempt_rollout(
             meta.append((i, j))
     params2 = sampling_params(1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens2,
                               seed=None if seed is None else seed * 2 + 2)
-    outs2 = engine.generate(contexts, params2, use_tqdm=progress)
+    outs2 = engine.generate(contexts, params2, use_tqdm=progress,
+                            seed_keys=[(first + i) * k + j for i, j in meta])
     gen_seconds = time.perf_counter() - start
 
     trajectories = []
@@ -153,23 +163,3 @@ def two_attempt_rollout(
                          generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
                          reward_seconds=time.perf_counter() - t0)
     return trajectories, stats
-
-
-def _generate_at_positions(engine, prompts, positions, params: SamplingParams, progress: bool):
-    """`engine.generate`, with sample j of prompt m seeded from (seed, positions[m], j).
-
-    The engine seeds by call-local position, which is the batch position when the call holds the
-    whole batch (the usual case). A mixed batch (base-model and policy first attempts) runs one
-    call per sample with its own seed, so each sample stays keyed on its batch position."""
-    if positions == list(range(len(positions))) or params.seed is None:
-        return engine.generate(prompts, params, use_tqdm=progress)
-    out = []
-    for prompt, pos in zip(prompts, positions):
-        samples = []
-        for j in range(params.n):
-            one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                 max_tokens=params.max_tokens, stop_token_ids=params.stop_token_ids,
-                                 seed=sample_seed(params.seed, pos, j))
-            samples.append(engine.generate([prompt], one)[0][0])
-        out.append(samples)
-    return out

@@ -112,6 +112,13 @@ def test_samples_share_the_prompt_and_are_seeded(model, prompts):
     assert [[c.token_ids for c in o] for o in narrow] == [[c.token_ids for c in o] for o in outs]
     other = engine.generate(prompts[5:8], SamplingParams(**{**params.__dict__, "seed": 124}))
     assert [[c.token_ids for c in o] for o in other] != [[c.token_ids for c in o] for o in outs]
+    # a batch split over two calls (data-parallel ranks) samples the same when each call passes
+    # its prompts' whole-batch positions as seed keys
+    head = engine.generate(prompts[5:6], params)
+    tail = engine.generate(prompts[6:8], params, seed_keys=[1, 2])
+    assert [[c.token_ids for c in o] for o in head + tail] == [[c.token_ids for c in o] for o in outs]
+    with pytest.raises(ValueError, match="seed_keys"):
+        engine.generate(prompts[6:8], params, seed_keys=[1])
 
 
 def test_sampled_logprobs_are_untruncated_and_tokens_stay_in_the_kept_set(model, prompts):
