@@ -1,6 +1,7 @@
 """The `score` command line: `train`, `eval` and `demo`.
 
-    score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume]
+    score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
+    torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
     score demo  --out DIR [--ablations] [--quick] [--seed N]
@@ -11,6 +12,7 @@ exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value (TOML syntax; repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--describe", action="store_true", help="print every config key with its default and exit")
+    train.add_argument("--nproc", type=int, default=None, metavar="G",
+                       help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line")
 
     ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
     ev.add_argument("--model", required=True, help="HF-format model folder")
@@ -58,7 +62,8 @@ def _train(args) -> int:
     from .trainer import train
 
     final = train(cfg, args.out, max_steps=args.max_steps, resume=args.resume)
-    print(f"final policy: {final}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"final policy: {final}")
     return 0
 
 
@@ -113,6 +118,17 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
+        from .launch import launch, split_nproc
+
+        try:
+            nproc, rest = split_nproc(argv)
+        except ValueError as e:
+            print(f"score train: error: {e}", file=sys.stderr)
+            return 2
+        if nproc is not None:
+            return launch(nproc, rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -40,10 +40,15 @@ _prob = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 @dataclass
 class ModelSection:
     path: str = _f("", "HF-format model folder (config.json, safetensors, tokenizer files); required")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "dtype of the trained weights (AdamW state follows it)")
+    dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
+        "and compute in this dtype (bf16 also when autocast_bf16 is on)")
     autocast_bf16: bool = _f(True, "bf16 autocast of the forward passes on GPU (ignored on CPU)")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward to save memory")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train: auto = cuda when available")
+    reference_cpu_offload: bool = _f(
+        False, "multi-GPU runs: keep the frozen reference's shards in host memory (saves 2 bytes x params / GPUs "
+        "per GPU, costs a host-to-device copy per forward)")
 
 
 @dataclass

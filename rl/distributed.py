@@ -102,6 +102,12 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
     return DistEnv(rank, world, local, dev, backend, mesh)
 
 
+def barrier(env: DistEnv | None) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if env is not None and env.world_size > 1:
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         # Without the barrier a fast rank can tear down its gloo pairs while a slow one is still

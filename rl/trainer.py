@@ -15,7 +15,15 @@ One optimizer step (DESIGN.md §5):
 
 Sampling seeds are keyed on (run seed, step) and the prompt/sample position, the learning rate
 and the data position on the step, so a resumed run equals an uninterrupted one bit for bit on CPU.
-Not done: multi-GPU, PPO-style multiple epochs per batch, adaptive beta2.
+
+Under torchrun (`score train --nproc G`, `Trainer(env=...)`) every rank runs this same step on its
+contiguous share of the step's prompt groups (distributed.py): the policy and reference are
+FSDP2-sharded; the policy (and the reference, for base-model first attempts) is all-gathered for
+the rollout and resharded for training; seeds stay keyed on whole-batch positions; the loss
+divides by the whole step's denominator and gradients are summed, so G ranks compute the 1-rank
+step; metrics are gathered to every rank and rank 0 logs; checkpoints are DCP folders
+(dist_checkpoint.py, resumable on any world size) and `final/` is a consolidated HF export.
+Not done: PPO-style multiple epochs per batch, adaptive beta2.
 """
 from __future__ import annotations
 
@@ -31,9 +39,11 @@ import torch
 from score.kernels import fused_linear_logprob, score_loss
 from score.model import Engine, from_pretrained, load_tokenizer, save_pretrained
 
+from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .data import Problem, load_jsonl
+from .dist_checkpoint import export_consolidated, latest_sharded, load_sharded, save_sharded
 from .math_reward import extract_final_answer
 from .metrics import two_attempt_metrics
 from .prompts import CODE_CORRECTION_INSTRUCTION, MATH_CORRECTION_INSTRUCTION, MATH_SYSTEM_PROMPT, PromptBuilder
@@ -214,53 +224,89 @@ def loss_denominator(trajectories: list[Trajectory], normalization: str) -> floa
 # The trainer
 # ---------------------------------------------------------------------------------------------------
 class Trainer:
-    """Owns the policy, the frozen reference, the engine and the optimizer of one run."""
+    """Owns the policy, the frozen reference, the engines and the optimizer of one run (of one rank
+    when `env` is given: the process joined a torchrun job, see distributed.py)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False):
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, env: D.DistEnv | None = None):
         if not cfg.model.path:
             raise ValueError("model.path is empty: point it at an HF-format model folder")
         if not cfg.data.train:
             raise ValueError("data.train is empty: point it at a JSONL file of training problems")
-        self.cfg = cfg
+        if env is not None:
+            D.shard_groups(cfg.optim.prompts_per_step, env)  # optim.prompts_per_step must split evenly
+        self.cfg, self.env = cfg, env
+        self.is_main = env is None or env.is_main
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = pick_device(cfg.model.device)
+        self.device = pick_device(cfg.model.device) if env is None else env.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        dtype = getattr(torch, cfg.model.dtype)
         self.tokenizer = load_tokenizer(cfg.model.path)
+        # Sharded runs keep fp32 master weights (an lr of 5e-6 is below bf16's resolution) and
+        # compute in model.dtype, or in bf16 on GPU when autocast_bf16 is on.
+        dtype = getattr(torch, cfg.model.dtype) if env is None else torch.float32
         self.policy = from_pretrained(cfg.model.path, dtype=dtype, device=self.device)
         self.policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.reference.set_activation_checkpointing(False)
+        if env is not None:
+            bf16 = cfg.model.dtype == "bfloat16" or (self.device.type == "cuda" and cfg.model.autocast_bf16)
+            compute = torch.bfloat16 if bf16 else torch.float32
+            D.shard_policy(self.policy, env, compute_dtype=compute)
+            D.shard_reference(self.reference, env, compute_dtype=compute, cpu_offload=cfg.model.reference_cpu_offload)
         self.builder = prompt_builder(cfg, self.tokenizer)
         self.problems = load_problems(cfg, cfg.data.train)
         self.order = DataOrder(len(self.problems), cfg.optim.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
         self.reward = make_reward(cfg)
-        r = cfg.rollout
-        engine_kw = dict(block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
-        self.engine = Engine(self.policy, **engine_kw)
-        self.base_engine = Engine(self.reference, **engine_kw) if cfg.score.base_first_attempt_mix > 0 else None
+        self.engine = self.base_engine = None  # built at the first rollout (sharded: on gathered weights)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.step = 0
         if resume:
-            last = latest_checkpoint(self.out_dir)
-            if last is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}")
-            state = load_checkpoint(last, self.policy, self.optimizer)
-            self.step = int(state["step"])
+            self.step = self._resume()
         metrics_file = self.out_dir / "metrics.jsonl"
         if not resume and metrics_file.exists() and metrics_file.stat().st_size:
             raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
+        if env is not None:
+            D.barrier(env)  # every rank has checked metrics.jsonl before rank 0 opens it
         self.logger = MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard,
-                                    resume_step=self.step if resume else None)
+                                    resume_step=self.step if resume else None) if self.is_main else None
+
+    def _resume(self) -> int:
+        """Load the newest checkpoint; returns its step. A plain run resumes from either format
+        (a sharded checkpoint loads into the plain model); a sharded run needs a sharded one."""
+        plain, sharded = latest_checkpoint(self.out_dir), latest_sharded(self.out_dir)
+        if self.env is None and plain is not None:
+            return int(load_checkpoint(plain, self.policy, self.optimizer)["step"])
+        if sharded is not None:
+            return int(load_sharded(sharded, self.policy, self.optimizer)["step"])
+        if plain is not None:
+            raise ValueError(f"--resume: {plain} was written by a single-process run; resume it without "
+                             "torchrun/--nproc (multi-process runs resume from their sharded checkpoints)")
+        raise FileNotFoundError(f"--resume: no checkpoint under {self.out_dir / 'checkpoints'}")
 
     def autocast(self):
-        if self.device.type == "cuda" and self.cfg.model.autocast_bf16:
+        if self.env is None and self.device.type == "cuda" and self.cfg.model.autocast_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # sharded: FSDP's mixed-precision policy casts the weights
+
+    @contextlib.contextmanager
+    def generation(self, base: bool = False):
+        """The policy's engine (and the reference's, when `base`) on generation-ready weights:
+        sharded runs all-gather them for the block (distributed.unsharded) and reshard after."""
+        with contextlib.ExitStack() as stack:
+            if self.env is not None:
+                stack.enter_context(D.unsharded(self.policy))
+                if base:
+                    stack.enter_context(D.unsharded(self.reference))
+            r = self.cfg.rollout
+            kw = dict(block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
+            if self.engine is None:  # built on gathered weights: the engine takes their dtype
+                self.engine = Engine(self.policy, **kw)
+            if base and self.base_engine is None:
+                self.base_engine = Engine(self.reference, **kw)
+            yield self.engine
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -269,20 +315,23 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        problems = [self.problems[i] for i in self.order.indices(step)]
+        indices = self.order.indices(step)
+        mine = D.shard_groups(len(indices), self.env)  # this rank's contiguous share (all: one process)
+        problems = [self.problems[indices[g]] for g in mine]
         seed = step_seed(cfg.run.seed, step)
         mix = cfg.score.base_first_attempt_mix if stage == 2 else 0.0
         mix_rng = random.Random(f"{cfg.run.seed}/mix/{step}")
-        from_base = [mix_rng.random() < mix for _ in problems] if mix > 0 else None
+        from_base = [mix_rng.random() < mix for _ in indices][mine.start:mine.stop] if mix > 0 else None
         r = cfg.rollout
-        trajectories, rollout = two_attempt_rollout(
-            self.engine, self.builder, problems, self.reward, k=r.samples_per_prompt, temperature=r.temperature,
-            top_p=r.top_p, top_k=r.top_k, max_tokens1=r.max_tokens_attempt1, max_tokens2=r.max_tokens_attempt2,
-            seed=seed, base_engine=self.base_engine, from_base=from_base)
+        with self.generation(base=mix > 0) as engine:
+            trajectories, rollout = two_attempt_rollout(
+                engine, self.builder, problems, self.reward, k=r.samples_per_prompt, temperature=r.temperature,
+                top_p=r.top_p, top_k=r.top_k, max_tokens1=r.max_tokens_attempt1, max_tokens2=r.max_tokens_attempt2,
+                seed=seed, base_engine=self.base_engine, from_base=from_base, first=mine.start)
 
         t0 = time.perf_counter()
         s = cfg.score
-        denominator = loss_denominator(trajectories, s.normalization)
+        (denominator,) = D.all_reduce_sum([loss_denominator(trajectories, s.normalization)], self.env)
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, kls, rets, tokens, entropy_sum, gap_sum, n_active = 0.0, [], [], 0, 0.0, 0.0, 0
         for chunk in micro_batches(trajectories, cfg.optim.prompts_per_micro_batch):
@@ -297,10 +346,13 @@ class Trainer:
             entropy_sum += float(entropy.detach().float().sum())
             gap_sum += float((logp.detach().float() - batch["engine_logp"]).abs().sum())
             n_active += int(logp.numel())
+        if self.env is not None:
+            D.reshard(self.reference)  # its root stays gathered after a forward; free it until the next step
 
-        params = [p for p in self.policy.parameters() if p.grad is not None]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        grad_norm = D.clip_grad_norm(self.policy, clip)  # the same float on every rank
+        loss_total, tokens, entropy_sum, gap_sum, n_active = D.all_reduce_sum(
+            [loss_total, tokens, entropy_sum, gap_sum, n_active], self.env)
         skipped = not (math.isfinite(loss_total) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)  # a NaN/Inf never reaches the weights
@@ -309,9 +361,17 @@ class Trainer:
         self.engine.clear_cache()
         train_seconds = time.perf_counter() - t0
         self.step += 1
-        return self._metrics(trajectories, rollout, stage, lr, loss_total, grad_norm, skipped, torch.cat(kls),
-                             torch.cat(rets), tokens, train_seconds, entropy_sum / max(1, n_active),
-                             gap_sum / max(1, n_active))
+        kl, returns = torch.cat(kls), torch.cat(rets)
+        if self.env is not None:  # every rank's trajectories, in whole-batch order
+            trajectories = D.gather_lists(trajectories, self.env)
+            kl = torch.tensor(D.gather_lists(kl.tolist(), self.env))
+            returns = torch.tensor(D.gather_lists(returns.tolist(), self.env))
+            rollout.seconds, rollout.reward_seconds = D.all_reduce_max([rollout.seconds, rollout.reward_seconds],
+                                                                       self.env)
+            rollout.generated_tokens = int(D.all_reduce_sum([rollout.generated_tokens], self.env)[0])
+            (train_seconds,) = D.all_reduce_max([train_seconds], self.env)
+        return self._metrics(trajectories, rollout, stage, lr, loss_total, grad_norm, skipped, kl, returns,
+                             int(tokens), train_seconds, entropy_sum / max(1, n_active), gap_sum / max(1, n_active))
 
     def _metrics(self, trajectories, rollout, stage, lr, loss, grad_norm, skipped, kl, returns, tokens,
                  train_seconds, entropy, logp_gap) -> dict:
@@ -342,8 +402,12 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------
     def save(self) -> Path:
-        return save_checkpoint(self.out_dir, self.step, self.policy, self.optimizer,
-                               {"stage": stage_of(max(0, self.step - 1), self.cfg), "data_step": self.step},
+        """A checkpoint of the current step (every rank calls it in a sharded run)."""
+        state = {"stage": stage_of(max(0, self.step - 1), self.cfg), "data_step": self.step}
+        if self.env is not None:
+            return save_sharded(self.out_dir, self.step, self.policy, self.optimizer, state,
+                                keep_last=self.cfg.run.keep_last)
+        return save_checkpoint(self.out_dir, self.step, self.policy, self.optimizer, state,
                                keep_last=self.cfg.run.keep_last, tokenizer=self.tokenizer)
 
     def fit(self, max_steps: int | None = None) -> Path:
@@ -351,13 +415,14 @@ class Trainer:
         cfg = self.cfg
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         bar = None
-        if cfg.run.progress and end > self.step:
+        if cfg.run.progress and end > self.step and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=end, initial=self.step, desc="SCoRe", unit="step", dynamic_ncols=True)
         try:
             while self.step < end:
                 metrics = self.train_step()
-                self.logger.log(self.step, metrics)
+                if self.logger is not None:
+                    self.logger.log(self.step, metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(stage=metrics["stage"], r1=f"{metrics['reward_1']:.2f}",
@@ -370,35 +435,64 @@ class Trainer:
                 bar.close()
         self.save()
         final = self.out_dir / "final"
-        save_pretrained(self.policy, final)
-        self.tokenizer.save_pretrained(final)
+        if self.env is not None:
+            export_consolidated(self.policy, final)  # a collective; rank 0 writes
+        else:
+            save_pretrained(self.policy, final)
+        if self.is_main:
+            self.tokenizer.save_pretrained(final)
         return final
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         self.reward.close()
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, max_steps: int | None = None, resume: bool = False) -> Path:
-    """`score train`: the whole run, then plots and (when data.eval is set) the greedy evaluation."""
-    trainer = Trainer(cfg, out_dir, resume=resume)
+    """`score train`: the whole run, then plots and (when data.eval is set) the greedy evaluation.
+
+    Under torchrun every rank trains; after the process group is closed, rank 0 alone plots and
+    evaluates the exported `final/` policy while the other ranks exit."""
+    env = D.init_distributed(cfg.model.device) if D.launched_by_torchrun() else None
     try:
-        final = trainer.fit(max_steps)
-        if cfg.run.plots:
-            from .plots import plot_run
-
-            plot_run(trainer.out_dir / "metrics.jsonl", trainer.out_dir / "plots")
-        if cfg.data.eval:
-            from .evaluate import evaluate, table, write_json, write_records
-
-            problems = load_problems(cfg, cfg.data.eval)
-            if cfg.run.eval_max_problems:
-                problems = problems[:cfg.run.eval_max_problems]
-            metrics, records = evaluate(trainer.engine, trainer.builder, problems, trainer.reward,
-                                        max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
-            write_records(trainer.out_dir / "eval.jsonl", records)
-            write_json(trainer.out_dir / "eval_metrics.json", metrics)
-            print(table({"SCoRe": metrics}))
-        return final
+        trainer = Trainer(cfg, out_dir, resume=resume, env=env)
+        try:
+            final = trainer.fit(max_steps)
+            if env is None:
+                with trainer.generation() as engine:
+                    finish_run(cfg, trainer.out_dir, engine, trainer.builder, trainer.reward)
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if env is not None:
+            D.shutdown()
+    if env is not None and env.is_main:
+        model = from_pretrained(final, dtype=getattr(torch, cfg.model.dtype), device=env.device)
+        r = cfg.rollout
+        engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
+        reward = make_reward(cfg)
+        try:
+            finish_run(cfg, Path(out_dir), engine, prompt_builder(cfg, load_tokenizer(final)), reward)
+        finally:
+            reward.close()
+    return final
+
+
+def finish_run(cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBuilder, reward) -> None:
+    """Plots of metrics.jsonl and, when data.eval is set, the greedy two-attempt evaluation."""
+    if cfg.run.plots:
+        from .plots import plot_run
+
+        plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
+    if cfg.data.eval:
+        from .evaluate import evaluate, table, write_json, write_records
+
+        problems = load_problems(cfg, cfg.data.eval)
+        if cfg.run.eval_max_problems:
+            problems = problems[:cfg.run.eval_max_problems]
+        metrics, records = evaluate(engine, builder, problems, reward,
+                                    max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
+        write_records(out_dir / "eval.jsonl", records)
+        write_json(out_dir / "eval_metrics.json", metrics)
+        print(table({"SCoRe": metrics}))

@@ -13,6 +13,8 @@ Modes (argv[1]):
   resume1 OUT STEPS CKPT     train STEPS steps fresh (the 1-rank run), then load CKPT and train
           to STEPS steps again (the resumed run); write both final parameter sets
   fail    EXIT_RANK          every rank joins; EXIT_RANK exits with code 3, the others wait in a barrier
+  train   CONFIG OUT [resume]  the SCoRe Trainer itself (what `score train --nproc G` runs), rewarded by
+          tiny_run.ParityReward so that the untrained test model gets a learning signal
 """
 from __future__ import annotations
 
@@ -171,6 +173,19 @@ def fail(exit_rank: int) -> None:
     time.sleep(300)
 
 
+def train(config: str, out: str, resume: bool) -> None:
+    from score.rl.config import load_config
+    from tiny_run import trainer_with_parity
+
+    env = D.init_distributed("cpu")
+    trainer = trainer_with_parity(load_config(config, []), out, resume=resume, env=env)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    D.shutdown()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # ranks share the cores; oversubscribed threads only slow them down
     mode, rest = sys.argv[1], sys.argv[2:]
@@ -180,5 +195,7 @@ if __name__ == "__main__":
         resume1(rest[0], int(rest[1]), rest[2])
     elif mode == "fail":
         fail(int(rest[0]))
+    elif mode == "train":
+        train(rest[0], rest[1], rest[2:] == ["resume"])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -207,3 +207,114 @@ def test_init_distributed_outside_torchrun_names_missing_variables(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="missing RANK, WORLD_SIZE, LOCAL_RANK"):
         D.init_distributed()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The SCoRe Trainer itself under torchrun (what `score train --nproc G` runs)
+# ---------------------------------------------------------------------------------------------------
+TRAINER_STEPS = 4  # 2 Stage I + 2 Stage II steps (tiny_config)
+
+
+def _trainer_config(root: Path):
+    from score.rl.demo import to_toml
+    from tiny_run import tiny_config
+
+    # 4 prompts x 2 samples per step: 2 groups per rank, one group per micro-batch; half of the
+    # Stage II first attempts come from the base model (the reference's engine, gathered too).
+    cfg = tiny_config(root, optim__prompts_per_step=4, score__base_first_attempt_mix=0.5, run__keep_last=5)
+    path = root / "run.toml"
+    path.write_text(to_toml(cfg))
+    return cfg, path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+
+
+def _copy_at_step(src: Path, dst: Path, step: int) -> Path:
+    """The run folder as a run interrupted after `step`: later checkpoints and final/ removed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    for ckpt in (dst / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    from tiny_run import trainer_with_parity
+
+    root = tmp_path_factory.mktemp("dist_trainer")
+    cfg, config = _trainer_config(root)
+    plain = trainer_with_parity(cfg, root / "plain")
+    plain.fit()
+    plain.close()
+    two = _launch(2, "train", str(config), str(root / "two"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    resumed = _copy_at_step(root / "two", root / "resumed1", 2)
+    one = _launch(1, "train", str(config), str(resumed), "resume")
+    assert one.returncode == 0, one.stderr[-4000:]
+    return root, cfg, load_file(root / "plain" / "final" / "model.safetensors")
+
+
+def test_trainer_on_two_ranks_equals_one_process(trainer_runs):
+    root, _, plain = trainer_runs
+    two = load_file(root / "two" / "final" / "model.safetensors")
+    diff = _max_rel_diff(two, plain)
+    print(f"SCoRe trainer, 2 ranks vs plain process after {TRAINER_STEPS} steps: max rel diff {diff:.3g}")
+    assert diff <= TOL
+    base = load_file(root / "base" / "model.safetensors")
+    assert _max_rel_diff(base, plain) > 1e-3  # the steps did move the weights
+    ours, reference = _metrics(root / "two"), _metrics(root / "plain")
+    assert [m["step"] for m in ours] == list(range(1, TRAINER_STEPS + 1))
+    for a, b in zip(ours, reference):
+        # same samples and rewards (seeds keyed on whole-batch positions), same loss and norm
+        for key in ("stage", "reward_1", "reward_2", "len_1", "len_2", "skipped"):
+            assert a[key] == b[key], key
+        for key in ("loss", "grad_norm", "kl_1", "kl_2", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert any(m["grad_norm"] > 0 for m in ours)
+    names = sorted(p.name for p in (root / "two" / "checkpoints").iterdir())
+    assert names == ["step_000002", "step_000004"]  # DCP folders (plain runs write step_00000002)
+
+
+def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(trainer_runs):
+    from tiny_run import trainer_with_parity
+
+    root, cfg, plain = trainer_runs
+    one = load_file(root / "resumed1" / "final" / "model.safetensors")
+    assert _max_rel_diff(one, plain) <= TOL
+    assert [m["step"] for m in _metrics(root / "resumed1")] == list(range(1, TRAINER_STEPS + 1))
+    # a plain `score train --resume` continues from a sharded checkpoint too
+    resumed = trainer_with_parity(cfg, _copy_at_step(root / "two", root / "resumed_plain", 2), resume=True)
+    assert resumed.step == 2
+    resumed.fit()
+    resumed.close()
+    assert _max_rel_diff(load_file(root / "resumed_plain" / "final" / "model.safetensors"), plain) <= TOL
+
+
+def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
+    """The real command line: `score train --nproc 2` with an eval set, and a batch that cannot split."""
+    from tiny_run import write_problems
+
+    _, config = _trainer_config(tmp_path)
+    evals = write_problems(tmp_path / "eval.jsonl", 4, split="eval")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "score.rl.cli", "train", "--config", str(config), "--max-steps", "1",
+            "--set", f'data.eval="{evals}"', "--set", "run.plots=true"]
+    ok = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "run")], env=env, capture_output=True,
+                        text=True, timeout=240)
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    assert ok.stdout.count("final policy:") == 1 and "Acc@t1" in ok.stdout
+    run = tmp_path / "run"
+    assert json.load(open(run / "eval_metrics.json"))["n"] == 4
+    assert (run / "final" / "tokenizer.json").exists() and (run / "plots").is_dir()
+    assert len(_metrics(run)) == 1
+
+    bad = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "bad"), "--set", "optim.prompts_per_step=3"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0
+    assert "cannot be split evenly over 2 ranks" in bad.stderr and "failed first" in bad.stderr, bad.stderr[-3000:]

@@ -12,7 +12,7 @@ from score.rl.data import Problem
 from score.rl.rollout import Trajectory
 from score.rl.trainer import (DataOrder, Trainer, lr_at, micro_batch_loss, micro_batches, pack,
                               loss_denominator, stage_of)
-from tiny_run import tiny_config
+from tiny_run import ParityReward, tiny_config, trainer_with_parity
 
 ALPHA, BETA1, BETA2 = 10.0, 0.01, 0.1
 
@@ -143,23 +143,6 @@ def weights(model):
 def records(path):
     drop = {"time", "rollout_s", "reward_s", "train_s", "rollout_tokens_per_s", "train_tokens_per_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in open(path)]
-
-
-class ParityReward:
-    """A deterministic stand-in for a checker that an untrained model can pass: even-length answers."""
-
-    def __call__(self, texts, problems):
-        return [float(len(t) % 2 == 0) for t in texts]
-
-    def close(self):
-        pass
-
-
-def trainer_with_parity(cfg, out, **kw):
-    t = Trainer(cfg, out, **kw)
-    t.reward.close()
-    t.reward = ParityReward()
-    return t
 
 
 def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path):

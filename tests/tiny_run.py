@@ -45,3 +45,23 @@ def tiny_config(root: Path, **overrides):
         section, key = dotted.split("__")
         raw[section][key] = value
     return config_from_dict(raw, source="test")
+
+
+class ParityReward:
+    """A deterministic stand-in for a checker that an untrained model can pass: even-length answers."""
+
+    def __call__(self, texts, problems):
+        return [float(len(t) % 2 == 0) for t in texts]
+
+    def close(self):
+        pass
+
+
+def trainer_with_parity(cfg, out, **kw):
+    """A Trainer (any Trainer keyword, e.g. env=) rewarded by ParityReward."""
+    from score.rl.trainer import Trainer
+
+    t = Trainer(cfg, out, **kw)
+    t.reward.close()
+    t.reward = ParityReward()
+    return t
