@@ -28,6 +28,7 @@ On CPU (tests/test_memory_plan.py) the same formulas with b = 4 are checked agai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -236,10 +237,30 @@ def print_plan(cfg: ModelConfig, sizes: TrainingSizes = TrainingSizes(), world_s
     return plans
 
 
+def sizes_for_run(cfg, world_size: int, prompt_tokens: int, base: TrainingSizes = TrainingSizes()) -> TrainingSizes:
+    """The sizes of a run config (score.rl.config.RunConfig) on `world_size` GPUs. `prompt_tokens`
+    is an assumption about the longest rendered prompt plus the correction instruction (the data
+    decides it; the config does not)."""
+    k, o, r = cfg.rollout.samples_per_prompt, cfg.optim, cfg.rollout
+    if prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+    seq_len = prompt_tokens + r.max_tokens_attempt1 + r.max_tokens_attempt2
+    per_rank = -(-o.prompts_per_step // world_size)  # the trajectories one rank rolls out per step
+    return dataclasses.replace(
+        base, micro_batch_tokens=min(o.prompts_per_micro_batch, per_rank) * k * seq_len,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        rollout_seqs=min(r.max_num_seqs, per_rank * k), max_model_len=seq_len,
+        reference_offload=cfg.model.reference_cpu_offload,
+        reference_rollouts=cfg.score.base_first_attempt_mix > 0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m score.rl.memory_plan",
                                      description="Per-GPU memory of FSDP2 SCoRe training (see docs/memory_plan.md)")
     parser.add_argument("--model", help="HF model folder (config.json); default: the 0.5B-8B reference table")
+    parser.add_argument("--config", help="a `score train` run config (TOML): model, batch, budgets and options from it")
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="with --config: longest prompt + correction instruction, in tokens")
     parser.add_argument("--nproc", type=int, nargs="+", default=list(WORLD_SIZES), help="GPU counts to show")
     defaults = TrainingSizes()
     parser.add_argument("--micro-batch-tokens", type=int, default=defaults.micro_batch_tokens)
@@ -254,11 +275,21 @@ def main(argv=None) -> int:
                               max_model_len=ns.max_model_len,
                               activation_checkpointing=not ns.no_activation_checkpointing,
                               reference_offload=ns.reference_offload, gpu_gib=ns.gpu_gib)
-        models = {ns.model: ModelConfig.from_hf(ns.model)} if ns.model else MODELS
-        plans = [plan(cfg, w, sizes, name) for name, cfg in models.items() for w in ns.nproc]
+        run = None
+        if ns.config:
+            from .config import load_config
+
+            run = load_config(ns.config, [])
+            if not ns.model and not run.model.path:
+                raise ValueError(f"{ns.config}: model.path is empty and --model was not given")
+        path = ns.model or (run.model.path if run else None)
+        models = {path: ModelConfig.from_hf(path)} if path else MODELS
+        by_world = {w: sizes_for_run(run, w, ns.prompt_tokens, sizes) if run else sizes for w in ns.nproc}
+        plans = [plan(cfg, w, by_world[w], name) for name, cfg in models.items() for w in ns.nproc]
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    print(describe(sizes))
+    for w in ns.nproc if run else ns.nproc[:1]:
+        print(("" if not run else f"{w} GPU(s): ") + describe(by_world[w]))
     print(format_plans(plans))
     return 0
 

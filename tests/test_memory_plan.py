@@ -87,3 +87,20 @@ def test_bad_inputs_are_named():
         M.TrainingSizes(micro_batch_tokens=0)
     with pytest.raises(ValueError, match="compute_bytes"):
         M.TrainingSizes(compute_bytes=3)
+
+
+def test_plan_for_a_run_config(tmp_path, capsys):
+    from score.rl.demo import to_toml
+    from tiny_run import tiny_config
+
+    cfg = tiny_config(tmp_path, optim__prompts_per_step=8, optim__prompts_per_micro_batch=2,
+                      rollout__max_tokens_attempt1=100, rollout__max_tokens_attempt2=50)
+    one, two = (M.sizes_for_run(cfg, w, prompt_tokens=30) for w in (1, 2))
+    assert one.max_model_len == 180 and one.micro_batch_tokens == 2 * 2 * 180
+    assert (one.rollout_seqs, two.rollout_seqs) == (16, 8)  # each rank rolls out its share only
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg))
+    assert M.main(["--config", str(config), "--nproc", "1", "2", "--prompt-tokens", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "1 GPU(s): " in out and "2 GPU(s): " in out and "KV pool 8 seqs x 180 tokens" in out
+    assert sum(line.startswith(f"| {cfg.model.path} |") for line in out.splitlines()) == 2
