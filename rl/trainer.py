@@ -455,18 +455,18 @@ def train(cfg: RunConfig, out_dir: str | Path, *, max_steps: int | None = None, 
     Under torchrun every rank trains; after the process group is closed, rank 0 alone plots and
     evaluates the exported `final/` policy while the other ranks exit."""
     env = D.init_distributed(cfg.model.device) if D.launched_by_torchrun() else None
+    trainer = Trainer(cfg, out_dir, resume=resume, env=env)
     try:
-        trainer = Trainer(cfg, out_dir, resume=resume, env=env)
-        try:
-            final = trainer.fit(max_steps)
-            if env is None:
-                with trainer.generation() as engine:
-                    finish_run(cfg, trainer.out_dir, engine, trainer.builder, trainer.reward)
-        finally:
-            trainer.close()
+        final = trainer.fit(max_steps)
+        if env is None:
+            with trainer.generation() as engine:
+                finish_run(cfg, trainer.out_dir, engine, trainer.builder, trainer.reward)
     finally:
-        if env is not None:
-            D.shutdown()
+        trainer.close()
+    # Reached only without an error. After one there is no closing barrier (a peer may be waiting
+    # in another collective and never reach it): the process exits and the launcher stops the job.
+    if env is not None:
+        D.shutdown()
     if env is not None and env.is_main:
         model = from_pretrained(final, dtype=getattr(torch, cfg.model.dtype), device=env.device)
         r = cfg.rollout
