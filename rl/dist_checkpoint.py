@@ -33,6 +33,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from .distributed import raise_on_all_ranks
+
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -48,15 +50,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if _is_dist():
         dist.barrier()
-
-
-def _broadcast_error(message: str | None) -> None:
-    """Raise the same error on every rank when rank 0 found a problem (so nobody waits forever)."""
-    box = [message]
-    if _is_dist():
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ValueError(box[0])
 
 
 def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
@@ -81,7 +74,7 @@ def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Op
             error = f"checkpoint {final} already exists"
         elif tmp.exists():
             shutil.rmtree(tmp)  # left by a crashed save
-    _broadcast_error(error)
+    raise_on_all_ranks(error)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # DCP warns that it saves "in a single process", as we asked
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -122,7 +115,7 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             error = f"{path} is not a sharded checkpoint (no .metadata; expected a save_sharded folder)"
         elif not (path / STATE_FILE).is_file():
             error = f"{path} has no {STATE_FILE} (an interrupted save?)"
-    _broadcast_error(error)
+    raise_on_all_ranks(error)
     with warnings.catch_warnings():  # DCP warns that it loads "in a single process", as we asked
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _load(path, model, optimizer)

@@ -184,6 +184,48 @@ def shard_reference(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtyp
     return _shard(model, env, MixedPrecisionPolicy(), CPUOffloadPolicy() if cpu_offload else None)
 
 
+def sharded_from_pretrained(path, env: DistEnv, *, compute_dtype: torch.dtype | None = None,
+                            reference_cpu_offload: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(policy, reference) of an HF folder, loaded straight into FSDP2 shards.
+
+    Every rank builds both models on the meta device and shards them (`shard_policy`,
+    `shard_reference`); rank 0 alone reads the checkpoint into host memory and broadcasts it while
+    each rank keeps only its shards. So no GPU ever holds a whole model (a full fp32 policy plus its
+    reference copy is 8 x params bytes: 61 GB for a 7.6B model) and the host holds one copy, not one
+    per rank. A checkpoint rank 0 cannot read is the same error on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from score.model import ModelConfig, Transformer, from_pretrained
+
+    config = ModelConfig.from_hf(path)  # every rank: a bad config.json fails before any collective
+    with torch.device("meta"):
+        policy, reference = Transformer(config), Transformer(config)
+    shard_policy(policy, env, compute_dtype=compute_dtype)
+    shard_reference(reference, env, compute_dtype=compute_dtype, cpu_offload=reference_cpu_offload)
+    full, error = {}, None
+    if env.is_main:
+        try:
+            full = from_pretrained(path, dtype=torch.float32, device="cpu").state_dict()
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            error = str(exc)
+    raise_on_all_ranks(error)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for model, offloaded in ((policy, False), (reference, reference_cpu_offload)):
+        model.to_empty(device="cpu" if offloaded else env.device)
+        set_model_state_dict(model, dict(full), options=options)  # a copy: the call rewrites its dict
+    return policy, reference
+
+
+def raise_on_all_ranks(message: str | None) -> None:
+    """Rank 0's verdict on every rank: ValueError(message) everywhere when it is not None, so no rank
+    is left waiting in a collective for a peer that gave up (a no-op check without a process group)."""
+    box = [message]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ValueError(box[0])
+
+
 def fsdp_modules(model: nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 

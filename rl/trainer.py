@@ -242,18 +242,18 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
-        # Sharded runs keep fp32 master weights (an lr of 5e-6 is below bf16's resolution) and
-        # compute in model.dtype, or in bf16 on GPU when autocast_bf16 is on.
-        dtype = getattr(torch, cfg.model.dtype) if env is None else torch.float32
-        self.policy = from_pretrained(cfg.model.path, dtype=dtype, device=self.device)
-        self.policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
-        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.reference.set_activation_checkpointing(False)
-        if env is not None:
+        if env is None:
+            self.policy = from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=self.device)
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        else:
+            # Sharded runs keep fp32 master weights (an lr of 5e-6 is below bf16's resolution) and
+            # compute in model.dtype, or in bf16 on GPU when autocast_bf16 is on.
             bf16 = cfg.model.dtype == "bfloat16" or (self.device.type == "cuda" and cfg.model.autocast_bf16)
-            compute = torch.bfloat16 if bf16 else torch.float32
-            D.shard_policy(self.policy, env, compute_dtype=compute)
-            D.shard_reference(self.reference, env, compute_dtype=compute, cpu_offload=cfg.model.reference_cpu_offload)
+            self.policy, self.reference = D.sharded_from_pretrained(
+                cfg.model.path, env, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+                reference_cpu_offload=cfg.model.reference_cpu_offload)
+        self.policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        self.reference.set_activation_checkpointing(False)
         self.builder = prompt_builder(cfg, self.tokenizer)
         self.problems = load_problems(cfg, cfg.data.train)
         self.order = DataOrder(len(self.problems), cfg.optim.prompts_per_step, cfg.run.seed, cfg.data.shuffle)

@@ -318,3 +318,13 @@ def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
                          env=env, capture_output=True, text=True, timeout=240)
     assert bad.returncode != 0
     assert "cannot be split evenly over 2 ranks" in bad.stderr and "failed first" in bad.stderr, bad.stderr[-3000:]
+
+    # rank 0 alone reads the weights (sharded_from_pretrained); its failure is every rank's error
+    import shutil
+
+    empty = shutil.copytree(tmp_path / "base", tmp_path / "no_weights")
+    (empty / "model.safetensors").unlink()
+    broken = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "broken"), "--set",
+                                    f'model.path="{empty}"'], env=env, capture_output=True, text=True, timeout=240)
+    assert broken.returncode != 0
+    assert broken.stderr.count(f"score train: error:") == 2 and "safetensors" in broken.stderr, broken.stderr[-3000:]
