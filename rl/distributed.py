@@ -14,6 +14,9 @@ on its share of the prompts. This module holds the pieces that make that trainer
   1-rank gradient of the same global batch and a 2-rank run matches a 1-rank run.
 - `shard_reference(model, env)`: the frozen reference, sharded the same way, stored in the compute
   dtype (bf16 on GPU: it is never updated), no gradients, optionally CPU-offloaded (GPU only).
+- `sharded_from_pretrained(path, env)`: policy and reference built on the meta device, sharded, and
+  filled from rank 0's single read of the checkpoint (broadcast), so start-up never needs a whole
+  model per GPU.
 - `unsharded(model)`: all-gathers every layer for the duration of a rollout (the engine runs many
   small decode forwards; all-gathering each layer on each of them would cost 2 x params bytes of
   traffic per token). Memory cost while inside: one full copy of the weights in the compute dtype
