@@ -88,20 +88,27 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i]."""
+def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None],
+           workspace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i].
+
+    `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates: on the
+    CPU a fresh multi-MB tensor per step costs page faults comparable to the pass that fills it.
+    The same kernels write into it, so the numbers do not change.
+    """
     logits = logits.float()
     if params.greedy:
         tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, logprobs
-    scaled = logits / params.temperature if params.temperature != 1.0 else logits  # x / 1 == x exactly
-    logprobs_all = torch.log_softmax(scaled, dim=-1)
+        logprobs_all = torch.log_softmax(logits, dim=-1, out=_buffer(workspace, "logprobs", logits))
+        return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits
+    if params.temperature != 1.0:  # x / 1 == x exactly
+        scaled = torch.div(logits, params.temperature, out=_buffer(workspace, "scaled", logits))
+    logprobs_all = torch.log_softmax(scaled, dim=-1, out=_buffer(workspace, "logprobs", logits))
     if 0 < params.top_k < logits.shape[-1] or params.top_p < 1.0:
         weights = torch.softmax(truncate_logits(scaled, params.top_k, params.top_p), dim=-1, dtype=torch.float64)
-    else:
-        weights = logprobs_all.double().exp()
+    else:  # the float64 copy of the logprobs, exponentiated in place: logprobs_all.double().exp()
+        weights = _buffer(workspace, "weights", logits, torch.float64).copy_(logprobs_all).exp_()
     cdf = weights.cumsum_(dim=-1)
     uniform = torch.cat([torch.rand(1, generator=gen, device=logits.device, dtype=torch.float64)
                          for gen in generators])
@@ -109,3 +116,15 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _buffer(workspace: dict | None, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor of `like`'s shape (and `dtype`, default like's), from `workspace` if given."""
+    dtype = like.dtype if dtype is None else dtype
+    if workspace is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    key = "sample_" + name
+    buf = workspace.get(key)
+    if buf is None or buf.numel() < like.numel() or buf.dtype != dtype or buf.device != like.device:
+        buf = workspace[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+    return buf[:like.numel()].view(like.shape)
