@@ -35,7 +35,8 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
         tl.store(v_cache_ptr + slot * row_size + offs, v, mask=ok)
 
 
-def _validate(k, v, k_cache, v_cache, slot_mapping):
+def check_store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """The argument checks of `store_kv` (a caller storing every layer of a step runs them once)."""
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [N, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -79,7 +80,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, *, impl: str = "auto") -> Non
     """Store k/v [N, Hkv, D] at cache rows `slot_mapping` [N] (negative = skip); in place."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _validate(k, v, k_cache, v_cache, slot_mapping)
+    check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     if impl == "auto":
         impl = "triton" if k.is_cuda else "torch"
     if impl == "triton":

@@ -28,7 +28,7 @@ Not done: ALiBi, sliding windows, logit soft-capping (no supported model family 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,12 @@ def _launch_config(max_q_len: int, group: int, head_dim: int, dtype: torch.dtype
     return _TABLE[dtype, block_m, max(64, triton.next_power_of_2(head_dim))]
 
 
-def _validate(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q):
+def check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+                          max_q_len: int, max_context_len: int) -> None:
+    """The argument checks of `paged_attention` (a caller that reuses one plan for every layer of
+    a step runs them once, then calls `paged_attention_torch`)."""
+    if max_q_len < 1 or max_context_len < max_q_len:
+        raise ValueError(f"need 1 <= max_q_len <= max_context_len, got {max_q_len}, {max_context_len}")
     if q.dim() != 3:
         raise ValueError(f"q must be [N, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -185,9 +190,13 @@ class PagedAttentionPlan:
     # a fresh multi-MB tensor per layer costs more in page faults than the copy itself
     workspace: dict
     # decode with a persistent per-layer key buffer (see `plan_paged_attention`): its token capacity,
-    # and when this step continues the previous one, the (sequence, position, cache row) of each new key
+    # and when this step continues the previous one, each new key's (buffer row, cache row), int64
+    # rows of the buffer viewed as [S * capacity, Hkv, D] and of the cache as [blocks * block_size, Hkv, D]
     decode_capacity: int = 0
-    extend: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    extend: tuple[torch.Tensor, torch.Tensor] | None = None
+    # `visible` as the additive float mask SDPA makes of a boolean one, per compute dtype: built on
+    # the first layer's call instead of inside every layer's SDPA (same values, same kernel)
+    masks: dict = field(default_factory=dict)
 
 
 def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: int,
@@ -224,7 +233,8 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     if continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
         new_pos = ctx - 1
         new_rows = plan.block_index.gather(1, (new_pos // block_size)[:, None]).squeeze(1) * block_size
-        plan.extend = (torch.arange(num_seqs, device=device), new_pos, new_rows + new_pos % block_size)
+        buffer_rows = torch.arange(num_seqs, device=device) * state[1] + new_pos
+        plan.extend = (buffer_rows, new_rows + new_pos % block_size)
         plan.decode_capacity = state[1]
     else:  # room for 256 more tokens before the next full gather
         plan.decode_capacity = (needed_blocks + -(-256 // block_size)) * block_size
@@ -240,13 +250,23 @@ def _workspace_buffer(workspace: dict, name: str, shape: tuple, like: torch.Tens
     return buf[:numel].view(shape)
 
 
-def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float) -> torch.Tensor:
-    """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input."""
+def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float,
+                          new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input.
+
+    `new_kv` (decode only, optional): this step's k, v [S, Hkv, D], exactly what was just stored at
+    each sequence's last position; a continuing decode step copies them into the kept buffers
+    instead of reading them back out of the cache.
+    """
     num_seqs, max_ctx = plan.block_index.shape[0], plan.max_context_len
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     compute = torch.promote_types(q.dtype, torch.float32)
     num_gathered = plan.block_index.shape[1] * plan.block_size
+    mask = plan.masks.get(compute)
+    if mask is None:  # what SDPA computes from a boolean mask: where(visible, 0, -inf)
+        mask = plan.masks[compute] = torch.zeros(plan.visible.shape, dtype=compute, device=q.device).masked_fill_(
+            plan.visible.logical_not(), float("-inf"))
 
     def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
         index = plan.block_index.view(-1)
@@ -256,9 +276,10 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
 
     decode = plan.max_q_len == 1 and n == num_seqs
     if decode and plan.decode_capacity:
+        new_k, new_v = (None, None) if new_kv is None else new_kv
         q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)  # see below
-        out = F.scaled_dot_product_attention(q_grouped, _decode_keys(plan, k_cache, "k"),
-                                             _decode_keys(plan, v_cache, "v"), attn_mask=plan.visible, scale=scale)
+        out = F.scaled_dot_product_attention(q_grouped, _decode_keys(plan, k_cache, "k", new_k),
+                                             _decode_keys(plan, v_cache, "v", new_v), attn_mask=mask, scale=scale)
         return out.reshape(n, hq, d).to(q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
@@ -266,19 +287,21 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
         # (0.85 ms -> 0.52 ms for 16 x 8 heads over 450 keys); the mask [S, 1, 1, T] broadcasts
         q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)
         out = F.scaled_dot_product_attention(q_grouped, gather(k_cache, "k"), gather(v_cache, "v"),
-                                             attn_mask=plan.visible, scale=scale)
+                                             attn_mask=mask, scale=scale)
         return out.reshape(n, hq, d).to(q.dtype)
     q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
     # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
     out = F.scaled_dot_product_attention(q_pad.transpose(1, 2).to(compute), gather(k_cache, "k"), gather(v_cache, "v"),
-                                         attn_mask=plan.visible, scale=scale, enable_gqa=hq != hkv)
+                                         attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)[plan.query_index].to(q.dtype)  # [S, max_q, Hq, D] -> packed rows
 
 
-def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str) -> torch.Tensor:
+def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str,
+                 new: torch.Tensor | None = None) -> torch.Tensor:
     """[S, Hkv, T, D]: every sequence's keys (or values) from this layer's persistent buffer.
 
     Positions past a sequence's length hold zeros or older finite keys; the mask hides them.
+    `new` [S, Hkv, D]: the rows a continuing step adds (else they are read from the cache).
     """
     num_seqs, capacity, block_size = plan.block_index.shape[0], plan.decode_capacity, plan.block_size
     rows = cache.shape[1:]  # [block_size, Hkv, D]
@@ -291,8 +314,10 @@ def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str) -> to
         num_blocks = plan.block_index.shape[1]
         buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[plan.block_index]
     else:
-        seq, pos, cache_row = plan.extend
-        buf[seq, pos] = cache.view(-1, *rows[1:])[cache_row]
+        buffer_rows, cache_rows = plan.extend
+        if new is None:
+            new = cache.view(-1, *rows[1:]).index_select(0, cache_rows)
+        buf.view(-1, *rows[1:]).index_copy_(0, buffer_rows, new)
     return buf[:, :plan.max_context_len].transpose(1, 2).to(torch.promote_types(cache.dtype, torch.float32))
 
 
@@ -333,9 +358,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _validate(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q)
-    if max_q_len < 1 or max_context_len < max_q_len:
-        raise ValueError(f"need 1 <= max_q_len <= max_context_len, got {max_q_len}, {max_context_len}")
+    check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len, max_context_len)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if impl == "auto":

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from score.kernels import paged_attention, plan_paged_attention, store_kv
+from score.kernels.kv_store import check_store_kv
+from score.kernels.paged_attention import check_paged_attention, paged_attention_torch
 
 BACKENDS = ("auto", "triton", "torch", "flash")
 
@@ -34,8 +36,11 @@ class AttentionContext:
                  block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  max_q_len: int, max_context_len: int, copy_src: torch.Tensor | None,
                  copy_dst: torch.Tensor | None, workspace: dict | None = None,
-                 continues_decode: bool | None = None):
+                 continues_decode: bool | None = None, layer_caches: list | None = None):
+        """`layer_caches` (optional): `[(kv_cache[0, i], kv_cache[1, i]) for every layer i]`, views an
+        engine takes once instead of once per step and layer."""
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
+        self.layer_caches = layer_caches
         self.backend = backend
         self.slot_mapping = slot_mapping
         self.block_tables = block_tables
@@ -49,20 +54,27 @@ class AttentionContext:
         if backend == "torch":
             self.plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, kv_cache.shape[3],
                                              max_q_len, max_context_len, workspace, continues_decode)
+            # The torch path is the CPU one, where a step's many small per-layer ops show: the
+            # stores' int64 rows are converted once per step and the arguments checked on the
+            # first layer's call only (every layer of a step has the same shapes). Negative
+            # (skipped) slots, which the engine never makes, take store_kv's filtering path.
+            rows = slot_mapping.long()
+            self._store_rows = rows if bool((rows >= 0).all()) else None
+            self._checked = False
         self.cu_seqlens_k = self.flash = None
         if backend == "flash":
             self.flash = flash_varlen_with_block_table()
             self.cu_seqlens_k = torch.nn.functional.pad(context_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
-        impl = "torch" if self.backend == "torch" else "triton"
-        store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl=impl)
-        if self.copy_src is not None:
-            rows = k_cache.shape[2:]
-            for cache in (k_cache, v_cache):
-                flat = cache.view(-1, *rows)
-                flat[self.copy_dst] = flat[self.copy_src]
+        if self.layer_caches is not None:
+            k_cache, v_cache = self.layer_caches[layer_idx]
+        else:
+            k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
+        if self.backend == "torch":
+            return self._torch_attention(q, k, v, k_cache, v_cache)
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
+        self._copy_on_write(k_cache, v_cache)
         if self.backend == "flash":
             return self.flash(
                 q, k_cache, v_cache, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
@@ -70,4 +82,29 @@ class AttentionContext:
                 causal=True, block_table=self.block_tables)
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
                                max_q_len=self.max_q_len, max_context_len=self.max_context_len,
-                               scale=self.scale, impl=impl, plan=self.plan)
+                               scale=self.scale, impl="triton")
+
+    def _torch_attention(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
+        if not self._checked:
+            check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+            check_paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
+                                  self.max_q_len, self.max_context_len)
+            self._checked = True
+        if self._store_rows is None:
+            store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="torch")
+        else:
+            rows = k_cache.shape[2:]
+            k_cache.view(-1, *rows).index_copy_(0, self._store_rows, k)
+            v_cache.view(-1, *rows).index_copy_(0, self._store_rows, v)
+        self._copy_on_write(k_cache, v_cache)
+        # a decode step's new k/v are exactly its last-position rows unless a copy could have
+        # overwritten them (no copies: the attention reuses them instead of reading the cache back)
+        new_kv = (k, v) if self.copy_src is None and self._store_rows is not None else None
+        return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv)
+
+    def _copy_on_write(self, k_cache, v_cache) -> None:
+        if self.copy_src is not None:
+            rows = k_cache.shape[2:]
+            for cache in (k_cache, v_cache):
+                flat = cache.view(-1, *rows)
+                flat[self.copy_dst] = flat[self.copy_src]

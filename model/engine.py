@@ -111,6 +111,7 @@ class Engine:
         with torch.inference_mode():
             self.kv_cache = torch.zeros(2, num_layers, num_blocks, block_size, kv_heads, head_dim,
                                         dtype=self.dtype, device=self.device)
+            self._layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(num_layers)]
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
@@ -327,7 +328,8 @@ class Engine:
             self.kv_cache, backend=self.backend, slot_mapping=self._ints(slots, torch.int32),
             block_tables=self._ints(tables, torch.int32), context_lens=self._ints(context_lens, torch.int32),
             cu_seqlens_q=self._ints(cu, torch.int32), max_q_len=max_q_len, max_context_len=max(context_lens),
-            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace, continues_decode=continues)
+            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace, continues_decode=continues,
+            layer_caches=self._layer_caches)
         last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
         return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
 
