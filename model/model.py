@@ -76,12 +76,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
 
 
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with rotate_half's negation moved into sin, bit for bit: (-a) * b == a * (-b)
+    in IEEE arithmetic. x [N, H, D]; cos, signed_sin [N, 1, D] (`signed_sin` = sin with its first
+    half negated), built once per forward: two fewer ops per call, for the engine's decode where
+    a step is many small ops. Engine mode only (it runs without autograd; training keeps HF's form)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
 @dataclass
 class AttentionInputs:
     """What every layer's attention needs besides its own activations (one per forward)."""
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    sin: torch.Tensor  # engine mode: [N, 1, D] cos and signed sin for `apply_rope_signed`
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     attn: AttentionFn | None = None
@@ -108,10 +117,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         if inputs.attn is not None:
+            q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
+            q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
             out = causal_attention(
                 q, k, v, scale=self.head_dim**-0.5, cu_seqlens=inputs.cu_seqlens,
                 max_seqlen=inputs.max_seqlen, backend=inputs.backend,
@@ -204,6 +214,9 @@ class Transformer(nn.Module):
         positions, max_seqlen = self._check_inputs(input_ids, positions, cu_seqlens, attn, max_seqlen)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
+        if attn is not None:  # engine mode: rotary tables in the form every layer uses as is
+            half = sin.shape[-1] // 2
+            cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
         inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
