@@ -166,6 +166,31 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
     assert ((counts - 4000 * probs).abs() <= 4 * sigma + 1).all()
 
 
+def test_sampler_workspace_and_engine_rope_are_bit_identical():
+    """The CPU decode shortcuts change no number: the sampler writing into kept buffers, and the
+    engine-mode RoPE with rotate_half's negation folded into a signed sin."""
+    from score.model.model import apply_rope, apply_rope_signed
+
+    gen = torch.Generator().manual_seed(3)
+    workspace = {}
+    for rows, vocab in ((1, 7), (5, 131), (16, 1000), (3, 32001), (16, 1000)):  # buffers regrow and shrink
+        logits = torch.randn(rows, vocab, generator=gen) * 4
+        for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+                       SamplingParams(temperature=0.6), SamplingParams(temperature=1.3, top_k=5, top_p=0.9)):
+            seeds = torch.randint(0, 2**31, (rows,), generator=gen).tolist()
+            make = lambda: [None if params.greedy else torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+            plain, kept = sample(logits, params, make()), sample(logits, params, make(), workspace)
+            assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for heads, dim in ((8, 64), (2, 24), (3, 128)):
+            x = torch.randn(37, heads, dim, generator=gen).to(dtype)
+            angles = torch.randint(0, 4096, (37, 1), generator=gen) * torch.rand(dim // 2, generator=gen)
+            emb = torch.cat((angles, angles), -1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            signed = torch.cat((-sin[:, :dim // 2], sin[:, dim // 2:]), -1)
+            assert torch.equal(apply_rope(x, cos, sin), apply_rope_signed(x, cos[:, None], signed[:, None]))
+
+
 def test_stop_tokens_and_eos(model, prompts):
     engine = Engine(model, block_size=4, num_blocks=512, max_model_len=128)
     (ref_ids, _), = [dense_greedy(model, prompts[3], 6)]

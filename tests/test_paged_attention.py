@@ -126,6 +126,36 @@ def test_torch_decode_steps_extend_the_kept_keys():
                                        atol=1e-12, rtol=1e-12)
 
 
+def test_torch_decode_extend_from_new_kv_equals_reading_the_cache():
+    """A continuing decode step may hand its new k/v to the torch path instead of having them read
+    back from the cache (the engine's CPU decode): the output is bit-identical."""
+    from score.kernels.paged_attention import paged_attention_torch
+
+    full = [6, 18, 2, 41]
+    args, _, _ = build_case(full, [1] * 4, 3, 4, 2, 8)
+    gen = torch.Generator().manual_seed(2)
+    outs = {}
+    for use_new in (False, True):
+        workspace = {}
+        k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
+        for step, continues in ((0, False), (1, True), (2, True)):
+            ctx_lens = [c - 2 + step for c in full]
+            k_new = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(step))
+            v_new = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(10 + step))
+            slots = torch.tensor([int(args["block_tables"][s, (c - 1) // 3]) * 3 + (c - 1) % 3
+                                  for s, c in enumerate(ctx_lens)], dtype=torch.int32)
+            store_kv(k_new, v_new, k_cache, v_cache, slots, impl="torch")
+            context_lens = torch.tensor(ctx_lens, dtype=torch.int32)
+            plan = plan_paged_attention(args["block_tables"], context_lens, args["cu_seqlens_q"], 3, 1,
+                                        max(ctx_lens), workspace, continues_decode=continues)
+            q = torch.randn(4, 4, 8, generator=gen)
+            new_kv = (k_new, v_new) if use_new else None
+            outs[use_new, step] = paged_attention_torch(q, k_cache, v_cache, plan, 8 ** -0.5, new_kv=new_kv)
+        gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        assert torch.equal(outs[False, step], outs[True, step])
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_store_kv_writes_only_mapped_rows(impl):
     gen = torch.Generator().manual_seed(3)
