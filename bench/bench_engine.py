@@ -32,10 +32,19 @@ from score.model import Engine, SamplingParams, from_pretrained  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
-NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 16, 256, 128, 16
-ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "3"))
+CUDA = torch.cuda.is_available()
+if CUDA:  # issue 4's GPU workload: a Qwen2.5-0.5B-sized random model, bf16, 256 prompts
+    CONFIG = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024)
+    NUM_PROMPTS, DTYPE, DEVICE = 256, torch.bfloat16, "cuda"
+else:
+    CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+    NUM_PROMPTS, DTYPE, DEVICE = 16, torch.float32, "cpu"
+PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 256, 128, 16
+ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2" if CUDA else "3"))
+# HBM bandwidth of the cards this bench has run on (vendor figures, bytes/s), for decode utilisation
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 if os.environ.get("BENCH_THREADS"):  # e.g. 1 on a machine shared with other jobs (see RESULTS.md)
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 GENERATED = 2 * NUM_PROMPTS * NEW_TOKENS
@@ -45,8 +54,8 @@ GENERATED = 2 * NUM_PROMPTS * NEW_TOKENS
 def models(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen2_bench")
     make_hf_checkpoint(path, "qwen2_gqa_bias_tied", **CONFIG)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+    ours = from_pretrained(path, dtype=DTYPE, device=DEVICE).eval()
     return hf, ours
 
 
@@ -55,7 +64,7 @@ def workload():
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, CONFIG["vocab_size"], (NUM_PROMPTS, PROMPT_LEN), generator=gen)
     instruction = torch.randint(0, CONFIG["vocab_size"], (INSTRUCTION_LEN,), generator=gen)
-    return prompts, instruction
+    return prompts.to(DEVICE), instruction.to(DEVICE)
 
 
 def run_transformers(hf, prompts, instruction, seed):
@@ -70,15 +79,55 @@ def run_transformers(hf, prompts, instruction, seed):
     return prompts.numel() + second_prompts.numel()
 
 
-def run_engine(ours, prompts, instruction, seed):
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def decode_bandwidth(ours, prompts) -> dict:
+    """Decode's share of HBM bandwidth: one step must read every weight and each sequence's K/V.
+
+    Decode-step time = (time of `generate` with 1 + n new tokens - time with 1) / n: the prompt
+    prefill cancels out. Bytes per step = parameters x 2 (bf16, the tied head counted once) + the
+    K/V of the mean context (prompt + n/2) of every sequence."""
+    n = NEW_TOKENS
+    engine = Engine(ours, block_size=16, max_model_len=CONFIG["max_position_embeddings"], max_num_seqs=NUM_PROMPTS)
+    ids = prompts.tolist()
+    elapsed = {}
+    for tokens in (1, 1 + n):
+        engine.clear_cache()
+        params = SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)
+        with torch.inference_mode():
+            engine.generate(ids, params)  # warm (and allocate) once
+            engine.clear_cache()
+            sync()
+            start = time.perf_counter()
+            engine.generate(ids, params)
+            sync()
+        elapsed[tokens] = time.perf_counter() - start
+    step = (elapsed[1 + n] - elapsed[1]) / n
+    cfg = ours.config
+    weight_bytes = sum(p.numel() for p in ours.parameters()) * 2
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv_bytes = NUM_PROMPTS * (PROMPT_LEN + n / 2) * kv_per_token
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+    out = {"decode_step_ms": step * 1e3, "decode_GB_per_step": (weight_bytes + kv_bytes) / 1e9,
+           "decode_bandwidth_TB_per_s": (weight_bytes + kv_bytes) / step / 1e12}
+    if peak:
+        out["decode_bandwidth_utilisation"] = (weight_bytes + kv_bytes) / step / peak
+    return out
+
+
+def run_engine(ours, prompts, instruction, seed, new_tokens=NEW_TOKENS):
     """The same two calls through a fresh engine; returns its stats."""
     engine = Engine(ours, block_size=16, max_model_len=CONFIG["max_position_embeddings"], max_num_seqs=NUM_PROMPTS)
-    params = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, ignore_eos=True, seed=seed)
+    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=seed)
     prompt_ids = prompts.tolist()
     first = engine.generate(prompt_ids, params)
     instruction_ids = instruction.tolist()
     second = engine.generate([p + out[0].token_ids + instruction_ids for p, out in zip(prompt_ids, first)], params)
-    assert all(len(out[0].token_ids) == NEW_TOKENS for out in first + second)
+    assert all(len(out[0].token_ids) == new_tokens for out in first + second)
     return engine.stats
 
 
@@ -103,12 +152,18 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         if len(times["ours"]) % 2:
             order.reverse()
         for label, fn in order:
+            sync()
             start = time.perf_counter()
             with torch.inference_mode():
                 fn()
+            sync()
             times[label].append(time.perf_counter() - start)
 
     rss_before = peak_rss_mib()
+    if CUDA:  # compile the Triton kernels and warm cuBLAS outside the timed rounds
+        with torch.inference_mode():
+            run_engine(ours, prompts[:4], instruction, seed=99, new_tokens=4)
+        torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(pair, rounds=ROUNDS, warmup_rounds=0, iterations=1)
     best = {label: GENERATED / min(t) for label, t in times.items()}
     stats = facts["stats"]
@@ -126,9 +181,13 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         "peak_rss_growth_MiB": peak_rss_mib() - rss_before,
         "torch_threads": torch.get_num_threads(),
     }
+    if CUDA:
+        info.update(decode_bandwidth(ours, prompts))
+        info["device"] = torch.cuda.get_device_name()
+        info["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     info["target_3x_met"] = info["ratio_median_of_rounds"] >= 3.0  # issue 4's target, same run
     benchmark.extra_info.update(info)
-    lines = [f"two-attempt rollout, CPU fp32, {NUM_PROMPTS}x{PROMPT_LEN} prompts, 2x{NEW_TOKENS} sampled tokens:"]
+    lines = [f"two-attempt rollout, {DEVICE} {DTYPE}, {NUM_PROMPTS}x{PROMPT_LEN} prompts, 2x{NEW_TOKENS} sampled tokens:"]
     lines += [f"  {k:34s} {v:.3f}" if isinstance(v, float) else f"  {k:34s} {v}" for k, v in info.items()]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
