@@ -91,7 +91,10 @@ def _paged_attention_kernel(
                     + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
                     + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        if q_ptr.dtype.element_ty == tl.float32:  # fp32 stays fp32 (the default would be TF32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
         visible = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         # position 0 is visible to every row, so m_new is finite from the first tile on
@@ -99,7 +102,10 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if q_ptr.dtype.element_ty == tl.float32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     out = acc / l_i[:, None]
