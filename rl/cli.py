@@ -85,10 +85,10 @@ def _eval(args) -> int:
     cfg.data.eval = args.data
 
     import torch
-    from score.model import Engine, from_pretrained, load_tokenizer
+    from score.model import from_pretrained, load_tokenizer
 
     from .evaluate import evaluate, table, write_json, write_records
-    from .trainer import load_problems, make_reward, pick_device, prompt_builder
+    from .trainer import load_problems, make_engine, make_reward, pick_device, prompt_builder
 
     problems = load_problems(cfg, args.data)
     if args.max_problems:
@@ -98,8 +98,7 @@ def _eval(args) -> int:
     tokenizer = load_tokenizer(args.model)
     reward = make_reward(cfg)
     try:
-        engine = Engine(model, block_size=cfg.rollout.block_size, max_num_seqs=cfg.rollout.max_num_seqs)
-        metrics, records = evaluate(engine, prompt_builder(cfg, tokenizer), problems, reward,
+        metrics, records = evaluate(make_engine(cfg, model), prompt_builder(cfg, tokenizer), problems, reward,
                                     max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
     finally:
         reward.close()

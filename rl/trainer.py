@@ -94,6 +94,11 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
                       solution_key=d.solution_key, id_key=d.id_key or None)
 
 
+def make_engine(cfg: RunConfig, model) -> Engine:
+    r = cfg.rollout
+    return Engine(model, block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
+
+
 def make_reward(cfg: RunConfig) -> BatchReward:
     r = cfg.reward
     return BatchReward(r.kind, timeout_s=r.timeout_s, workers=r.workers, memory_mb=r.memory_mb)
@@ -300,12 +305,10 @@ class Trainer:
                 stack.enter_context(D.unsharded(self.policy))
                 if base:
                     stack.enter_context(D.unsharded(self.reference))
-            r = self.cfg.rollout
-            kw = dict(block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
             if self.engine is None:  # built on gathered weights: the engine takes their dtype
-                self.engine = Engine(self.policy, **kw)
+                self.engine = make_engine(self.cfg, self.policy)
             if base and self.base_engine is None:
-                self.base_engine = Engine(self.reference, **kw)
+                self.base_engine = make_engine(self.cfg, self.reference)
             yield self.engine
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -469,11 +472,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, max_steps: int | None = None, 
         D.shutdown()
     if env is not None and env.is_main:
         model = from_pretrained(final, dtype=getattr(torch, cfg.model.dtype), device=env.device)
-        r = cfg.rollout
-        engine = Engine(model, block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
         reward = make_reward(cfg)
         try:
-            finish_run(cfg, Path(out_dir), engine, prompt_builder(cfg, load_tokenizer(final)), reward)
+            finish_run(cfg, Path(out_dir), make_engine(cfg, model), prompt_builder(cfg, load_tokenizer(final)), reward)
         finally:
             reward.close()
     return final
