@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
-    score demo  --out DIR [--ablations] [--quick] [--seed N]
+    score demo  --out DIR [--ablations] [--quick] [--seed N] [--seeds K] [--workers W]
 
 Errors in the user's input (config, data, paths) are printed as one line naming the cause and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -42,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the embedded CPU demo: warm-up, base eval, SCoRe, eval, table")
     demo.add_argument("--out", required=True, help="demo folder (results.json, eval_*.jsonl, plots)")
-    demo.add_argument("--ablations", action="store_true", help="also run 'no Stage I' and 'no reward shaping'")
+    demo.add_argument("--ablations", action="store_true",
+                      help="also run the paper's ablations (single-turn RL, no Stage I, no reward shaping, STaR in "
+                           "Stage II, no online turn-1 samples), each with every seed")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in seconds, not the result")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the task data, warm-up and RL")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the task data and warm-up; RL seeds are SEED..")
+    demo.add_argument("--seeds", type=int, default=None, help="RL seeds per method (default 3; --quick 2)")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="RL runs at once, one process and one thread each (default: 2, or 1 on one core)")
     return parser
 
 
@@ -99,7 +104,7 @@ def _eval(args) -> int:
     reward = make_reward(cfg)
     try:
         metrics, records = evaluate(make_engine(cfg, model), prompt_builder(cfg, tokenizer), problems, reward,
-                                    max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
+                                    budgets=cfg.eval_budgets, progress=cfg.run.progress)
     finally:
         reward.close()
     out = Path(args.out)
@@ -112,7 +117,9 @@ def _eval(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, ablations=args.ablations, quick=args.quick, seed=args.seed)
+    # Progress bars only on a terminal: in a log file every redraw would be a line.
+    run_demo(args.out, ablations=args.ablations, quick=args.quick, seed=args.seed, seeds=args.seeds,
+             workers=args.workers, progress=sys.stderr.isatty())
     return 0
 
 

@@ -110,6 +110,15 @@ class ScoreSection:
     base_first_attempt_mix: float = _f(
         0.0, "Stage II: fraction of prompts whose attempt 1 comes from the frozen base model (paper's option)",
         check=_prob)
+    online_first_attempt: bool = _f(
+        True, "false: every attempt 1, in both stages, is sampled by the frozen base model and never trained "
+        "(the paper's 'without online turn-1 samples' ablation)")
+    single_turn: bool = _f(
+        False, "train attempt 1 alone with REINFORCE on r1 (no attempt 2 is sampled during training): the "
+        "paper's single-turn RL ablation; needs stage1_steps = 0")
+    stage2_update: Literal["reinforce", "star"] = _f(
+        "reinforce", "Stage II update: reinforce = the returns above; star = supervised training on the "
+        "attempts whose reward is 1 (the paper's 'STaR instead of REINFORCE' ablation)")
 
 
 @dataclass
@@ -134,7 +143,9 @@ class RunSection:
     checkpoint_every: int = _f(50, "save a checkpoint every N optimizer steps (0 = only at the end)", check=_nonneg)
     keep_last: int = _f(3, "checkpoints kept on disk", check=_pos)
     eval_max_problems: int = _f(0, "cap on end-of-run evaluation problems (0 = all)", check=_nonneg)
-    eval_max_tokens: int = _f(512, "token budget of each greedy evaluation attempt", check=_pos)
+    eval_max_tokens: int = _f(
+        0, "token budget of each greedy evaluation attempt (0 = the rollout budgets max_tokens_attempt1/2)",
+        check=_nonneg)
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
     plots: bool = _f(True, "write PNG plots of the run's metrics at the end")
     progress: bool = _f(True, "tqdm progress bars")
@@ -150,6 +161,13 @@ class RunConfig:
     score: ScoreSection = field(default_factory=ScoreSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def eval_budgets(self) -> tuple[int, int]:
+        """Token budgets of the greedy evaluation's attempts 1 and 2."""
+        if self.run.eval_max_tokens:
+            return self.run.eval_max_tokens, self.run.eval_max_tokens
+        return self.rollout.max_tokens_attempt1, self.rollout.max_tokens_attempt2
 
     @property
     def total_steps(self) -> int:
@@ -211,7 +229,22 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> Ru
         sections[name] = _build_section(name, value, source, text)
     for name, cls in _SECTION_TYPES.items():
         sections.setdefault(name, cls())
+    _check_training_variant(sections["score"], source, text)
     return RunConfig(**sections)
+
+
+def _check_training_variant(s: "ScoreSection", source: str, text: str) -> None:
+    """Combinations of score keys that describe no training run."""
+    if not s.single_turn:
+        return
+    where = _where(source, text, "score", "single_turn")
+    if s.stage1_steps:
+        raise ConfigError(f"{where}: score.single_turn = true trains attempt 1 only, which has no Stage I; "
+                          f"set score.stage1_steps = 0 (got {s.stage1_steps}) and put the budget in stage2_steps")
+    if not s.online_first_attempt:
+        raise ConfigError(f"{where}: score.single_turn = true with score.online_first_attempt = false trains nothing")
+    if s.stage2_update != "reinforce":
+        raise ConfigError(f"{where}: score.single_turn = true needs score.stage2_update = 'reinforce'")
 
 
 def _build_section(name: str, values: dict, source: str, text: str):

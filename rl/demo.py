@@ -1,24 +1,35 @@
-"""`score demo`: SCoRe end to end on CPU in minutes, with nothing downloaded.
+"""`score demo`: SCoRe end to end on CPU in minutes, with nothing downloaded, as an experiment.
 
-1. A byte-level BPE tokenizer is trained on the demo task's texts (`tokenizers`), and a tiny
-   Llama-style decoder (score.model.Transformer) is warmed up with supervised training on the
-   procedural task of `demo_task.py` (sums of four numbers from 10 to 29): direct first attempts and
-   two-attempt traces whose second attempts are careless (module docstring there).
-2. That base model is saved in HF format (`DIR/base`: safetensors, config.json, tokenizer files).
-3. It is evaluated greedily on held-out problems (two attempts): `DIR/eval_base.jsonl`.
-4. Stage I and Stage II run through `rl.trainer.Trainer`, the same code path as `score train`
-   (the run's config is written to `DIR/score/config.toml`, its metrics to `DIR/score/metrics.jsonl`).
-5. The trained model is evaluated the same way (`DIR/eval_score.jsonl`); the table is printed and
-   `DIR/results.json` written; plots of the SCoRe run's metrics go to `DIR/plots`.
-`--ablations` adds "no Stage I" (Stage II only, same number of steps) and "no reward shaping"
-(alpha = 0). `--quick` shrinks everything to check the pipeline in seconds (not the result).
+1. A BPE tokenizer is trained on the demo task's texts (`tokenizers`), and a tiny Llama-style decoder
+   (score.model.Transformer) is warmed up with supervised training on the procedural task of
+   `demo_task.py` (the last digit of a sum of four digits): direct answers, worked answers, and
+   two-attempt traces whose second attempts are careless (module docstring there). That base model
+   is saved in HF format (`DIR/base`) and shared by every RL run.
+2. Headroom, measured before any RL: the base model's greedy accuracy with each answer path forced
+   (direct within attempt 1's budget, worked within attempt 2's), and its own two-attempt
+   self-correction (`DIR/eval/headroom.jsonl`, `DIR/eval/base_seed{S}.jsonl`).
+3. SCoRe (Stage I then Stage II) from the base model with several RL seeds, through
+   `rl.trainer.Trainer` exactly as `score train` runs it (`DIR/runs/NAME_seed{i}/`: config.toml,
+   metrics.jsonl, final/); each trained policy is evaluated greedily on the held-out problems
+   (`DIR/eval/NAME_seed{i}.jsonl`, one line per problem with `id`, `r1`, `r2`).
+4. `--ablations` adds the paper's Table 4 rows with the same budget: single-turn RL, no Stage I, no
+   reward shaping, STaR instead of REINFORCE in Stage II, no online turn-1 samples (METHODS).
+5. `DIR/results.json` holds the headroom and, per method, every seed's metrics, their mean and
+   standard error; the table is printed with ± s.e.; `DIR/plots/` holds a bar chart and the
+   training curves.
+
+RL runs go to a pool of processes (one intra-op thread each). `--quick` shrinks everything to check
+the pipeline in seconds (not the result).
 """
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +38,14 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from score.kernels import fused_linear_logprob
-from score.model import Engine, ModelConfig, Tokenizer, Transformer, save_pretrained
+from score.model import ModelConfig, SamplingParams, Tokenizer, Transformer, save_pretrained
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
-from .evaluate import evaluate, table, write_json, write_records
+from .evaluate import evaluate, write_json, write_records
+from .metrics import format_table, seed_summary
 from .prompts import PromptBuilder
-from .rewards import BatchReward
+from .trainer import Trainer, load_problems, make_engine, make_reward
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
 DEMO_RL = {
@@ -41,39 +53,53 @@ DEMO_RL = {
     "data": {"question_key": "problem", "answer_key": "answer", "id_key": "id"},
     "prompt": {"chat": False, "system_prompt": "", "correction_instruction": demo_task.CORRECTION_INSTRUCTION},
     "reward": {"kind": "exact"},
-    "rollout": {"samples_per_prompt": 4, "temperature": 1.0, "max_tokens_attempt1": 10, "max_tokens_attempt2": 40,
+    "rollout": {"samples_per_prompt": 4, "temperature": 1.0, "max_tokens_attempt1": 4, "max_tokens_attempt2": 24,
                 "max_num_seqs": 256},
-    "score": {"stage1_steps": 40, "stage2_steps": 80, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
-    "optim": {"lr": 1e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
+    "score": {"stage1_steps": 25, "stage2_steps": 75, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
+    "optim": {"lr": 2e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
               "prompts_per_micro_batch": 16},
-    "run": {"checkpoint_every": 0, "keep_last": 1, "eval_max_tokens": 40, "plots": False},
+    "run": {"checkpoint_every": 0, "keep_last": 1, "plots": False, "progress": False},
 }
+# The paper's Table 4 rows, each a change of the [score] section with the same budget of steps
+# (demo_config moves Stage I's steps into Stage II for the methods without Stage I).
+METHODS = {
+    "score": ("SCoRe", {}),
+    "single_turn": ("single-turn RL", {"single_turn": True, "stage1_steps": 0}),
+    "no_stage1": ("w/o Stage I", {"stage1_steps": 0}),
+    "no_shaping": ("w/o reward shaping", {"alpha": 0.0}),
+    "star_stage2": ("STaR in Stage II", {"stage2_update": "star"}),
+    "offline_turn1": ("w/o online turn-1 samples", {"online_first_attempt": False}),
+}
+RESULT_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "n")
 
 
 @dataclass(frozen=True)
 class DemoSizes:
-    hidden: int = 64
+    hidden: int = 96
     layers: int = 3
     heads: int = 4
-    vocab: int = 400
-    warmup_steps: int = 1000
+    vocab: int = 512
+    warmup_steps: int = 800
     warmup_batch: int = 64
-    warmup_lr: float = 3e-3
+    warmup_lr: float = 1e-3
     rl_train_problems: int = 4000
     eval_problems: int = 256
+    seeds: int = 3
 
 
 FULL = DemoSizes()
 QUICK = DemoSizes(hidden=32, layers=1, heads=2, vocab=300, warmup_steps=8, warmup_batch=8, rl_train_problems=64,
-                  eval_problems=12)
+                  eval_problems=12, seeds=2)
 
 
 # ---------------------------------------------------------------------------------------------------
 def build_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
-    """Byte-level BPE trained on the demo's texts; digits are always single tokens."""
+    """Byte-level BPE trained on the demo's texts; digits are always single tokens. Merges may cross
+    spaces, so the fixed texts (prompt, instruction) become a few tokens each: short sequences."""
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -154,15 +180,20 @@ def write_problems(path: Path, problems) -> Path:
 
 
 def demo_config(base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, **score) -> RunConfig:
+    """The RL config of one demo run; `score` changes the [score] section (a method of METHODS). A
+    method without Stage I (`stage1_steps=0`) gets its steps in Stage II: every method has one budget."""
     raw = json.loads(json.dumps(DEMO_RL))
     raw["model"]["path"] = str(base_dir)
     raw["data"].update(train=str(train_file), eval=str(eval_file))
     raw["run"]["seed"] = seed
-    raw["score"].update(score)
     if quick:
         raw["score"].update(stage1_steps=1, stage2_steps=1)
         raw["optim"].update(prompts_per_step=2, prompts_per_micro_batch=1)
         raw["rollout"].update(samples_per_prompt=2)
+    total = raw["score"]["stage1_steps"] + raw["score"]["stage2_steps"]
+    raw["score"].update(score)
+    if raw["score"]["stage1_steps"] == 0:
+        raw["score"]["stage2_steps"] = total
     return config_from_dict(raw, source="score demo")
 
 
@@ -177,54 +208,133 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-def evaluate_model(model, tokenizer, cfg: RunConfig, problems, progress: bool):
-    from .trainer import prompt_builder
+# The measurements
+# ---------------------------------------------------------------------------------------------------
+def headroom(model, builder: PromptBuilder, problems, cfg: RunConfig) -> tuple[dict, list[dict]]:
+    """Greedy accuracy of `model` on `problems` down each answer path, forced by appending the path's
+    first words (token ids): `direct` in attempt 1 (its budget), `worked` in attempt 2 (its budget,
+    after that direct attempt 1 and the instruction), where a self-correcting model would use it.
+    Returns ({"direct": f, "worked": f}, per-problem rows)."""
+    tokenizer, engine = builder.tokenizer, make_engine(cfg, model)
+    stop = tuple(builder.stop_token_ids)
+    direct, worked = tokenizer.encode(demo_task.DIRECT_PREFIX), tokenizer.encode(demo_task.WORKED_PREFIX)
+    for name, ids, example in (("direct", direct, demo_task.direct_answer(7)),
+                               ("worked", worked, demo_task.worked_solution((1, 2, 3, 4)))):
+        if tokenizer.encode(example)[:len(ids)] != ids:
+            raise RuntimeError(f"the {name} prefix does not tokenize as the start of a {name} answer")
 
-    reward = BatchReward(cfg.reward.kind)
-    engine = Engine(model, max_num_seqs=cfg.rollout.max_num_seqs)
-    return evaluate(engine, prompt_builder(cfg, tokenizer), problems, reward,
-                    max_tokens=cfg.run.eval_max_tokens, progress=progress)
+    def greedy(contexts, forced, budget):
+        outs = engine.generate([c + forced for c in contexts],
+                               SamplingParams(n=1, temperature=0.0, max_tokens=budget - len(forced),
+                                              stop_token_ids=stop))
+        return [forced + list(o[0].token_ids) for o in outs], [o[0].finish_reason for o in outs]
+
+    prompts = [builder.first_attempt_ids(p.question) for p in problems]
+    first, finish = greedy(prompts, direct, cfg.rollout.max_tokens_attempt1)
+    contexts = [builder.second_attempt_ids(p, a, f)[0] for p, a, f in zip(prompts, first, finish)]
+    second, _ = greedy(contexts, worked, cfg.rollout.max_tokens_attempt2)
+    rows = []
+    for p, a, b in zip(problems, first, second):
+        texts = [tokenizer.decode(x, skip_special_tokens=True) for x in (a, b)]
+        rows.append({"id": p.id, "direct": demo_task.check_answer(texts[0], p.answer),
+                     "worked": demo_task.check_answer(texts[1], p.answer), "direct_text": texts[0],
+                     "worked_text": texts[1]})
+    return {path: sum(r[path] for r in rows) / len(rows) for path in ("direct", "worked")}, rows
 
 
-def run_rl(name: str, cfg: RunConfig, run_dir: Path, eval_problems, progress: bool):
-    """Stage I + II with the real trainer, then the greedy evaluation of the trained policy."""
-    from .trainer import Trainer
-
+def train_and_evaluate(job: dict) -> dict:
+    """One RL run of the demo (a process-pool job): Stage I + II with the real trainer, then the
+    greedy two-attempt evaluation of the trained policy; its per-problem records go to job['records']."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    cfg = config_from_dict(job["config"], source=f"score demo ({job['name']}, seed {job['seed']})")
+    run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     trainer = Trainer(cfg, run_dir)
     try:
         trainer.fit()
-        metrics, records = evaluate(trainer.engine, trainer.builder, eval_problems, trainer.reward,
-                                    max_tokens=cfg.run.eval_max_tokens, progress=progress)
+        with trainer.generation() as engine:
+            metrics, records = evaluate(engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward,
+                                        budgets=cfg.eval_budgets)
     finally:
         trainer.close()
-    return metrics, records
+    write_records(job["records"], records)
+    return {"seed": job["seed"], **{k: metrics[k] for k in RESULT_KEYS}, "wall_s": time.perf_counter() - started}
 
 
+def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
+    """Run the RL jobs on `workers` processes (one intra-op thread each, so the results do not depend
+    on how many run at once); results in job order."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="RL runs", unit="run", dynamic_ncols=True)
+    results = [None] * len(jobs)
+
+    def done(i, result):
+        results[i] = result
+        line = (f"{jobs[i]['name']} seed {result['seed']}: Acc@t1 {100 * result['acc_t1']:.1f}, "
+                f"Acc@t2 {100 * result['acc_t2']:.1f} ({result['wall_s']:.0f} s)")
+        if bar is not None:
+            bar.update(1)
+            bar.write(line)
+        else:
+            print(line, flush=True)
+
+    try:
+        if workers <= 1:
+            for i, job in enumerate(jobs):
+                done(i, train_and_evaluate(job))
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(train_and_evaluate, job): i for i, job in enumerate(jobs)}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    mean, stderr = seed_summary(runs)
+    return {"seeds": runs, "mean": {**mean, "n": runs[0]["n"]}, "stderr": stderr}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------------
 def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = False, seed: int = 0,
-             progress: bool = True) -> dict:
+             seeds: int | None = None, workers: int | None = None, progress: bool = True) -> dict:
     """The whole demo; returns the results dict written to DIR/results.json.
 
-    It runs on one intra-op thread so that its numbers reproduce on any core count: with more threads
-    float reductions are ordered differently, and the tiny model's training amplifies last-bit
-    differences (seed 0 on 2 threads ended at Δ −0.8 instead of the +3.5 that 1 thread gives).
+    Everything runs on one intra-op thread per process, so a machine computes the same numbers
+    whatever its core count or `workers`; other CPUs round differently (their BLAS kernels), so
+    digits differ across machines while the claims (mean ± s.e. over seeds) hold with margin.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(out_dir, ablations=ablations, quick=quick, seed=seed, progress=progress)
+        return _run_demo(out_dir, ablations=ablations, quick=quick, seed=seed, seeds=seeds, workers=workers,
+                         progress=progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, progress: bool) -> dict:
+def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | None, workers: int | None,
+              progress: bool) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
+    seeds = sizes.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()
     torch.manual_seed(seed)
 
+    # The shared base model and the data.
     tokenizer = build_tokenizer(sizes.vocab, seed)
     builder = PromptBuilder(tokenizer, chat=False, system_prompt=None,
                             correction_instruction=demo_task.CORRECTION_INSTRUCTION)
@@ -233,49 +343,59 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, progress: boo
     base_dir = out / "base"
     save_pretrained(model, base_dir)
     tokenizer.save_pretrained(base_dir)
-
-    train_problems = demo_task.problems(sizes.rl_train_problems, "train", seed)
-    train_file = write_problems(out / "data" / "train.jsonl", train_problems)
-    eval_problems = demo_task.problems(sizes.eval_problems, "eval", seed)
-    eval_file = write_problems(out / "data" / "eval.jsonl", eval_problems)
+    train_file = write_problems(out / "data" / "train.jsonl", demo_task.problems(sizes.rl_train_problems, "train", seed))
+    eval_file = write_problems(out / "data" / "eval.jsonl", demo_task.problems(sizes.eval_problems, "eval", seed))
     cfg = demo_config(base_dir, train_file, eval_file, seed, quick)
-    cfg.run.progress = progress
-    from .trainer import load_problems
     eval_set = load_problems(cfg, str(eval_file))
+    warmup_s = time.perf_counter() - started
 
-    base_metrics, base_records = evaluate_model(model, tokenizer, cfg, eval_set, progress)
-    write_records(out / "eval_base.jsonl", base_records)
-    rows = {"Base model": base_metrics}
-    results = {"base": base_metrics}
+    # Headroom and the base model's self-correction, before any RL.
+    room, room_rows = headroom(model, builder, eval_set, cfg)
+    write_records(out / "eval" / "headroom.jsonl", room_rows)
+    reward = make_reward(cfg)
+    try:
+        base_metrics, base_records = evaluate(make_engine(cfg, model), builder, eval_set, reward,
+                                              budgets=cfg.eval_budgets)
+    finally:
+        reward.close()
+    write_records(out / "eval" / f"base_seed{seed}.jsonl", base_records)
+    methods = {"base": summarize([{"seed": seed, **{k: base_metrics[k] for k in RESULT_KEYS}}])}
+    print(f"headroom of the base model (greedy, n={len(eval_set)}): direct {100 * room['direct']:.1f}%, "
+          f"worked {100 * room['worked']:.1f}%; two attempts: Acc@t1 {100 * base_metrics['acc_t1']:.1f}, "
+          f"Acc@t2 {100 * base_metrics['acc_t2']:.1f} (warm-up {warmup_s:.0f} s)", flush=True)
 
-    score_metrics, score_records = run_rl("SCoRe", cfg, out / "score", eval_set, progress)
-    from .plots import plot_run
+    # RL: every method x seed from the same base model, with the same budget.
+    names = list(METHODS) if ablations else ["score"]
+    jobs = []
+    for name in names:
+        for i in range(seeds):
+            run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
+            jobs.append({"name": name, "seed": seed + i, "config": run_cfg.to_dict(),
+                         "run_dir": str(out / "runs" / f"{name}_seed{seed + i}"),
+                         "records": str(out / "eval" / f"{name}_seed{seed + i}.jsonl")})
+    for job, result in zip(jobs, run_jobs(jobs, workers, progress)):
+        methods.setdefault(job["name"], []).append(result)
+    for name in names:
+        methods[name] = summarize(methods[name])
 
-    plots = plot_run(out / "score" / "metrics.jsonl", out / "plots")
-    write_records(out / "eval_score.jsonl", score_records)
-    rows["SCoRe"] = score_metrics
-    results["score"] = score_metrics
-    if ablations:
-        variants = {
-            "no Stage I": ("no_stage1", dict(stage1_steps=0, stage2_steps=cfg.total_steps)),
-            "no reward shaping": ("no_shaping", dict(alpha=0.0)),
-        }
-        for name, (key, change) in variants.items():
-            ab_cfg = demo_config(base_dir, train_file, eval_file, seed, quick, **change)
-            if quick:
-                ab_cfg.score.stage2_steps = ab_cfg.score.stage2_steps if key != "no_stage1" else 2
-            ab_cfg.run.progress = progress
-            m, recs = run_rl(name, ab_cfg, out / key, eval_set, progress)
-            write_records(out / f"eval_{key}.jsonl", recs)
-            rows[name] = m
-            results[key] = m
-    results["warmup_loss"] = warmup_loss
-    results["seed"] = seed
-    results["quick"] = quick
-    results["wall_s"] = time.perf_counter() - started
-    results["plots"] = [str(p) for p in plots]
+    results = {"headroom": room, "methods": methods, "seed": seed, "seeds": seeds, "quick": quick,
+               "warmup_loss": warmup_loss, "wall_s": time.perf_counter() - started}
+    from .plots import plot_demo
+
+    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(jobs), out / "plots",
+                                                  labels={name: label for name, (label, _) in METHODS.items()})]
     write_json(out / "results.json", results)
-    print(table(rows, title=f"Demo (sums of four numbers from 10 to 29, greedy, n={len(eval_set)} held-out problems, "
-                            f"seed {seed})"))
+    rows = {METHODS[name][0] if name in METHODS else "Base model": m["mean"] for name, m in methods.items()}
+    stderr = {METHODS[name][0] if name in METHODS else "Base model": m["stderr"] for name, m in methods.items()}
+    print(format_table(rows, stderr=stderr,
+                       title=f"Demo ({demo_task.TASK}; greedy, n={len(eval_set)} held-out problems; RL mean ± s.e. "
+                             f"over {seeds} seed{'s' if seeds > 1 else ''} from one base model)"))
     print(f"wall time {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results
+
+
+def _run_dirs(jobs: list[dict]) -> dict[str, list[Path]]:
+    dirs: dict[str, list[Path]] = {}
+    for job in jobs:
+        dirs.setdefault(job["name"], []).append(Path(job["run_dir"]))
+    return dirs

@@ -1,18 +1,22 @@
-"""The embedded demo's task: add four numbers from 10 to 29, with checkable integer answers.
+"""The embedded demo's task: the last digit of a sum of four digits, with checkable answers.
 
-Why this task: a tiny decoder trained for a minute from scratch answers `a+b+c+d` *directly* only
-part of the time (the digits of the total need several additions with carries in one pass), while
-it sums a handful of single digits reliably. So a second attempt has room to be better than the
-first if it works column by column ("7+5+3+9=24, 2+1+1+2+1=7. \\boxed{74}" for 17+15+23+19), and the
-question is whether RL finds that and learns when to change an answer.
+Why this task: there are two ways to answer, and the demo measures how good each is before any RL
+(`headroom` in demo.py). A *direct* answer (`\\boxed{4}` for "last digit of 7+5+3+9") asks a tiny
+decoder for a sum modulo 10 in one pass; on problems it has never seen it does no better than a
+guess (modular sums are parity-like: memorised cases do not generalise). A *worked* answer
+(`Work: 7+5=2, 2+3=5, 5+9=4. \\boxed{4}`, a running last digit, each step one lookup of two digits)
+it computes reliably. Attempt 1's token budget holds only a direct answer, attempt 2's holds a
+worked one, so a second attempt *can* beat the first: that is the headroom SCoRe may learn to use.
 
 The supervised warm-up data (`warmup_example`) makes a base model that answers attempt 1 directly
 and self-corrects badly, like the paper's base model: its two-attempt traces show a careless second
-attempt that mostly restates or re-guesses an answer (re-guesses of a right answer are wrong, so
-the base model breaks right answers), and only sometimes works column by column. SCoRe then has to
-learn, from the reward alone, when and how to change the answer. Nothing here knows about the
-trainer; answers are checked by `check_answer` (exact match of the final `\\boxed{}` answer, the
-same extraction the math reward uses).
+attempt that mostly restates attempt 1 or re-guesses a nearby digit (re-guesses of a right answer are
+wrong, so the base model breaks right answers) and only sometimes works the sum out. Worked answers
+are also shown on their own, asked for by a cue (`WORKED_CUE`) that RL prompts never contain, so the
+skill is there while the plain prompt keeps meaning "answer directly". SCoRe then has to learn from
+the reward alone that attempt 2 should work the problem out. Nothing here knows about the trainer;
+answers are checked by `check_answer` (exact match of the final `\\boxed{}` answer, the same
+extraction as the rewards).
 
 Held-out problems (`split == "eval"`) are disjoint from every training and warm-up problem: a
 problem's split is a fixed function of its operands.
@@ -27,12 +31,20 @@ from .data import Problem
 from .math_reward import extract_final_answer
 
 OPERANDS = 4
-LOW, HIGH = 10, 29
-# Warm-up mixture: sums of single digits (the skill a column-wise attempt needs), direct answers
-# to the task, two-attempt traces (the rest).
-DIGIT_SUMS, DIRECT = 0.30, 0.20
+LOW, HIGH = 0, 9
+TASK = f"the last digit of a sum of {OPERANDS} digits"
+# The first words of the two answer paths (demo.py forces a path by appending them to a context).
+DIRECT_PREFIX = "\\boxed{"
+QUESTION_PREFIX = "last digit of "
+# Worked answers shown on their own are asked for by this cue, so that the plain prompt keeps
+# meaning "answer directly" (attempt 1's budget holds nothing else).
+WORKED_CUE = "work out the "
+WORKED_PREFIX = "Work: "
+# Warm-up mixture: direct answers alone, worked answers alone (after WORKED_CUE), two-attempt
+# traces (the rest).
+DIRECT, WORKED = 0.25, 0.15
 # What the warm-up traces' second attempts do (fractions of traces; see the module docstring).
-RESTATE, REGUESS, RECOMPUTE = 0.40, 0.25, 0.35
+RESTATE, REGUESS = 0.50, 0.30  # the rest recompute (a worked answer)
 # Chance that a trace's attempt 1 is wrong (the wrong attempt is shown, never trained on).
 WRONG_FIRST_ATTEMPT = 0.5
 # Correction instruction of the demo: the paper's, minus the answer-format sentence (the demo's
@@ -47,8 +59,8 @@ CORRECTION_INSTRUCTION = (
 class WarmupExample:
     """One supervised sequence as text pieces; `trained[i]` says whether piece i carries loss.
 
-    Pieces: [question] or [question, attempt1, attempt2] (the prompt and instruction around them
-    are added token-in-token-out by the caller's PromptBuilder)."""
+    Pieces: [question, attempt1] or [question, attempt1, attempt2] (the prompt and instruction
+    around them are added token-in-token-out by the caller's PromptBuilder)."""
 
     question: str
     attempts: tuple[str, ...]
@@ -69,9 +81,13 @@ def sample_operands(rng: random.Random, split: str) -> tuple[int, ...]:
             return operands
 
 
+def question_text(operands: tuple[int, ...]) -> str:
+    return QUESTION_PREFIX + "+".join(map(str, operands))
+
+
 def make_problem(operands: tuple[int, ...]) -> Problem:
-    question = "+".join(str(x) for x in operands)
-    return Problem(id=f"sum-{'-'.join(map(str, operands))}", question=question, answer=str(sum(operands)),
+    question = question_text(operands)
+    return Problem(id=f"sum-{'-'.join(map(str, operands))}", question=question, answer=str(sum(operands) % 10),
                    meta={"operands": list(operands)})
 
 
@@ -90,26 +106,23 @@ def problems(n: int, split: str, seed: int) -> list[Problem]:
 
 
 def direct_answer(value: int) -> str:
-    return f"\\boxed{{{value}}}"
+    return f"{DIRECT_PREFIX}{value}}}"
 
 
 def worked_solution(operands: tuple[int, ...]) -> str:
-    """Column addition, units then tens (with the carry), then the boxed total:
-    17+45+32 -> '7+5+2=14, 1+1+4+3=9. \\boxed{94}'. Each step sums single digits."""
-    units = [x % 10 for x in operands]
-    tens = [x // 10 for x in operands]
-    unit_sum = sum(units)
-    carry = unit_sum // 10
-    tens_sum = carry + sum(tens)
-    steps = [f"{'+'.join(map(str, units))}={unit_sum}", f"{'+'.join(map(str, [carry] + tens))}={tens_sum}"]
-    return ", ".join(steps) + ". " + direct_answer(sum(operands))
+    """Running last digits: 7+5+3+9 -> 'Work: 7+5=2, 2+3=5, 5+9=4. \\boxed{4}'."""
+    steps, acc = [], operands[0]
+    for x in operands[1:]:
+        steps.append(f"{acc}+{x}={(acc + x) % 10}")
+        acc = (acc + x) % 10
+    return WORKED_PREFIX + ", ".join(steps) + ". " + direct_answer(acc)
 
 
 def near_miss(value: int, rng: random.Random) -> int:
-    """A plausible wrong total: a carry or a digit off."""
+    """A plausible wrong last digit: one or two off."""
     while True:
-        wrong = value + rng.choice((-20, -10, -2, -1, 1, 2, 10, 20))
-        if wrong > 0:
+        wrong = (value + rng.choice((-2, -1, 1, 2))) % 10
+        if wrong != value:
             return wrong
 
 
@@ -120,31 +133,27 @@ def check_answer(completion: str, answer: str) -> float:
 
 
 def warmup_example(rng: random.Random) -> WarmupExample:
-    """One warm-up sequence: digit sums (the skill a column-wise attempt needs), direct answers to the
-    task, and two-attempt traces with careless second attempts."""
-    u = rng.random()
-    if u < DIGIT_SUMS:
-        while True:  # a digit sum may itself be a task problem: never one of the held-out split
-            digits = tuple(rng.randint(0, 9) for _ in range(rng.randint(OPERANDS, OPERANDS + 1)))
-            if len(digits) != OPERANDS or min(digits) < LOW or split_of(digits) == "train":
-                break
-        return WarmupExample("+".join(map(str, digits)), (direct_answer(sum(digits)),), (True,))
+    """One warm-up sequence: a direct answer, a worked answer, or a two-attempt trace with a careless
+    second attempt (module docstring)."""
     operands = sample_operands(rng, "train")
-    question, total = "+".join(map(str, operands)), sum(operands)
-    if u < DIGIT_SUMS + DIRECT:
+    question, total = question_text(operands), sum(operands) % 10
+    u = rng.random()
+    if u < DIRECT:
         return WarmupExample(question, (direct_answer(total),), (True,))
+    if u < DIRECT + WORKED:
+        return WarmupExample(WORKED_CUE + question, (worked_solution(operands),), (True,))
     first_right = rng.random() >= WRONG_FIRST_ATTEMPT
     first = total if first_right else near_miss(total, rng)
     u = rng.random()
-    if u < RECOMPUTE:
-        second = worked_solution(operands)
-    elif u < RECOMPUTE + RESTATE:
+    if u < RESTATE:
         second = direct_answer(first)
-    else:  # a careless re-guess: right answers get broken, wrong ones rarely fixed
+    elif u < RESTATE + REGUESS:  # right answers get broken, wrong ones rarely fixed
         if first_right:
             second = direct_answer(near_miss(total, rng))
         else:
             second = direct_answer(total if rng.random() < 0.25 else near_miss(first, rng))
+    else:
+        second = worked_solution(operands)
     return WarmupExample(question, (direct_answer(first), second), (first_right, True))
 
 
@@ -152,7 +161,7 @@ def tokenizer_corpus(n: int, seed: int) -> list[str]:
     """Texts covering every string the demo ever encodes (for training its BPE tokenizer)."""
     rng = random.Random(f"demo-tokenizer-{seed}")
     # The fixed texts are repeated so that BPE merges them into few tokens (short contexts are fast).
-    texts = [CORRECTION_INSTRUCTION, "Problem:\n", "\n\nSolution:\n"] * max(1, n // 4)
+    texts = [CORRECTION_INSTRUCTION, "Problem:\n", "\n\nSolution:\n", DIRECT_PREFIX, WORKED_PREFIX, QUESTION_PREFIX, WORKED_CUE] * max(1, n // 4)
     for _ in range(n):
         ex = warmup_example(rng)
         texts.append(ex.question)

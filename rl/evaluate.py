@@ -19,13 +19,14 @@ from .metrics import format_table, two_attempt_metrics
 from .rollout import two_attempt_rollout
 
 
-def evaluate(engine, builder, problems: Sequence[Problem], reward_fn, *, max_tokens: int,
+def evaluate(engine, builder, problems: Sequence[Problem], reward_fn, *, budgets: tuple[int, int],
              progress: bool = False) -> tuple[dict, list[dict]]:
-    """(metrics, per-problem records) of greedy two-attempt decoding over `problems`."""
+    """(metrics, per-problem records) of greedy two-attempt decoding over `problems`; `budgets` are the
+    token budgets of attempts 1 and 2 (RunConfig.eval_budgets)."""
     if not problems:
         raise ValueError("evaluate needs at least one problem")
     trajectories, _ = two_attempt_rollout(engine, builder, problems, reward_fn, k=1, temperature=0.0,
-                                          max_tokens1=max_tokens, max_tokens2=max_tokens, seed=None,
+                                          max_tokens1=budgets[0], max_tokens2=budgets[1], seed=None,
                                           progress=progress)
     records = []
     for t in trajectories:

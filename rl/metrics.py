@@ -122,8 +122,30 @@ def _normalized(answer: str | None) -> str | None:
     return None if answer is None else " ".join(str(answer).split())
 
 
-def format_table(rows: Mapping[str, Mapping], *, title: str | None = None) -> str:
-    """Rows like the paper's tables: Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i in percent (one decimal), n."""
+SUMMARY_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac")
+
+
+def seed_summary(runs: Sequence[Mapping]) -> tuple[dict, dict]:
+    """(mean, standard error of the mean) over runs of each SUMMARY_KEYS metric; the standard error
+    is None for a single run (nothing to estimate it from)."""
+    if not runs:
+        raise ValueError("seed_summary needs at least one run")
+    mean, stderr = {}, {}
+    for key in SUMMARY_KEYS:
+        values = [float(r[key]) for r in runs]
+        mean[key] = math.fsum(values) / len(values)
+        if len(values) < 2:
+            stderr[key] = None
+        else:
+            var = math.fsum((v - mean[key]) ** 2 for v in values) / (len(values) - 1)
+            stderr[key] = math.sqrt(var / len(values))
+    return mean, stderr
+
+
+def format_table(rows: Mapping[str, Mapping], *, title: str | None = None,
+                 stderr: Mapping[str, Mapping] | None = None) -> str:
+    """Rows like the paper's tables: Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i in percent (one decimal), n.
+    With `stderr` ({row: {metric: s.e. or None}}), cells read `mean ± s.e.`."""
     if not rows:
         raise ValueError("format_table needs at least one row")
     header = ["Method"] + [label for _, label in TABLE_COLUMNS] + ["n"]
@@ -136,7 +158,9 @@ def format_table(rows: Mapping[str, Mapping], *, title: str | None = None) -> st
         for key, _ in TABLE_COLUMNS:
             value = 100.0 * float(m[key])
             signed = key == "delta"
-            cells.append(f"{value:+.1f}" if signed else f"{value:.1f}")
+            cell = f"{value:+.1f}" if signed else f"{value:.1f}"
+            se = (stderr or {}).get(name, {}).get(key)
+            cells.append(cell + (f" ± {100.0 * se:.1f}" if se is not None else ""))
         cells.append(str(m.get("n", "")))
         body.append(cells)
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]

@@ -83,3 +83,80 @@ def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
         raise ValueError(f"{metrics_jsonl_path}: none of the plotted metrics {wanted} (by last '/' part) "
                          f"were logged; found {found}")
     return written
+
+
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Path, *, labels: dict[str, str],
+              window: int = 5) -> list[Path]:
+    """The demo's figures: `accuracy_bars.png` (greedy Acc@t1 / Acc@t2 per method, mean ± s.e. over
+    seeds) and `training_curves.png` (sampled reward of each attempt per step, smoothed over `window`
+    steps and averaged over seeds, one panel per method, the Stage I/II boundary dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    methods = results["methods"]
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(names)), 3.6))
+    for offset, (key, label) in ((-0.2, ("acc_t1", "Acc@t1")), (0.2, ("acc_t2", "Acc@t2"))):
+        means = [100 * methods[n]["mean"][key] for n in names]
+        errors = [100 * (methods[n]["stderr"][key] or 0.0) for n in names]
+        ax.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([labels.get(n, "Base model") for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    written.append(_save(fig, out_dir, "accuracy_bars.png"))
+    plt.close(fig)
+
+    panels = [n for n in run_dirs if run_dirs[n]]
+    if panels:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+        for ax, name in zip(axes[:, 0], panels):
+            runs = [read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs[name]]
+            for key, label in (("reward_1", "attempt 1"), ("reward_2", "attempt 2")):
+                curves = [[r[key] for r in run if key in r] for run in runs]
+                curves = [c for c in curves if c]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)
+                mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+                ax.plot(range(1, length + 1), _smoothed(mean, window), label=label)
+            stage2 = [r["step"] for r in runs[0] if r.get("stage") == 2]
+            if stage2 and stage2[0] > 1:
+                ax.axvline(stage2[0] - 0.5, color="grey", linestyle="--", linewidth=1, label="Stage II starts")
+            ax.set_title(f"{labels.get(name, name)} (mean of {len(runs)} seeds, {window}-step moving average)",
+                         fontsize=9)
+            ax.set_ylabel("sampled reward")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "training_curves.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, out_dir: Path, filename: str) -> Path:
+    path, tmp = out_dir / filename, out_dir / f".{filename}.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)  # never a half-written PNG
+    return path

@@ -8,7 +8,8 @@ so a trajectory does not depend on how the engine batches it.
 
 Optionally some prompts take their attempt 1 from a second engine on the frozen base model (the
 paper's "first attempts sampled from the base model"): those attempt-1 tokens are off-policy and
-the trainer does not train on them (`Trajectory.first_from_base`).
+the trainer does not train on them (`Trajectory.first_from_base`). `second_attempt=False` stops after
+attempt 1 (single-turn RL): the trajectories hold no instruction and no attempt 2.
 
 Not done here: the forward/backward passes (trainer.py) and evaluation (evaluate.py, greedy).
 """
@@ -37,7 +38,7 @@ class Trajectory:
     instruction_ids: list[int]
     attempt2_ids: list[int]
     attempt2_logprobs: list[float]
-    finish2: str
+    finish2: str  # "none" when no attempt 2 was sampled (single-turn RL)
     text1: str = ""
     text2: str = ""
     r1: float = 0.0
@@ -91,6 +92,7 @@ def two_attempt_rollout(
     from_base: Sequence[bool] | None = None,
     progress: bool = False,
     first: int = 0,
+    second_attempt: bool = True,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """k two-attempt trajectories per problem (grouped, problem order), rewarded; temperature 0 = greedy.
 
@@ -134,31 +136,41 @@ def two_attempt_rollout(
     contexts, spans, meta = [], [], []
     for i, problem in enumerate(problems):
         for j, c in enumerate(outs1[i]):
-            ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
+            if second_attempt:
+                ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
+            else:
+                ctx, span = prompts[i] + list(c.token_ids), (0, 0)
             contexts.append(ctx)
             spans.append(span)
             meta.append((i, j))
-    params2 = sampling_params(1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens2,
-                              seed=None if seed is None else seed * 2 + 2)
-    outs2 = engine.generate(contexts, params2, use_tqdm=progress,
-                            seed_keys=[(first + i) * k + j for i, j in meta])
+    outs2 = [None] * len(contexts)
+    if second_attempt:
+        params2 = sampling_params(1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens2,
+                                  seed=None if seed is None else seed * 2 + 2)
+        outs2 = [o[0] for o in engine.generate(contexts, params2, use_tqdm=progress,
+                                               seed_keys=[(first + i) * k + j for i, j in meta])]
     gen_seconds = time.perf_counter() - start
 
     trajectories = []
-    for (i, j), ctx, (a, b), o2 in zip(meta, contexts, spans, outs2):
-        c1, c2 = outs1[i][j], o2[0]
+    for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2):
+        c1 = outs1[i][j]
         trajectories.append(Trajectory(
             group=i, problem=problems[i], prompt_ids=prompts[i], attempt1_ids=list(c1.token_ids),
             attempt1_logprobs=list(c1.logprobs), finish1=c1.finish_reason, instruction_ids=ctx[a:b],
-            attempt2_ids=list(c2.token_ids), attempt2_logprobs=list(c2.logprobs), finish2=c2.finish_reason,
+            attempt2_ids=list(c2.token_ids) if c2 else [], attempt2_logprobs=list(c2.logprobs) if c2 else [],
+            finish2=c2.finish_reason if c2 else "none",
             text1=tokenizer.decode(c1.token_ids, skip_special_tokens=True),
-            text2=tokenizer.decode(c2.token_ids, skip_special_tokens=True), first_from_base=from_base[i]))
+            text2=tokenizer.decode(c2.token_ids, skip_special_tokens=True) if c2 else "",
+            first_from_base=from_base[i]))
 
     t0 = time.perf_counter()
     probs = [t.problem for t in trajectories]
-    rewards = reward_fn([t.text1 for t in trajectories] + [t.text2 for t in trajectories], probs + probs)
+    attempts = 2 if second_attempt else 1
+    texts = [t.text1 for t in trajectories] + ([t.text2 for t in trajectories] if second_attempt else [])
+    rewards = reward_fn(texts, probs * attempts)
     for n, t in enumerate(trajectories):
-        t.r1, t.r2 = float(rewards[n]), float(rewards[n + len(trajectories)])
+        t.r1 = float(rewards[n])
+        t.r2 = float(rewards[n + len(trajectories)]) if second_attempt else 0.0
     stats = RolloutStats(seconds=gen_seconds,
                          generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
                          reward_seconds=time.perf_counter() - t0)

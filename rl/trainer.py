@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -196,17 +197,39 @@ def attempt_logprobs(model, batch: dict, temperature: float, autocast, *, entrop
     return fused_linear_logprob(hidden, weight, batch["targets"], temperature=temperature, return_entropy=entropy)
 
 
+def uses_star(cfg: RunConfig, stage: int) -> bool:
+    """Whether this stage's update is STaR's filtered supervised training instead of REINFORCE."""
+    return stage == 2 and cfg.score.stage2_update == "star"
+
+
+def successful_attempt_rows(batch: dict) -> torch.Tensor:
+    """Per attempt-token row of a packed batch: 1.0 when that row's attempt earned reward 1."""
+    counts = (batch["cu_active"][1:] - batch["cu_active"][:-1]).long()
+    trajectory = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    reward = torch.where(batch["attempt"] == 1, batch["r1"][trajectory], batch["r2"][trajectory])
+    return (reward == 1.0).float()
+
+
 def micro_batch_loss(policy, reference, batch: dict, cfg: RunConfig, stage: int, denominator: float,
                      autocast=contextlib.nullcontext):
-    """(ScoreLossOutput, policy logp, entropy) of one packed micro-batch; the reference runs without grad."""
+    """(ScoreLossOutput, policy logp, entropy) of one packed micro-batch; the reference runs without grad.
+
+    REINFORCE (score_loss) by default. Single-turn RL trains attempt 1 on r1 - beta1 KL1 (Stage II's
+    attempt-1 return; there are no attempt-2 tokens). STaR in Stage II: the loss is the negative
+    log-likelihood of the successful attempts' tokens over `denominator` (their count in the step);
+    score_loss then only supplies the logged KL and returns."""
     s, temperature = cfg.score, cfg.rollout.temperature
     logp, entropy = attempt_logprobs(policy, batch, temperature, autocast, entropy=True)
     with torch.no_grad():
         ref_logp = attempt_logprobs(reference, batch, temperature, autocast)
-    out = score_loss(logp, ref_logp, batch["attempt"], batch["cu_active"], batch["group_ids"], batch["r1"],
-                     batch["r2"], stage=stage, alpha=s.alpha, beta1=s.beta1, beta2=s.beta2, kl_kind=s.kl_kind,
+    star = uses_star(cfg, stage)
+    out = score_loss(logp.detach() if star else logp, ref_logp, batch["attempt"], batch["cu_active"],
+                     batch["group_ids"], batch["r1"], batch["r2"], stage=2 if s.single_turn else stage,
+                     alpha=0.0 if s.single_turn else s.alpha, beta1=s.beta1, beta2=s.beta2, kl_kind=s.kl_kind,
                      kl_placement=s.kl_placement, baseline=s.baseline, normalization=s.normalization,
                      loss_denominator=denominator)
+    if star:
+        out = dataclasses.replace(out, loss=-(logp * successful_attempt_rows(batch)).sum() / denominator)
     return out, logp, entropy
 
 
@@ -219,7 +242,12 @@ def micro_batches(trajectories: list[Trajectory], groups_per_micro_batch: int) -
     return [sum(groups[i:i + groups_per_micro_batch], []) for i in range(0, len(groups), groups_per_micro_batch)]
 
 
-def loss_denominator(trajectories: list[Trajectory], normalization: str) -> float:
+def loss_denominator(trajectories: list[Trajectory], normalization: str, star: bool = False) -> float:
+    """This rank's share of the step's loss normaliser: trajectories (sequence_mean) or attempt tokens
+    (token_mean; with STaR only the tokens of attempts with reward 1, at least 1)."""
+    if star:
+        return float(sum(len(t.attempt1_ids) * (t.r1 == 1.0 and not t.first_from_base)
+                         + len(t.attempt2_ids) * (t.r2 == 1.0) for t in trajectories))
     if normalization == "sequence_mean":
         return float(len(trajectories))
     return float(sum(sum(1 for lab in t.attempt_labels if lab) for t in trajectories))
@@ -322,7 +350,8 @@ class Trainer:
         mine = D.shard_groups(len(indices), self.env)  # this rank's contiguous share (all: one process)
         problems = [self.problems[indices[g]] for g in mine]
         seed = step_seed(cfg.run.seed, step)
-        mix = cfg.score.base_first_attempt_mix if stage == 2 else 0.0
+        s = cfg.score
+        mix = 1.0 if not s.online_first_attempt else s.base_first_attempt_mix if stage == 2 else 0.0
         mix_rng = random.Random(f"{cfg.run.seed}/mix/{step}")
         from_base = [mix_rng.random() < mix for _ in indices][mine.start:mine.stop] if mix > 0 else None
         r = cfg.rollout
@@ -330,11 +359,13 @@ class Trainer:
             trajectories, rollout = two_attempt_rollout(
                 engine, self.builder, problems, self.reward, k=r.samples_per_prompt, temperature=r.temperature,
                 top_p=r.top_p, top_k=r.top_k, max_tokens1=r.max_tokens_attempt1, max_tokens2=r.max_tokens_attempt2,
-                seed=seed, base_engine=self.base_engine, from_base=from_base, first=mine.start)
+                seed=seed, base_engine=self.base_engine, from_base=from_base, first=mine.start,
+                second_attempt=not s.single_turn)
 
         t0 = time.perf_counter()
-        s = cfg.score
-        (denominator,) = D.all_reduce_sum([loss_denominator(trajectories, s.normalization)], self.env)
+        (denominator,) = D.all_reduce_sum([loss_denominator(trajectories, s.normalization, uses_star(cfg, stage))],
+                                          self.env)
+        denominator = max(denominator, 1.0)  # a STaR step with no successful attempt trains nothing
         self.optimizer.zero_grad(set_to_none=True)
         loss_total, kls, rets, tokens, entropy_sum, gap_sum, n_active = 0.0, [], [], 0, 0.0, 0.0, 0
         for chunk in micro_batches(trajectories, cfg.optim.prompts_per_micro_batch):
@@ -399,6 +430,11 @@ class Trainer:
             m.update({"acc_t1": batch["acc_t1"], "acc_t2": batch["acc_t2"], "delta": batch["delta"],
                       "delta_i2c": batch["delta_i2c"], "delta_c2i": batch["delta_c2i"],
                       "changed_frac": batch["changed_frac"]})
+        if self.cfg.score.single_turn:  # no attempt 2 was sampled: nothing to report about it
+            for key in ("reward_2", "kl_2", "return_2", "len_2", "acc_t2", "delta", "delta_i2c", "delta_c2i",
+                        "changed_frac"):
+                m.pop(key, None)
+            m["truncated_frac"] = sum(t.finish1 == "length" for t in trajectories) / len(trajectories)
         if skipped:
             m["skip_reason"] = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
         return m
@@ -429,7 +465,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(stage=metrics["stage"], r1=f"{metrics['reward_1']:.2f}",
-                                    r2=f"{metrics['reward_2']:.2f}", kl1=f"{metrics['kl_1']:.3f}")
+                                    r2=f"{metrics.get('reward_2', float('nan')):.2f}", kl1=f"{metrics['kl_1']:.3f}")
                 every = cfg.run.checkpoint_every
                 if every and self.step % every == 0 and self.step < end:
                     self.save()
@@ -493,7 +529,7 @@ def finish_run(cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBui
         if cfg.run.eval_max_problems:
             problems = problems[:cfg.run.eval_max_problems]
         metrics, records = evaluate(engine, builder, problems, reward,
-                                    max_tokens=cfg.run.eval_max_tokens, progress=cfg.run.progress)
+                                    budgets=cfg.eval_budgets, progress=cfg.run.progress)
         write_records(out_dir / "eval.jsonl", records)
         write_json(out_dir / "eval_metrics.json", metrics)
         print(table({"SCoRe": metrics}))

@@ -7,20 +7,29 @@ import pytest
 
 from score.rl import demo_task
 from score.rl.config import load_config
-from score.rl.demo import DEMO_RL, build_tokenizer, encode_warmup, run_demo
+from score.rl.demo import DEMO_RL, METHODS, build_tokenizer, encode_warmup, run_demo
 from score.rl.prompts import PromptBuilder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_task_answers_are_checked_not_assumed():
-    p = demo_task.make_problem((17, 45, 32))
-    assert p.answer == "94" and p.question == "17+45+32"
-    assert demo_task.check_answer("7+5+2=14, 1+1+4+3=9. \\boxed{94}", p.answer) == 1.0
-    assert demo_task.check_answer("\\boxed{95}", p.answer) == 0.0
-    assert demo_task.check_answer("94", p.answer) == 0.0  # no final answer stated
-    assert demo_task.worked_solution((17, 45, 32)) == "7+5+2=14, 1+1+4+3=9. \\boxed{94}"
-    assert demo_task.worked_solution((99, 98, 97)) == "9+8+7=24, 2+9+9+9=29. \\boxed{294}"
+    p = demo_task.make_problem((7, 5, 3, 9))
+    assert p.answer == "4" and p.question == "last digit of 7+5+3+9"
+    assert demo_task.worked_solution((7, 5, 3, 9)) == "Work: 7+5=2, 2+3=5, 5+9=4. \\boxed{4}"
+    assert demo_task.check_answer(demo_task.worked_solution((7, 5, 3, 9)), p.answer) == 1.0
+    assert demo_task.check_answer("\\boxed{5}", p.answer) == 0.0
+    assert demo_task.check_answer("4", p.answer) == 0.0  # no final answer stated
+    assert demo_task.check_answer("Work: 7+5", p.answer) == 0.0  # a worked answer cut by attempt 1's budget
+
+
+def test_attempt_budgets_hold_a_direct_answer_in_attempt_1_and_a_worked_one_in_attempt_2():
+    tok = build_tokenizer(512, 0)
+    eos = 1
+    worst = (9, 9, 9, 9)
+    direct = len(tok.encode(demo_task.direct_answer(9))) + eos
+    worked = len(tok.encode(demo_task.worked_solution(worst))) + eos
+    assert direct <= DEMO_RL["rollout"]["max_tokens_attempt1"] < worked <= DEMO_RL["rollout"]["max_tokens_attempt2"]
 
 
 def test_eval_split_is_disjoint_from_training():
@@ -30,22 +39,21 @@ def test_eval_split_is_disjoint_from_training():
     rng = random.Random(0)
     for _ in range(300):
         ex = demo_task.warmup_example(rng)
-        operands = tuple(int(x) for x in ex.question.split("+"))
-        if len(operands) == demo_task.OPERANDS and min(operands) >= demo_task.LOW:  # a task problem
-            assert demo_task.split_of(operands) == "train"
+        operands = tuple(int(x) for x in ex.question.rsplit(" ", 1)[-1].split("+"))
+        assert demo_task.split_of(operands) == "train"
 
 
 def test_warmup_traces_are_token_in_token_out():
     tok = build_tokenizer(300, 0)
     builder = PromptBuilder(tok, chat=False, system_prompt=None,
                             correction_instruction=demo_task.CORRECTION_INSTRUCTION)
-    ex = demo_task.WarmupExample("17+45+32", ("\\boxed{93}", "\\boxed{94}"), (False, True))
+    ex = demo_task.WarmupExample("last digit of 1+4+5+3", ("\\boxed{2}", "\\boxed{3}"), (False, True))
     ids, mask = encode_warmup(ex, builder, tok.eos_token_id)
-    prompt = builder.first_attempt_ids("17+45+32")
-    first = tok.encode("\\boxed{93}") + [tok.eos_token_id]
+    prompt = builder.first_attempt_ids("last digit of 1+4+5+3")
+    first = tok.encode("\\boxed{2}") + [tok.eos_token_id]
     context, _ = builder.second_attempt_ids(prompt, first, "stop")
     assert ids[:len(context)] == context and len(ids) == len(mask)
-    assert sum(mask) == len(tok.encode("\\boxed{94}")) + 1  # only the second attempt (+ EOS) is trained
+    assert sum(mask) == len(tok.encode("\\boxed{3}")) + 1  # only the second attempt (+ EOS) is trained
 
 
 def test_shipped_demo_config_matches_the_demo():
@@ -56,20 +64,37 @@ def test_shipped_demo_config_matches_the_demo():
 
 
 def test_quick_demo_writes_every_output(tmp_path, capsys):
-    results = run_demo(tmp_path, quick=True, ablations=True, progress=False)
+    results = run_demo(tmp_path, quick=True, ablations=True, progress=False, workers=1)
     saved = json.loads((tmp_path / "results.json").read_text())
-    for row in ("base", "score", "no_stage1", "no_shaping"):
-        for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "n"):
-            assert key in saved[row]
-        assert saved[row]["delta"] == pytest.approx(saved[row]["delta_i2c"] - saved[row]["delta_c2i"])
-    assert saved["score"] == pytest.approx(results["score"])
-    for name in ("eval_base.jsonl", "eval_score.jsonl"):
-        rows = [json.loads(line) for line in open(tmp_path / name)]
-        assert len(rows) == saved["base"]["n"]
-        assert all({"id", "attempt1", "attempt2", "r1", "r2"} <= set(r) for r in rows)
+    assert set(saved["headroom"]) == {"direct", "worked"}
+    assert set(saved["methods"]) == {"base", *METHODS}
+    for name, method in saved["methods"].items():
+        runs = method["seeds"]
+        assert len(runs) == (1 if name == "base" else 2)
+        for run in runs:
+            assert run["delta"] == pytest.approx(run["delta_i2c"] - run["delta_c2i"])
+            rows = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_seed{run['seed']}.jsonl")]
+            assert len(rows) == run["n"] and all({"id", "r1", "r2"} <= set(r) for r in rows)
+            # every number of the table is recomputed from the per-problem records
+            assert run["acc_t1"] == pytest.approx(sum(r["r1"] for r in rows) / len(rows))
+            assert run["acc_t2"] == pytest.approx(sum(r["r2"] for r in rows) / len(rows))
+        for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac"):
+            values = [r[key] for r in runs]
+            assert method["mean"][key] == pytest.approx(sum(values) / len(values))
+            if len(values) > 1:
+                mean = sum(values) / len(values)
+                se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+                assert method["stderr"][key] == pytest.approx(se)
+            else:
+                assert method["stderr"][key] is None
+    assert saved["methods"]["score"] == results["methods"]["score"]  # JSON keeps floats exactly
+    headroom_rows = [json.loads(line) for line in open(tmp_path / "eval" / "headroom.jsonl")]
+    assert saved["headroom"]["worked"] == pytest.approx(sum(r["worked"] for r in headroom_rows) / len(headroom_rows))
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "base" / f).exists()
-    assert (tmp_path / "score" / "metrics.jsonl").exists()
-    assert any((tmp_path / "plots").glob("*.png"))
+    assert (tmp_path / "runs" / "score_seed0" / "metrics.jsonl").exists()
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"accuracy_bars.png", "training_curves.png"}
     out = capsys.readouterr().out
-    assert "Base model" in out and "SCoRe" in out and "no Stage I" in out and "no reward shaping" in out
+    for label in ["Base model"] + [label for label, _ in METHODS.values()]:
+        assert label in out
+    assert "headroom" in out and "±" in out
