@@ -57,7 +57,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
+        # A sharded checkpoint (dist_checkpoint.py, DCP's .metadata) shares the folder and the state file.
+        if match and (child / STATE_FILE).is_file() and not (child / ".metadata").exists():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
 

@@ -93,10 +93,13 @@ def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Op
 
 
 def sorted_checkpoints(run_dir) -> list[Path]:
+    """This format's checkpoints of a run, oldest first: only DCP folders (`.metadata`), so a plain
+    checkpoint in the same folder (checkpoint.py, `step_` + 8 digits) is never resumed or pruned here."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / ".metadata").is_file()]
     return [p for _, p in sorted(found)]
 
 

@@ -144,3 +144,21 @@ def test_errors_are_named(tmp_path):
         load_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match=r"embed_tokens.weight is torch.float32 \[64, 32\] in the checkpoint, torch.float32 \[64, 64\] in the model"):
         load_checkpoint(path, make_model(0, hidden_size=64), None)
+
+
+def test_plain_and_sharded_checkpoints_in_one_run_folder_never_mix(tmp_path):
+    """Each format lists, resumes and prunes only its own folders (both live in run/checkpoints/)."""
+    from score.rl.dist_checkpoint import latest_sharded, save_sharded, sorted_checkpoints
+
+    model = make_model(0)
+    optimizer = make_optimizer(model)
+    train_steps(model, optimizer, 1)
+    save_checkpoint(tmp_path, 1, model, optimizer, {}, keep_last=1)
+    assert latest_sharded(tmp_path) is None  # a sharded resume over a plain run finds nothing to load
+    save_sharded(tmp_path, 2, model, optimizer, {"data_step": 2}, keep_last=1)
+    save_sharded(tmp_path, 3, model, optimizer, {"data_step": 3}, keep_last=1)
+    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000003"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]  # not pruned by the sharded save
+    save_checkpoint(tmp_path, 4, model, optimizer, {}, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]
+    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000003"]  # nor the reverse
