@@ -70,6 +70,7 @@ METHODS = {
     "star_stage2": ("STaR in Stage II", {"stage2_update": "star"}),
     "offline_turn1": ("w/o online turn-1 samples", {"online_first_attempt": False}),
 }
+LABELS = {"base": "Base model", **{name: label for name, (label, _) in METHODS.items()}}
 RESULT_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "n")
 
 
@@ -382,11 +383,10 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | 
                "warmup_loss": warmup_loss, "wall_s": time.perf_counter() - started}
     from .plots import plot_demo
 
-    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(jobs), out / "plots",
-                                                  labels={name: label for name, (label, _) in METHODS.items()})]
+    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(jobs), out / "plots", labels=LABELS)]
     write_json(out / "results.json", results)
-    rows = {METHODS[name][0] if name in METHODS else "Base model": m["mean"] for name, m in methods.items()}
-    stderr = {METHODS[name][0] if name in METHODS else "Base model": m["stderr"] for name, m in methods.items()}
+    rows = {LABELS[name]: m["mean"] for name, m in methods.items()}
+    stderr = {LABELS[name]: m["stderr"] for name, m in methods.items()}
     print(format_table(rows, stderr=stderr,
                        title=f"Demo ({demo_task.TASK}; greedy, n={len(eval_set)} held-out problems; RL mean ± s.e. "
                              f"over {seeds} seed{'s' if seeds > 1 else ''} from one base model)"))

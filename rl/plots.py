@@ -117,7 +117,7 @@ def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Pat
         errors = [100 * (methods[n]["stderr"][key] or 0.0) for n in names]
         ax.bar([i + offset for i in range(len(names))], means, width=0.4, yerr=errors, capsize=3, label=label)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([labels.get(n, "Base model") for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([labels[n] for n in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8, loc="upper left")
@@ -142,7 +142,7 @@ def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Pat
             stage2 = [r["step"] for r in runs[0] if r.get("stage") == 2]
             if stage2 and stage2[0] > 1:
                 ax.axvline(stage2[0] - 0.5, color="grey", linestyle="--", linewidth=1, label="Stage II starts")
-            ax.set_title(f"{labels.get(name, name)} (mean of {len(runs)} seeds, {window}-step moving average)",
+            ax.set_title(f"{labels[name]} (mean of {len(runs)} seeds, {window}-step moving average)",
                          fontsize=9)
             ax.set_ylabel("sampled reward")
             ax.set_ylim(0, 1)

@@ -139,7 +139,7 @@ def two_attempt_rollout(
             if second_attempt:
                 ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
             else:
-                ctx, span = prompts[i] + list(c.token_ids), (0, 0)
+                ctx, span = [], (0, 0)
             contexts.append(ctx)
             spans.append(span)
             meta.append((i, j))

@@ -244,10 +244,10 @@ def micro_batches(trajectories: list[Trajectory], groups_per_micro_batch: int) -
 
 def loss_denominator(trajectories: list[Trajectory], normalization: str, star: bool = False) -> float:
     """This rank's share of the step's loss normaliser: trajectories (sequence_mean) or attempt tokens
-    (token_mean; with STaR only the tokens of attempts with reward 1, at least 1)."""
+    (token_mean; with STaR only the trained tokens of attempts with reward 1)."""
     if star:
-        return float(sum(len(t.attempt1_ids) * (t.r1 == 1.0 and not t.first_from_base)
-                         + len(t.attempt2_ids) * (t.r2 == 1.0) for t in trajectories))
+        return float(sum(sum(1 for lab in t.attempt_labels if lab and (t.r1, t.r2)[lab - 1] == 1.0)
+                         for t in trajectories))
     if normalization == "sequence_mean":
         return float(len(trajectories))
     return float(sum(sum(1 for lab in t.attempt_labels if lab) for t in trajectories))
