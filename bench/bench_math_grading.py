@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from score.rl.math_reward import MathGrader, _Worker, extract_final_answer
+from score.rl.rewards.math_reward import MathGrader, _Worker, extract_final_answer
 
 ANSWER_FORMS = [
     ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "3/4"), ("\\frac{2}{6}", "\\frac13"), ("5\\text{ cm}", "5"),

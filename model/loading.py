@@ -6,23 +6,22 @@ against the model (missing, unexpected and mis-shaped tensors are reported toget
 shape) and assigns them with `load_state_dict(assign=True)`, so weights are never held twice.
 
 `save_pretrained` writes `model.safetensors` + `config.json` under HF names that
-`transformers.AutoModelForCausalLM.from_pretrained` loads with identical logits. Files are written
-to a temporary name, fsynced and renamed, so a crash never leaves a half-written checkpoint.
+`transformers.AutoModelForCausalLM.from_pretrained` loads with identical logits. Each file is written
+atomically (files.py), so a crash never leaves a half-written checkpoint.
 
 Not done: pickle `.bin` checkpoints (refused: safetensors only), sharded writing, quantised weights.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .files import atomic_path, read_json_object, write_json
 from .model import Transformer
 
 # HF name -> our name; {} stands for the layer index.
@@ -89,8 +88,7 @@ def checkpoint_files(path: str) -> dict[str, list[str]]:
     """{safetensors file: [HF tensor names]} for a checkpoint folder, single-file or sharded."""
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         files: dict[str, list[str]] = {}
@@ -164,27 +162,9 @@ def save_pretrained(model: Transformer, path) -> None:
     dtypes = {t.dtype for t in tensors.values()}
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    _atomic_write(os.path.join(path, SINGLE_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):  # a stale index would make loaders look for old shards
         os.remove(index)
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-
-    _atomic_write(os.path.join(path, "config.json"), write_json)
-
-
-def _atomic_write(target: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-" + os.path.basename(target))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json(os.path.join(path, "config.json"), config, indent=2, sort_keys=True)

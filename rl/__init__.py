@@ -1,5 +1,4 @@
 """SCoRe: two-attempt self-correction RL (data, prompts, rewards, sandbox, rollout, trainer, eval, CLI)."""
-from .code_problems import load_humaneval, load_mbpp_jsonl
-from .code_reward import build_program, code_reward, code_rewards, extract_program
-from .sandbox import ExecResult, SandboxError, SandboxPool, SandboxUnavailableError, execute, run_batch
 from .config import ConfigError, RunConfig, config_from_dict, describe_config, load_config
+from .rewards import build_program, code_reward, code_rewards, extract_program, load_humaneval, load_mbpp_jsonl
+from .rewards.sandbox import ExecResult, SandboxError, SandboxPool, SandboxUnavailableError, execute, run_batch

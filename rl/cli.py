@@ -93,7 +93,7 @@ def _eval(args) -> int:
     from score.model import from_pretrained, load_tokenizer
 
     from .evaluate import evaluate, table, write_json, write_records
-    from .trainer import load_problems, make_engine, make_reward, pick_device, prompt_builder
+    from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
 
     problems = load_problems(cfg, args.data)
     if args.max_problems:
@@ -126,7 +126,7 @@ def _demo(args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
-        from .launch import launch, split_nproc
+        from .parallel.launch import launch, split_nproc
 
         try:
             nproc, rest = split_nproc(argv)

@@ -39,13 +39,15 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from score.kernels import fused_linear_logprob
 from score.model import ModelConfig, SamplingParams, Tokenizer, Transformer, save_pretrained
+from score.model.files import write_jsonl
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
 from .evaluate import evaluate, write_json, write_records
 from .metrics import format_table, seed_summary
 from .prompts import PromptBuilder
-from .trainer import Trainer, load_problems, make_engine, make_reward
+from .factories import load_problems, make_engine, make_reward, prompt_builder
+from .trainer import Trainer
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
 DEMO_RL = {
@@ -173,11 +175,7 @@ def warm_up(model: Transformer, builder: PromptBuilder, sizes: DemoSizes, seed: 
 
 
 def write_problems(path: Path, problems) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for p in problems:
-            f.write(json.dumps({"id": p.id, "problem": p.question, "answer": p.answer}) + "\n")
-    return path
+    return write_jsonl(path, ({"id": p.id, "problem": p.question, "answer": p.answer} for p in problems))
 
 
 def demo_config(base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, **score) -> RunConfig:
@@ -336,17 +334,16 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | 
     torch.manual_seed(seed)
 
     # The shared base model and the data.
+    base_dir, train_file, eval_file = out / "base", out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
+    cfg = demo_config(base_dir, train_file, eval_file, seed, quick)
     tokenizer = build_tokenizer(sizes.vocab, seed)
-    builder = PromptBuilder(tokenizer, chat=False, system_prompt=None,
-                            correction_instruction=demo_task.CORRECTION_INSTRUCTION)
+    builder = prompt_builder(cfg, tokenizer)
     model = build_model(tokenizer, sizes)
     warmup_loss = warm_up(model, builder, sizes, seed, progress)
-    base_dir = out / "base"
     save_pretrained(model, base_dir)
     tokenizer.save_pretrained(base_dir)
-    train_file = write_problems(out / "data" / "train.jsonl", demo_task.problems(sizes.rl_train_problems, "train", seed))
-    eval_file = write_problems(out / "data" / "eval.jsonl", demo_task.problems(sizes.eval_problems, "eval", seed))
-    cfg = demo_config(base_dir, train_file, eval_file, seed, quick)
+    write_problems(train_file, demo_task.problems(sizes.rl_train_problems, "train", seed))
+    write_problems(eval_file, demo_task.problems(sizes.eval_problems, "eval", seed))
     eval_set = load_problems(cfg, str(eval_file))
     warmup_s = time.perf_counter() - started
 

@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 
 from .data import Problem
-from .math_reward import extract_final_answer
+from .rewards.math_reward import extract_final_answer
 
 OPERANDS = 4
 LOW, HIGH = 0, 9

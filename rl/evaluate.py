@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from score.model import files
+from score.model.files import write_jsonl
+
 from .data import Problem
-from .math_reward import extract_final_answer
+from .rewards.math_reward import extract_final_answer
 from .metrics import format_table, two_attempt_metrics
 from .rollout import two_attempt_rollout
 
@@ -43,26 +46,12 @@ def evaluate(engine, builder, problems: Sequence[Problem], reward_fn, *, budgets
 
 
 def write_records(path: str | Path, records: list[dict]) -> Path:
-    """Per-problem JSONL, written to a temporary file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Per-problem JSONL, written atomically."""
+    return write_jsonl(path, records)
 
 
 def write_json(path: str | Path, value: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return files.write_json(path, value, indent=2)
 
 
 def table(rows: dict, title: str | None = None) -> str:

@@ -15,6 +15,8 @@ import math
 import os
 from pathlib import Path
 
+from score.model.files import atomic_path
+
 from .run_log import read_metrics
 
 FIGURES = {
@@ -71,12 +73,8 @@ def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
         axes[0, 0].set_title(title)
         axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
-        path = out_dir / filename
-        tmp = out_dir / f".{filename}.tmp"
-        fig.savefig(tmp, dpi=110, format="png")
+        written.append(_save(fig, out_dir, filename))
         plt.close(fig)
-        os.replace(tmp, path)  # never a half-written PNG
-        written.append(path)
     if not written:
         wanted = sorted({s for _, panels in FIGURES.values() for _, suffixes in panels for s in suffixes})
         found = sorted({k for r in records for k in r} - {"step", "time"})
@@ -156,7 +154,6 @@ def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Pat
 
 
 def _save(fig, out_dir: Path, filename: str) -> Path:
-    path, tmp = out_dir / filename, out_dir / f".{filename}.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)  # never a half-written PNG
-    return path
+    with atomic_path(out_dir / filename) as tmp:  # never a half-written PNG
+        fig.savefig(tmp, dpi=110, format="png")
+    return out_dir / filename

@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+from score.model.files import write_jsonl
+
 METRICS_FILE = "metrics.jsonl"
 _RESERVED = ("step", "time")
 
@@ -112,12 +114,7 @@ class MetricsLogger:
 
     def _truncate_after(self, resume_step: int) -> None:
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, kept)
 
     def close(self) -> None:
         if not self._file.closed:

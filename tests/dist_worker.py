@@ -1,4 +1,4 @@
-"""The rank program of tests/test_distributed.py (run under score.rl.launch / torchrun), and the
+"""The rank program of tests/test_distributed.py (run under score.rl.parallel.launch / torchrun), and the
 deterministic training step it shares with the test's plain single-process reference.
 
 A "step" is what the distributed trainer does, minus rollouts: every rank takes its contiguous
@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 
 from score.kernels import fused_linear_logprob
 from score.model import ModelConfig, Transformer
-from score.rl import distributed as D
-from score.rl.dist_checkpoint import export_consolidated, full_state_dict, load_sharded, save_sharded
+from score.rl.parallel import distributed as D
+from score.rl.checkpoints import export_consolidated, full_state_dict, load_sharded, save_sharded
 
 # Odd vocab and tied head: uneven shards, and the embedding serves as the output head. No q/k/v
 # bias: a key bias has an exactly zero gradient (softmax ignores a per-query constant), so its
@@ -177,8 +177,10 @@ def train(config: str, out: str, resume: bool) -> None:
     from score.rl.config import load_config
     from tiny_run import trainer_with_parity
 
-    env = D.init_distributed("cpu")
-    trainer = trainer_with_parity(load_config(config, []), out, resume=resume, env=env)
+    from score.rl.parallel.seam import FSDP2
+
+    trainer = trainer_with_parity(load_config(config, []), out, resume=resume,
+                                  parallel=FSDP2(D.init_distributed("cpu")))
     try:
         trainer.fit()
     finally:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import score.rl.checkpoint as ckpt
+import score.rl.checkpoints.plain as ckpt
 from score.model import ModelConfig, Transformer
-from score.rl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from score.rl.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=64)
@@ -98,13 +98,13 @@ def test_layout_safetensors_only_and_policy_loads_in_transformers(tmp_path):
 def test_keep_last_and_latest(tmp_path):
     model = make_model(0)
     optimizer = make_optimizer(model)
-    assert latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path, "plain") is None
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, model, optimizer, {}, keep_last=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
-    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    assert [p.name for p in list_checkpoints(tmp_path, "plain")] == ["step_00000003", "step_00000004"]
+    assert latest_checkpoint(tmp_path, "plain").name == "step_00000004"
     save_checkpoint(tmp_path, 4, model, optimizer, {"again": True}, keep_last=2)  # re-save replaces
-    assert json.loads((latest_checkpoint(tmp_path) / "trainer_state.json").read_text())["state"] == {"again": True}
+    assert json.loads((latest_checkpoint(tmp_path, "plain") / "trainer_state.json").read_text())["state"] == {"again": True}
 
 
 def test_interrupted_save_leaves_previous_checkpoints(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_interrupted_save_leaves_previous_checkpoints(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
     # A temporary folder left by a killed process is not a checkpoint and is cleaned by the next save.
     (tmp_path / "checkpoints" / ".tmp-step_00000003-x").mkdir()
-    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert latest_checkpoint(tmp_path, "plain").name == "step_00000001"
     monkeypatch.undo()
     save_checkpoint(tmp_path, 3, model, optimizer, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000003"]
@@ -148,17 +148,45 @@ def test_errors_are_named(tmp_path):
 
 def test_plain_and_sharded_checkpoints_in_one_run_folder_never_mix(tmp_path):
     """Each format lists, resumes and prunes only its own folders (both live in run/checkpoints/)."""
-    from score.rl.dist_checkpoint import latest_sharded, save_sharded, sorted_checkpoints
+    from score.rl.checkpoints import save_sharded
 
     model = make_model(0)
     optimizer = make_optimizer(model)
     train_steps(model, optimizer, 1)
     save_checkpoint(tmp_path, 1, model, optimizer, {}, keep_last=1)
-    assert latest_sharded(tmp_path) is None  # a sharded resume over a plain run finds nothing to load
+    assert latest_checkpoint(tmp_path, "sharded") is None  # a sharded resume over a plain run finds nothing to load
     save_sharded(tmp_path, 2, model, optimizer, {"data_step": 2}, keep_last=1)
     save_sharded(tmp_path, 3, model, optimizer, {"data_step": 3}, keep_last=1)
-    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000003"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]  # not pruned by the sharded save
+    assert [p.name for p in list_checkpoints(tmp_path, "sharded")] == ["step_00000003.dcp"]
+    assert [p.name for p in list_checkpoints(tmp_path, "plain")] == ["step_00000001"]  # not pruned by the sharded save
     save_checkpoint(tmp_path, 4, model, optimizer, {}, keep_last=1)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004"]
-    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000003"]  # nor the reverse
+    assert [p.name for p in list_checkpoints(tmp_path, "plain")] == ["step_00000004"]
+    assert [p.name for p in list_checkpoints(tmp_path, "sharded")] == ["step_00000003.dcp"]  # nor the reverse
+
+
+def test_resume_across_formats(tmp_path):
+    """A single-process resume loads a sharded checkpoint; a sharded resume over a plain run names
+    the cause instead of loading it with DCP; a re-saved sharded step replaces the old one."""
+    import types
+
+    from score.rl.checkpoints import save_sharded
+    from score.rl.parallel.seam import FSDP2, SingleProcess
+
+    model = make_model(0)
+    optimizer = make_optimizer(model)
+    train_steps(model, optimizer, 2)
+    save_sharded(tmp_path / "sharded", 2, model, optimizer, {"data_step": 2})
+    save_sharded(tmp_path / "sharded", 2, model, optimizer, {"data_step": 2})  # the same step again
+    assert [p.name for p in list_checkpoints(tmp_path / "sharded", "sharded")] == ["step_00000002.dcp"]
+    fresh = make_model(1)
+    fresh_optimizer = make_optimizer(fresh)
+    assert SingleProcess(torch.device("cpu")).resume(tmp_path / "sharded", fresh, fresh_optimizer) == 2
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+    save_checkpoint(tmp_path / "plain", 1, model, optimizer, {})
+    rank = FSDP2(types.SimpleNamespace(device=torch.device("cpu"), is_main=True))
+    with pytest.raises(ValueError, match="written by a single-process run"):
+        rank.resume(tmp_path / "plain", fresh, fresh_optimizer)
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        SingleProcess(torch.device("cpu")).resume(tmp_path / "empty", fresh, fresh_optimizer)

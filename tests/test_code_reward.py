@@ -13,7 +13,7 @@ from score.rl import (
     load_humaneval,
     load_mbpp_jsonl,
 )
-from score.rl.code_reward import mbpp_function_name, problem_format
+from score.rl.rewards.code_reward import mbpp_function_name, problem_format
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
 from score.rl.rewards import BatchReward
-from score.rl.trainer import load_problems
+from score.rl.factories import load_problems
 from tiny_run import tiny_config
 
 MBPP = [

@@ -1,7 +1,7 @@
 """FSDP2 training on 2 CPU ranks (gloo) against 1 rank and a plain process; DCP resume across world
 sizes; consolidated HF export; generation on unsharded weights; the launcher on a failing rank.
 
-The ranks run tests/dist_worker.py under score.rl.launch (torchrun's agent). One 2-rank run and one
+The ranks run tests/dist_worker.py under score.rl.parallel.launch (torchrun's agent). One 2-rank run and one
 1-rank run are shared by the tests of this module (the process start-up dominates their cost).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 import dist_worker as W
-from score.rl import distributed as D
-from score.rl.dist_checkpoint import latest_sharded, load_sharded
+from score.rl.parallel import distributed as D
+from score.rl.checkpoints import latest_checkpoint, load_sharded
 
 TESTS = Path(__file__).resolve().parent
 STEPS, SAVE_AT = 4, 2
@@ -29,7 +29,7 @@ TOL = 1e-5
 def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    code = ("import sys; from score.rl.launch import launch; "
+    code = ("import sys; from score.rl.parallel.launch import launch; "
             f"sys.exit(launch({nproc}, {list(args)!r}, module='dist_worker'))")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -44,8 +44,8 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     two = _launch(2, "run2", str(out), str(STEPS), str(SAVE_AT))
     assert two.returncode == 0, two.stderr[-4000:]
-    ckpt = latest_sharded(out)
-    assert ckpt is not None and ckpt.name == f"step_{SAVE_AT:06d}"
+    ckpt = latest_checkpoint(out, "sharded")
+    assert ckpt is not None and ckpt.name == f"step_{SAVE_AT:08d}.dcp"
     one = _launch(1, "resume1", str(out), str(STEPS), str(ckpt))
     assert one.returncode == 0, one.stderr[-4000:]
     return out
@@ -97,31 +97,31 @@ def test_resume_from_two_rank_checkpoint_on_one_rank(runs, plain_run):
 
 def test_sharded_checkpoint_loads_into_plain_model(runs):
     model = W.make_model()
-    state = load_sharded(latest_sharded(runs), model, None)
+    state = load_sharded(latest_checkpoint(runs, "sharded"), model, None)
     assert state["step"] == SAVE_AT
     saved = load_file(runs / f"params_step{SAVE_AT}.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
 
 
-def test_save_sharded_without_process_group_prunes_and_refuses_overwrite(tmp_path):
-    from score.rl.dist_checkpoint import save_sharded, sorted_checkpoints
+def test_save_sharded_without_process_group_prunes_and_replaces_a_step(tmp_path):
+    from score.rl.checkpoints import list_checkpoints, save_sharded
 
     model = W.make_model()
     optimizer = W.make_optimizer(model)
     W.train_step(model, optimizer, 0, None)
     for step in (1, 2, 3):
         save_sharded(tmp_path, step, model, optimizer, {"data_step": step}, keep_last=2)
-    assert [p.name for p in sorted_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
-    with pytest.raises(ValueError, match="already exists"):
-        save_sharded(tmp_path, 3, model, optimizer, {})
+    assert [p.name for p in list_checkpoints(tmp_path, "sharded")] == ["step_00000002.dcp", "step_00000003.dcp"]
+    save_sharded(tmp_path, 3, model, optimizer, {"data_step": 3}, keep_last=2)  # replaced, as plain ones are
+    assert [p.name for p in list_checkpoints(tmp_path, "sharded")] == ["step_00000002.dcp", "step_00000003.dcp"]
     with pytest.raises(ValueError, match="JSON"):
         save_sharded(tmp_path, 4, model, optimizer, {"bad": object()})
     with pytest.raises(ValueError, match="not a sharded checkpoint"):
         load_sharded(tmp_path, model, optimizer)
     fresh = W.make_model()
     fresh_opt = W.make_optimizer(fresh)
-    assert load_sharded(latest_sharded(tmp_path), fresh, fresh_opt)["data_step"] == 3
+    assert load_sharded(latest_checkpoint(tmp_path, "sharded"), fresh, fresh_opt)["data_step"] == 3
     W.train_step(model, optimizer, 1, None)
     W.train_step(fresh, fresh_opt, 1, None)  # same optimizer state -> same update
     for key, value in model.state_dict().items():
@@ -177,7 +177,7 @@ def test_rank_failure_stops_job_and_names_rank():
 
 
 def test_split_nproc_for_the_score_train_shortcut():
-    from score.rl.launch import split_nproc
+    from score.rl.parallel.launch import split_nproc
 
     assert split_nproc(["train", "--nproc", "4", "--config", "c.yaml"]) == (4, ["train", "--config", "c.yaml"])
     assert split_nproc(["train", "--nproc=2"]) == (2, ["train"])
@@ -238,7 +238,7 @@ def _copy_at_step(src: Path, dst: Path, step: int) -> Path:
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "final")
     for ckpt in (dst / "checkpoints").iterdir():
-        if int(ckpt.name.split("_")[1]) > step:
+        if int(ckpt.name.split("_")[1].removesuffix(".dcp")) > step:
             shutil.rmtree(ckpt)
     return dst
 
@@ -278,7 +278,7 @@ def test_trainer_on_two_ranks_equals_one_process(trainer_runs):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
     assert any(m["grad_norm"] > 0 for m in ours)
     names = sorted(p.name for p in (root / "two" / "checkpoints").iterdir())
-    assert names == ["step_000002", "step_000004"]  # DCP folders (plain runs write step_00000002)
+    assert names == ["step_00000002.dcp", "step_00000004.dcp"]  # DCP folders (plain runs write step_00000002)
 
 
 def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(trainer_runs):

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from score.rl.math_reward import STATUSES, Grade, MathGrader, extract_final_answer, grade_in_main_thread, math_reward
+from score.rl.rewards.math_reward import STATUSES, Grade, MathGrader, extract_final_answer, grade_in_main_thread, math_reward
 
 
 def paper_format(answer):

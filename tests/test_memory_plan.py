@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from score.model import ModelConfig
-from score.rl import memory_plan as M
+from score.rl.parallel import memory_plan as M
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
 CONFIG = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from score.rl import ExecResult, SandboxPool, SandboxUnavailableError, execute, run_batch
-from score.rl.sandbox import default_pool
+from score.rl.rewards.sandbox import default_pool
 
 TIMEOUT_S = 1.0
 MEMORY_MB = 256
@@ -228,7 +228,7 @@ def test_ctypes_segfault():
 
 def test_parent_death_kills_launcher_and_program():
     script = (
-        "from score.rl.sandbox import SandboxPool\n"
+        "from score.rl.rewards.sandbox import SandboxPool\n"
         "pool = SandboxPool(1)\n"
         "print(pool._all[0]._proc.pid, flush=True)\n"
         "pool.execute('import time; time.sleep(60)', timeout_s=60, memory_mb=256)\n"
@@ -256,7 +256,7 @@ def test_strict_mode_refuses_a_missing_namespace():
 
 
 def test_permissive_mode_reports_missing_namespace_and_warns_once():
-    import score.rl.sandbox.launcher as launcher_module
+    import score.rl.rewards.sandbox.launcher as launcher_module
 
     launcher_module._warned_missing = False
     with warnings.catch_warnings(record=True) as caught:

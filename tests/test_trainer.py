@@ -10,8 +10,9 @@ import torch
 from score.model import from_pretrained
 from score.rl.data import Problem
 from score.rl.rollout import Trajectory
-from score.rl.trainer import (DataOrder, Trainer, lr_at, micro_batch_loss, micro_batches, pack,
-                              loss_denominator, stage_of)
+from score.rl.loss import loss_denominator, micro_batch_loss, micro_batches, pack
+from score.rl.schedule import DataOrder, lr_at, stage_of
+from score.rl.trainer import Trainer
 from tiny_run import ParityReward, tiny_config, trainer_with_parity
 
 ALPHA, BETA1, BETA2 = 10.0, 0.01, 0.1
@@ -96,13 +97,13 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
 def test_pack_rows_targets_and_labels():
     trajs = hand_batch()
     b = pack(trajs, torch.device("cpu"))
-    assert b["cu_seqlens"].tolist() == [0, 9, 16, 24, 31, 38]
+    assert b.cu_seqlens.tolist() == [0, 9, 16, 24, 31, 38]
     # trajectory 0: rows predict y1 (8, 9) and y2 (11, 12, 13)
-    assert b["rows"][:5].tolist() == [2, 3, 5, 6, 7]
-    assert b["targets"][:5].tolist() == [8, 9, 11, 12, 13]
-    assert b["attempt"][:5].tolist() == [1, 1, 2, 2, 2]
-    assert b["cu_active"].tolist() == [0, 5, 8, 12, 15, 17]  # the base first attempt (28) is not a row
-    assert b["group_ids"].tolist() == [0, 0, 0, 1, 1]
+    assert b.rows[:5].tolist() == [2, 3, 5, 6, 7]
+    assert b.targets[:5].tolist() == [8, 9, 11, 12, 13]
+    assert b.attempt[:5].tolist() == [1, 1, 2, 2, 2]
+    assert b.cu_active.tolist() == [0, 5, 8, 12, 15, 17]  # the base first attempt (28) is not a row
+    assert b.group_ids.tolist() == [0, 0, 0, 1, 1]
     assert loss_denominator(trajs, "token_mean") == 17 and loss_denominator(trajs, "sequence_mean") == 5
 
 

@@ -4,12 +4,13 @@ import copy
 import pytest
 import torch
 
-from score.model import from_pretrained
+from score.model import from_pretrained, load_tokenizer
 from score.rl import trainer as trainer_module
 from score.rl.config import ConfigError
 from score.rl.data import Problem
+from score.rl.factories import load_problems, make_engine, prompt_builder
+from score.rl.loss import loss_denominator, micro_batch_loss, pack
 from score.rl.rollout import Trajectory, two_attempt_rollout
-from score.rl.trainer import loss_denominator, micro_batch_loss, pack
 from tiny_run import ParityReward, tiny_config, trainer_with_parity
 
 
@@ -55,8 +56,8 @@ def test_star_stage2_trains_only_the_successful_attempts(models):
 def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path):
     cfg, policy, reference = models
     trajectories, _ = two_attempt_rollout(
-        trainer_module.make_engine(cfg, policy), trainer_module.prompt_builder(cfg, trainer_module.load_tokenizer(
-            cfg.model.path)), trainer_module.load_problems(cfg, cfg.data.train)[:2], ParityReward(), k=2,
+        make_engine(cfg, policy), prompt_builder(cfg, load_tokenizer(cfg.model.path)),
+        load_problems(cfg, cfg.data.train)[:2], ParityReward(), k=2,
         temperature=1.0, max_tokens1=4, max_tokens2=4, seed=0, second_attempt=False)
     assert all(t.attempt2_ids == [] and t.instruction_ids == [] and t.finish2 == "none" for t in trajectories)
     assert all(t.token_ids == t.prompt_ids + t.attempt1_ids for t in trajectories)
@@ -65,7 +66,7 @@ def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path):
     single.score.single_turn, single.score.stage1_steps, single.score.stage2_steps = True, 0, 2
     trajs = [traj(0, [8, 9], [], 1.0, 0.0), traj(0, [14, 15, 16], [], 0.0, 0.0)]
     batch = pack(trajs, torch.device("cpu"))
-    assert set(batch["attempt"].tolist()) == {1}
+    assert set(batch.attempt.tolist()) == {1}
     out, logp, _ = micro_batch_loss(policy, reference, batch, single, 2, loss_denominator(trajs, "token_mean"))
     kl1 = out.kl[:, 0].double()
     r1 = torch.tensor([1.0, 0.0], dtype=torch.float64)

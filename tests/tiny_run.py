@@ -58,7 +58,7 @@ class ParityReward:
 
 
 def trainer_with_parity(cfg, out, **kw):
-    """A Trainer (any Trainer keyword, e.g. env=) rewarded by ParityReward."""
+    """A Trainer (any Trainer keyword, e.g. parallel=) rewarded by ParityReward."""
     from score.rl.trainer import Trainer
 
     t = Trainer(cfg, out, **kw)

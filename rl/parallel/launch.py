@@ -11,7 +11,7 @@ A rank that exits 0 while others are still running is not a failure to the agent
 survivors' next collective then fails after the process-group timeout (`init_distributed`'s
 `timeout_s`) and the job still ends non-zero.
 
-`python -m score.rl.launch --nproc G train ...` is the same from the shell. Not done: multi-node
+`python -m score.rl.parallel.launch --nproc G train ...` is the same from the shell. Not done: multi-node
 rendezvous (use torchrun's own --nnodes/--rdzv-* flags directly for that).
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _how(failure) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m score.rl.launch",
+    parser = argparse.ArgumentParser(prog="python -m score.rl.parallel.launch",
                                      description="Run `score <command> ...` on N local processes (torchrun).")
     parser.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this node")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the score command line, e.g. train --config F")

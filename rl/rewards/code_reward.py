@@ -5,7 +5,7 @@
 batch on all sandbox workers. Both fit the trainer's reward interface
 `reward(completion_text, problem_dict) -> float`.
 
-Problem dicts (as loaded by score.rl.code_problems):
+Problem dicts (as loaded by score.rl.rewards.code_problems):
 
 * HumanEval format: {"task_id": str, "prompt": str (signature + docstring), "test": str
   (defines `check(candidate)`), "entry_point": str, optional "canonical_solution": str}.

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 try:
-    from .data import last_boxed
+    from ..data import last_boxed
 except ImportError:  # loaded by file path inside a grading worker, outside the package (see _worker_main)
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location(
-        "_score_rl_data", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data.py"))
+        "_score_rl_data", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py"))
     _data = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _data  # dataclasses look their module up in sys.modules
     _spec.loader.exec_module(_data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .data import Problem
+from ..data import Problem
 from .math_reward import MathGrader, extract_final_answer
 
 RewardFn = Callable[[Sequence[str], Sequence[Problem]], list]

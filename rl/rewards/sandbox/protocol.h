@@ -1,4 +1,4 @@
-/* Wire format between score.rl.sandbox (protocol.py) and the launcher: native-endian
+/* Wire format between score.rl.rewards.sandbox (protocol.py) and the launcher: native-endian
  * structs on the launcher's stdin/stdout. Keep both files in step. */
 #ifndef SCORE_SANDBOX_PROTOCOL_H
 #define SCORE_SANDBOX_PROTOCOL_H

@@ -1,15 +1,16 @@
 """Sharded trainer checkpoints with torch.distributed.checkpoint (DCP) and a consolidated HF export.
 
-Layout: `run_dir/checkpoints/step_000042/` holds DCP's files (`.metadata` + one `__N_0.distcp`
+Layout (store.py names it): `run_dir/checkpoints/step_00000042.dcp/` holds DCP's files (`.metadata` + one `__N_0.distcp`
 per writing rank: every rank writes only its own shards of the policy and of AdamW's state, in
 parallel) and `trainer_state.json` (step, RNG seeds, whatever the trainer passes). DCP stores
 each tensor with its global shape and the offsets of every shard, so `load_sharded` re-slices on
 load: a checkpoint written by 8 ranks resumes on 1, 2 or 4 (or in a plain process without a
 process group, for a plain unsharded model).
 
-Atomic: ranks write into `step_000042.tmp/`; after a barrier rank 0 writes the JSON and renames
-the folder, so a crash mid-save never leaves a folder that looks complete. `keep_last` prunes
-older ones (rank 0, after the rename).
+Atomic: ranks write into a temporary folder rank 0 made beside it; after a barrier rank 0 writes
+the JSON and commits the folder by store.py's rule (an existing step is replaced), so a crash
+mid-save never leaves a folder that looks complete. `keep_last` prunes older ones (rank 0, after
+the commit).
 
 `export_consolidated(model, path)` all-gathers the full weights onto rank 0's CPU and writes the
 HF layout (`score.model.save_pretrained`: model.safetensors + config.json) that `from_pretrained`
@@ -20,9 +21,6 @@ Not done: async saving (dcp.async_save) and checkpoints of the engine's KV cache
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -33,10 +31,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from .distributed import raise_on_all_ranks
+from score.model.files import commit_folder, read_json_object, remove_stale_temporaries, temp_folder
 
-STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+from ..parallel.distributed import raise_on_all_ranks
+from .store import STATE_FILE, check_save_arguments, checkpoint_dir, prune
+
+KIND = "sharded"
 
 
 def _is_dist() -> bool:
@@ -53,59 +53,33 @@ def _barrier() -> None:
 
 
 def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                 *, keep_last: int = 3) -> Path:
-    """Every rank calls this; returns `run_dir/checkpoints/step_XXXXXX`. `state` must be JSON-able."""
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+                 *, keep_last: int | None = 3) -> Path:
+    """Every rank calls this; returns `run_dir/checkpoints/step_XXXXXXXX.dcp`. `state` must be JSON-able."""
+    check_save_arguments(step, keep_last)
     try:
         state_json = json.dumps({**state, "step": step, "world_size": dist.get_world_size() if _is_dist() else 1},
                                 indent=2, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"trainer state must be JSON-serialisable: {exc}") from None
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
-    error = None
+    final = checkpoint_dir(run_dir, step, KIND)
+    box = [None]
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            error = f"checkpoint {final} already exists"
-        elif tmp.exists():
-            shutil.rmtree(tmp)  # left by a crashed save
-    raise_on_all_ranks(error)
+        remove_stale_temporaries(final.parent)
+        box = [str(temp_folder(final))]
+    if _is_dist():
+        dist.broadcast_object_list(box, src=0)  # every rank writes its shards into rank 0's folder
+    tmp = Path(box[0])
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # DCP warns that it saves "in a single process", as we asked
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _is_dist())
     _barrier()
     if _rank() == 0:
-        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-            f.write(state_json)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        for old in sorted_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+        (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
+        commit_folder(tmp, final)
+        prune(run_dir, KIND, keep_last)
     _barrier()
     return final
-
-
-def sorted_checkpoints(run_dir) -> list[Path]:
-    """This format's checkpoints of a run, oldest first: only DCP folders (`.metadata`), so a plain
-    checkpoint in the same folder (checkpoint.py, `step_` + 8 digits) is never resumed or pruned here."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / ".metadata").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_sharded(run_dir) -> Path | None:
-    found = sorted_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -122,8 +96,7 @@ def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     with warnings.catch_warnings():  # DCP warns that it loads "in a single process", as we asked
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _load(path, model, optimizer)
-    with open(path / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_object(path / STATE_FILE)
 
 
 def _load(path: Path, model: nn.Module, optimizer) -> None:

@@ -1,7 +1,7 @@
-"""Per-GPU memory of a SCoRe run under FSDP2, before launching: `python -m score.rl.memory_plan`.
+"""Per-GPU memory of a SCoRe run under FSDP2, before launching: `python -m score.rl.parallel.memory_plan`.
 
 What is counted (P = parameters, W = GPUs, b = bytes of the compute dtype: 2 for bf16 on GPU):
-- resident, sharded over W (rl/distributed.py):
+- resident, sharded over W (rl/parallel/distributed.py):
     policy master weights fp32 4P/W, gradients fp32 4P/W, AdamW exp_avg + exp_avg_sq fp32 8P/W,
     reference model (frozen, stored in the compute dtype) bP/W (0 with CPU offload);
 - the engine's KV pool: 2 (K and V) x layers x kv_heads x head_dim x b per token, for
@@ -255,7 +255,7 @@ def sizes_for_run(cfg, world_size: int, prompt_tokens: int, base: TrainingSizes 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m score.rl.memory_plan",
+    parser = argparse.ArgumentParser(prog="python -m score.rl.parallel.memory_plan",
                                      description="Per-GPU memory of FSDP2 SCoRe training (see docs/memory_plan.md)")
     parser.add_argument("--model", help="HF model folder (config.json); default: the 0.5B-8B reference table")
     parser.add_argument("--config", help="a `score train` run config (TOML): model, batch, budgets and options from it")
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
                               reference_offload=ns.reference_offload, gpu_gib=ns.gpu_gib)
         run = None
         if ns.config:
-            from .config import load_config
+            from ..config import load_config
 
             run = load_config(ns.config, [])
             if not ns.model and not run.model.path:

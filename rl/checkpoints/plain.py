@@ -1,6 +1,6 @@
 """Training checkpoints for exact resume: policy, optimizer, RNG states and trainer state.
 
-Layout of `run_dir/checkpoints/step_00000123/`:
+Layout of `run_dir/checkpoints/step_00000123/` (store.py names it):
   model/                  the policy in HF layout (`score.model.save_pretrained`: config.json +
                           model.safetensors, loadable by transformers), plus the tokenizer if given
   optimizer.safetensors   every tensor of the optimizer state (`state.<param index>.<name>`); no pickle
@@ -9,9 +9,9 @@ Layout of `run_dir/checkpoints/step_00000123/`:
                           (checked on load), and the RNG states of python `random`, numpy's global
                           generator, torch CPU and every CUDA device
 
-A checkpoint is written into a temporary folder beside the others, every file fsynced, then renamed
-into place (and the parent folder fsynced), so a crash leaves either the old set or the new one,
-never a half-written checkpoint. Only the newest `keep_last` are kept.
+A checkpoint is written into a temporary folder beside the others and committed by store.py's rule
+(every file fsynced, renamed into place, an existing step replaced), so a crash leaves either the old
+set or the new one, never a half-written checkpoint. Only the newest `keep_last` are kept.
 
 `load_checkpoint` copies the weights into the existing model (parameter objects are kept, so the
 optimizer keeps pointing at them), restores the optimizer and the RNG states, and returns the trainer
@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,37 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from score.model import Transformer, from_pretrained, save_pretrained
-from score.model.json_file import read_json_object
+from score.model.files import atomic_folder, read_json_object, remove_stale_temporaries
+
+from .store import (STATE_FILE, check_save_arguments, checkpoint_dir, checkpoints_root, latest_checkpoint,
+                    prune)
 
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MODEL_DIR = "model"
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are skipped)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        # A sharded checkpoint (dist_checkpoint.py, DCP's .metadata) shares the folder and the state file.
-        if match and (child / STATE_FILE).is_file() and not (child / ".metadata").exists():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+KIND = "plain"
 
 
 def save_checkpoint(
@@ -79,19 +53,13 @@ def save_checkpoint(
     tokenizer=None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and prune old ones; returns its folder."""
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
+    check_save_arguments(step, keep_last)
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
     _check_json(state)
-    final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final.parent)
-
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
+    final = checkpoint_dir(run_dir, step, KIND)
+    remove_stale_temporaries(final.parent)
+    with atomic_folder(final) as tmp:
         save_pretrained(model, tmp / MODEL_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
@@ -101,21 +69,7 @@ def save_checkpoint(
             save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(record, f)
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
-            old = final.with_name(f".tmp-old-{final.name}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if keep_last is not None:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    prune(run_dir, KIND, keep_last)
     return final
 
 
@@ -134,8 +88,8 @@ def load_checkpoint(
     state_file = path / STATE_FILE
     if not state_file.is_file():
         hint = ""
-        if (path / CHECKPOINTS).is_dir():
-            hint = f" (that is a run folder; its newest checkpoint is {latest_checkpoint(path)})"
+        if checkpoints_root(path).is_dir():
+            hint = f" (that is a run folder; its newest checkpoint is {latest_checkpoint(path, KIND)})"
         raise FileNotFoundError(f"{path} is not a checkpoint: no {STATE_FILE}{hint}")
     record = read_json_object(state_file)
     if record.get("format") != FORMAT_VERSION:
@@ -277,26 +231,3 @@ def _check_json(value: dict, what: str = "state") -> None:
             json.dumps(item)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}[{key!r}] is not JSON-serialisable ({e})") from None
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    # Left by a save that was killed midway; never a complete checkpoint (those are renamed).
-    for child in root.iterdir():
-        if child.name.startswith(".tmp-") and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Files written whole or not at all, and JSON read with errors that name the file.
+
+Every writer goes through a temporary in the target's own folder (`.tmp-<name>-XXXXXXXX`, so the
+final rename never crosses a file system), fsyncs it, renames it over the target and fsyncs the
+folder, so a crash leaves the old version or the new one, never half of one. Folders (checkpoints)
+follow the same policy: an existing target is swapped out and removed only after the new one is in
+place. A temporary left by a killed writer is never mistaken for a result: readers skip dot names,
+and `remove_stale_temporaries` clears them before the next write into that folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"
+
+
+def read_json_object(file) -> dict:
+    """The object a JSON file holds; ValueError naming the file when it is not valid JSON or not an object."""
+    with open(file, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def fsync_dir(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_path(target):
+    """Yields a temporary path beside `target` for the caller to write (any writer that takes a
+    path: safetensors, savefig, open); on success it becomes `target`, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_text(target, text: str) -> Path:
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(target)
+
+
+def write_json(target, value, **dumps_options) -> Path:
+    """`value` as JSON (json.dumps options pass through), written atomically."""
+    return write_text(target, json.dumps(value, **dumps_options) + "\n")
+
+
+def write_jsonl(target, records) -> Path:
+    """One JSON object per line, written atomically."""
+    return write_text(target, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def temp_folder(target) -> Path:
+    """A new empty temporary folder beside `target` (its parent is created)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-"))
+
+
+def commit_folder(tmp, target) -> Path:
+    """fsync every file of `tmp`, then rename it to `target`. An existing `target` is renamed aside
+    first and deleted only once the new one is in place (one overwrite policy for every folder)."""
+    tmp, target = Path(tmp), Path(target)
+    fsync_tree(tmp)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}old-{target.name}-"))
+        os.replace(target, old / target.name)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_folder(target):
+    """Yields a temporary folder beside `target` to fill; on success it replaces `target`
+    (commit_folder), on error it is removed."""
+    tmp = temp_folder(target)
+    try:
+        yield tmp
+        commit_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(folder) -> None:
+    """Delete temporaries a killed writer left in `folder` (never a complete result: those are renamed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.name.startswith(TEMP_PREFIX):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()

@@ -1,0 +1,61 @@
+"""The parts of a run built from its config, shared by `score train`, `score eval` and `score demo`:
+device, prompt builder, problems, engine and reward."""
+from __future__ import annotations
+
+import torch
+
+from score.model import Engine
+
+from .config import RunConfig
+from .data import Problem, load_jsonl
+from .prompts import CODE_CORRECTION_INSTRUCTION, MATH_CORRECTION_INSTRUCTION, MATH_SYSTEM_PROMPT, PromptBuilder
+from .rewards import BatchReward
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device = 'cuda' but CUDA is not available")
+    return torch.device(name)
+
+
+def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
+    """The PromptBuilder of a run: 'default' = the paper's text for the reward kind, '' = none."""
+    p = cfg.prompt
+    code = cfg.reward.kind == "code"
+    system = p.system_prompt
+    if system == "default":
+        system = None if code else MATH_SYSTEM_PROMPT
+    instruction = p.correction_instruction
+    if instruction == "default":
+        instruction = CODE_CORRECTION_INSTRUCTION if code else MATH_CORRECTION_INSTRUCTION
+    if not instruction:
+        raise ValueError("prompt.correction_instruction must not be empty (attempt 2 needs an instruction)")
+    return PromptBuilder(tokenizer, chat=p.chat, system_prompt=system or None, correction_instruction=instruction)
+
+
+def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
+    """Problems of a data file for the run's reward kind (code: MBPP JSONL or 'humaneval')."""
+    if cfg.reward.kind == "code":
+        from .rewards.code_problems import load_humaneval, load_mbpp_jsonl
+
+        raw = load_humaneval() if path == "humaneval" else load_mbpp_jsonl(path)
+        out = []
+        for p in raw:
+            question = p["prompt"] if "entry_point" in p else p["text"] + "\n" + "\n".join(p["test_list"][:1])
+            out.append(Problem(id=str(p["task_id"]), question=question, answer="", meta={"code": p}))
+        return out
+    d = cfg.data
+    return load_jsonl(path, question_key=d.question_key, answer_key=d.answer_key or None,
+                      solution_key=d.solution_key, id_key=d.id_key or None)
+
+
+def make_engine(cfg: RunConfig, model) -> Engine:
+    r = cfg.rollout
+    return Engine(model, block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
+
+
+def make_reward(cfg: RunConfig) -> BatchReward:
+    r = cfg.reward
+    return BatchReward(r.kind, timeout_s=r.timeout_s, workers=r.workers, memory_mb=r.memory_mb)

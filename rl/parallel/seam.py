@@ -1,0 +1,231 @@
+"""The one place a run differs between one process and one rank of an FSDP2 job.
+
+The trainer asks its `Parallel` for everything that depends on how the run is spread over
+processes: the policy and the frozen reference, the weights the engine generates from, autocast,
+this rank's share of a step's prompt groups, sums, maxima and gathers of statistics, gradient
+clipping, checkpoints and the final export. `SingleProcess` does each the plain way; `FSDP2`
+shards, all-gathers and reduces (distributed.py). The trainer never asks which one it has.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from score.model import from_pretrained, load_tokenizer, save_pretrained
+
+from ..checkpoints import (export_consolidated, latest_checkpoint, load_checkpoint, load_sharded, save_checkpoint,
+                           save_sharded)
+from ..config import RunConfig
+from ..factories import make_engine, make_reward, pick_device, prompt_builder
+from . import distributed as D
+
+
+class Parallel(Protocol):
+    device: torch.device
+    is_main: bool
+
+    def build_models(self, cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(policy, frozen reference) from cfg.model.path, ready for the optimizer."""
+
+    def generation(self, *models: torch.nn.Module):
+        """A context in which `models` hold whole weights an engine can decode from."""
+
+    def after_loss(self, reference: torch.nn.Module) -> None:
+        """Frees what the reference's no-grad forwards left gathered, once a step's losses are done."""
+
+    def autocast(self):
+        """The autocast context of the policy's and the reference's forwards."""
+
+    def my_groups(self, num_groups: int) -> range:
+        """The global indices of the prompt groups this process trains on."""
+
+    def sum(self, values: list) -> list[float]: ...
+
+    def max(self, values: list) -> list[float]: ...
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in global order."""
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of a [n, ...] CPU tensor, concatenated in global order."""
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float: ...
+
+    def barrier(self) -> None: ...
+
+    def save(self, run_dir: Path, step: int, policy, optimizer, state: dict, *, keep_last: int, tokenizer) -> Path:
+        """A checkpoint of `step` (every process calls it)."""
+
+    def resume(self, run_dir: Path, policy, optimizer) -> int:
+        """Loads the newest checkpoint this kind of run can resume from; returns its step."""
+
+    def export(self, policy: torch.nn.Module, folder: Path) -> None:
+        """The whole policy as an HF folder (every process calls it)."""
+
+    def evaluation(self, trainer, final: Path):
+        """A context yielding (engine, prompt builder, reward) for the after-training evaluation of
+        the policy in `final`, or None in a process that does not evaluate."""
+
+
+def parallel_for_run(cfg: RunConfig) -> Parallel:
+    """FSDP2 when this process was started by torchrun (it joins the job), else SingleProcess."""
+    if D.launched_by_torchrun():
+        return FSDP2(D.init_distributed(cfg.model.device))
+    return SingleProcess.for_run(cfg)
+
+
+class SingleProcess:
+    """Everything in this process: plain modules, identity reductions, plain checkpoints."""
+
+    is_main = True
+
+    def __init__(self, device: torch.device, *, autocast_bf16: bool = False):
+        self.device = device
+        self._bf16 = device.type == "cuda" and autocast_bf16
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig) -> SingleProcess:
+        return cls(pick_device(cfg.model.device), autocast_bf16=cfg.model.autocast_bf16)
+
+    def build_models(self, cfg):
+        policy = from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=self.device)
+        return policy, copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def generation(self, *models):
+        return contextlib.nullcontext()
+
+    def after_loss(self, reference):
+        pass
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
+
+    def my_groups(self, num_groups):
+        return D.shard_groups(num_groups, None)
+
+    def sum(self, values):
+        return D.all_reduce_sum(values, None)
+
+    def max(self, values):
+        return D.all_reduce_max(values, None)
+
+    def gather(self, items):
+        return list(items)
+
+    def gather_rows(self, rows):
+        return rows
+
+    def clip_grad_norm(self, model, max_norm):
+        return D.clip_grad_norm(model, max_norm)
+
+    def barrier(self):
+        pass
+
+    def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
+        return save_checkpoint(run_dir, step, policy, optimizer, state, keep_last=keep_last, tokenizer=tokenizer)
+
+    def resume(self, run_dir, policy, optimizer):
+        """A plain run resumes from either format (a sharded checkpoint loads into the plain model)."""
+        plain = latest_checkpoint(run_dir, "plain")
+        if plain is not None:
+            return int(load_checkpoint(plain, policy, optimizer)["step"])
+        sharded = latest_checkpoint(run_dir, "sharded")
+        if sharded is not None:
+            return int(load_sharded(sharded, policy, optimizer)["step"])
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}")
+
+    def export(self, policy, folder):
+        save_pretrained(policy, folder)
+
+    @contextlib.contextmanager
+    def evaluation(self, trainer, final):
+        with trainer.generation() as engine:  # the trained policy itself, already in memory
+            yield engine, trainer.builder, trainer.reward
+
+
+class FSDP2:
+    """One rank of a torchrun job: FSDP2-sharded policy and reference, collectives over the group."""
+
+    def __init__(self, env: D.DistEnv):
+        self.env = env
+        self.device = env.device
+        self.is_main = env.is_main
+
+    def build_models(self, cfg):
+        # fp32 master weights (an lr of 5e-6 is below bf16's resolution); compute in model.dtype, or in
+        # bf16 on GPU when autocast_bf16 is on.
+        bf16 = cfg.model.dtype == "bfloat16" or (self.device.type == "cuda" and cfg.model.autocast_bf16)
+        return D.sharded_from_pretrained(cfg.model.path, self.env, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                         reference_cpu_offload=cfg.model.reference_cpu_offload)
+
+    @contextlib.contextmanager
+    def generation(self, *models):
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(D.unsharded(model))
+            yield
+
+    def after_loss(self, reference):
+        D.reshard(reference)  # its root stays gathered after a forward; free it until the next step
+
+    def autocast(self):
+        return contextlib.nullcontext()  # FSDP's mixed-precision policy casts the weights
+
+    def my_groups(self, num_groups):
+        return D.shard_groups(num_groups, self.env)
+
+    def sum(self, values):
+        return D.all_reduce_sum(values, self.env)
+
+    def max(self, values):
+        return D.all_reduce_max(values, self.env)
+
+    def gather(self, items):
+        return D.gather_lists(items, self.env)
+
+    def gather_rows(self, rows):
+        return torch.tensor(D.gather_lists(rows.tolist(), self.env))
+
+    def clip_grad_norm(self, model, max_norm):
+        return D.clip_grad_norm(model, max_norm)
+
+    def barrier(self):
+        D.barrier(self.env)
+
+    def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
+        return save_sharded(run_dir, step, policy, optimizer, state, keep_last=keep_last)
+
+    def resume(self, run_dir, policy, optimizer):
+        sharded = latest_checkpoint(run_dir, "sharded")
+        if sharded is not None:
+            return int(load_sharded(sharded, policy, optimizer)["step"])
+        plain = latest_checkpoint(run_dir, "plain")
+        if plain is not None:
+            raise ValueError(f"--resume: {plain} was written by a single-process run; resume it without "
+                             "torchrun/--nproc (multi-process runs resume from their sharded checkpoints)")
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}")
+
+    def export(self, policy, folder):
+        export_consolidated(policy, folder)  # a collective; rank 0 writes
+
+    @contextlib.contextmanager
+    def evaluation(self, trainer, final):
+        """Leaves the job, then rank 0 alone evaluates the exported policy. Reached only after a clean
+        run: after an error a peer may be waiting in another collective and never reach the closing
+        barrier, so the process exits and the launcher stops the job."""
+        trainer.close()
+        D.shutdown()
+        if not self.is_main:
+            yield None
+            return
+        cfg = trainer.cfg
+        model = from_pretrained(final, dtype=getattr(torch, cfg.model.dtype), device=self.device)
+        reward = make_reward(cfg)
+        try:
+            yield make_engine(cfg, model), prompt_builder(cfg, load_tokenizer(final)), reward
+        finally:
+            reward.close()
