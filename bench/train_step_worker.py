@@ -48,8 +48,10 @@ def parity_rewards(sequences):
 
 def loss_of(logp, ref_logp, attempt, cu, groups, r1, r2):
     from score.kernels import score_loss
+    from score.rl.loss import stage_coefficients
 
-    return score_loss(logp, ref_logp, attempt, cu, groups, r1, r2, stage=2).loss
+    coefficients = stage_coefficients(2, alpha=10.0, beta1=0.01, beta2=0.1)
+    return score_loss(logp, ref_logp, attempt, cu, groups, r1, r2, **coefficients).loss
 
 
 def step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, timings):

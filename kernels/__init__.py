@@ -1,4 +1,4 @@
-"""Triton kernels with torch references, one op per file (DESIGN.md §4).
+"""Triton kernels with torch references, one op per file.
 
 Imports only torch and triton. Each public op takes `impl="auto"|"triton"|"torch"`:
 Triton on CUDA tensors, the torch reference (same chunked algorithm) elsewhere.
@@ -8,4 +8,4 @@ from .fused_linear_logprob import fused_linear_logprob
 from .kl_penalty import kl_penalty
 from .score_loss import ScoreLossOutput, score_loss
 from .kv_store import store_kv
-from .paged_attention import PagedAttentionPlan, paged_attention, plan_paged_attention
+from .paged_attention import PagedAttentionBuffers, PagedAttentionPlan, paged_attention, plan_paged_attention

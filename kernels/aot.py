@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton launch the package can make (DESIGN.md §4).
+"""Ahead-of-time compilation of every Triton launch the package can make.
 
 The interpreter (`TRITON_INTERPRET=1`, used by the CPU tests) accepts code that the GPU compiler
 rejects: wrong dot shapes, too much shared memory, unsupported casts. So every launch
@@ -37,6 +37,8 @@ import time
 from typing import Any
 
 import torch
+
+from .dispatch import interpreting
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -183,7 +185,7 @@ def check_all(capabilities=AOT_TARGETS, workers: int | None = None) -> list[dict
 
 def main() -> int:
     """Compile everything (`python -m score.kernels.aot`), print one JSON list, exit 1 on failure."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         print("unset TRITON_INTERPRET for ahead-of-time compilation", file=sys.stderr)
         return 2
     results = check_all()

@@ -11,8 +11,8 @@ token's own upstream gradients g (for logp) and h (for entropy):
     d z_v  = g (onehot_v - p_v) - h p_v (log p_v + entropy),   d(hidden@weight.T) = d z / temperature
 
 Computing gradients in the forward pass would be wrong here: every token carries its own upstream
-gradient, and `grad_weight = sum_i g_i (...)` cannot be rescaled after the sum (Liger-Kernel
-PR #1298). Cost: four GEMMs (8·N·D·V flops) for forward + backward.
+gradient, and `grad_weight = sum_i g_i (...)` cannot be rescaled after the sum.
+Cost: four GEMMs (8·N·D·V flops) for forward + backward.
 
 Tokens whose target equals `ignore_index` (-100) get logp = 0 and entropy = 0 and no gradient.
 
@@ -32,12 +32,12 @@ import triton
 import triton.language as tl
 
 from .aot import Launch, launch, triton_type
+from .dispatch import use_triton
 
 IGNORE_INDEX = -100
 # Largest logits tile (elements) either path holds at once: 64 MB in fp32.
 TILE_ELEMENTS = 1 << 24
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_IMPLS = ("auto", "triton", "torch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,12 +420,6 @@ class _FusedLinearLogprob(torch.autograd.Function):
         return g_h, g_w, None, None, None, None
 
 
-def _triton_usable(t: torch.Tensor) -> bool:
-    import os
-
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
     """log softmax(hidden @ weight.T / temperature)[targets] per token, never forming [N, V].
@@ -436,8 +430,6 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     w.r.t. hidden and weight. impl: "auto" (Triton for CUDA tensors, torch otherwise), "triton"
     (CUDA, or CPU under TRITON_INTERPRET=1), "torch".
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     for name, t, ndim in (("hidden", hidden, 2), ("weight", weight, 2), ("targets", targets, 1)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -469,10 +461,8 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             first = int(bad.nonzero()[0, 0])
             raise ValueError(f"targets[{first}] = {int(targets[first])} is outside [0, {vocab}) and is not "
                              f"ignore_index ({IGNORE_INDEX})")
-    if impl == "triton" and not _triton_usable(hidden):
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     # An empty batch has nothing to launch; the torch path returns empty outputs and zero grads.
-    use_triton = (impl == "triton" or (impl == "auto" and hidden.is_cuda)) and hidden.shape[0] > 0
+    with_triton = use_triton(impl, hidden, "fused_linear_logprob") and hidden.shape[0] > 0
     logp, entropy = _FusedLinearLogprob.apply(hidden, weight, targets.contiguous(), float(temperature),
-                                              bool(return_entropy), use_triton)
+                                              bool(return_entropy), with_triton)
     return (logp, entropy) if return_entropy else logp

@@ -17,18 +17,16 @@ that the SCoRe loss kernel reuses.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .aot import Launch, launch, select
+from .dispatch import use_triton
 
 KL_KINDS = ("k1", "k2", "k3", "k3+")
 KL_LOG_RATIO_CLAMP = 20.0
 KL_VALUE_CLAMP = 10.0
-_IMPLS = ("auto", "triton", "torch")
 _BLOCK = 1024
 
 
@@ -132,8 +130,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *, 
     """
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     for name, t in (("logp", logp), ("ref_logp", ref_logp)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -145,8 +141,4 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *, 
         raise ValueError(f"ref_logp is on {ref_logp.device}, logp on {logp.device}")
     if ref_logp.requires_grad:
         raise ValueError("ref_logp requires grad: the reference model is frozen; pass ref_logp.detach()")
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if impl == "triton" and not (logp.is_cuda or interpreted):
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    use_triton = impl == "triton" or (impl == "auto" and logp.is_cuda)
-    return _KLPenalty.apply(logp, ref_logp, kind, use_triton)
+    return _KLPenalty.apply(logp, ref_logp, kind, use_triton(impl, logp, "kl_penalty"))

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .aot import Launch, launch, triton_type
+from .dispatch import use_triton
 
-IMPLS = ("auto", "triton", "torch")
 _BLOCK = 1024  # elements per inner step: Hkv * D is at most a few thousand
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -78,12 +78,8 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, *, impl: str = "auto") -> None:
     """Store k/v [N, Hkv, D] at cache rows `slot_mapping` [N] (negative = skip); in place."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check_store_kv(k, v, k_cache, v_cache, slot_mapping)
-    if impl == "auto":
-        impl = "triton" if k.is_cuda else "torch"
-    if impl == "triton":
+    if use_triton(impl, k, "store_kv"):
         if k.dtype not in _DTYPES:
             raise ValueError(f"the Triton path takes {_DTYPES}, got {k.dtype}")
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)

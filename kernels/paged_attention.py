@@ -15,12 +15,14 @@ Two implementations of the same maths:
   head). A query row is a (token, head-in-group) pair, so decode with GQA still fills the tile
   with the group's heads. Keys are gathered BLOCK_N positions at a time through the block table
   (position -> block id, offset), which is what lets the block size be anything. Online softmax
-  in fp32 (fp32 inputs use the dot's default precision, TF32 on tensor-core GPUs); the tile
+  in fp32; fp32 inputs multiply in full IEEE fp32 (the dot would otherwise default to TF32 on
+  tensor-core GPUs), 16-bit inputs in their own precision with fp32 accumulation. The tile
   stops at its last query's position, so the causal part costs nothing extra.
 - torch (`paged_attention_torch`): the CPU path and the test oracle. One gather of every
   sequence's keys through its block table, then torch's fused SDPA with a boolean mask (GQA
-  native) in fp32 (float64 stays float64). The gather indices and masks depend only on the step, not the
-  layer, so `plan_paged_attention` builds them once and every layer reuses the plan.
+  native) in fp32 (float64 stays float64). The gather indices and masks depend only on the step,
+  not the layer, so `plan_paged_attention` builds them once and every layer reuses the plan; a
+  caller that runs step after step keeps the gather storage in one `PagedAttentionBuffers`.
 
 flash-attn is not used here; the engine picks it separately (it needs 256-token blocks).
 Not done: ALiBi, sliding windows, logit soft-capping (no supported model family uses them).
@@ -36,9 +38,9 @@ import triton
 import triton.language as tl
 
 from .aot import Launch, launch, triton_type
+from .dispatch import use_triton
 
 MAX_HEAD_DIM = 256
-IMPLS = ("auto", "triton", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -182,6 +184,31 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_se
         raise ValueError(f"cu_seqlens_q must have S+1 = {s + 1} entries, got {tuple(cu_seqlens_q.shape)}")
 
 
+class PagedAttentionBuffers:
+    """Storage of the torch path that outlives one call: shared by every layer of a step, and by
+    later steps when the caller keeps the object (the engine keeps one for its whole life).
+
+    A fresh multi-MB tensor per layer costs more in page faults than the copy that fills it, so
+    the K and V gathers write into grown-on-demand storage. Decode steps of one batch also keep
+    each layer's gathered keys and values (see `plan_paged_attention`).
+    """
+
+    def __init__(self):
+        self._gathered: dict[str, torch.Tensor] = {}  # "k" / "v" -> flat storage
+        # (sequences, token capacity) the kept decode buffers were made for, None before any decode
+        self.decode_shape: tuple[int, int] | None = None
+        # ("k" | "v", that layer's cache data_ptr) -> [sequences, capacity, Hkv, D]
+        self.decode_keys: dict[tuple[str, int], torch.Tensor] = {}
+
+    def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [rows, row_size] tensor of `like`'s dtype and device for gather `name`."""
+        numel = rows * row_size
+        buf = self._gathered.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._gathered[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(rows, row_size)
+
+
 @dataclass
 class PagedAttentionPlan:
     """Per-step gather indices and masks for the torch path, shared by every layer."""
@@ -192,9 +219,7 @@ class PagedAttentionPlan:
     max_q_len: int
     max_context_len: int
     block_size: int
-    # gather buffers reused by every layer (and by later steps when the caller keeps the dict):
-    # a fresh multi-MB tensor per layer costs more in page faults than the copy itself
-    workspace: dict
+    buffers: PagedAttentionBuffers
     # decode with a persistent per-layer key buffer (see `plan_paged_attention`): its token capacity,
     # and when this step continues the previous one, each new key's (buffer row, cache row), int64
     # rows of the buffer viewed as [S * capacity, Hkv, D] and of the cache as [blocks * block_size, Hkv, D]
@@ -206,13 +231,14 @@ class PagedAttentionPlan:
 
 
 def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: int,
-                         max_q_len: int, max_context_len: int, workspace: dict | None = None,
+                         max_q_len: int, max_context_len: int, buffers: PagedAttentionBuffers | None = None,
                          continues_decode: bool | None = None) -> PagedAttentionPlan:
     """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync).
 
-    `continues_decode` (a caller that keeps `workspace` across steps, e.g. the engine): None keeps
+    `buffers`: storage kept by the caller across steps (default: fresh, for this step's layers).
+    `continues_decode` (a caller that keeps `buffers` across steps, e.g. the engine): None keeps
     the plain per-layer gather. Otherwise decode steps keep every layer's gathered keys and values
-    in the workspace, and True promises that this step decodes exactly the sequences of the
+    in `buffers`, and True promises that this step decodes exactly the sequences of the
     previous step, in the same order, each one token further, with its older K/V untouched: then
     only the new token's K/V are copied into the buffers instead of gathering every key again.
     """
@@ -232,10 +258,11 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
     plan = PagedAttentionPlan(block_tables[:, :needed_blocks].long(), visible[:, None], (seq_of_row, row_in_seq),
-                              max_q_len, max_context_len, block_size, {} if workspace is None else workspace)
+                              max_q_len, max_context_len, block_size,
+                              PagedAttentionBuffers() if buffers is None else buffers)
     if continues_decode is None or max_q_len != 1 or n != num_seqs:
         return plan
-    state = plan.workspace.get("decode_keys")  # (sequences, capacity) of the kept buffers
+    state = plan.buffers.decode_shape
     if continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
         new_pos = ctx - 1
         new_rows = plan.block_index.gather(1, (new_pos // block_size)[:, None]).squeeze(1) * block_size
@@ -244,16 +271,8 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
         plan.decode_capacity = state[1]
     else:  # room for 256 more tokens before the next full gather
         plan.decode_capacity = (needed_blocks + -(-256 // block_size)) * block_size
-        plan.workspace["decode_keys"] = (num_seqs, plan.decode_capacity)
+        plan.buffers.decode_shape = (num_seqs, plan.decode_capacity)
     return plan
-
-
-def _workspace_buffer(workspace: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    numel = shape[0] * shape[1]
-    buf = workspace.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel].view(shape)
 
 
 def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float,
@@ -276,7 +295,7 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
 
     def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
         index = plan.block_index.view(-1)
-        rows = _workspace_buffer(plan.workspace, name, (index.numel(), cache[0].numel()), cache)
+        rows = plan.buffers.gathered(name, index.numel(), cache[0].numel(), cache)
         torch.index_select(cache.view(cache.shape[0], -1), 0, index, out=rows)
         return rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2).to(compute)
 
@@ -289,8 +308,8 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
         return out.reshape(n, hq, d).to(q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
-        # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed
-        # (0.85 ms -> 0.52 ms for 16 x 8 heads over 450 keys); the mask [S, 1, 1, T] broadcasts
+        # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed;
+        # the mask [S, 1, 1, T] broadcasts
         q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)
         out = F.scaled_dot_product_attention(q_grouped, gather(k_cache, "k"), gather(v_cache, "v"),
                                              attn_mask=mask, scale=scale)
@@ -312,11 +331,11 @@ def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str,
     num_seqs, capacity, block_size = plan.block_index.shape[0], plan.decode_capacity, plan.block_size
     rows = cache.shape[1:]  # [block_size, Hkv, D]
     key = (name, cache.data_ptr())  # one buffer per layer and K/V
-    buf = plan.workspace.get(key)
+    buf = plan.buffers.decode_keys.get(key)
     if plan.extend is None:
         shape = (num_seqs, capacity, *rows[1:])
         if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
-            buf = plan.workspace[key] = cache.new_zeros(shape)
+            buf = plan.buffers.decode_keys[key] = cache.new_zeros(shape)
         num_blocks = plan.block_index.shape[1]
         buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[plan.block_index]
     else:
@@ -362,14 +381,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
     (they size the grid / gather without a device sync). Returns [N, Hq, D] in q's dtype.
     impl: "triton" (CUDA, or the interpreter), "torch", or "auto" (Triton on CUDA tensors).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len, max_context_len)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if impl == "auto":
-        impl = "triton" if q.is_cuda else "torch"
-    if impl == "triton":
+    if use_triton(impl, q, "paged_attention"):
         if q.dtype not in _DTYPES:
             raise ValueError(f"the Triton path takes {_DTYPES}, got {q.dtype}")
         return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,

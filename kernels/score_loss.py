@@ -5,12 +5,14 @@ optional `old_logp` (the policy that sampled the tokens), `attempt` in {0 = cont
 instruction, 1, 2}. Per trajectory (S, packed back to back by `cu_seqlens`): `group_ids`
 (trajectories of one prompt share an id; a call holds whole groups), rewards `r1`, `r2`.
 
+The caller chooses the four coefficients of the returns (each training stage of SCoRe is one
+choice of them; this op does not know about stages): `r1_weight`, `progress_bonus`,
+`beta_attempt1`, `beta_attempt2` (written w1, b, beta_1, beta_2 below).
+
 Formulas (s = trajectory, a = attempt, t = token; KL_t = kl_penalty(logp_t, ref_logp_t, kl_kind)):
 
     KL[s,a]  = sum_{t in s, attempt_t = a} KL_t                       (sequence KL, detached)
-    beta_a   = (beta2, beta1) in stage I,  (beta1, beta1) in stage II  (DESIGN.md §1)
-    base[s]  = stage I : (0,               r2)
-               stage II: (r1,              r2 + alpha (r2 - r1))        (progress bonus on attempt 2)
+    base[s]  = (w1 r1,  r2 + b (r2 - r1))                             (b: bonus for progress on attempt 2)
     R[s,a]   = base[s,a] - beta_a KL[s,a]     if kl_placement == "kl_in_reward"
                base[s,a]                      if kl_placement == "kl_loss"
     A[s,a]   = R[s,a] - (sum_{s' in g(s)} R[s',a] - R[s,a]) / (k_g - 1)   baseline == "rloo" (k_g >= 2)
@@ -24,8 +26,8 @@ Formulas (s = trajectory, a = attempt, t = token; KL_t = kl_penalty(logp_t, ref_
 
     d loss / d logp_t = w_t (-A ratio_t + [kl_loss] beta_{a_t} dKL_t/dlogp_t)
 
-Discount is 0: each attempt's tokens get that attempt's own advantage, so the stage-II bonus
-alpha (r2 - r1) reaches attempt-2 tokens only. With kl_in_reward the KL inside the returns is
+Discount is 0: each attempt's tokens get that attempt's own advantage, so the progress bonus
+b (r2 - r1) reaches attempt-2 tokens only. With kl_in_reward the KL inside the returns is
 detached (like TRL's RLOO); with kl_loss its gradient flows through the per-token term. The
 importance ratio is not clipped (no PPO clip): `old_logp` is for an off-by-a-few-steps policy
 (e.g. engine vs trainer numerics), not for many epochs over one batch.
@@ -39,19 +41,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import Launch, launch, select
+from .dispatch import use_triton
 from .kl_penalty import KL_KINDS, kl_value_and_grad, kl_value_and_grad_torch
 
 KL_PLACEMENTS = ("kl_in_reward", "kl_loss")
 BASELINES = ("rloo", "none")
 NORMALIZATIONS = ("token_mean", "sequence_mean")
-_IMPLS = ("auto", "triton", "torch")
 _BLOCK = 256
 
 
@@ -94,7 +95,7 @@ def _sequence_kl(logp_ptr, ref_ptr, attempt_ptr, start, end, KIND: tl.constexpr,
 @triton.jit
 def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, order_ptr, group_start_ptr,
                        r1_ptr, r2_ptr, returns_ptr, adv_ptr, kl_ptr, grad_ptr, loss_part_ptr,
-                       r1_coef, alpha_eff, beta_att1, beta_att2, kl_in_reward, kl_loss, rloo,
+                       r1_weight, progress_bonus, beta_attempt1, beta_attempt2, kl_in_reward, kl_loss, rloo,
                        seq_mean, inv_denominator,
                        KIND: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0)
@@ -111,8 +112,8 @@ def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, 
                                         tl.load(cu_seqlens_ptr + s + 1), KIND, BLOCK)
         r1 = tl.load(r1_ptr + s)
         r2 = tl.load(r2_ptr + s)
-        sum_r1 += r1_coef * r1 - kl_in_reward * beta_att1 * kl1
-        sum_r2 += r2 + alpha_eff * (r2 - r1) - kl_in_reward * beta_att2 * kl2
+        sum_r1 += r1_weight * r1 - kl_in_reward * beta_attempt1 * kl1
+        sum_r2 += r2 + progress_bonus * (r2 - r1) - kl_in_reward * beta_attempt2 * kl2
     pg_total = zero
     kl_total = zero
     # Pass 2: returns, advantages, per-token gradient and loss (sequence sums are recomputed
@@ -124,8 +125,8 @@ def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, 
         kl1, kl2, n1, n2 = _sequence_kl(logp_ptr, ref_ptr, attempt_ptr, start, end, KIND, BLOCK)
         r1 = tl.load(r1_ptr + s)
         r2 = tl.load(r2_ptr + s)
-        ret1 = r1_coef * r1 - kl_in_reward * beta_att1 * kl1
-        ret2 = r2 + alpha_eff * (r2 - r1) - kl_in_reward * beta_att2 * kl2
+        ret1 = r1_weight * r1 - kl_in_reward * beta_attempt1 * kl1
+        ret2 = r2 + progress_bonus * (r2 - r1) - kl_in_reward * beta_attempt2 * kl2
         adv1 = ret1 - rloo * (sum_r1 - ret1) / k_minus_1
         adv2 = ret2 - rloo * (sum_r2 - ret2) / k_minus_1
         tl.store(returns_ptr + 2 * s, ret1)
@@ -149,7 +150,7 @@ def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, 
             kl, dkl = kl_value_and_grad(lp, rf, KIND)
             active = att > 0
             adv = tl.where(att == 1, adv1, adv2)
-            beta = tl.where(att == 1, beta_att1, beta_att2)
+            beta = tl.where(att == 1, beta_attempt1, beta_attempt2)
             ratio = tl.exp(lp - old)
             grad = weight * (-adv * ratio + kl_loss * beta * dkl)
             tl.store(grad_ptr + offs, tl.where(active, grad, 0.0), mask=ok)
@@ -166,8 +167,8 @@ _TABLE = [
            dict(logp_ptr="*fp32", ref_ptr="*fp32", old_ptr="*fp32", attempt_ptr="*i32",
                 cu_seqlens_ptr="*i32", order_ptr="*i32", group_start_ptr="*i32", r1_ptr="*fp32",
                 r2_ptr="*fp32", returns_ptr="*fp32", adv_ptr="*fp32", kl_ptr="*fp32", grad_ptr="*fp32",
-                loss_part_ptr="*fp32", r1_coef="fp32", alpha_eff="fp32", beta_att1="fp32",
-                beta_att2="fp32", kl_in_reward="fp32", kl_loss="fp32", rloo="fp32", seq_mean="i32",
+                loss_part_ptr="*fp32", r1_weight="fp32", progress_bonus="fp32", beta_attempt1="fp32",
+                beta_attempt2="fp32", kl_in_reward="fp32", kl_loss="fp32", rloo="fp32", seq_mean="i32",
                 inv_denominator="fp32", KIND="constexpr", BLOCK="constexpr"),
            dict(KIND=kind, BLOCK=_BLOCK), num_warps=4, num_stages=1)
     for kind in range(len(KL_KINDS))
@@ -192,8 +193,8 @@ def _run_triton(logp, ref, old, attempt, cu_seqlens, group_ids, r1, r2, coef, ki
     parts = torch.empty(counts.numel(), 2, dtype=torch.float32, device=dev)
     cfg = select(_TABLE, KIND=KL_KINDS.index(kind))
     launch(cfg, (counts.numel(),), logp, ref, old, attempt, cu_seqlens, order.to(torch.int32), group_start,
-           r1, r2, returns, adv, kl, grad, parts, coef["r1_coef"], coef["alpha_eff"], coef["beta_att1"],
-           coef["beta_att2"], coef["kl_in_reward"], coef["kl_loss"], coef["rloo"], coef["seq_mean"],
+           r1, r2, returns, adv, kl, grad, parts, coef["r1_weight"], coef["progress_bonus"], coef["beta_attempt1"],
+           coef["beta_attempt2"], coef["kl_in_reward"], coef["kl_loss"], coef["rloo"], coef["seq_mean"],
            coef["inv_denominator"])
     pg, kl_term = parts.sum(0)
     return returns, adv, kl, grad, pg, kl_term
@@ -214,8 +215,8 @@ def _run_torch(logp, ref, old, attempt, cu_seqlens, group_ids, r1, r2, coef, kin
     zeros = torch.zeros(s_count, 2, dtype=torch.float32, device=dev)
     kl = zeros.clone().index_put_((seq[active], slot[active]), kl_tok[active], accumulate=True)
     n_tok = zeros.clone().index_put_((seq[active], slot[active]), torch.ones_like(kl_tok[active]), accumulate=True)
-    base = torch.stack([coef["r1_coef"] * r1, r2 + coef["alpha_eff"] * (r2 - r1)], dim=1)
-    betas = torch.tensor([coef["beta_att1"], coef["beta_att2"]], dtype=torch.float32, device=dev)
+    base = torch.stack([coef["r1_weight"] * r1, r2 + coef["progress_bonus"] * (r2 - r1)], dim=1)
+    betas = torch.tensor([coef["beta_attempt1"], coef["beta_attempt2"]], dtype=torch.float32, device=dev)
     returns = base - coef["kl_in_reward"] * betas * kl
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     group_sum = torch.zeros(counts.numel(), 2, dtype=torch.float32, device=dev).index_add_(0, inverse, returns)
@@ -271,15 +272,15 @@ def _check_number(name, value, minimum=None):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, stage, alpha=10.0, beta1=0.01,
-               beta2=0.1, kl_kind="k1", kl_placement="kl_in_reward", baseline="rloo",
+def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_weight, progress_bonus,
+               beta_attempt1, beta_attempt2, kl_kind="k1", kl_placement="kl_in_reward", baseline="rloo",
                normalization="token_mean", loss_denominator=None, old_logp=None, impl="auto") -> ScoreLossOutput:
-    """Two-attempt SCoRe loss over a packed batch; formulas in the module docstring."""
+    """Two-attempt SCoRe loss over a packed batch; formulas in the module docstring.
+
+    Returns before the KL: attempt 1 `r1_weight * r1`, attempt 2 `r2 + progress_bonus * (r2 - r1)`;
+    `beta_attempt1` / `beta_attempt2` weigh each attempt's KL (in the return or in the loss).
+    """
     # --- validate -------------------------------------------------------------------------
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if stage not in (1, 2) or isinstance(stage, bool):
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}")
     if kl_placement not in KL_PLACEMENTS:
@@ -288,9 +289,10 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, stage,
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    _check_number("alpha", alpha)
-    _check_number("beta1", beta1, 0.0)
-    _check_number("beta2", beta2, 0.0)
+    _check_number("r1_weight", r1_weight)
+    _check_number("progress_bonus", progress_bonus)
+    _check_number("beta_attempt1", beta_attempt1, 0.0)
+    _check_number("beta_attempt2", beta_attempt2, 0.0)
     for name, t in (("logp", logp), ("ref_logp", ref_logp), ("attempt", attempt), ("cu_seqlens", cu_seqlens),
                     ("group_ids", group_ids), ("r1", r1), ("r2", r2)):
         _check_tensor(name, t)
@@ -344,17 +346,14 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, stage,
         if loss_denominator <= 0:
             raise ValueError(f"loss_denominator must be > 0, got {loss_denominator}")
         denominator = loss_denominator
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if impl == "triton" and not (logp.is_cuda or interpreted):
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    use_triton = impl == "triton" or (impl == "auto" and logp.is_cuda)
+    with_triton = use_triton(impl, logp, "score_loss")
 
     # --- compute --------------------------------------------------------------------------
     coef = dict(
-        r1_coef=1.0 if stage == 2 else 0.0,
-        alpha_eff=float(alpha) if stage == 2 else 0.0,
-        beta_att1=float(beta2) if stage == 1 else float(beta1),
-        beta_att2=float(beta1),
+        r1_weight=float(r1_weight),
+        progress_bonus=float(progress_bonus),
+        beta_attempt1=float(beta_attempt1),
+        beta_attempt2=float(beta_attempt2),
         kl_in_reward=1.0 if kl_placement == "kl_in_reward" else 0.0,
         kl_loss=1.0 if kl_placement == "kl_loss" else 0.0,
         rloo=1.0 if baseline == "rloo" else 0.0,
@@ -366,7 +365,7 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, stage,
     old32 = (logp32.detach() if old_logp is None else old_logp.float()).contiguous()
     loss, returns, adv, kl, pg, kl_term = _ScoreLoss.apply(
         logp32.contiguous(), ref32, old32, attempt.to(torch.int32).contiguous(), cu_seqlens.contiguous(),
-        group_ids.contiguous(), r1.float().contiguous(), r2.float().contiguous(), coef, kl_kind, use_triton)
+        group_ids.contiguous(), r1.float().contiguous(), r2.float().contiguous(), coef, kl_kind, with_triton)
     stats = {
         "loss": float(loss.detach()), "pg_loss": float(pg), "kl_term": float(kl_term),
         "return_1": float(returns[:, 0].mean()), "return_2": float(returns[:, 1].mean()),

@@ -19,6 +19,8 @@ from score.kernels import paged_attention, plan_paged_attention, store_kv
 from score.kernels.kv_store import check_store_kv
 from score.kernels.paged_attention import check_paged_attention, paged_attention_torch
 
+from .workspace import DecodeWorkspace
+
 BACKENDS = ("auto", "triton", "torch", "flash")
 
 
@@ -35,10 +37,11 @@ class AttentionContext:
     def __init__(self, kv_cache: torch.Tensor, *, backend: str, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  max_q_len: int, max_context_len: int, copy_src: torch.Tensor | None,
-                 copy_dst: torch.Tensor | None, workspace: dict | None = None,
+                 copy_dst: torch.Tensor | None, workspace: DecodeWorkspace | None = None,
                  continues_decode: bool | None = None, layer_caches: list | None = None):
-        """`layer_caches` (optional): `[(kv_cache[0, i], kv_cache[1, i]) for every layer i]`, views an
-        engine takes once instead of once per step and layer."""
+        """`workspace` (optional): buffers the torch path keeps across steps. `layer_caches`
+        (optional): `[(kv_cache[0, i], kv_cache[1, i]) for every layer i]`, views an engine takes
+        once instead of once per step and layer."""
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
         self.layer_caches = layer_caches
         self.backend = backend
@@ -52,8 +55,9 @@ class AttentionContext:
         self.scale = kv_cache.shape[-1] ** -0.5
         self.plan = None
         if backend == "torch":
+            buffers = None if workspace is None else workspace.attention
             self.plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, kv_cache.shape[3],
-                                             max_q_len, max_context_len, workspace, continues_decode)
+                                             max_q_len, max_context_len, buffers, continues_decode)
             # The torch path is the CPU one, where a step's many small per-layer ops show: the
             # stores' int64 rows are converted once per step and the arguments checked on the
             # first layer's call only (every layer of a step has the same shapes). Negative

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from score.kernels.dispatch import interpreting
+
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
 from .block_manager import BlockManager
 from .sampling import SamplingParams, make_generator, sample, sample_seed
 from .scheduler import Scheduler, ScheduledStep
 from .sequence import Sequence
+from .workspace import DecodeWorkspace
 
 
 @dataclass
@@ -119,8 +122,8 @@ class Engine:
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
         self._lm_head_t = None  # CPU: the LM head weight transposed, during generate
-        self._workspace: dict = {}
-        self._last_decode: list | None = None  # the sequences of the previous step when it decoded  # gather buffers of the torch attention path, kept across steps
+        self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
+        self._last_decode: list | None = None  # the sequences of the previous step when it decoded
 
     @property
     def num_blocks(self) -> int:
@@ -136,7 +139,7 @@ class Engine:
         if backend == "flash" and not flash_ok:
             raise ValueError("attention_backend='flash' needs flash-attn installed, a CUDA fp16/bf16 model "
                              f"and block_size % 256 == 0 (got {self.device}, {self.dtype}, {self.block_size})")
-        if backend == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if backend == "triton" and self.device.type != "cuda" and not interpreting():
             raise ValueError("attention_backend='triton' needs a CUDA model (or TRITON_INTERPRET=1)")
         return backend
 
@@ -181,9 +184,8 @@ class Engine:
             self.scheduler.add(seq)
         # Flush subnormal floats to zero for the duration of the call (CPU only; the flag is
         # process-wide, so the caller's setting is restored afterwards). Small-weight models
-        # produce subnormal activations, which x86 handles in microcode at up to 2x the cost of
-        # the whole forward; they lie below fp32's normal range (~1.2e-38), so only values that
-        # small change.
+        # produce subnormal activations, which x86 handles in slow microcode; they lie below
+        # fp32's normal range (~1.2e-38), so only values that small change.
         flush = self.device.type == "cpu" and not _flushing_denormals()
         if flush:
             flush = torch.set_flush_denormal(True)  # False where the CPU lacks the mode
@@ -200,8 +202,7 @@ class Engine:
             if flush:
                 torch.set_flush_denormal(False)
             self._lm_head_t = None  # V x D floats: not kept between calls
-            for name in [name for name in self._workspace if name == "logits" or str(name).startswith("sample_")]:
-                del self._workspace[name]  # S x V buffers, likewise
+            self._workspace.drop_vocab_buffers()  # S x V buffers, likewise
             if bar is not None:
                 bar.close()
         out = [[None] * params.n for _ in prompts]
@@ -248,15 +249,17 @@ class Engine:
         if last_rows is not None:
             hidden = hidden[last_rows]
         if self.device.type == "cpu":
-            # CPU BLAS multiplies [M, D] x [D, V] 1.5x faster than against the [V, D] weight for
-            # decode-sized M (8.7 -> 5.9 ms at 16 x 512 x 32,000), so the LM head gets a transposed
-            # copy, taken once per generate call (the trainer updates weights between calls) and
-            # after the model's forward (under FSDP2 the root's weights are plain tensors only then).
-            # The logits and the sampler's [S, V] intermediates go into buffers kept across steps:
-            # fresh multi-MB tensors cost page faults on every step (same kernels, same numbers).
+            # CPU BLAS multiplies [M, D] x [D, V] faster than against the [V, D] weight for
+            # decode-sized M, so the LM head gets a transposed copy, taken once per generate call
+            # (the trainer updates weights between calls) and after the model's forward (under
+            # FSDP2 the root's weights are plain tensors only then). The logits and the sampler's
+            # [S, V] intermediates go into buffers kept across steps: fresh multi-MB tensors cost
+            # page faults on every step (same kernels, same numbers).
             if self._lm_head_t is None:
                 self._lm_head_t = self.model.lm_head_weight.t().contiguous()
-            logits = torch.mm(hidden, self._lm_head_t, out=self._logits_buffer(hidden.shape[0])).float()
+            shape = (hidden.shape[0], self._lm_head_t.shape[1])
+            out = self._workspace.vocab_buffer("logits", shape, self.dtype, self.device)
+            logits = torch.mm(hidden, self._lm_head_t, out=out).float()
             workspace = self._workspace
         else:
             logits = F.linear(hidden, self.model.lm_head_weight).float()
@@ -287,13 +290,6 @@ class Engine:
                 continue
             finished += 1
         return finished
-
-    def _logits_buffer(self, rows: int) -> torch.Tensor:
-        vocab = self._lm_head_t.shape[1]
-        buf = self._workspace.get("logits")
-        if buf is None or buf.numel() < rows * vocab or buf.dtype != self.dtype:
-            buf = self._workspace["logits"] = torch.empty(rows * vocab, dtype=self.dtype, device=self.device)
-        return buf[:rows * vocab].view(rows, vocab)
 
     def _prepare(self, step: ScheduledStep):
         """Packed inputs and the attention context of one step (all host lists -> one copy each)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .workspace import DecodeWorkspace
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -89,12 +91,11 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None],
-           workspace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           workspace: DecodeWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i].
 
-    `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates: on the
-    CPU a fresh multi-MB tensor per step costs page faults comparable to the pass that fills it.
-    The same kernels write into it, so the numbers do not change.
+    `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates; the
+    same kernels write into it, so the numbers do not change.
     """
     logits = logits.float()
     if params.greedy:
@@ -118,13 +119,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _buffer(workspace: dict | None, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _buffer(workspace: DecodeWorkspace | None, name: str, like: torch.Tensor,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor of `like`'s shape (and `dtype`, default like's), from `workspace` if given."""
     dtype = like.dtype if dtype is None else dtype
     if workspace is None:
         return torch.empty(like.shape, dtype=dtype, device=like.device)
-    key = "sample_" + name
-    buf = workspace.get(key)
-    if buf is None or buf.numel() < like.numel() or buf.dtype != dtype or buf.device != like.device:
-        buf = workspace[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-    return buf[:like.numel()].view(like.shape)
+    return workspace.vocab_buffer("sample_" + name, like.shape, dtype, like.device)

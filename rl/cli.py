@@ -90,6 +90,7 @@ def _eval(args) -> int:
     cfg.data.eval = args.data
 
     import torch
+
     from score.model import from_pretrained, load_tokenizer
 
     from .evaluate import evaluate, table, write_json, write_records

@@ -18,7 +18,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -233,7 +233,7 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> Ru
     return RunConfig(**sections)
 
 
-def _check_training_variant(s: "ScoreSection", source: str, text: str) -> None:
+def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
     """Combinations of score keys that describe no training run."""
     if not s.single_turn:
         return
@@ -304,13 +304,13 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
     table[key] = value
 
 
-def _where(source: str, text: str, section: Optional[str], key: str) -> str:
+def _where(source: str, text: str, section: str | None, key: str) -> str:
     """`file:line` of a key (or a section header when `section` is None), or just the file."""
     line = _line_of(text, section, key) if text else None
     return f"{source}:{line}" if line else f"{source} (--set or default)" if text else source
 
 
-def _line_of(text: str, section: Optional[str], key: str) -> Optional[int]:
+def _line_of(text: str, section: str | None, key: str) -> int | None:
     current = None
     header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
     assign = re.compile(r"^\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")

@@ -6,7 +6,7 @@ field (`answer_key`) or, MATH style, from the last `\\boxed{...}` of a worked so
 (or the dataset row) and says what was expected.
 
 Not done here: prompt rendering (see `prompts.py`) and answer checking (see `math_reward.py`).
-Code problems (HumanEval/MBPP) have their own loaders in the sandbox module.
+Code problems (HumanEval/MBPP) have their own loaders in `rewards/code_problems.py`.
 """
 from __future__ import annotations
 

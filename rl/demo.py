@@ -44,9 +44,9 @@ from score.model.files import write_jsonl
 from . import demo_task
 from .config import RunConfig, config_from_dict
 from .evaluate import evaluate, write_json, write_records
+from .factories import load_problems, make_engine, make_reward, prompt_builder
 from .metrics import format_table, seed_summary
 from .prompts import PromptBuilder
-from .factories import load_problems, make_engine, make_reward, prompt_builder
 from .trainer import Trainer
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
@@ -230,10 +230,10 @@ def headroom(model, builder: PromptBuilder, problems, cfg: RunConfig) -> tuple[d
 
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
     first, finish = greedy(prompts, direct, cfg.rollout.max_tokens_attempt1)
-    contexts = [builder.second_attempt_ids(p, a, f)[0] for p, a, f in zip(prompts, first, finish)]
+    contexts = [builder.second_attempt_ids(p, a, f)[0] for p, a, f in zip(prompts, first, finish, strict=True)]
     second, _ = greedy(contexts, worked, cfg.rollout.max_tokens_attempt2)
     rows = []
-    for p, a, b in zip(problems, first, second):
+    for p, a, b in zip(problems, first, second, strict=True):
         texts = [tokenizer.decode(x, skip_special_tokens=True) for x in (a, b)]
         rows.append({"id": p.id, "direct": demo_task.check_answer(texts[0], p.answer),
                      "worked": demo_task.check_answer(texts[1], p.answer), "direct_text": texts[0],
@@ -371,7 +371,7 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | 
             jobs.append({"name": name, "seed": seed + i, "config": run_cfg.to_dict(),
                          "run_dir": str(out / "runs" / f"{name}_seed{seed + i}"),
                          "records": str(out / "eval" / f"{name}_seed{seed + i}.jsonl")})
-    for job, result in zip(jobs, run_jobs(jobs, workers, progress)):
+    for job, result in zip(jobs, run_jobs(jobs, workers, progress), strict=True):
         methods.setdefault(job["name"], []).append(result)
     for name in names:
         methods[name] = summarize(methods[name])

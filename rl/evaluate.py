@@ -8,17 +8,15 @@ untrained model this way is the Self-Refine-style baseline.
 """
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from score.model import files
 from score.model.files import write_jsonl
 
 from .data import Problem
-from .rewards.math_reward import extract_final_answer
 from .metrics import format_table, two_attempt_metrics
+from .rewards.math_reward import extract_final_answer
 from .rollout import two_attempt_rollout
 
 

@@ -125,8 +125,9 @@ def micro_batch_loss(policy, reference, batch: PackedBatch, cfg: RunConfig, stag
         ref_logp = attempt_logprobs(reference, batch, temperature, autocast)
     star = uses_star(cfg, stage)
     out = score_loss(logp.detach() if star else logp, ref_logp, batch.attempt, batch.cu_active,
-                     batch.group_ids, batch.r1, batch.r2, stage=2 if s.single_turn else stage,
-                     alpha=0.0 if s.single_turn else s.alpha, beta1=s.beta1, beta2=s.beta2, kl_kind=s.kl_kind,
+                     batch.group_ids, batch.r1, batch.r2,
+                     **stage_coefficients(2 if s.single_turn else stage, 0.0 if s.single_turn else s.alpha,
+                                          s.beta1, s.beta2), kl_kind=s.kl_kind,
                      kl_placement=s.kl_placement, baseline=s.baseline, normalization=s.normalization,
                      loss_denominator=denominator)
     if star:

@@ -1,4 +1,4 @@
-"""Two-attempt self-correction metrics (PAPER.md §3) and a table printed like the paper's.
+"""Two-attempt self-correction metrics (Acc@t1, Acc@t2, Δ, Δi→c, Δc→i) and a table like the paper's.
 
 - acc_t1, acc_t2: accuracy of attempt 1 and attempt 2.
 - delta = acc_t2 - acc_t1; delta_i2c: fraction of ALL problems wrong at t1 and right at t2;
@@ -18,7 +18,7 @@ Rewards must be binary (0 or 1), as the paper's oracle rewards are.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 TABLE_COLUMNS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Δ(t1,t2)"),
                  ("delta_i2c", "Δi→c"), ("delta_c2i", "Δc→i"))
@@ -29,8 +29,7 @@ def levenshtein(a: str, b: str) -> int:
 
     Bit-parallel (Myers 1999, in Hyyrö's formulation for edit distance): one column of the DP table is
     held as +1/-1 vertical-delta bit vectors over the characters of `a` in Python ints, so each
-    character of `b` costs a handful of big-int operations: ~2 ms for two 2,000-character texts,
-    against ~1 s for the cell-by-cell loop.
+    character of `b` costs a handful of big-int operations instead of len(a) cell updates.
     """
     if not isinstance(a, str) or not isinstance(b, str):
         raise ValueError(f"levenshtein expects two str, got {type(a).__name__} and {type(b).__name__}")
@@ -81,8 +80,8 @@ def two_attempt_metrics(
     if len(c2) != n:
         raise ValueError(f"r1 and r2 differ in length: {n} vs {len(c2)}")
     n_c1, n_c2 = sum(c1), sum(c2)
-    n_i2c = sum(1 for a, b in zip(c1, c2) if not a and b)
-    n_c2i = sum(1 for a, b in zip(c1, c2) if a and not b)
+    n_i2c = sum(1 for a, b in zip(c1, c2, strict=True) if not a and b)
+    n_c2i = sum(1 for a, b in zip(c1, c2, strict=True) if a and not b)
     metrics = {
         "acc_t1": n_c1 / n, "acc_t2": n_c2 / n, "delta": n_i2c / n - n_c2i / n,
         "delta_i2c": n_i2c / n, "delta_c2i": n_c2i / n, "changed_frac": None, "edit_ratio": None, "n": n,
@@ -92,13 +91,13 @@ def two_attempt_metrics(
     if answers1 is not None:
         _same_length("answers1", answers1, n)
         _same_length("answers2", answers2, n)
-        metrics["changed_frac"] = sum(_normalized(a) != _normalized(b) for a, b in zip(answers1, answers2)) / n
+        metrics["changed_frac"] = sum(_normalized(a) != _normalized(b) for a, b in zip(answers1, answers2, strict=True)) / n
     if (texts1 is None) != (texts2 is None):
         raise ValueError("give both texts1 and texts2, or neither")
     if texts1 is not None:
         _same_length("texts1", texts1, n)
         _same_length("texts2", texts2, n)
-        ratios = [edit_distance_ratio(a, b) for a, b in zip(texts1, texts2)]
+        ratios = [edit_distance_ratio(a, b) for a, b in zip(texts1, texts2, strict=True)]
         metrics["edit_ratio"] = math.fsum(ratios) / n
     return metrics
 
@@ -166,7 +165,7 @@ def format_table(rows: Mapping[str, Mapping], *, title: str | None = None,
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def line(cells):
-        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -12,7 +12,6 @@ no series at all is not written; a file with none of these metrics is an error n
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from score.model.files import atomic_path
@@ -61,7 +60,7 @@ def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
         if not any(series for _, series in panel_series):
             continue
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), sharex=True, squeeze=False)
-        for ax, (label, series) in zip(axes[:, 0], panel_series):
+        for ax, (label, series) in zip(axes[:, 0], panel_series, strict=True):
             for name, (steps, values) in sorted(series.items()):
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
             ax.set_ylabel(label)
@@ -127,7 +126,7 @@ def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Pat
     panels = [n for n in run_dirs if run_dirs[n]]
     if panels:
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
-        for ax, name in zip(axes[:, 0], panels):
+        for ax, name in zip(axes[:, 0], panels, strict=True):
             runs = [read_metrics(Path(d) / "metrics.jsonl") for d in run_dirs[name]]
             for key, label in (("reward_1", "attempt 1"), ("reward_2", "attempt 2")):
                 curves = [[r[key] for r in run if key in r] for run in runs]

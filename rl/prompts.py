@@ -18,7 +18,7 @@ How attempt 1 ended decides the first token:
 The ids then equal `apply_chat_template([system, user, assistant(y1), user(instruction)],
 add_generation_prompt=True)` whenever tokenising y1's text gives y1's ids back (tests check this).
 Templates that rewrite history (e.g. Qwen3 dropping `<think>` blocks from past replies) are not
-imitated: the model's own attempt 1 is kept verbatim, as the reproductions in PAPER.md §6 chose.
+imitated: the model's own attempt 1 is kept verbatim, as the public SCoRe reproductions chose.
 
 Base models (`chat=False`): plain text, `{system}\\n\\nProblem:\\n{question}\\n\\nSolution:\\n` (BOS
 first when the tokenizer has one), and the instruction segment `\\n\\n{instruction}\\n\\nSolution:\\n`
@@ -27,9 +27,9 @@ the policy's actions).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-# PAPER.md §1 / DESIGN.md §1, verbatim (App. C of the paper).
+# The SCoRe paper's prompts, verbatim (Kumar et al. 2024, appendix C).
 MATH_SYSTEM_PROMPT = (
     "You are a math expert. When you respond, respond only with the Solution of the final Problem, thinking "
     "step by step. At the end of the Solution, when you give your final answer, write it in the form "

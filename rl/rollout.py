@@ -16,8 +16,8 @@ Not done here: the forward/backward passes (trainer.py) and evaluation (evaluate
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from score.model.sampling import SamplingParams
 
@@ -128,13 +128,13 @@ def two_attempt_rollout(
             continue
         got = eng.generate([prompts[i] for i in idx], params1, use_tqdm=progress,
                            seed_keys=[first + i for i in idx])
-        for i, o in zip(idx, got):
+        for i, o in zip(idx, got, strict=True):
             outs1[i] = o
 
     # Attempt 2 (seed stream 2): one context per trajectory, n = 1, keyed on the trajectory's
     # whole-batch position.
     contexts, spans, meta = [], [], []
-    for i, problem in enumerate(problems):
+    for i in range(len(problems)):
         for j, c in enumerate(outs1[i]):
             if second_attempt:
                 ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
@@ -152,7 +152,7 @@ def two_attempt_rollout(
     gen_seconds = time.perf_counter() - start
 
     trajectories = []
-    for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2):
+    for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2, strict=True):
         c1 = outs1[i][j]
         trajectories.append(Trajectory(
             group=i, problem=problems[i], prompt_ids=prompts[i], attempt1_ids=list(c1.token_ids),

@@ -11,6 +11,7 @@ import torch
 
 from score.model import Completion, Engine, ModelConfig, SamplingParams, Transformer
 from score.model.sampling import sample, truncate_logits
+from score.model.workspace import DecodeWorkspace
 
 VOCAB = 131
 PROMPT_LENGTHS = [1, 2, 7, 15, 16, 17, 33, 64, 99, 100]
@@ -172,7 +173,7 @@ def test_sampler_workspace_and_engine_rope_are_bit_identical():
     from score.model.model import apply_rope, apply_rope_signed
 
     gen = torch.Generator().manual_seed(3)
-    workspace = {}
+    workspace = DecodeWorkspace()
     for rows, vocab in ((1, 7), (5, 131), (16, 1000), (3, 32001), (16, 1000)):  # buffers regrow and shrink
         logits = torch.randn(rows, vocab, generator=gen) * 4
         for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0),

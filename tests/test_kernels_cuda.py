@@ -13,6 +13,7 @@ from score.kernels import fused_linear_logprob, kl_penalty, score_loss
 from score.kernels.kl_penalty import kl_value_and_grad_torch
 from score.kernels.kv_store import store_kv
 from score.kernels.paged_attention import paged_attention
+from score.rl.loss import stage_coefficients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU: the interpreter tests)")
 CUDA = "cuda"
@@ -78,7 +79,8 @@ def test_score_loss_triton_equals_torch(stage, placement):
     results = {}
     for impl in ("torch", "triton"):
         lp = logp.to(CUDA).requires_grad_()
-        out = score_loss(lp, **batch, stage=stage, kl_kind="k3", kl_placement=placement, impl=impl)
+        out = score_loss(lp, **batch, **stage_coefficients(stage, 10.0, 0.01, 0.1), kl_kind="k3",
+                         kl_placement=placement, impl=impl)
         out.loss.backward()
         results[impl] = (out, lp.grad)
     (a, ga), (b, gb) = results["torch"], results["triton"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from score.kernels.kv_store import store_kv
-from score.kernels.paged_attention import paged_attention, paged_attention_triton, plan_paged_attention
+from score.kernels.paged_attention import (PagedAttentionBuffers, paged_attention, paged_attention_triton,
+                                           plan_paged_attention)
 from triton_interpreter_patch import apply as patch_interpreter_bf16_dot
 
 patch_interpreter_bf16_dot()  # the interpreter's bf16 tl.dot is broken; the GPU compiler's is not
@@ -106,7 +107,7 @@ def test_torch_decode_steps_extend_the_kept_keys():
     full = [6, 18, 2, 41]
     args, keys, values = build_case(full, [1] * 4, 3, 4, 2, 8, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
-    workspace = {}
+    buffers = PagedAttentionBuffers()
     for step, continues in ((0, False), (1, True)):
         ctx_lens = [c - 1 + step for c in full]  # step 0 sees all but the last position
         if step == 1:  # the new token's K/V land in the cache (as the engine's store does)
@@ -118,7 +119,7 @@ def test_torch_decode_steps_extend_the_kept_keys():
         step_args = dict(args, context_lens=torch.tensor(ctx_lens, dtype=torch.int32),
                          max_context_len=max(ctx_lens), q=torch.randn(4, 4, 8, generator=gen, dtype=torch.float64))
         plan = plan_paged_attention(step_args["block_tables"], step_args["context_lens"], args["cu_seqlens_q"], 3,
-                                    1, max(ctx_lens), workspace, continues_decode=continues)
+                                    1, max(ctx_lens), buffers, continues_decode=continues)
         assert (plan.extend is not None) == continues
         ref = dense_reference(step_args["q"], keys, values, [1] * 4, ctx_lens, 8 ** -0.5)
         for _ in range(2):  # two layers' calls share the plan
@@ -136,7 +137,7 @@ def test_torch_decode_extend_from_new_kv_equals_reading_the_cache():
     gen = torch.Generator().manual_seed(2)
     outs = {}
     for use_new in (False, True):
-        workspace = {}
+        buffers = PagedAttentionBuffers()
         k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
         for step, continues in ((0, False), (1, True), (2, True)):
             ctx_lens = [c - 2 + step for c in full]
@@ -147,7 +148,7 @@ def test_torch_decode_extend_from_new_kv_equals_reading_the_cache():
             store_kv(k_new, v_new, k_cache, v_cache, slots, impl="torch")
             context_lens = torch.tensor(ctx_lens, dtype=torch.int32)
             plan = plan_paged_attention(args["block_tables"], context_lens, args["cu_seqlens_q"], 3, 1,
-                                        max(ctx_lens), workspace, continues_decode=continues)
+                                        max(ctx_lens), buffers, continues_decode=continues)
             q = torch.randn(4, 4, 8, generator=gen)
             new_kv = (k_new, v_new) if use_new else None
             outs[use_new, step] = paged_attention_torch(q, k_cache, v_cache, plan, 8 ** -0.5, new_kv=new_kv)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from score.kernels import ScoreLossOutput, score_loss
+from score.rl.loss import stage_coefficients
 
 IMPLS = ["torch", "triton"]
 
@@ -77,9 +78,13 @@ def random_batch(S=6, seed=0, group_of=None):
     return logp, ref, attempt, cu, groups, r1, r2
 
 
-def run(impl, batch, **kw):
+def run(impl, batch, *, stage=None, alpha=10.0, beta1=0.01, beta2=0.1, **kw):
+    """score_loss and the gradient of its loss; `stage` (with alpha, beta1, beta2) picks the
+    coefficients through the trainer's stage table, otherwise `kw` must hold them."""
     logp, ref, attempt, cu, groups, r1, r2 = batch
     lp = logp.clone().requires_grad_()
+    if stage is not None:
+        kw.update(stage_coefficients(stage, alpha, beta1, beta2))
     out = score_loss(lp, ref, attempt, cu, groups, r1, r2, impl=impl, **kw)
     out.loss.backward()
     return out, lp.grad
@@ -204,6 +209,20 @@ def test_hand_computed_stage2_kl_loss(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_hand_computed_coefficients_outside_the_stage_table(impl):
+    # Coefficients no stage uses: attempt 1 2 r1 - 0.2 KL1; attempt 2 r2 + 3 (r2 - r1) - 0.4 KL2.
+    out, grad = run(impl, hand_batch(), r1_weight=2.0, progress_bonus=3.0, beta_attempt1=0.2,
+                    beta_attempt2=0.4, kl_kind="k1")
+    want = torch.tensor([[0.0 - 0.1, 1 + 3 * (1 - 0) - 0.4],
+                         [2.0 - 0.3, 1 + 3 * (1 - 1) - 0.0],
+                         [2.0 - 0.0, 0 + 3 * (0 - 1) - 0.8],
+                         [0.0 - 0.2, 0 + 3 * (0 - 0) - 0.4]])
+    assert torch.allclose(out.returns, want, atol=1e-6)
+    assert math.isclose(float(grad[1]), -float(want[0, 0] - want[1, 0]) / 12, abs_tol=1e-7)
+    assert math.isclose(float(grad[4]), -float(want[0, 1] - want[1, 1]) / 12, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_progress_bonus_touches_attempt2_tokens_only(impl):
     batch = random_batch(seed=3)
     kw = dict(stage=2, beta1=0.01, beta2=0.1, kl_kind="k1")
@@ -248,7 +267,7 @@ def test_every_output_element_is_written(impl, monkeypatch):
 def _bad(**override):
     logp, ref, attempt, cu, groups, r1, r2 = random_batch()
     args = dict(logp=logp, ref_logp=ref, attempt=attempt, cu_seqlens=cu, group_ids=groups, r1=r1, r2=r2)
-    kw = dict(stage=2)
+    kw = stage_coefficients(2, 10.0, 0.01, 0.1)
     for k, v in override.items():
         (args if k in args else kw)[k] = v(args) if callable(v) else v
     return lambda: score_loss(*args.values(), **kw)
@@ -262,11 +281,13 @@ def _bad(**override):
     (_bad(cu_seqlens=lambda a: a["cu_seqlens"] + 1), "cu_seqlens must start at 0"),
     (_bad(group_ids=lambda a: a["group_ids"].int()), "group_ids must be int64"),
     (_bad(r1=lambda a: a["r1"][:3]), "r1 has 3"),
-    (_bad(stage=3), "stage"),
+    (_bad(progress_bonus=float("nan")), "progress_bonus must be a finite number"),
+    (_bad(r1_weight="1"), "r1_weight must be a finite number"),
     (_bad(kl_kind="k5"), "kl_kind"),
     (_bad(kl_placement="both"), "kl_placement"),
     (_bad(normalization="sum"), "normalization"),
-    (_bad(beta1=-1.0), "beta1"),
+    (_bad(beta_attempt1=-1.0), "beta_attempt1 must be >= 0"),
+    (_bad(beta_attempt2=-0.5), "beta_attempt2 must be >= 0"),
     (_bad(loss_denominator=0), "loss_denominator"),
     (_bad(ref_logp=lambda a: a["ref_logp"].clone().requires_grad_()), "ref_logp requires grad"),
 ])

@@ -33,8 +33,7 @@ from safetensors.torch import load_file, save_file
 from score.model import Transformer, from_pretrained, save_pretrained
 from score.model.files import atomic_folder, read_json_object, remove_stale_temporaries
 
-from .store import (STATE_FILE, check_save_arguments, checkpoint_dir, checkpoints_root, latest_checkpoint,
-                    prune)
+from .store import STATE_FILE, check_save_arguments, checkpoint_dir, checkpoints_root, latest_checkpoint, prune
 
 FORMAT_VERSION = 1
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -177,7 +176,7 @@ def _optimizer_from_files(path: Path, meta: dict, model, optimizer) -> None:
     for index, entry in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
     groups = []
-    for i, (saved, current) in enumerate(zip(meta["param_groups"], optimizer.param_groups)):
+    for i, (saved, current) in enumerate(zip(meta["param_groups"], optimizer.param_groups, strict=True)):
         group = {}
         for key, value in saved.items():
             if isinstance(value, dict) and value.get("tensor"):

@@ -286,7 +286,7 @@ def _reduce(values, op, env: DistEnv | None):
     if isinstance(values, dict):
         keys = sorted(values)
         reduced = _reduce([values[k] for k in keys], op, env)
-        return dict(zip(keys, reduced))
+        return dict(zip(keys, reduced, strict=True))
     vals = [float(v) for v in values]
     if env is None or env.world_size == 1:
         return vals

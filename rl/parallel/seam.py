@@ -17,8 +17,14 @@ import torch
 
 from score.model import from_pretrained, load_tokenizer, save_pretrained
 
-from ..checkpoints import (export_consolidated, latest_checkpoint, load_checkpoint, load_sharded, save_checkpoint,
-                           save_sharded)
+from ..checkpoints import (
+    export_consolidated,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded,
+    save_checkpoint,
+    save_sharded,
+)
 from ..config import RunConfig
 from ..factories import make_engine, make_reward, pick_device, prompt_builder
 from . import distributed as D
@@ -76,6 +82,10 @@ def parallel_for_run(cfg: RunConfig) -> Parallel:
     if D.launched_by_torchrun():
         return FSDP2(D.init_distributed(cfg.model.device))
     return SingleProcess.for_run(cfg)
+
+
+def _nothing_to_resume(run_dir) -> FileNotFoundError:
+    return FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}")
 
 
 class SingleProcess:
@@ -136,7 +146,7 @@ class SingleProcess:
         sharded = latest_checkpoint(run_dir, "sharded")
         if sharded is not None:
             return int(load_sharded(sharded, policy, optimizer)["step"])
-        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}")
+        raise _nothing_to_resume(run_dir)
 
     def export(self, policy, folder):
         save_pretrained(policy, folder)
@@ -207,7 +217,7 @@ class FSDP2:
         if plain is not None:
             raise ValueError(f"--resume: {plain} was written by a single-process run; resume it without "
                              "torchrun/--nproc (multi-process runs resume from their sharded checkpoints)")
-        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir) / 'checkpoints'}")
+        raise _nothing_to_resume(run_dir)
 
     def export(self, policy, folder):
         export_consolidated(policy, folder)  # a collective; rank 0 writes

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..data import Problem
 from .math_reward import MathGrader, extract_final_answer
@@ -39,7 +39,7 @@ class BatchReward:
         if len(texts) != len(problems):
             raise ValueError(f"got {len(texts)} completions for {len(problems)} problems")
         if self.kind == "exact":
-            return [exact_answer_reward(t, p.answer) for t, p in zip(texts, problems)]
+            return [exact_answer_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)]
         if self.kind == "math":
             return [float(r) for r in self._grader.grade(list(texts), [p.answer for p in problems])]
         from .code_reward import code_rewards  # the sandbox is only started for code runs

@@ -133,6 +133,6 @@ def code_rewards(completions, problems, *, timeout_s: float = DEFAULT_TIMEOUT_S,
     if len(completions) != len(problems):
         raise ValueError(f"got {len(completions)} completions for {len(problems)} problems")
     markers = [secrets.token_hex(16) for _ in completions]
-    programs = [build_program(c, p, pass_marker=m) for c, p, m in zip(completions, problems, markers)]
+    programs = [build_program(c, p, pass_marker=m) for c, p, m in zip(completions, problems, markers, strict=True)]
     results = (pool or default_pool()).run_batch(programs, timeout_s=timeout_s, memory_mb=memory_mb)
-    return [_passed(r, m) for r, m in zip(results, markers)]
+    return [_passed(r, m) for r, m in zip(results, markers, strict=True)]

@@ -35,8 +35,8 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 try:
     from ..data import last_boxed
@@ -261,7 +261,7 @@ class MathGrader:
             if self._closed:
                 raise RuntimeError("MathGrader is closed")
             if self.workers == 0:
-                grades = [grade_in_main_thread(c, r, self.timeout_s) for c, r in zip(completions, references)]
+                grades = [grade_in_main_thread(c, r, self.timeout_s) for c, r in zip(completions, references, strict=True)]
             else:
                 grades = self._grade_in_workers(completions, references)
             self.counts.update(g.status for g in grades)

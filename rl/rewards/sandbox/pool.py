@@ -124,7 +124,7 @@ class SandboxPool:
                 source, timeout_s=timeout_s, memory_mb=memory_mb, stdin=stdin, max_output_bytes=max_output_bytes
             )
 
-        return list(self._threads.map(one, zip(sources, stdins)))
+        return list(self._threads.map(one, zip(sources, stdins, strict=True)))
 
     def close(self) -> None:
         if self._closed:
