@@ -53,8 +53,7 @@ def variant_fn(variant):
         return lambda h, w, t: torch.log_softmax((h @ w.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
     if variant == "liger":
         pytest.importorskip("liger_kernel")
-        sys.path.insert(0, os.path.dirname(WORKER))
-        from fused_logprob_worker import liger
+        from bench.fused_logprob_worker import liger
 
         return liger
     impl = variant.split("_")[1]

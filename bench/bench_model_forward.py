@@ -18,8 +18,7 @@ import time
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from model_fixtures import make_hf_checkpoint  # noqa: E402
+from tests.helpers.model_fixtures import make_hf_checkpoint
 
 from score.model import from_pretrained  # noqa: E402
 

@@ -13,7 +13,7 @@ from score.rl.data import Problem
 from score.rl.demo import to_toml
 from score.rl.rewards import BatchReward
 from score.rl.factories import load_problems
-from tiny_run import tiny_config
+from tests.helpers.tiny_run import tiny_config
 
 MBPP = [
     {"task_id": 1, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
@@ -23,8 +23,8 @@ MBPP = [
 ]
 
 
-def test_code_rewards_in_the_trainer_path_are_real_verdicts():
-    reward = BatchReward("code", timeout_s=5.0, workers=1, memory_mb=512)
+def test_code_rewards_in_the_trainer_path_are_real_verdicts(closes):
+    reward = closes(BatchReward("code", timeout_s=5.0, workers=1, memory_mb=512))
     problem = Problem(id="1", question=MBPP[0]["text"], answer="", meta={"code": MBPP[0]})
     good = "```python\ndef add(a, b):\n    return a + b\n```"
     bad = "```python\ndef add(a, b):\n    return a - b\n```"

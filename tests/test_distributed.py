@@ -1,7 +1,7 @@
 """FSDP2 training on 2 CPU ranks (gloo) against 1 rank and a plain process; DCP resume across world
 sizes; consolidated HF export; generation on unsharded weights; the launcher on a failing rank.
 
-The ranks run tests/dist_worker.py under score.rl.parallel.launch (torchrun's agent). One 2-rank run and one
+The ranks run tests/helpers/dist_worker.py under score.rl.parallel.launch (torchrun's agent). One 2-rank run and one
 1-rank run are shared by the tests of this module (the process start-up dominates their cost).
 """
 from __future__ import annotations
@@ -17,20 +17,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_worker as W
+from tests.helpers import dist_worker as W
 from score.rl.parallel import distributed as D
 from score.rl.checkpoints import latest_checkpoint, load_sharded
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the rank program is tests.helpers.dist_worker, imported from here
 STEPS, SAVE_AT = 4, 2
 TOL = 1e-5
 
 
 def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     code = ("import sys; from score.rl.parallel.launch import launch; "
-            f"sys.exit(launch({nproc}, {list(args)!r}, module='dist_worker'))")
+            f"sys.exit(launch({nproc}, {list(args)!r}, module='tests.helpers.dist_worker'))")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -217,7 +217,7 @@ TRAINER_STEPS = 4  # 2 Stage I + 2 Stage II steps (tiny_config)
 
 def _trainer_config(root: Path):
     from score.rl.demo import to_toml
-    from tiny_run import tiny_config
+    from tests.helpers.tiny_run import tiny_config
 
     # 4 prompts x 2 samples per step: 2 groups per rank, one group per micro-batch; half of the
     # Stage II first attempts come from the base model (the reference's engine, gathered too).
@@ -245,7 +245,7 @@ def _copy_at_step(src: Path, dst: Path, step: int) -> Path:
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
-    from tiny_run import trainer_with_parity
+    from tests.helpers.tiny_run import trainer_with_parity
 
     root = tmp_path_factory.mktemp("dist_trainer")
     cfg, config = _trainer_config(root)
@@ -282,7 +282,7 @@ def test_trainer_on_two_ranks_equals_one_process(trainer_runs):
 
 
 def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(trainer_runs):
-    from tiny_run import trainer_with_parity
+    from tests.helpers.tiny_run import trainer_with_parity
 
     root, cfg, plain = trainer_runs
     one = load_file(root / "resumed1" / "final" / "model.safetensors")
@@ -298,7 +298,7 @@ def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(
 
 def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
     """The real command line: `score train --nproc 2` with an eval set, and a batch that cannot split."""
-    from tiny_run import write_problems
+    from tests.helpers.tiny_run import write_problems
 
     _, config = _trainer_config(tmp_path)
     evals = write_problems(tmp_path / "eval.jsonl", 4, split="eval")

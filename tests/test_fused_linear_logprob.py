@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-import triton_interpreter_patch
+from tests.helpers import triton_interpreter_patch
 from score.kernels import fused_linear_logprob
 from score.kernels.fused_linear_logprob import IGNORE_INDEX
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_fixtures import load_hf_model, make_hf_checkpoint
+from tests.helpers.model_fixtures import load_hf_model, make_hf_checkpoint
 from score.model import ModelConfig, Transformer, from_pretrained, save_pretrained
 from score.model.loading import HF_KEY_MAP, hf_to_ours, ours_to_hf
 

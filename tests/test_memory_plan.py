@@ -1,6 +1,6 @@
 """The memory plan's numbers against memory measured on CPU, and the printed table.
 
-tests/memory_probe.py runs in a fresh process with glibc told to mmap every allocation of 64 KiB
+tests/helpers/memory_probe.py runs in a fresh process with glibc told to mmap every allocation of 64 KiB
 or more and to give freed memory back at once, so RSS follows the live tensors: each component's
 RSS growth is compared with the plan (compute dtype fp32 = 4 bytes on CPU, one rank, so FSDP's
 gathered working set is not part of the measurement; 2-rank sharding itself is tested in
@@ -24,7 +24,7 @@ import pytest
 from score.model import ModelConfig
 from score.rl.parallel import memory_plan as M
 
-PROBE = Path(__file__).resolve().parent / "memory_probe.py"
+PROBE = Path(__file__).resolve().parent / "helpers" / "memory_probe.py"
 CONFIG = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
               num_key_value_heads=4, tie_word_embeddings=True)
 TOKENS = 2048
@@ -91,7 +91,7 @@ def test_bad_inputs_are_named():
 
 def test_plan_for_a_run_config(tmp_path, capsys):
     from score.rl.demo import to_toml
-    from tiny_run import tiny_config
+    from tests.helpers.tiny_run import tiny_config
 
     cfg = tiny_config(tmp_path, optim__prompts_per_step=8, optim__prompts_per_micro_batch=2,
                       rollout__max_tokens_attempt1=100, rollout__max_tokens_attempt2=50)

@@ -7,7 +7,7 @@ one backward pass, and the packed / engine input layouts against the dense one.
 import pytest
 import torch
 
-from model_fixtures import VARIANTS, load_hf_model, make_hf_checkpoint, rewrite_config_old_style
+from tests.helpers.model_fixtures import VARIANTS, load_hf_model, make_hf_checkpoint, rewrite_config_old_style
 from score.model import ModelConfig, Transformer, from_pretrained
 from score.model.attention import causal_attention
 from score.model.loading import hf_to_ours

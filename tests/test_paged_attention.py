@@ -12,7 +12,7 @@ import torch
 from score.kernels.kv_store import store_kv
 from score.kernels.paged_attention import (PagedAttentionBuffers, paged_attention, paged_attention_triton,
                                            plan_paged_attention)
-from triton_interpreter_patch import apply as patch_interpreter_bf16_dot
+from tests.helpers.triton_interpreter_patch import apply as patch_interpreter_bf16_dot
 
 patch_interpreter_bf16_dot()  # the interpreter's bf16 tl.dot is broken; the GPU compiler's is not
 

@@ -1,7 +1,7 @@
 """Two-attempt prompt ids: token-in-token-out, and equal to what the chat template renders."""
 import pytest
 
-from model_fixtures import make_backend_tokenizer, make_chat_tokenizer
+from tests.helpers.model_fixtures import make_backend_tokenizer, make_chat_tokenizer
 from score.model import Tokenizer, load_tokenizer
 from score.rl.prompts import (
     CODE_CORRECTION_INSTRUCTION, MATH_CORRECTION_INSTRUCTION, MATH_SYSTEM_PROMPT, PromptBuilder,

@@ -4,7 +4,7 @@ import json
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
 
-from model_fixtures import CHAT_STYLES, make_backend_tokenizer, make_chat_tokenizer
+from tests.helpers.model_fixtures import CHAT_STYLES, make_backend_tokenizer, make_chat_tokenizer
 from score.model import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")

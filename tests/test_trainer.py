@@ -13,7 +13,7 @@ from score.rl.rollout import Trajectory
 from score.rl.loss import loss_denominator, micro_batch_loss, micro_batches, pack
 from score.rl.schedule import DataOrder, lr_at, stage_of
 from score.rl.trainer import Trainer
-from tiny_run import ParityReward, tiny_config, trainer_with_parity
+from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parity
 
 ALPHA, BETA1, BETA2 = 10.0, 0.01, 0.1
 
@@ -91,7 +91,14 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
     a_tok = torch.cat([torch.full((n,), float(adv[s, a - 1])) for s, t in enumerate(trajs)
                        for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))])
     if placement == "kl_in_reward":
-        torch.testing.assert_close(grad.double(), -a_tok.double() / denominator, atol=1e-6, rtol=1e-5)
+        expected_grad = -a_tok.double() / denominator
+    else:  # plus beta_t dKL_t/dlogp_t per token; k1 (the config's kl_kind): KL_t = logp_t - ref_t, slope 1
+        assert cfg.score.kl_kind == "k1"
+        beta_tok = torch.cat([torch.full((n,), (BETA2 if stage == 1 and a == 1 else BETA1), dtype=torch.float64)
+                              for t in trajs for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)),
+                                                          (2, len(t.attempt2_ids)))])
+        expected_grad = (-a_tok.double() + beta_tok) / denominator
+    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-6, rtol=1e-5)
 
 
 def test_pack_rows_targets_and_labels():
@@ -146,9 +153,9 @@ def records(path):
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in open(path)]
 
 
-def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path):
+def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path, closes):
     cfg = tiny_config(tmp_path)
-    full = trainer_with_parity(cfg, tmp_path / "full")
+    full = closes(trainer_with_parity(cfg, tmp_path / "full"))
     before = weights(full.policy)
     full.fit()
     full.close()
@@ -158,10 +165,10 @@ def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in full.policy.state_dict().items())
     assert (tmp_path / "full" / "final" / "model.safetensors").exists()
 
-    part = trainer_with_parity(cfg, tmp_path / "resumed")
+    part = closes(trainer_with_parity(cfg, tmp_path / "resumed"))
     part.fit(max_steps=2)
     part.close()
-    again = trainer_with_parity(cfg, tmp_path / "resumed", resume=True)
+    again = closes(trainer_with_parity(cfg, tmp_path / "resumed", resume=True))
     assert again.step == 2
     again.fit()
     again.close()
@@ -170,9 +177,9 @@ def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path):
     assert records(tmp_path / "resumed" / "metrics.jsonl") == log
 
 
-def test_non_finite_loss_skips_the_step(tmp_path):
+def test_non_finite_loss_skips_the_step(tmp_path, closes):
     cfg = tiny_config(tmp_path)
-    trainer = Trainer(cfg, tmp_path / "nan")
+    trainer = closes(Trainer(cfg, tmp_path / "nan"))
     trainer.reward.close()
     trainer.reward = type("NanReward", (ParityReward,), {"__call__": lambda self, t, p: [float("nan")] * len(t)})()
     before = weights(trainer.policy)
@@ -192,9 +199,9 @@ def test_bad_training_data_names_file_and_line(tmp_path):
         Trainer(cfg, tmp_path / "bad")
 
 
-def test_existing_run_needs_resume(tmp_path):
+def test_existing_run_needs_resume(tmp_path, closes):
     cfg = tiny_config(tmp_path, score__stage1_steps=1, score__stage2_steps=0)
-    t = Trainer(cfg, tmp_path / "run")
+    t = closes(Trainer(cfg, tmp_path / "run"))
     t.fit()
     t.close()
     with pytest.raises(FileExistsError, match="--resume"):

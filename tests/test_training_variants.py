@@ -11,7 +11,7 @@ from score.rl.data import Problem
 from score.rl.factories import load_problems, make_engine, prompt_builder
 from score.rl.loss import loss_denominator, micro_batch_loss, pack
 from score.rl.rollout import Trajectory, two_attempt_rollout
-from tiny_run import ParityReward, tiny_config, trainer_with_parity
+from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parity
 
 
 def traj(group, a1, a2, r1, r2, base=False):
@@ -53,7 +53,7 @@ def test_star_stage2_trains_only_the_successful_attempts(models):
     torch.testing.assert_close(stage1.loss, reinforce.loss)
 
 
-def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path):
+def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path, closes):
     cfg, policy, reference = models
     trajectories, _ = two_attempt_rollout(
         make_engine(cfg, policy), prompt_builder(cfg, load_tokenizer(cfg.model.path)),
@@ -72,15 +72,11 @@ def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path):
     r1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(out.returns[:, 0].double(), r1 - single.score.beta1 * kl1, atol=1e-6, rtol=1e-5)
 
-    trainer = trainer_with_parity(single, tmp_path / "single")
-    try:
-        m = trainer.train_step()
-    finally:
-        trainer.close()
+    m = closes(trainer_with_parity(single, tmp_path / "single")).train_step()
     assert "reward_2" not in m and "acc_t2" not in m and m["len_1"] > 0
 
 
-def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monkeypatch):
+def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monkeypatch, closes):
     cfg = tiny_config(tmp_path, score__online_first_attempt=False, score__stage1_steps=1, score__stage2_steps=1)
     seen = []
     real = trainer_module.two_attempt_rollout
@@ -92,11 +88,8 @@ def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monke
         return trajectories, stats
 
     monkeypatch.setattr(trainer_module, "two_attempt_rollout", spy)
-    trainer = trainer_with_parity(cfg, tmp_path / "offline")
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    trainer = closes(trainer_with_parity(cfg, tmp_path / "offline"))
+    trainer.fit()
     assert len(seen) == 2  # Stage I and Stage II
     for from_base, base_engine, trajectories in seen:
         assert all(from_base) and base_engine.model is trainer.reference

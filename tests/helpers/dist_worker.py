@@ -175,7 +175,7 @@ def fail(exit_rank: int) -> None:
 
 def train(config: str, out: str, resume: bool) -> None:
     from score.rl.config import load_config
-    from tiny_run import trainer_with_parity
+    from tests.helpers.tiny_run import trainer_with_parity
 
     from score.rl.parallel.seam import FSDP2
 

@@ -1,0 +1,1 @@
+"""Benchmarks against peers (a package, so suites import their worker modules as `bench.X`)."""
