@@ -9,6 +9,7 @@ Building also compiles the sandbox launcher (CMakeLists.txt, rl/rewards/sandbox/
 system's cmake and C compiler into rl/rewards/sandbox/ (used in place by editable installs) and into
 the wheel. Without cmake or a compiler the install fails.
 """
+
 import os
 import shutil
 import subprocess

@@ -16,29 +16,42 @@ whether the issue's target (>= 3x transformers' tokens/s) was met. BENCH_THREADS
 thread count for both sides (1 is far steadier on a 2-core machine shared with other jobs).
 Results: bench/RESULTS.md.
 """
+
 import os
 import resource
 import statistics
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.helpers.model_fixtures import make_hf_checkpoint
-
 from score.model import Engine, SamplingParams, from_pretrained  # noqa: E402
+from tests.helpers.model_fixtures import make_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 CUDA = torch.cuda.is_available()
 if CUDA:  # issue 4's GPU workload: a Qwen2.5-0.5B-sized random model, bf16, 256 prompts
-    CONFIG = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024)
+    CONFIG = dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     NUM_PROMPTS, DTYPE, DEVICE = 256, torch.bfloat16, "cuda"
 else:
-    CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+    CONFIG = dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     NUM_PROMPTS, DTYPE, DEVICE = 16, torch.float32, "cpu"
 PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 256, 128, 16
 ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2" if CUDA else "3"))
@@ -69,8 +82,16 @@ def workload():
 def run_transformers(hf, prompts, instruction, seed):
     """Both attempts with `generate`; returns the prompt tokens it ran through the model."""
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
-                  min_new_tokens=NEW_TOKENS, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     first = hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
     second_prompts = torch.cat([first, instruction.expand(NUM_PROMPTS, -1)], dim=1)
     second = hf.generate(second_prompts, attention_mask=torch.ones_like(second_prompts), **kwargs)
@@ -111,8 +132,11 @@ def decode_bandwidth(ours, prompts) -> dict:
     kv_bytes = NUM_PROMPTS * (PROMPT_LEN + n / 2) * kv_per_token
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
-    out = {"decode_step_ms": step * 1e3, "decode_GB_per_step": (weight_bytes + kv_bytes) / 1e9,
-           "decode_bandwidth_TB_per_s": (weight_bytes + kv_bytes) / step / 1e12}
+    out = {
+        "decode_step_ms": step * 1e3,
+        "decode_GB_per_step": (weight_bytes + kv_bytes) / 1e9,
+        "decode_bandwidth_TB_per_s": (weight_bytes + kv_bytes) / step / 1e12,
+    }
     if peak:
         out["decode_bandwidth_utilisation"] = (weight_bytes + kv_bytes) / step / peak
     return out
@@ -125,7 +149,9 @@ def run_engine(ours, prompts, instruction, seed, new_tokens=NEW_TOKENS):
     prompt_ids = prompts.tolist()
     first = engine.generate(prompt_ids, params)
     instruction_ids = instruction.tolist()
-    second = engine.generate([p + out[0].token_ids + instruction_ids for p, out in zip(prompt_ids, first)], params)
+    second = engine.generate(
+        [p + out[0].token_ids + instruction_ids for p, out in zip(prompt_ids, first, strict=True)], params
+    )
     assert all(len(out[0].token_ids) == new_tokens for out in first + second)
     return engine.stats
 
@@ -172,7 +198,9 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         "ours_tokens_per_s_median": GENERATED / statistics.median(times["ours"]),
         "transformers_tokens_per_s_median": GENERATED / statistics.median(times["transformers"]),
         "ratio_ours_over_transformers": best["ours"] / best["transformers"],
-        "ratio_median_of_rounds": statistics.median(h / o for h, o in zip(times["transformers"], times["ours"])),
+        "ratio_median_of_rounds": statistics.median(
+            h / o for h, o in zip(times["transformers"], times["ours"], strict=True)
+        ),
         "ours_prefilled_tokens": stats.prefilled_tokens,
         "ours_reused_tokens": stats.reused_tokens,
         "ours_cache_hit_rate": stats.hit_rate,
@@ -186,7 +214,9 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
         info["peak_gpu_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     info["target_3x_met"] = info["ratio_median_of_rounds"] >= 3.0  # issue 4's target, same run
     benchmark.extra_info.update(info)
-    lines = [f"two-attempt rollout, {DEVICE} {DTYPE}, {NUM_PROMPTS}x{PROMPT_LEN} prompts, 2x{NEW_TOKENS} sampled tokens:"]
+    lines = [
+        f"two-attempt rollout, {DEVICE} {DTYPE}, {NUM_PROMPTS}x{PROMPT_LEN} prompts, 2x{NEW_TOKENS} sampled tokens:"
+    ]
     lines += [f"  {k:34s} {v:.3f}" if isinstance(v, float) else f"  {k:34s} {v}" for k, v in info.items()]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:

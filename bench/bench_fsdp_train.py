@@ -14,6 +14,7 @@ ratio, and on GPU the MFU: model FLOPs (6 x matmul parameters per token + causal
 Model: Qwen2.5-1.5B's shape with random weights on CUDA (issue 7's target: MFU >= 40% on one H100),
 a 2-layer toy on CPU (there it only proves the benchmark runs; the ratio measures FSDP's overhead).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,30 @@ from score.model import ModelConfig, Transformer
 
 CUDA = torch.cuda.is_available()
 if CUDA:
-    CONFIG = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                  max_position_embeddings=32768, architecture="Qwen2ForCausalLM")
+    CONFIG = dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        architecture="Qwen2ForCausalLM",
+    )
     SEQS, SEQ_LEN, ROUNDS = 16, 1024, 5  # 16k packed tokens per micro-batch
 else:
-    CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                  max_position_embeddings=512, architecture="Qwen2ForCausalLM")
+    CONFIG = dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        architecture="Qwen2ForCausalLM",
+    )
     SEQS, SEQ_LEN, ROUNDS = 4, 128, 5
 # Dense bf16 tensor-core peaks (datasheets, no sparsity), FLOP/s.
 PEAKS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
@@ -93,8 +110,7 @@ def setups():
 
     from score.rl.parallel import distributed as D
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost",
-                      MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT=str(_free_port()))
     env = D.init_distributed()
     device = env.device
     torch.manual_seed(0)
@@ -129,7 +145,7 @@ def test_training_phase_throughput(benchmark, setups):
     times = {name: [] for name in runs}
     order = list(runs)
     for r in range(ROUNDS):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             model, optimizer, autocast = runs[name]
             _sync()
             t0 = time.perf_counter()
@@ -146,7 +162,9 @@ def test_training_phase_throughput(benchmark, setups):
         info[f"{name}_tokens_per_s"] = tokens / best
         if peak:
             info[f"{name}_mfu"] = flops / best / peak
-    info["fsdp2_over_eager_speed"] = statistics.median(te / tf for tf, te in zip(times["fsdp2"], times["eager"]))
+    info["fsdp2_over_eager_speed"] = statistics.median(
+        te / tf for tf, te in zip(times["fsdp2"], times["eager"], strict=True)
+    )
     if CUDA:
         info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         info["card"] = torch.cuda.get_device_name()

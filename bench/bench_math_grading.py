@@ -13,6 +13,7 @@ default timeouts) only works on the main thread. `MathGrader(workers>=1)` grades
 - `per_item_overhead`: 1,000 answerless items (no math-verify work): the cost of the path itself.
 Each row's extra_info holds ms per completion. Results: bench/RESULTS.md.
 """
+
 import threading
 
 import pytest
@@ -20,9 +21,18 @@ import pytest
 from score.rl.rewards.math_reward import MathGrader, _Worker, extract_final_answer
 
 ANSWER_FORMS = [
-    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "3/4"), ("\\frac{2}{6}", "\\frac13"), ("5\\text{ cm}", "5"),
-    ("\\sqrt{8}", "2\\sqrt{2}"), ("x^2+2x+1", "(x+1)^2"), ("(-\\infty, 3]", "(-\\infty,3]"), ("\\{1,2\\}", "\\{2,1\\}"),
-    ("10\\%", "10"), ("\\$1,000", "1000"), ("7", "8"), ("\\frac{\\pi}{3}", "60"),
+    ("\\frac{1}{2}", "0.5"),
+    ("\\dfrac{3}{4}", "3/4"),
+    ("\\frac{2}{6}", "\\frac13"),
+    ("5\\text{ cm}", "5"),
+    ("\\sqrt{8}", "2\\sqrt{2}"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("(-\\infty, 3]", "(-\\infty,3]"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("10\\%", "10"),
+    ("\\$1,000", "1000"),
+    ("7", "8"),
+    ("\\frac{\\pi}{3}", "60"),
 ]
 COMPLETIONS, REFERENCES = [], []
 for i in range(20):
@@ -37,7 +47,7 @@ def peer_grade():
     from math_verify import parse, verify
 
     out = []
-    for completion, reference in zip(COMPLETIONS, REFERENCES):
+    for completion, reference in zip(COMPLETIONS, REFERENCES, strict=True):
         answer = extract_final_answer(completion)
         if answer is None:
             out.append(0.0)
@@ -84,8 +94,9 @@ def test_inprocess_main_thread(benchmark, expected):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_workers_thread(benchmark, expected, workers):
     with MathGrader(workers=workers) as grader:
-        result = benchmark.pedantic(lambda: in_thread(lambda: grader.grade(COMPLETIONS, REFERENCES)),
-                                    rounds=3, warmup_rounds=1)
+        result = benchmark.pedantic(
+            lambda: in_thread(lambda: grader.grade(COMPLETIONS, REFERENCES)), rounds=3, warmup_rounds=1
+        )
     _record(benchmark, result, expected)
 
 
@@ -108,7 +119,10 @@ def test_per_item_overhead(benchmark, workers):
     """Items without an answer never reach math-verify: this isolates the per-item cost of the path
     (in-process alarm set-up vs a JSON round trip to a worker)."""
     with MathGrader(workers=workers) as grader:
-        call = (lambda: grader.grade(NO_ANSWER, ["1"] * len(NO_ANSWER)))
+
+        def call():
+            return grader.grade(NO_ANSWER, ["1"] * len(NO_ANSWER))
+
         result = benchmark.pedantic((lambda: in_thread(call)) if workers else call, rounds=3, warmup_rounds=1)
     assert result == [0.0] * len(NO_ANSWER)
     if _median_s(benchmark) is not None:

@@ -10,17 +10,15 @@ Each round times both implementations back to back (alternating which goes first
 machine slows both alike; the speed ratio ours/transformers is the median of the per-round
 ratios. It is printed at the end of the module and stored in each row's extra_info. Results: bench/RESULTS.md.
 """
-import os
+
 import statistics
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.helpers.model_fixtures import make_hf_checkpoint
-
 from score.model import from_pretrained  # noqa: E402
+from tests.helpers.model_fixtures import make_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,15 +28,35 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 # A ~15M-parameter model on CPU (a forward takes a fraction of a second on 2 cores); on GPU a
 # Qwen2.5-0.5B-shaped one, big enough that launch overheads do not dominate.
 SHAPES = {
-    "llama_gqa": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
-                      num_key_value_heads=2, vocab_size=8192),
-    "qwen3_qknorm": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
-                         num_key_value_heads=2, head_dim=64, vocab_size=8192),
+    "llama_gqa": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=8192,
+    ),
+    "qwen3_qknorm": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=8192,
+    ),
 }
 if CUDA:
     for shape in SHAPES.values():
-        shape.update(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, vocab_size=32768, head_dim=64)
+        shape.update(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=32768,
+            head_dim=64,
+        )
 VARIANT_OF = {"llama_gqa": "llama", "qwen3_qknorm": "qwen3_tied"}
 BATCH, SEQ = (2, 256) if not CUDA else (8, 1024)
 ROUNDS = 30
@@ -60,11 +78,15 @@ def models(tmp_path_factory):
 def results(request):
     table = {}
     yield table
-    lines = [f"model forward, {DEVICE} {str(DTYPE).removeprefix('torch.')}, {BATCH}x{SEQ} tokens "
-             f"(tokens/s of the best round; speed ratio ours/transformers = median over {ROUNDS} paired rounds):"]
+    lines = [
+        f"model forward, {DEVICE} {str(DTYPE).removeprefix('torch.')}, {BATCH}x{SEQ} tokens "
+        f"(tokens/s of the best round; speed ratio ours/transformers = median over {ROUNDS} paired rounds):"
+    ]
     for (name, layout), row in table.items():
-        lines.append(f"  {name:13s} {layout:6s} ours {row['ours']:9.0f}  transformers {row['transformers']:9.0f}"
-                     f"  ratio {row['ratio']:.3f}")
+        lines.append(
+            f"  {name:13s} {layout:6s} ours {row['ours']:9.0f}  transformers {row['transformers']:9.0f}"
+            f"  ratio {row['ratio']:.3f}"
+        )
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if reporter is not None and capture is not None:
@@ -87,6 +109,7 @@ def test_forward_vs_transformers(benchmark, models, results, name, layout):
     ids = ids.to(DEVICE)
     cu = torch.arange(0, BATCH * SEQ + 1, SEQ, dtype=torch.int32, device=DEVICE)
     if layout == "dense":
+
         def run_ours():
             return ours(ids)
     else:  # transformers has no packed layout; it runs the same tokens as a dense batch
@@ -121,14 +144,20 @@ def test_forward_vs_transformers(benchmark, models, results, name, layout):
     # slows both sides of each pair alike; their median is the headline figure. Best rounds
     # (least disturbed) and medians in tokens/s are kept alongside.
     ours_t, hf_t = times["ours"][1:], times["transformers"][1:]
-    row = {"ratio": statistics.median(h / o for o, h in zip(ours_t, hf_t)),
-           "ours": BATCH * SEQ / min(ours_t), "transformers": BATCH * SEQ / min(hf_t)}
-    benchmark.extra_info.update({
-        "ratio_ours_over_transformers_median_of_pairs": row["ratio"],
-        "ours_tokens_per_s_best": row["ours"], "transformers_tokens_per_s_best": row["transformers"],
-        "ours_tokens_per_s_median": BATCH * SEQ / statistics.median(ours_t),
-        "transformers_tokens_per_s_median": BATCH * SEQ / statistics.median(hf_t),
-    })
+    row = {
+        "ratio": statistics.median(h / o for o, h in zip(ours_t, hf_t, strict=True)),
+        "ours": BATCH * SEQ / min(ours_t),
+        "transformers": BATCH * SEQ / min(hf_t),
+    }
+    benchmark.extra_info.update(
+        {
+            "ratio_ours_over_transformers_median_of_pairs": row["ratio"],
+            "ours_tokens_per_s_best": row["ours"],
+            "transformers_tokens_per_s_best": row["transformers"],
+            "ours_tokens_per_s_median": BATCH * SEQ / statistics.median(ours_t),
+            "transformers_tokens_per_s_median": BATCH * SEQ / statistics.median(hf_t),
+        }
+    )
     if CUDA:
         benchmark.extra_info["max_memory_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
     results[(name, layout)] = row

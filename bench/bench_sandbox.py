@@ -12,6 +12,7 @@ time is reported separately). Verdicts must be identical: all canonical solution
 broken ones fail. The ratio of median executions/s (ours / peer) is printed at the end and
 stored in each row's extra_info. Results: bench/RESULTS.md.
 """
+
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,7 +53,9 @@ def pool():
 
 def peer_verdicts(problems, completions):
     with ThreadPoolExecutor(WORKERS) as threads:
-        results = threads.map(lambda pc: check_correctness(pc[0], pc[1], TIMEOUT_S), zip(problems, completions))
+        results = threads.map(
+            lambda pc: check_correctness(pc[0], pc[1], TIMEOUT_S), zip(problems, completions, strict=True)
+        )
         return [r["passed"] for r in results]
 
 
@@ -72,7 +75,9 @@ def test_humaneval_canonical_throughput(benchmark, checker, parent_model, proble
     median = benchmark.stats.stats.median
     MEDIANS[checker] = median
     benchmark.extra_info.update(
-        executions_per_s=len(problems) / median, workers=WORKERS, parent_params=sum(p.numel() for p in parent_model.parameters())
+        executions_per_s=len(problems) / median,
+        workers=WORKERS,
+        parent_params=sum(p.numel() for p in parent_model.parameters()),
     )
     if checker == "score_sandbox":
         benchmark.extra_info["launcher_startup_s"] = pool.startup_s

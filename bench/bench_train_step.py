@@ -10,6 +10,7 @@ its own. Model: Llama-style, hidden 256, 4 layers, vocab 32768 (the lm head is w
 cost memory); batch: 8 prompts x k=4, prompt 64 tokens, attempts 48 + 48 tokens, instruction 24.
 Targets (issue 5): >= 2x faster per step, <= 0.5x peak memory.
 """
+
 import json
 import subprocess
 import sys
@@ -21,8 +22,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(prompts=8, k=4, prompt_len=64, t1=48, t2=48, instr_len=24)
-MODEL = dict(vocab_size=32768, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-             max_position_embeddings=512, tie_word_embeddings=False)
+MODEL = dict(
+    vocab_size=32768,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def build_model(path: Path) -> Path:
@@ -44,9 +52,12 @@ def compare() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model")
         ours, naive = run_worker("ours", model_dir), run_worker("naive", model_dir)
-    return {"ours": ours, "naive": naive,
-            "speedup": naive["seconds"]["total"] / ours["seconds"]["total"],
-            "memory_ratio": ours["peak_rss_above_start"] / naive["peak_rss_above_start"]}
+    return {
+        "ours": ours,
+        "naive": naive,
+        "speedup": naive["seconds"]["total"] / ours["seconds"]["total"],
+        "memory_ratio": ours["peak_rss_above_start"] / naive["peak_rss_above_start"],
+    }
 
 
 def report(result: dict) -> str:
@@ -64,8 +75,14 @@ def report(result: dict) -> str:
 def test_train_step_vs_naive(benchmark):
     pytest.importorskip("transformers")
     result = benchmark.pedantic(compare, rounds=1, iterations=1)
-    benchmark.extra_info.update({"speedup": result["speedup"], "memory_ratio": result["memory_ratio"],
-                                 "ours": result["ours"], "naive": result["naive"]})
+    benchmark.extra_info.update(
+        {
+            "speedup": result["speedup"],
+            "memory_ratio": result["memory_ratio"],
+            "ours": result["ours"],
+            "naive": result["naive"],
+        }
+    )
     print("\n" + report(result))
 
 

@@ -10,6 +10,7 @@ VARIANT: naive | fused_torch | fused_triton | liger. Timing covers forward + bac
 with a random per-token upstream gradient (no entropy: the naive peer has none). Inputs are
 built in place so that building them leaves no temporary in the RSS high-water mark.
 """
+
 import json
 import sys
 import time
@@ -74,10 +75,19 @@ def main():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    result = {"variant": variant, "n": n, "d": d, "v": v, "dtype": str(dtype), "device": device,
-              "seconds": min(times), "all_seconds": times, "cpu_seconds": min(cpu_times),
-              "peak_rss_bytes": high_water_rss_bytes(),
-              "rss_before_bytes": base_rss}
+    result = {
+        "variant": variant,
+        "n": n,
+        "d": d,
+        "v": v,
+        "dtype": str(dtype),
+        "device": device,
+        "seconds": min(times),
+        "all_seconds": times,
+        "cpu_seconds": min(cpu_times),
+        "peak_rss_bytes": high_water_rss_bytes(),
+        "rss_before_bytes": base_rss,
+    }
     if cuda:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(result))

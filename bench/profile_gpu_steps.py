@@ -8,6 +8,7 @@
 2. One training micro-batch of a Qwen2.5-1.5B-shaped model (bf16, 16 x 1024 packed tokens): packed
    forward, fused attempt-token log-probs, backward; torch's op table by CUDA time.
 """
+
 import cProfile
 import io
 import pstats
@@ -33,8 +34,14 @@ def table(prof, key: str, rows: int = 22) -> str:
 
 
 def decode_profile() -> None:
-    model = model_of(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2).eval()
+    model = model_of(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ).eval()
     engine = Engine(model, block_size=16, max_model_len=1024, max_num_seqs=256)
     prompts = torch.randint(0, 151936, (256, 256)).tolist()
     steps = 32
@@ -71,8 +78,14 @@ def decode_profile() -> None:
 
 
 def train_profile() -> None:
-    model = model_of(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                     num_attention_heads=12, num_key_value_heads=2)
+    model = model_of(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    )
     seqs, length = 16, 1024
     ids = torch.randint(0, 151936, (seqs * length,), device="cuda")
     cu = torch.arange(0, seqs * length + 1, length, dtype=torch.int32, device="cuda")
@@ -92,8 +105,10 @@ def train_profile() -> None:
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     flops = 6 * params * seqs * length
-    print(f"training micro-batch 16x1024: {seconds * 1e3:.0f} ms, {seqs * length / seconds:.3g} tokens/s, "
-          f"{flops / seconds / 1e12:.0f} TFLOP/s (6 x params x tokens; attention not counted)")
+    print(
+        f"training micro-batch 16x1024: {seconds * 1e3:.0f} ms, {seqs * length / seconds:.3g} tokens/s, "
+        f"{flops / seconds / 1e12:.0f} TFLOP/s (6 x params x tokens; attention not counted)"
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         micro_batch()
         torch.cuda.synchronize()

@@ -15,6 +15,7 @@ score_loss, backward, AdamW. Same weights (the same HF folder), same prompts, sa
 Peak memory: the RSS high-water mark of the first step above the RSS after loading; time: the
 second step (the first warms up allocator and thread pools).
 """
+
 import json
 import resource
 import sys
@@ -76,7 +77,7 @@ def step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, t
     from score.kernels import fused_linear_logprob
 
     ids, rows, targets, attempt, cu, cu_active = [], [], [], [], [0], [0]
-    for ctx, y2 in zip(contexts, a2):
+    for ctx, y2 in zip(contexts, a2, strict=True):
         seq = ctx + y2
         n_x = len(ctx) - len(instruction) - t1
         labels = [0] * n_x + [1] * t1 + [0] * len(instruction) + [2] * len(y2)
@@ -117,18 +118,36 @@ def step_naive(model, reference, optimizer, xs, instruction, k, t1, t2, timings)
     prompts = torch.tensor(xs)
     torch.manual_seed(1)
     with torch.no_grad():
-        out1 = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
-                              top_k=0, top_p=1.0, max_new_tokens=t1, min_new_tokens=t1, num_return_sequences=k,
-                              pad_token_id=0)
+        out1 = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=t1,
+            min_new_tokens=t1,
+            num_return_sequences=k,
+            pad_token_id=0,
+        )
         instr = torch.tensor(instruction).expand(out1.shape[0], -1)
         contexts = torch.cat([out1, instr], dim=1)
-        out2 = model.generate(contexts, attention_mask=torch.ones_like(contexts), do_sample=True, temperature=1.0,
-                              top_k=0, top_p=1.0, max_new_tokens=t2, min_new_tokens=t2, pad_token_id=0)
+        out2 = model.generate(
+            contexts,
+            attention_mask=torch.ones_like(contexts),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=t2,
+            min_new_tokens=t2,
+            pad_token_id=0,
+        )
     timings["rollout"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    a1 = out1[:, prompts.shape[1]:]
-    a2 = out2[:, contexts.shape[1]:]
+    a1 = out1[:, prompts.shape[1] :]
+    a2 = out2[:, contexts.shape[1] :]
     r1 = torch.tensor(parity_rewards(a1.tolist()))
     r2 = torch.tensor(parity_rewards(a2.tolist()))
     timings["reward"] = time.perf_counter() - t
@@ -176,7 +195,9 @@ def main():
         reference = from_pretrained(model_dir).requires_grad_(False)
         engine = Engine(model, max_num_seqs=prompts * k)
         vocab = model.config.vocab_size
-        step = lambda timings: step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, timings)
+
+        def step(timings):
+            return step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, timings)
     elif variant == "naive":
         from transformers import AutoModelForCausalLM
 
@@ -184,7 +205,9 @@ def main():
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False)
         model.generation_config.eos_token_id = None
         vocab = model.config.vocab_size
-        step = lambda timings: step_naive(model, reference, optimizer, xs, instruction, k, t1, t2, timings)
+
+        def step(timings):
+            return step_naive(model, reference, optimizer, xs, instruction, k, t1, t2, timings)
     else:
         raise SystemExit(f"unknown variant {variant!r}; expected ours or naive")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -196,8 +219,7 @@ def main():
     start = time.perf_counter()
     step(timings)
     timings["total"] = time.perf_counter() - start
-    print(json.dumps({"variant": variant, "seconds": timings, "peak_rss_above_start": peak,
-                      "rss_before": before}))
+    print(json.dumps({"variant": variant, "seconds": timings, "peak_rss_above_start": peak, "rss_before": before}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,6 @@ Triton on CUDA tensors, the torch reference (same chunked algorithm) elsewhere.
 
 from .fused_linear_logprob import fused_linear_logprob
 from .kl_penalty import kl_penalty
-from .score_loss import ScoreLossOutput, score_loss
 from .kv_store import store_kv
 from .paged_attention import PagedAttentionBuffers, PagedAttentionPlan, paged_attention, plan_paged_attention
+from .score_loss import ScoreLossOutput, score_loss

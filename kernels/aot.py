@@ -25,6 +25,7 @@ by 16 as alignment hints); those are hints on the same configuration, not new co
 Not done here: autotuning. A table entry is one fixed configuration chosen by hand; adding an
 entry makes the test compile it too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,14 +97,14 @@ def launch(cfg: Launch, grid: tuple, *args) -> None:
     runtime = [(n, t) for n, t in cfg.signature.items() if t != "constexpr"]
     if len(args) != len(runtime):
         raise ValueError(f"{cfg.name}: expected {len(runtime)} runtime arguments, got {len(args)}")
-    for (name, expected), value in zip(runtime, args):
+    for (name, expected), value in zip(runtime, args, strict=True):
         if isinstance(value, torch.Tensor):
             got = "*" + triton_type(value.dtype)
             if got != expected:
                 raise ValueError(f"{cfg.name}: argument {name} is {got}, the launch table says {expected}")
         elif expected.startswith("*"):
             raise ValueError(f"{cfg.name}: argument {name} must be a tensor ({expected}), got {type(value)}")
-        elif expected == "i32" and not -2**31 <= int(value) < 2**31:
+        elif expected == "i32" and not -(2**31) <= int(value) < 2**31:
             # Triton would silently specialise the argument to i64: an uncompiled variant.
             raise ValueError(f"{cfg.name}: argument {name} = {value} does not fit the table's i32")
     cfg.kernel[grid](*args, **cfg.constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -139,10 +140,14 @@ def compile_launch(cfg: Launch, capability: int):
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise ValueError(
             f"{cfg.name}: kernel is {type(fn).__name__}, not a JITFunction; AOT compilation needs "
-            "TRITON_INTERPRET unset when the module is imported")
+            "TRITON_INTERPRET unset when the module is imported"
+        )
     src = ASTSource(fn=fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs))
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
 
 
 def _check_one(task: tuple[str, int, int]) -> dict:
@@ -174,8 +179,12 @@ def check_all(capabilities=AOT_TARGETS, workers: int | None = None) -> list[dict
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    tasks = [(module, i, cap) for module, table in discover_launches().items()
-             for i in range(len(table)) for cap in capabilities]
+    tasks = [
+        (module, i, cap)
+        for module, table in discover_launches().items()
+        for i in range(len(table))
+        for cap in capabilities
+    ]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_check_one(t) for t in tasks]
@@ -190,8 +199,9 @@ def main() -> int:
         return 2
     results = check_all()
     print(json.dumps(results, indent=1))
-    bad = [r for r in results if not r["ok"] or r["shared"] > r["shared_limit"]
-           or not (r["has_ptx"] and r["has_cubin"])]
+    bad = [
+        r for r in results if not r["ok"] or r["shared"] > r["shared_limit"] or not (r["has_ptx"] and r["has_cubin"])
+    ]
     return 1 if bad else 0
 
 

@@ -4,6 +4,7 @@
 tensors works only under Triton's interpreter (`TRITON_INTERPRET=1`, what the CPU tests use);
 anywhere else it would fail deep inside the launch, so it is refused up front.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ def use_triton(impl: str, tensor: torch.Tensor, op: str) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton" and not (tensor.is_cuda or interpreting()):
-        raise ValueError(f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), "
-                         f"got tensors on {tensor.device}")
+        raise ValueError(
+            f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {tensor.device}"
+        )
     return impl == "triton" or (impl == "auto" and tensor.is_cuda)

@@ -25,6 +25,7 @@ Two implementations of the same chunked algorithm:
   `grad_hidden += dz @ W_chunk` and `grad_weight[chunk] = dz.T @ hidden` (fp32 accumulation).
   The Triton forward always computes entropy (a few flops per tile on top of the GEMM).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,9 +45,21 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, dim, stride_h, stride_w,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 IEEE_FP32: tl.constexpr):
+def _logits_tile(
+    hidden_ptr,
+    weight_ptr,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    dim,
+    stride_h,
+    stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
     """hidden[rows] @ weight[cols].T as an fp32 [BLOCK_M, BLOCK_N] tile."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h
@@ -64,11 +77,26 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, dim, stride
 
 
 @triton.jit
-def _logprob_fwd_kernel(hidden_ptr, weight_ptr, targets_ptr,
-                        part_max_ptr, part_sum_ptr, part_ent_ptr, part_tgt_ptr,
-                        n_tokens, vocab, dim, stride_h, stride_w, inv_temperature, vocab_per_split,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        IEEE_FP32: tl.constexpr):
+def _logprob_fwd_kernel(
+    hidden_ptr,
+    weight_ptr,
+    targets_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_ent_ptr,
+    part_tgt_ptr,
+    n_tokens,
+    vocab,
+    dim,
+    stride_h,
+    stride_w,
+    inv_temperature,
+    vocab_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -84,8 +112,24 @@ def _logprob_fwd_kernel(hidden_ptr, weight_ptr, targets_ptr,
     for v0 in range(v_begin, v_end, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         col_ok = cols < v_end
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, dim, stride_h, stride_w,
-                         BLOCK_M, BLOCK_N, BLOCK_K, IEEE_FP32) * inv_temperature
+        z = (
+            _logits_tile(
+                hidden_ptr,
+                weight_ptr,
+                rows,
+                row_ok,
+                cols,
+                col_ok,
+                dim,
+                stride_h,
+                stride_w,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                IEEE_FP32,
+            )
+            * inv_temperature
+        )
         z = tl.where(col_ok[None, :], z, -1e30)
         hit = (cols[None, :] == targets[:, None]) & col_ok[None, :]
         target_logit += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -105,12 +149,28 @@ def _logprob_fwd_kernel(hidden_ptr, weight_ptr, targets_ptr,
 
 
 @triton.jit
-def _logprob_bwd_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr,
-                        grad_logp_ptr, grad_entropy_ptr, grad_logits_ptr,
-                        n_tokens, vocab_start, vocab_count, dim, stride_h, stride_w, stride_g,
-                        inv_temperature,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        IEEE_FP32: tl.constexpr):
+def _logprob_bwd_kernel(
+    hidden_ptr,
+    weight_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_logits_ptr,
+    n_tokens,
+    vocab_start,
+    vocab_count,
+    dim,
+    stride_h,
+    stride_w,
+    stride_g,
+    inv_temperature,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
     """d(hidden @ weight.T) for tokens [0, n_tokens) x vocab [vocab_start, +vocab_count)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -119,8 +179,24 @@ def _logprob_bwd_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_pt
     local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = local_cols < vocab_count
     cols = vocab_start + local_cols
-    z = _logits_tile(hidden_ptr, weight_ptr, rows, row_ok, cols, col_ok, dim, stride_h, stride_w,
-                     BLOCK_M, BLOCK_N, BLOCK_K, IEEE_FP32) * inv_temperature
+    z = (
+        _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            dim,
+            stride_h,
+            stride_w,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            IEEE_FP32,
+        )
+        * inv_temperature
+    )
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     g_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
@@ -151,26 +227,59 @@ def _launch_table(kernel, pointer_types, scalar_types) -> list[Launch]:
             sig[name] = "*" + (t if kind == "x" else kind)
         sig.update(scalar_types)
         sig.update(BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", IEEE_FP32="constexpr")
-        consts = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-                      IEEE_FP32=dtype == torch.float32)
+        consts = dict(
+            BLOCK_M=blocks["BLOCK_M"],
+            BLOCK_N=blocks["BLOCK_N"],
+            BLOCK_K=blocks["BLOCK_K"],
+            IEEE_FP32=dtype == torch.float32,
+        )
         table.append(Launch(kernel, sig, consts, blocks["num_warps"], blocks["num_stages"]))
     return table
 
 
 _FWD_TABLE = _launch_table(
     _logprob_fwd_kernel,
-    [("hidden_ptr", "x"), ("weight_ptr", "x"), ("targets_ptr", "i64"), ("part_max_ptr", "fp32"),
-     ("part_sum_ptr", "fp32"), ("part_ent_ptr", "fp32"), ("part_tgt_ptr", "fp32")],
-    dict(n_tokens="i32", vocab="i32", dim="i32", stride_h="i32", stride_w="i32",
-         inv_temperature="fp32", vocab_per_split="i32"),
+    [
+        ("hidden_ptr", "x"),
+        ("weight_ptr", "x"),
+        ("targets_ptr", "i64"),
+        ("part_max_ptr", "fp32"),
+        ("part_sum_ptr", "fp32"),
+        ("part_ent_ptr", "fp32"),
+        ("part_tgt_ptr", "fp32"),
+    ],
+    dict(
+        n_tokens="i32",
+        vocab="i32",
+        dim="i32",
+        stride_h="i32",
+        stride_w="i32",
+        inv_temperature="fp32",
+        vocab_per_split="i32",
+    ),
 )
 _BWD_TABLE = _launch_table(
     _logprob_bwd_kernel,
-    [("hidden_ptr", "x"), ("weight_ptr", "x"), ("targets_ptr", "i64"), ("lse_ptr", "fp32"),
-     ("entropy_ptr", "fp32"), ("grad_logp_ptr", "fp32"), ("grad_entropy_ptr", "fp32"),
-     ("grad_logits_ptr", "x")],
-    dict(n_tokens="i32", vocab_start="i32", vocab_count="i32", dim="i32", stride_h="i32",
-         stride_w="i32", stride_g="i32", inv_temperature="fp32"),
+    [
+        ("hidden_ptr", "x"),
+        ("weight_ptr", "x"),
+        ("targets_ptr", "i64"),
+        ("lse_ptr", "fp32"),
+        ("entropy_ptr", "fp32"),
+        ("grad_logp_ptr", "fp32"),
+        ("grad_entropy_ptr", "fp32"),
+        ("grad_logits_ptr", "x"),
+    ],
+    dict(
+        n_tokens="i32",
+        vocab_start="i32",
+        vocab_count="i32",
+        dim="i32",
+        stride_h="i32",
+        stride_w="i32",
+        stride_g="i32",
+        inv_temperature="fp32",
+    ),
 )
 
 
@@ -203,8 +312,24 @@ def _forward_triton(hidden, weight, targets, inv_temperature):
     vocab_per_split = triton.cdiv(vocab_tiles, splits) * bn
     splits = triton.cdiv(vocab, vocab_per_split)
     parts = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    launch(cfg, (token_blocks, splits), hidden, weight, targets, parts[0], parts[1], parts[2], parts[3],
-           n, vocab, dim, hidden.stride(0), weight.stride(0), inv_temperature, vocab_per_split)
+    launch(
+        cfg,
+        (token_blocks, splits),
+        hidden,
+        weight,
+        targets,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3],
+        n,
+        vocab,
+        dim,
+        hidden.stride(0),
+        weight.stride(0),
+        inv_temperature,
+        vocab_per_split,
+    )
     part_max, part_sum, part_ent, part_tgt = parts
     run_max = part_max.amax(0)
     shift = part_max - run_max
@@ -236,8 +361,7 @@ def _chunks(n: int, vocab: int, granule: int = 256) -> tuple[int, int]:
     return tok, min(voc, triton.cdiv(vocab, granule) * granule)
 
 
-def _backward_triton(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature,
-                     need_hidden, need_weight):
+def _backward_triton(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature, need_hidden, need_weight):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     cfg = _cfg(_BWD_TABLE, hidden.dtype)
@@ -248,21 +372,38 @@ def _backward_triton(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_t
     dz_buf = torch.empty(tok, voc, dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w_chunk = weight[v0:v0 + vc]
+        w_chunk = weight[v0 : v0 + vc]
         gw = torch.zeros(vc, dim, dtype=torch.float32, device=hidden.device) if need_weight else None
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
             dz = dz_buf[:nc, :vc]
-            h = hidden[n0:n0 + nc]
-            launch(cfg, (triton.cdiv(nc, bm), triton.cdiv(vc, bn)), h, weight, targets[n0:n0 + nc],
-                   lse[n0:n0 + nc], entropy[n0:n0 + nc], g_logp[n0:n0 + nc], g_ent[n0:n0 + nc], dz,
-                   nc, v0, vc, dim, hidden.stride(0), weight.stride(0), dz.stride(0), inv_temperature)
+            h = hidden[n0 : n0 + nc]
+            launch(
+                cfg,
+                (triton.cdiv(nc, bm), triton.cdiv(vc, bn)),
+                h,
+                weight,
+                targets[n0 : n0 + nc],
+                lse[n0 : n0 + nc],
+                entropy[n0 : n0 + nc],
+                g_logp[n0 : n0 + nc],
+                g_ent[n0 : n0 + nc],
+                dz,
+                nc,
+                v0,
+                vc,
+                dim,
+                hidden.stride(0),
+                weight.stride(0),
+                dz.stride(0),
+                inv_temperature,
+            )
             if need_hidden:
-                grad_hidden[n0:n0 + nc] += _mm_fp32(dz, w_chunk)
+                grad_hidden[n0 : n0 + nc] += _mm_fp32(dz, w_chunk)
             if need_weight:
                 gw += _mm_fp32(dz.t(), h)
         if need_weight:
-            grad_weight[v0:v0 + vc] = gw
+            grad_weight[v0 : v0 + vc] = gw
     return grad_hidden, grad_weight
 
 
@@ -290,11 +431,11 @@ def _forward_torch(hidden, weight, targets, inv_temperature, with_entropy):
     h32 = hidden.float() * inv_temperature if inv_temperature != 1.0 else hidden.float()
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w_t = weight[v0:v0 + vc].float().t()
+        w_t = weight[v0 : v0 + vc].float().t()
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
             rows = slice(n0, n0 + nc)
-            z = torch.mm(h32[rows], w_t, out=z_buf[:nc * vc].view(nc, vc))
+            z = torch.mm(h32[rows], w_t, out=z_buf[: nc * vc].view(nc, vc))
             hit, local = _target_hits(targets[rows], v0, vc)
             picked = z.gather(1, local[:, None]).squeeze(1)
             target_logit[rows] = torch.where(hit, picked, target_logit[rows])
@@ -303,7 +444,7 @@ def _forward_torch(hidden, weight, targets, inv_temperature, with_entropy):
             shift = old_max - new_max
             alpha = shift.exp()
             z.sub_(new_max[:, None])
-            e = torch.exp(z, out=e_buf[:nc * vc].view(nc, vc))
+            e = torch.exp(z, out=e_buf[: nc * vc].view(nc, vc))
             tile_sum = e.sum(1)
             if with_entropy:
                 tile_ent = z.mul_(e).sum(1)
@@ -317,14 +458,15 @@ def _forward_torch(hidden, weight, targets, inv_temperature, with_entropy):
     return logp, entropy, lse
 
 
-def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature,
-                    need_hidden, need_weight):
+def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature, need_hidden, need_weight):
     n, dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     if n == 0:
-        return (hidden.new_zeros(0, dim, dtype=torch.float32) if need_hidden else None,
-                torch.zeros_like(weight) if need_weight else None)
+        return (
+            hidden.new_zeros(0, dim, dtype=torch.float32) if need_hidden else None,
+            torch.zeros_like(weight) if need_weight else None,
+        )
     tok, voc = _chunks(n, vocab)
     grad_hidden = torch.zeros(n, dim, dtype=torch.float32, device=dev) if need_hidden else None
     fp32_weight = weight.dtype == torch.float32
@@ -339,18 +481,18 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
     g_ent = g_ent * inv_temperature if g_ent is not None else None
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w32 = weight[v0:v0 + vc].float()
+        w32 = weight[v0 : v0 + vc].float()
         single_pass = n <= tok and fp32_weight
         gw = None
         if need_weight:
-            gw = grad_weight[v0:v0 + vc] if single_pass else torch.zeros(vc, dim, dtype=torch.float32, device=dev)
+            gw = grad_weight[v0 : v0 + vc] if single_pass else torch.zeros(vc, dim, dtype=torch.float32, device=dev)
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
             rows = slice(n0, n0 + nc)
             h = h32[rows]
-            z = torch.mm(h_scaled[rows], w32.t(), out=z_buf[:nc * vc].view(nc, vc))
+            z = torch.mm(h_scaled[rows], w32.t(), out=z_buf[: nc * vc].view(nc, vc))
             z.sub_(lse[rows, None])  # z is now log p
-            p = torch.exp(z, out=p_buf[:nc * vc].view(nc, vc))
+            p = torch.exp(z, out=p_buf[: nc * vc].view(nc, vc))
             if g_ent is None:
                 dz = p.mul_(-g_logp[rows, None])
             else:
@@ -367,7 +509,7 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
                 else:
                     gw.addmm_(dz.t(), h)
         if need_weight and not single_pass:
-            grad_weight[v0:v0 + vc] = gw
+            grad_weight[v0 : v0 + vc] = gw
     return grad_hidden, grad_weight
 
 
@@ -409,19 +551,36 @@ class _FusedLinearLogprob(torch.autograd.Function):
         if ctx.with_entropy and grad_entropy is not None:
             g_ent = torch.where(valid, grad_entropy.float(), 0.0)
         if ctx.use_triton:
-            g_h, g_w = _backward_triton(hidden, weight, targets, lse, entropy, g_logp.contiguous(),
-                                        zeros if g_ent is None else g_ent.contiguous(), ctx.inv_t,
-                                        need_hidden, need_weight)
+            g_h, g_w = _backward_triton(
+                hidden,
+                weight,
+                targets,
+                lse,
+                entropy,
+                g_logp.contiguous(),
+                zeros if g_ent is None else g_ent.contiguous(),
+                ctx.inv_t,
+                need_hidden,
+                need_weight,
+            )
         else:
-            g_h, g_w = _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, ctx.inv_t,
-                                       need_hidden, need_weight)
+            g_h, g_w = _backward_torch(
+                hidden, weight, targets, lse, entropy, g_logp, g_ent, ctx.inv_t, need_hidden, need_weight
+            )
         if g_h is not None:
             g_h = g_h.to(hidden.dtype)
         return g_h, g_w, None, None, None, None
 
 
-def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         temperature: float = 1.0, return_entropy: bool = False, impl: str = "auto"):
+def fused_linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    impl: str = "auto",
+):
     """log softmax(hidden @ weight.T / temperature)[targets] per token, never forming [N, V].
 
     hidden [N, D] and weight [V, D] (fp32, bf16 or fp16, same dtype and device, unit stride in the
@@ -459,10 +618,13 @@ def fused_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         bad = ((targets < 0) | (targets >= vocab)) & (targets != IGNORE_INDEX)
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise ValueError(f"targets[{first}] = {int(targets[first])} is outside [0, {vocab}) and is not "
-                             f"ignore_index ({IGNORE_INDEX})")
+            raise ValueError(
+                f"targets[{first}] = {int(targets[first])} is outside [0, {vocab}) and is not "
+                f"ignore_index ({IGNORE_INDEX})"
+            )
     # An empty batch has nothing to launch; the torch path returns empty outputs and zero grads.
     with_triton = use_triton(impl, hidden, "fused_linear_logprob") and hidden.shape[0] > 0
-    logp, entropy = _FusedLinearLogprob.apply(hidden, weight, targets.contiguous(), float(temperature),
-                                              bool(return_entropy), with_triton)
+    logp, entropy = _FusedLinearLogprob.apply(
+        hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), with_triton
+    )
     return (logp, entropy) if return_entropy else logp

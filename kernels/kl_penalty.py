@@ -15,6 +15,7 @@ dominating a batch. All arithmetic is fp32; the output is fp32.
 error rather than a silently dropped gradient. `kl_value_and_grad` is the Triton building block
 that the SCoRe loss kernel reuses.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,10 +66,21 @@ def _kl_kernel(logp_ptr, ref_ptr, value_ptr, grad_ptr, n, KIND: tl.constexpr, BL
 
 
 _TABLE = [
-    Launch(_kl_kernel,
-           dict(logp_ptr="*fp32", ref_ptr="*fp32", value_ptr="*fp32", grad_ptr="*fp32", n="i32",
-                KIND="constexpr", BLOCK="constexpr"),
-           dict(KIND=kind, BLOCK=_BLOCK), num_warps=4, num_stages=1)
+    Launch(
+        _kl_kernel,
+        dict(
+            logp_ptr="*fp32",
+            ref_ptr="*fp32",
+            value_ptr="*fp32",
+            grad_ptr="*fp32",
+            n="i32",
+            KIND="constexpr",
+            BLOCK="constexpr",
+        ),
+        dict(KIND=kind, BLOCK=_BLOCK),
+        num_warps=4,
+        num_stages=1,
+    )
     for kind in range(len(KL_KINDS))
 ]
 

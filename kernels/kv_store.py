@@ -6,6 +6,7 @@ token's cache row, slot = block * block_size + offset, in caches [num_blocks, bl
 one token's K and V rows; the torch reference is one `index_copy_` per cache (the CPU path).
 Both write in place and return nothing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kn, stride_vn, row_size, BLOCK: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kn, stride_vn, row_size, BLOCK: tl.constexpr
+):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -40,8 +42,10 @@ def check_store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"k and v must both be [N, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     if k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"rows of k {tuple(k.shape[1:])} do not match the cache's {tuple(k_cache.shape[2:])}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -49,8 +53,9 @@ def check_store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
         raise ValueError(f"k/v dtype {k.dtype}/{v.dtype} differs from the cache's {k_cache.dtype}/{v_cache.dtype}")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int32:
-        raise ValueError(f"slot_mapping must be int32 [{k.shape[0]}], got {slot_mapping.dtype} "
-                         f"{tuple(slot_mapping.shape)}")
+        raise ValueError(
+            f"slot_mapping must be int32 [{k.shape[0]}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
     for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
         if t.device != k.device:
             raise ValueError(f"{name} is on {t.device}, k on {k.device}")
@@ -72,8 +77,9 @@ def store_kv_triton(k, v, k_cache, v_cache, slot_mapping) -> None:
     n = k.shape[0]
     if n == 0:
         return
-    launch(_TABLE[k.dtype], (n,), k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-           k.shape[1] * k.shape[2])
+    launch(
+        _TABLE[k.dtype], (n,), k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0), k.shape[1] * k.shape[2]
+    )
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, *, impl: str = "auto") -> None:
@@ -91,8 +97,17 @@ def _build_table() -> dict:
     table = {}
     for dtype in _DTYPES:
         ptr = "*" + triton_type(dtype)
-        signature = {"k_ptr": ptr, "v_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "slot_ptr": "*i32",
-                     "stride_kn": "i32", "stride_vn": "i32", "row_size": "i32", "BLOCK": "constexpr"}
+        signature = {
+            "k_ptr": ptr,
+            "v_ptr": ptr,
+            "k_cache_ptr": ptr,
+            "v_cache_ptr": ptr,
+            "slot_ptr": "*i32",
+            "stride_kn": "i32",
+            "stride_vn": "i32",
+            "row_size": "i32",
+            "BLOCK": "constexpr",
+        }
         table[dtype] = Launch(_store_kv_kernel, signature, {"BLOCK": _BLOCK}, num_warps=4, num_stages=1)
     return table
 

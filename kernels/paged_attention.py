@@ -27,6 +27,7 @@ Two implementations of the same maths:
 flash-attn is not used here; the engine picks it separately (it needs 256-token blocks).
 Not done: ALiBi, sliding windows, logit soft-capping (no supported model family uses them).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,16 +47,31 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    cu_seqlens_q_ptr,
     scale,
-    stride_qn, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_on, stride_oh,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_on,
+    stride_oh,
     stride_bt,
-    block_size, group, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    block_size,
+    group,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -89,10 +105,16 @@ def _paged_attention_kernel(
         block = tl.load(bt_row + n // block_size, mask=n_ok, other=0).to(tl.int64)
         offset = n % block_size
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks
-                    + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs
-                    + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_cache_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_cache_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         if q_ptr.dtype.element_ty == tl.float32:  # fp32 stays fp32 (the default would be TF32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -122,21 +144,43 @@ def _build_table() -> dict:
     set of compiled variants small. Decode-sized query tiles (query length x group <= 16) get 16
     rows, prefill tiles 64. BLOCK_N shrinks at D=256 to keep K/V tiles inside shared memory.
     """
-    ints = ["stride_qn", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
-            "stride_vh", "stride_on", "stride_oh", "stride_bt", "block_size", "group", "head_dim"]
+    ints = [
+        "stride_qn",
+        "stride_qh",
+        "stride_kb",
+        "stride_ks",
+        "stride_kh",
+        "stride_vb",
+        "stride_vs",
+        "stride_vh",
+        "stride_on",
+        "stride_oh",
+        "stride_bt",
+        "block_size",
+        "group",
+        "head_dim",
+    ]
     table = {}
     for dtype in _DTYPES:
         ptr = "*" + triton_type(dtype)
         for block_d in (64, 128, 256):
             for block_m in (16, 64):
-                signature = {"q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "out_ptr": ptr,
-                             "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
-                             "cu_seqlens_q_ptr": "*i32", "scale": "fp32"}
+                signature = {
+                    "q_ptr": ptr,
+                    "k_cache_ptr": ptr,
+                    "v_cache_ptr": ptr,
+                    "out_ptr": ptr,
+                    "block_tables_ptr": "*i32",
+                    "context_lens_ptr": "*i32",
+                    "cu_seqlens_q_ptr": "*i32",
+                    "scale": "fp32",
+                }
                 signature.update({name: "i32" for name in ints})
                 constexprs = dict(BLOCK_M=block_m, BLOCK_N=32 if block_d >= 256 else 64, BLOCK_D=block_d)
                 signature.update({k: "constexpr" for k in constexprs})
-                table[dtype, block_m, block_d] = Launch(_paged_attention_kernel, signature, constexprs,
-                                                        num_warps=4, num_stages=2)
+                table[dtype, block_m, block_d] = Launch(
+                    _paged_attention_kernel, signature, constexprs, num_warps=4, num_stages=2
+                )
     return table
 
 
@@ -148,8 +192,9 @@ def _launch_config(max_q_len: int, group: int, head_dim: int, dtype: torch.dtype
     return _TABLE[dtype, block_m, max(64, triton.next_power_of_2(head_dim))]
 
 
-def check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                          max_q_len: int, max_context_len: int) -> None:
+def check_paged_attention(
+    q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len: int, max_context_len: int
+) -> None:
     """The argument checks of `paged_attention` (a caller that reuses one plan for every layer of
     a step runs them once, then calls `paged_attention_torch`)."""
     if max_q_len < 1 or max_context_len < max_q_len:
@@ -157,8 +202,10 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_se
     if q.dim() != 3:
         raise ValueError(f"q must be [N, Hq, D], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     if k_cache.shape[3] != d:
@@ -230,9 +277,16 @@ class PagedAttentionPlan:
     masks: dict = field(default_factory=dict)
 
 
-def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: int,
-                         max_q_len: int, max_context_len: int, buffers: PagedAttentionBuffers | None = None,
-                         continues_decode: bool | None = None) -> PagedAttentionPlan:
+def plan_paged_attention(
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    block_size: int,
+    max_q_len: int,
+    max_context_len: int,
+    buffers: PagedAttentionBuffers | None = None,
+    continues_decode: bool | None = None,
+) -> PagedAttentionPlan:
     """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync).
 
     `buffers`: storage kept by the caller across steps (default: fresh, for this step's layers).
@@ -246,8 +300,10 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     num_seqs = context_lens.numel()
     needed_blocks = -(-max_context_len // block_size)
     if block_tables.shape[1] < needed_blocks:
-        raise ValueError(f"block_tables has {block_tables.shape[1]} columns, context length "
-                         f"{max_context_len} needs {needed_blocks} blocks of {block_size}")
+        raise ValueError(
+            f"block_tables has {block_tables.shape[1]} columns, context length "
+            f"{max_context_len} needs {needed_blocks} blocks of {block_size}"
+        )
     pos = torch.arange(max_context_len, device=device)
     ctx = context_lens.long()
     cu = cu_seqlens_q.long()
@@ -257,9 +313,15 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
-    plan = PagedAttentionPlan(block_tables[:, :needed_blocks].long(), visible[:, None], (seq_of_row, row_in_seq),
-                              max_q_len, max_context_len, block_size,
-                              PagedAttentionBuffers() if buffers is None else buffers)
+    plan = PagedAttentionPlan(
+        block_tables[:, :needed_blocks].long(),
+        visible[:, None],
+        (seq_of_row, row_in_seq),
+        max_q_len,
+        max_context_len,
+        block_size,
+        PagedAttentionBuffers() if buffers is None else buffers,
+    )
     if continues_decode is None or max_q_len != 1 or n != num_seqs:
         return plan
     state = plan.buffers.decode_shape
@@ -275,8 +337,9 @@ def plan_paged_attention(block_tables, context_lens, cu_seqlens_q, block_size: i
     return plan
 
 
-def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float,
-                          new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def paged_attention_torch(
+    q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input.
 
     `new_kv` (decode only, optional): this step's k, v [S, Hkv, D], exactly what was just stored at
@@ -291,7 +354,8 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
     mask = plan.masks.get(compute)
     if mask is None:  # what SDPA computes from a boolean mask: where(visible, 0, -inf)
         mask = plan.masks[compute] = torch.zeros(plan.visible.shape, dtype=compute, device=q.device).masked_fill_(
-            plan.visible.logical_not(), float("-inf"))
+            plan.visible.logical_not(), float("-inf")
+        )
 
     def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
         index = plan.block_index.view(-1)
@@ -303,26 +367,39 @@ def paged_attention_torch(q, k_cache, v_cache, plan: PagedAttentionPlan, scale: 
     if decode and plan.decode_capacity:
         new_k, new_v = (None, None) if new_kv is None else new_kv
         q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)  # see below
-        out = F.scaled_dot_product_attention(q_grouped, _decode_keys(plan, k_cache, "k", new_k),
-                                             _decode_keys(plan, v_cache, "v", new_v), attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q_grouped,
+            _decode_keys(plan, k_cache, "k", new_k),
+            _decode_keys(plan, v_cache, "v", new_v),
+            attn_mask=mask,
+            scale=scale,
+        )
         return out.reshape(n, hq, d).to(q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
         # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed;
         # the mask [S, 1, 1, T] broadcasts
         q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)
-        out = F.scaled_dot_product_attention(q_grouped, gather(k_cache, "k"), gather(v_cache, "v"),
-                                             attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q_grouped, gather(k_cache, "k"), gather(v_cache, "v"), attn_mask=mask, scale=scale
+        )
         return out.reshape(n, hq, d).to(q.dtype)
     q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
     # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
-    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2).to(compute), gather(k_cache, "k"), gather(v_cache, "v"),
-                                         attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2).to(compute),
+        gather(k_cache, "k"),
+        gather(v_cache, "v"),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=hq != hkv,
+    )
     return out.transpose(1, 2)[plan.query_index].to(q.dtype)  # [S, max_q, Hq, D] -> packed rows
 
 
-def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str,
-                 new: torch.Tensor | None = None) -> torch.Tensor:
+def _decode_keys(
+    plan: PagedAttentionPlan, cache: torch.Tensor, name: str, new: torch.Tensor | None = None
+) -> torch.Tensor:
     """[S, Hkv, T, D]: every sequence's keys (or values) from this layer's persistent buffer.
 
     Positions past a sequence's length hold zeros or older finite keys; the mask hides them.
@@ -337,17 +414,28 @@ def _decode_keys(plan: PagedAttentionPlan, cache: torch.Tensor, name: str,
         if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
             buf = plan.buffers.decode_keys[key] = cache.new_zeros(shape)
         num_blocks = plan.block_index.shape[1]
-        buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[plan.block_index]
+        buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[
+            plan.block_index
+        ]
     else:
         buffer_rows, cache_rows = plan.extend
         if new is None:
             new = cache.view(-1, *rows[1:]).index_select(0, cache_rows)
         buf.view(-1, *rows[1:]).index_copy_(0, buffer_rows, new)
-    return buf[:, :plan.max_context_len].transpose(1, 2).to(torch.promote_types(cache.dtype, torch.float32))
+    return buf[:, : plan.max_context_len].transpose(1, 2).to(torch.promote_types(cache.dtype, torch.float32))
 
 
-def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                           scale: float, max_q_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    scale: float,
+    max_q_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     n, hq, d = q.shape
     num_seqs = context_lens.numel()
     hkv = k_cache.shape[2]
@@ -360,19 +448,49 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_s
         return out
     cfg = _launch_config(max_q_len, group, d, q.dtype)
     grid = (triton.cdiv(max_q_len * group, cfg.constexprs["BLOCK_M"]), num_seqs, hkv)
-    launch(cfg, grid, q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale,
-           q.stride(0), q.stride(1),
-           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           out.stride(0), out.stride(1),
-           block_tables.stride(0),
-           k_cache.shape[1], group, d)
+    launch(
+        cfg,
+        grid,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.shape[1],
+        group,
+        d,
+    )
     return out
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, *,
-                    max_q_len: int, max_context_len: int, scale: float | None = None,
-                    impl: str = "auto", plan: PagedAttentionPlan | None = None) -> torch.Tensor:
+def paged_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    max_q_len: int,
+    max_context_len: int,
+    scale: float | None = None,
+    impl: str = "auto",
+    plan: PagedAttentionPlan | None = None,
+) -> torch.Tensor:
     """Attention of packed new queries over each sequence's paged keys (module docstring).
 
     q [N, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] holding the new tokens' K/V
@@ -387,11 +505,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
     if use_triton(impl, q, "paged_attention"):
         if q.dtype not in _DTYPES:
             raise ValueError(f"the Triton path takes {_DTYPES}, got {q.dtype}")
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                                      scale, max_q_len)
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, max_q_len)
     if plan is None:
-        plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, k_cache.shape[1],
-                                    max_q_len, max_context_len)
+        plan = plan_paged_attention(
+            block_tables, context_lens, cu_seqlens_q, k_cache.shape[1], max_q_len, max_context_len
+        )
     return paged_attention_torch(q, k_cache, v_cache, plan, scale)
 
 

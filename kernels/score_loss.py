@@ -37,6 +37,7 @@ sums, returns, group sums) and a second that writes returns/advantages/KL, the p
 and the group's share of the loss; the partial losses are summed in torch (deterministic).
 The loss is a scalar, so its gradient w.r.t. logp is computed in forward and scaled in backward.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,11 +94,33 @@ def _sequence_kl(logp_ptr, ref_ptr, attempt_ptr, start, end, KIND: tl.constexpr,
 
 
 @triton.jit
-def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, order_ptr, group_start_ptr,
-                       r1_ptr, r2_ptr, returns_ptr, adv_ptr, kl_ptr, grad_ptr, loss_part_ptr,
-                       r1_weight, progress_bonus, beta_attempt1, beta_attempt2, kl_in_reward, kl_loss, rloo,
-                       seq_mean, inv_denominator,
-                       KIND: tl.constexpr, BLOCK: tl.constexpr):
+def _score_loss_kernel(
+    logp_ptr,
+    ref_ptr,
+    old_ptr,
+    attempt_ptr,
+    cu_seqlens_ptr,
+    order_ptr,
+    group_start_ptr,
+    r1_ptr,
+    r2_ptr,
+    returns_ptr,
+    adv_ptr,
+    kl_ptr,
+    grad_ptr,
+    loss_part_ptr,
+    r1_weight,
+    progress_bonus,
+    beta_attempt1,
+    beta_attempt2,
+    kl_in_reward,
+    kl_loss,
+    rloo,
+    seq_mean,
+    inv_denominator,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     g = tl.program_id(0)
     g_begin = tl.load(group_start_ptr + g)
     g_end = tl.load(group_start_ptr + g + 1)
@@ -108,8 +131,9 @@ def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, 
     # Pass 1: the group's summed returns (the leave-one-out baseline needs them).
     for i in range(g_begin, g_end):
         s = tl.load(order_ptr + i)
-        kl1, kl2, n1, n2 = _sequence_kl(logp_ptr, ref_ptr, attempt_ptr, tl.load(cu_seqlens_ptr + s),
-                                        tl.load(cu_seqlens_ptr + s + 1), KIND, BLOCK)
+        kl1, kl2, n1, n2 = _sequence_kl(
+            logp_ptr, ref_ptr, attempt_ptr, tl.load(cu_seqlens_ptr + s), tl.load(cu_seqlens_ptr + s + 1), KIND, BLOCK
+        )
         r1 = tl.load(r1_ptr + s)
         r2 = tl.load(r2_ptr + s)
         sum_r1 += r1_weight * r1 - kl_in_reward * beta_attempt1 * kl1
@@ -163,14 +187,39 @@ def _score_loss_kernel(logp_ptr, ref_ptr, old_ptr, attempt_ptr, cu_seqlens_ptr, 
 
 
 _TABLE = [
-    Launch(_score_loss_kernel,
-           dict(logp_ptr="*fp32", ref_ptr="*fp32", old_ptr="*fp32", attempt_ptr="*i32",
-                cu_seqlens_ptr="*i32", order_ptr="*i32", group_start_ptr="*i32", r1_ptr="*fp32",
-                r2_ptr="*fp32", returns_ptr="*fp32", adv_ptr="*fp32", kl_ptr="*fp32", grad_ptr="*fp32",
-                loss_part_ptr="*fp32", r1_weight="fp32", progress_bonus="fp32", beta_attempt1="fp32",
-                beta_attempt2="fp32", kl_in_reward="fp32", kl_loss="fp32", rloo="fp32", seq_mean="i32",
-                inv_denominator="fp32", KIND="constexpr", BLOCK="constexpr"),
-           dict(KIND=kind, BLOCK=_BLOCK), num_warps=4, num_stages=1)
+    Launch(
+        _score_loss_kernel,
+        dict(
+            logp_ptr="*fp32",
+            ref_ptr="*fp32",
+            old_ptr="*fp32",
+            attempt_ptr="*i32",
+            cu_seqlens_ptr="*i32",
+            order_ptr="*i32",
+            group_start_ptr="*i32",
+            r1_ptr="*fp32",
+            r2_ptr="*fp32",
+            returns_ptr="*fp32",
+            adv_ptr="*fp32",
+            kl_ptr="*fp32",
+            grad_ptr="*fp32",
+            loss_part_ptr="*fp32",
+            r1_weight="fp32",
+            progress_bonus="fp32",
+            beta_attempt1="fp32",
+            beta_attempt2="fp32",
+            kl_in_reward="fp32",
+            kl_loss="fp32",
+            rloo="fp32",
+            seq_mean="i32",
+            inv_denominator="fp32",
+            KIND="constexpr",
+            BLOCK="constexpr",
+        ),
+        dict(KIND=kind, BLOCK=_BLOCK),
+        num_warps=4,
+        num_stages=1,
+    )
     for kind in range(len(KL_KINDS))
 ]
 
@@ -192,10 +241,33 @@ def _run_triton(logp, ref, old, attempt, cu_seqlens, group_ids, r1, r2, coef, ki
     grad = torch.empty_like(logp)
     parts = torch.empty(counts.numel(), 2, dtype=torch.float32, device=dev)
     cfg = select(_TABLE, KIND=KL_KINDS.index(kind))
-    launch(cfg, (counts.numel(),), logp, ref, old, attempt, cu_seqlens, order.to(torch.int32), group_start,
-           r1, r2, returns, adv, kl, grad, parts, coef["r1_weight"], coef["progress_bonus"], coef["beta_attempt1"],
-           coef["beta_attempt2"], coef["kl_in_reward"], coef["kl_loss"], coef["rloo"], coef["seq_mean"],
-           coef["inv_denominator"])
+    launch(
+        cfg,
+        (counts.numel(),),
+        logp,
+        ref,
+        old,
+        attempt,
+        cu_seqlens,
+        order.to(torch.int32),
+        group_start,
+        r1,
+        r2,
+        returns,
+        adv,
+        kl,
+        grad,
+        parts,
+        coef["r1_weight"],
+        coef["progress_bonus"],
+        coef["beta_attempt1"],
+        coef["beta_attempt2"],
+        coef["kl_in_reward"],
+        coef["kl_loss"],
+        coef["rloo"],
+        coef["seq_mean"],
+        coef["inv_denominator"],
+    )
     pg, kl_term = parts.sum(0)
     return returns, adv, kl, grad, pg, kl_term
 
@@ -240,8 +312,9 @@ class _ScoreLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref, old, attempt, cu_seqlens, group_ids, r1, r2, coef, kind, use_triton):
         run = _run_triton if use_triton else _run_torch
-        returns, adv, kl, grad, pg, kl_term = run(logp.detach(), ref, old, attempt, cu_seqlens, group_ids,
-                                                  r1, r2, coef, kind)
+        returns, adv, kl, grad, pg, kl_term = run(
+            logp.detach(), ref, old, attempt, cu_seqlens, group_ids, r1, r2, coef, kind
+        )
         ctx.save_for_backward(grad)
         loss = pg + kl_term
         ctx.mark_non_differentiable(returns, adv, kl, pg, kl_term)
@@ -272,9 +345,27 @@ def _check_number(name, value, minimum=None):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_weight, progress_bonus,
-               beta_attempt1, beta_attempt2, kl_kind="k1", kl_placement="kl_in_reward", baseline="rloo",
-               normalization="token_mean", loss_denominator=None, old_logp=None, impl="auto") -> ScoreLossOutput:
+def score_loss(
+    logp,
+    ref_logp,
+    attempt,
+    cu_seqlens,
+    group_ids,
+    r1,
+    r2,
+    *,
+    r1_weight,
+    progress_bonus,
+    beta_attempt1,
+    beta_attempt2,
+    kl_kind="k1",
+    kl_placement="kl_in_reward",
+    baseline="rloo",
+    normalization="token_mean",
+    loss_denominator=None,
+    old_logp=None,
+    impl="auto",
+) -> ScoreLossOutput:
     """Two-attempt SCoRe loss over a packed batch; formulas in the module docstring.
 
     Returns before the KL: attempt 1 `r1_weight * r1`, attempt 2 `r2 + progress_bonus * (r2 - r1)`;
@@ -293,8 +384,15 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_wei
     _check_number("progress_bonus", progress_bonus)
     _check_number("beta_attempt1", beta_attempt1, 0.0)
     _check_number("beta_attempt2", beta_attempt2, 0.0)
-    for name, t in (("logp", logp), ("ref_logp", ref_logp), ("attempt", attempt), ("cu_seqlens", cu_seqlens),
-                    ("group_ids", group_ids), ("r1", r1), ("r2", r2)):
+    for name, t in (
+        ("logp", logp),
+        ("ref_logp", ref_logp),
+        ("attempt", attempt),
+        ("cu_seqlens", cu_seqlens),
+        ("group_ids", group_ids),
+        ("r1", r1),
+        ("r2", r2),
+    ):
         _check_tensor(name, t)
     if old_logp is not None:
         _check_tensor("old_logp", old_logp)
@@ -317,8 +415,16 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_wei
     for name, t in (("group_ids", group_ids), ("r1", r1), ("r2", r2)):
         if t.shape[0] != s_count:
             raise ValueError(f"{name} has {t.shape[0]} entries, cu_seqlens describes {s_count} trajectories")
-    tensors = {"logp": logp, "ref_logp": ref_logp, "attempt": attempt, "cu_seqlens": cu_seqlens,
-               "group_ids": group_ids, "r1": r1, "r2": r2, "old_logp": old_logp}
+    tensors = {
+        "logp": logp,
+        "ref_logp": ref_logp,
+        "attempt": attempt,
+        "cu_seqlens": cu_seqlens,
+        "group_ids": group_ids,
+        "r1": r1,
+        "r2": r2,
+        "old_logp": old_logp,
+    }
     for name, t in tensors.items():
         if t is not None and t.device != logp.device:
             raise ValueError(f"{name} is on {t.device}, logp on {logp.device}")
@@ -326,8 +432,9 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_wei
         if tensors[name] is not None and tensors[name].requires_grad:
             raise ValueError(f"{name} requires grad; it must be a constant (pass .detach())")
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-        raise ValueError(f"cu_seqlens must start at 0 and end at len(logp)={n}, got "
-                         f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at len(logp)={n}, got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+        )
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
     if n and bool(((attempt < 0) | (attempt > 2)).any()):
@@ -336,8 +443,10 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_wei
         uniq, counts = torch.unique(group_ids, return_counts=True)
         if bool((counts < 2).any()):
             lone = int(uniq[counts < 2][0])
-            raise ValueError(f"group_ids: group {lone} has a single trajectory; the leave-one-out baseline "
-                             "needs k >= 2 per group (or pass baseline='none')")
+            raise ValueError(
+                f"group_ids: group {lone} has a single trajectory; the leave-one-out baseline "
+                "needs k >= 2 per group (or pass baseline='none')"
+            )
     active_tokens = int((attempt > 0).sum())
     if loss_denominator is None:
         denominator = active_tokens if normalization == "token_mean" else s_count
@@ -364,15 +473,32 @@ def score_loss(logp, ref_logp, attempt, cu_seqlens, group_ids, r1, r2, *, r1_wei
     ref32 = ref_logp.detach().float().contiguous()
     old32 = (logp32.detach() if old_logp is None else old_logp.float()).contiguous()
     loss, returns, adv, kl, pg, kl_term = _ScoreLoss.apply(
-        logp32.contiguous(), ref32, old32, attempt.to(torch.int32).contiguous(), cu_seqlens.contiguous(),
-        group_ids.contiguous(), r1.float().contiguous(), r2.float().contiguous(), coef, kl_kind, with_triton)
+        logp32.contiguous(),
+        ref32,
+        old32,
+        attempt.to(torch.int32).contiguous(),
+        cu_seqlens.contiguous(),
+        group_ids.contiguous(),
+        r1.float().contiguous(),
+        r2.float().contiguous(),
+        coef,
+        kl_kind,
+        with_triton,
+    )
     stats = {
-        "loss": float(loss.detach()), "pg_loss": float(pg), "kl_term": float(kl_term),
-        "return_1": float(returns[:, 0].mean()), "return_2": float(returns[:, 1].mean()),
-        "reward_1": float(r1.float().mean()), "reward_2": float(r2.float().mean()),
-        "kl_1": float(kl[:, 0].mean()), "kl_2": float(kl[:, 1].mean()),
-        "adv_mean": float(adv.mean()), "adv_std": float(adv.std(unbiased=False)),
-        "tokens_1": float((attempt == 1).sum()), "tokens_2": float((attempt == 2).sum()),
+        "loss": float(loss.detach()),
+        "pg_loss": float(pg),
+        "kl_term": float(kl_term),
+        "return_1": float(returns[:, 0].mean()),
+        "return_2": float(returns[:, 1].mean()),
+        "reward_1": float(r1.float().mean()),
+        "reward_2": float(r2.float().mean()),
+        "kl_1": float(kl[:, 0].mean()),
+        "kl_2": float(kl[:, 1].mean()),
+        "adv_mean": float(adv.mean()),
+        "adv_std": float(adv.std(unbiased=False)),
+        "tokens_1": float((attempt == 1).sum()),
+        "tokens_2": float((attempt == 2).sum()),
         "loss_denominator": float(denominator),
     }
     return ScoreLossOutput(loss=loss, returns=returns, advantages=adv, kl=kl, stats=stats)

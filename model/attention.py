@@ -13,6 +13,7 @@ A missing flash-attn is never an import error: "auto" falls back to SDPA and an 
 `backend="flash"` raises a RuntimeError that says how to install it. Cached-key attention (the
 engine's decode) is not here: the engine passes its own `attn` callable to the model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,7 +69,11 @@ def causal_attention(
         if backend == "flash":
             return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=scale,
             enable_gqa=q.shape[2] != k.shape[2],
         )
         return out.transpose(1, 2)
@@ -77,8 +82,15 @@ def causal_attention(
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if cu_seqlens.numel() > 1 else 0
     if backend == "flash":
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True,
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=max_seqlen,
+            max_seqlen_k=max_seqlen,
+            softmax_scale=scale,
+            causal=True,
         )
     return _packed_sdpa(q, k, v, cu_seqlens, max_seqlen, scale)
 

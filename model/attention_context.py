@@ -11,6 +11,7 @@ step, not per layer.
 Backends: "triton" (our kernel, CUDA), "torch" (reference, CPU), "flash" (flash-attn's
 `flash_attn_varlen_func` with a block table; needs fp16/bf16 on CUDA and block_size % 256 == 0).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,11 +35,23 @@ def flash_varlen_with_block_table():
 
 
 class AttentionContext:
-    def __init__(self, kv_cache: torch.Tensor, *, backend: str, slot_mapping: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 max_q_len: int, max_context_len: int, copy_src: torch.Tensor | None,
-                 copy_dst: torch.Tensor | None, workspace: DecodeWorkspace | None = None,
-                 continues_decode: bool | None = None, layer_caches: list | None = None):
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        *,
+        backend: str,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        max_q_len: int,
+        max_context_len: int,
+        copy_src: torch.Tensor | None,
+        copy_dst: torch.Tensor | None,
+        workspace: DecodeWorkspace | None = None,
+        continues_decode: bool | None = None,
+        layer_caches: list | None = None,
+    ):
         """`workspace` (optional): buffers the torch path keeps across steps. `layer_caches`
         (optional): `[(kv_cache[0, i], kv_cache[1, i]) for every layer i]`, views an engine takes
         once instead of once per step and layer."""
@@ -56,8 +69,16 @@ class AttentionContext:
         self.plan = None
         if backend == "torch":
             buffers = None if workspace is None else workspace.attention
-            self.plan = plan_paged_attention(block_tables, context_lens, cu_seqlens_q, kv_cache.shape[3],
-                                             max_q_len, max_context_len, buffers, continues_decode)
+            self.plan = plan_paged_attention(
+                block_tables,
+                context_lens,
+                cu_seqlens_q,
+                kv_cache.shape[3],
+                max_q_len,
+                max_context_len,
+                buffers,
+                continues_decode,
+            )
             # The torch path is the CPU one, where a step's many small per-layer ops show: the
             # stores' int64 rows are converted once per step and the arguments checked on the
             # first layer's call only (every layer of a step has the same shapes). Negative
@@ -81,18 +102,43 @@ class AttentionContext:
         self._copy_on_write(k_cache, v_cache)
         if self.backend == "flash":
             return self.flash(
-                q, k_cache, v_cache, cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
-                max_seqlen_q=self.max_q_len, max_seqlen_k=self.max_context_len, softmax_scale=self.scale,
-                causal=True, block_table=self.block_tables)
-        return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
-                               max_q_len=self.max_q_len, max_context_len=self.max_context_len,
-                               scale=self.scale, impl="triton")
+                q,
+                k_cache,
+                v_cache,
+                cu_seqlens_q=self.cu_seqlens_q,
+                cu_seqlens_k=self.cu_seqlens_k,
+                max_seqlen_q=self.max_q_len,
+                max_seqlen_k=self.max_context_len,
+                softmax_scale=self.scale,
+                causal=True,
+                block_table=self.block_tables,
+            )
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            self.block_tables,
+            self.context_lens,
+            self.cu_seqlens_q,
+            max_q_len=self.max_q_len,
+            max_context_len=self.max_context_len,
+            scale=self.scale,
+            impl="triton",
+        )
 
     def _torch_attention(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
         if not self._checked:
             check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-            check_paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
-                                  self.max_q_len, self.max_context_len)
+            check_paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                self.block_tables,
+                self.context_lens,
+                self.cu_seqlens_q,
+                self.max_q_len,
+                self.max_context_len,
+            )
             self._checked = True
         if self._store_rows is None:
             store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="torch")

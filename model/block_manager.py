@@ -24,6 +24,7 @@ forgets what it held. Blocks that hold nothing are put at the front of the list.
 
 Not done: swapping blocks to host memory (preempted sequences are recomputed instead).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -95,7 +96,7 @@ class BlockManager:
         shared, parent = [], ROOT
         # only blocks that end before the last token: that token is always computed
         for start in range(0, n - bs, bs):
-            block_id = self.full_blocks.get((parent, tuple(token_ids[start:start + bs])))
+            block_id = self.full_blocks.get((parent, tuple(token_ids[start : start + bs])))
             if block_id is None:
                 break
             shared.append(block_id)
@@ -104,7 +105,7 @@ class BlockManager:
         limit = min(bs, n - 1 - cached)
         copy_source, copy_rows = None, 0
         if limit > 0:
-            want = token_ids[cached:cached + limit]
+            want = token_ids[cached : cached + limit]
             for block_id in self.children.get(parent, ()):
                 if block_id in self._copy_targets:
                     continue  # its rows arrive in the same batched copy: read its own source instead
@@ -114,8 +115,7 @@ class BlockManager:
         num_new = self.blocks_for(n) - len(shared)
         revived = sum(1 for b in shared if self.blocks[b].ref_count == 0)
         pinned = int(copy_source is not None and self.blocks[copy_source].ref_count == 0)
-        return AllocationPlan(shared, copy_source, copy_rows, cached + copy_rows, num_new,
-                              num_new + revived + pinned)
+        return AllocationPlan(shared, copy_source, copy_rows, cached + copy_rows, num_new, num_new + revived + pinned)
 
     def can_allocate(self, plan: AllocationPlan) -> bool:
         return plan.num_from_free <= len(self.free)
@@ -143,7 +143,7 @@ class BlockManager:
         tokens = seq.token_ids
         for start in range(len(table) * bs, len(tokens), bs):
             block = self._take_free(parent)
-            self._add_tokens(block, tokens[start:start + bs])
+            self._add_tokens(block, tokens[start : start + bs])
             if copy is None and plan.copy_source is not None:
                 copy = BlockCopy(plan.copy_source, block.block_id, plan.copy_rows)
                 self._copy_targets.add(block.block_id)
@@ -242,11 +242,13 @@ class BlockManager:
             holders[block_id] += 1
         for block in self.blocks:
             if block.ref_count != holders[block.block_id]:
-                raise AssertionError(f"block {block.block_id}: ref_count {block.ref_count}, "
-                                     f"held {holders[block.block_id]} times")
+                raise AssertionError(
+                    f"block {block.block_id}: ref_count {block.ref_count}, held {holders[block.block_id]} times"
+                )
             if (block.ref_count == 0) != (block.block_id in self.free):
-                raise AssertionError(f"block {block.block_id}: ref_count {block.ref_count}, in free list "
-                                     f"{block.block_id in self.free}")
+                raise AssertionError(
+                    f"block {block.block_id}: ref_count {block.ref_count}, in free list {block.block_id in self.free}"
+                )
         for key, block_id in self.full_blocks.items():
             if self.blocks[block_id].key != key:
                 raise AssertionError(f"registry entry for block {block_id} does not match its key")

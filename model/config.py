@@ -10,6 +10,7 @@ Supported: the three families above with GQA, q/k/v bias (Qwen2), q/k RMSNorm (Q
 lists what is supported: other architectures, sliding-window attention, other RoPE scaling
 types, activations other than SiLU, MLP bias, partial rotary embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,7 +106,7 @@ class ModelConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     @classmethod
-    def from_hf(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_hf(cls, path: str | os.PathLike) -> ModelConfig:
         """Read a HF `config.json` (a checkpoint folder or the file itself)."""
         path = os.fspath(path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -118,7 +119,7 @@ class ModelConfig:
             raise ValueError(f"{file}: {err}") from None
 
     @classmethod
-    def from_hf_dict(cls, raw: dict) -> "ModelConfig":
+    def from_hf_dict(cls, raw: dict) -> ModelConfig:
         architecture = _architecture_of(raw)
         _refuse_unsupported_features(raw)
         rope_theta, rope_scaling = _rope_settings(raw)

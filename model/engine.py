@@ -20,10 +20,11 @@ or max_model_len (finish_reason "length").
 Not done: chunked prefill, speculative decoding, streaming, per-request SamplingParams within one
 call, CUDA graphs.
 """
+
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from score.kernels.dispatch import interpreting
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
 from .block_manager import BlockManager
 from .sampling import SamplingParams, make_generator, sample, sample_seed
-from .scheduler import Scheduler, ScheduledStep
+from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
 
@@ -73,10 +74,18 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, kv_cache_memory_fraction: float = 0.5,
-                 attention_backend: str = "auto"):
+    def __init__(
+        self,
+        model,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        kv_cache_memory_fraction: float = 0.5,
+        attention_backend: str = "auto",
+    ):
         """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
         `kv_cache_memory_fraction` of the free device memory (host RAM on CPU)."""
         cfg = model.config
@@ -89,8 +98,10 @@ class Engine:
         if max_model_len is None:
             max_model_len = cfg.max_position_embeddings
         if not isinstance(max_model_len, int) or not 2 <= max_model_len <= cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len must be an int in [2, max_position_embeddings="
-                             f"{cfg.max_position_embeddings}], got {max_model_len!r}")
+            raise ValueError(
+                f"max_model_len must be an int in [2, max_position_embeddings="
+                f"{cfg.max_position_embeddings}], got {max_model_len!r}"
+            )
         self.max_model_len = max_model_len
         self.block_size = block_size
         num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
@@ -104,20 +115,25 @@ class Engine:
             raise ValueError(
                 f"a KV pool of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
                 f"max_model_len={max_model_len} tokens: it needs at least {needed} blocks ({blocks_per_seq} "
-                f"+ 1 spare for copy-on-write); raise num_blocks or lower max_model_len")
+                f"+ 1 spare for copy-on-write); raise num_blocks or lower max_model_len"
+            )
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(max_model_len, 8192)
         if max_num_batched_tokens < max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
-                             f"({max_model_len}): a prompt is prefilled in one step")
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                f"({max_model_len}): a prompt is prefilled in one step"
+            )
         self.backend = self._pick_backend(attention_backend)
         with torch.inference_mode():
-            self.kv_cache = torch.zeros(2, num_layers, num_blocks, block_size, kv_heads, head_dim,
-                                        dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(
+                2, num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=self.dtype, device=self.device
+            )
             self._layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(num_layers)]
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
         eos = cfg.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
@@ -132,13 +148,19 @@ class Engine:
     def _pick_backend(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
-        flash_ok = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
-                    and self.block_size % 256 == 0 and flash_varlen_with_block_table() is not None)
+        flash_ok = (
+            self.device.type == "cuda"
+            and self.dtype in (torch.float16, torch.bfloat16)
+            and self.block_size % 256 == 0
+            and flash_varlen_with_block_table() is not None
+        )
         if backend == "auto":
             return "flash" if flash_ok else "triton" if self.device.type == "cuda" else "torch"
         if backend == "flash" and not flash_ok:
-            raise ValueError("attention_backend='flash' needs flash-attn installed, a CUDA fp16/bf16 model "
-                             f"and block_size % 256 == 0 (got {self.device}, {self.dtype}, {self.block_size})")
+            raise ValueError(
+                "attention_backend='flash' needs flash-attn installed, a CUDA fp16/bf16 model "
+                f"and block_size % 256 == 0 (got {self.device}, {self.dtype}, {self.block_size})"
+            )
         if backend == "triton" and self.device.type != "cuda" and not interpreting():
             raise ValueError("attention_backend='triton' needs a CUDA model (or TRITON_INTERPRET=1)")
         return backend
@@ -150,8 +172,14 @@ class Engine:
         self.block_manager.clear_cache()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams, use_tqdm: bool = False, *,
-                 seed_keys: list[int] | None = None) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        use_tqdm: bool = False,
+        *,
+        seed_keys: list[int] | None = None,
+    ) -> list[list[Completion]]:
         """Outer list per prompt, inner list of `params.n` completions (sample order).
 
         Sample j of prompt i draws from a generator seeded by (params.seed, seed_keys[i], j);
@@ -179,6 +207,7 @@ class Engine:
         bar = None
         if use_tqdm:
             from tqdm import tqdm
+
             bar = tqdm(total=len(seqs), desc="generate", unit="seq")
         for seq in seqs:
             self.scheduler.add(seq)
@@ -221,8 +250,10 @@ class Engine:
             if not isinstance(prompt, (list, tuple)) or not prompt:
                 raise ValueError(f"prompts[{i}] must be a non-empty list of token ids, got {prompt!r:.80}")
             if len(prompt) >= self.max_model_len:
-                raise ValueError(f"prompts[{i}] has {len(prompt)} tokens; max_model_len={self.max_model_len} "
-                                 "leaves no room for a generated token")
+                raise ValueError(
+                    f"prompts[{i}] has {len(prompt)} tokens; max_model_len={self.max_model_len} "
+                    "leaves no room for a generated token"
+                )
             if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
                 bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
                 raise ValueError(f"prompts[{i}] holds {bad!r}, not a token id in [0, {vocab})")
@@ -278,7 +309,7 @@ class Engine:
         stats.generated_tokens += len(tokens)
         stats.preemptions = self.scheduler.num_preemptions
         finished = 0
-        for seq, token, logprob in zip(step.seqs, tokens, logprobs):
+        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
             seq.num_cached_tokens = len(seq)
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
@@ -318,14 +349,27 @@ class Engine:
         max_q_len = max(q_lens)
         # the torch path keeps each layer's gathered K/V between decode steps of the same batch
         last, self._last_decode = self._last_decode, None if step.is_prefill else list(step.seqs)
-        continues = (not step.is_prefill and last is not None and len(last) == len(step.seqs)
-                     and all(a is b for a, b in zip(last, step.seqs)))
+        continues = (
+            not step.is_prefill
+            and last is not None
+            and len(last) == len(step.seqs)
+            and all(a is b for a, b in zip(last, step.seqs, strict=True))
+        )
         ctx = AttentionContext(
-            self.kv_cache, backend=self.backend, slot_mapping=self._ints(slots, torch.int32),
-            block_tables=self._ints(tables, torch.int32), context_lens=self._ints(context_lens, torch.int32),
-            cu_seqlens_q=self._ints(cu, torch.int32), max_q_len=max_q_len, max_context_len=max(context_lens),
-            copy_src=copy_src, copy_dst=copy_dst, workspace=self._workspace, continues_decode=continues,
-            layer_caches=self._layer_caches)
+            self.kv_cache,
+            backend=self.backend,
+            slot_mapping=self._ints(slots, torch.int32),
+            block_tables=self._ints(tables, torch.int32),
+            context_lens=self._ints(context_lens, torch.int32),
+            cu_seqlens_q=self._ints(cu, torch.int32),
+            max_q_len=max_q_len,
+            max_context_len=max(context_lens),
+            copy_src=copy_src,
+            copy_dst=copy_dst,
+            workspace=self._workspace,
+            continues_decode=continues,
+            layer_caches=self._layer_caches,
+        )
         last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
         return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
 

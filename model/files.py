@@ -7,6 +7,7 @@ follow the same policy: an existing target is swapped out and removed only after
 place. A temporary left by a killed writer is never mistaken for a result: readers skip dot names,
 and `remove_stale_temporaries` clears them before the next write into that folder.
 """
+
 from __future__ import annotations
 
 import contextlib

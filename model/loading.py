@@ -11,6 +11,7 @@ atomically (files.py), so a crash never leaves a half-written checkpoint.
 
 Not done: pickle `.bin` checkpoints (refused: safetensors only), sharded writing, quantised weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ def _translate(key: str, table: dict[str, str]) -> str | None:
     match = _LAYER_INDEX.search(key)
     if match is None:
         return table.get(key)
-    template = table.get(key[: match.start()] + ".{}." + key[match.end():])
+    template = table.get(key[: match.start()] + ".{}." + key[match.end() :])
     return None if template is None else template.format(match.group(1))
 
 
@@ -77,8 +78,14 @@ def ours_to_hf(key: str) -> str:
 def _parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype must be a torch dtype or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
@@ -96,7 +103,9 @@ def checkpoint_files(path: str) -> dict[str, list[str]]:
             files.setdefault(os.path.join(path, shard), []).append(key)
         absent = [f for f in files if not os.path.isfile(f)]
         if absent:
-            details = "; ".join(f"{os.path.basename(f)} (holds {len(files[f])} tensors, e.g. {files[f][0]})" for f in absent)
+            details = "; ".join(
+                f"{os.path.basename(f)} (holds {len(files[f])} tensors, e.g. {files[f][0]})" for f in absent
+            )
             raise FileNotFoundError(f"{index} names shard files that do not exist: {details}")
         return files
     if os.path.isfile(single):
@@ -138,7 +147,9 @@ def from_pretrained(path, dtype=None, device="cpu", *, attention_backend: str = 
                     mismatched.add(ours)
                     continue
                 state[ours] = tensor if dtype is None else tensor.to(dtype)
-    missing = [f"{ours_to_hf(k)} {list(shape)}" for k, shape in expected.items() if k not in state and k not in mismatched]
+    missing = [
+        f"{ours_to_hf(k)} {list(shape)}" for k, shape in expected.items() if k not in state and k not in mismatched
+    ]
     problems = []
     if missing:
         problems.append("missing tensors: " + ", ".join(missing))

@@ -17,10 +17,11 @@ Notable features
 Not done here: KV caches, sampling (the engine), loading (loading.py), attention kernels
 (attention.py). Dropout, sliding windows and other RoPE types are not supported (config.py refuses).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,8 +124,13 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
             out = causal_attention(
-                q, k, v, scale=self.head_dim**-0.5, cu_seqlens=inputs.cu_seqlens,
-                max_seqlen=inputs.max_seqlen, backend=inputs.backend,
+                q,
+                k,
+                v,
+                scale=self.head_dim**-0.5,
+                cu_seqlens=inputs.cu_seqlens,
+                max_seqlen=inputs.max_seqlen,
+                backend=inputs.backend,
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
 
@@ -165,8 +171,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied: no separate head parameter at all, so state_dict, optimizers and FSDP see one matrix.
-        self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
@@ -191,7 +198,7 @@ class Transformer(nn.Module):
         self.activation_checkpointing = bool(enabled)
 
     def set_attention_backend(self, backend: str) -> None:
-        """"auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" or "flash"."""
+        """ "auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" or "flash"."""
         self.attention_backend = check_backend(backend)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -252,8 +259,10 @@ class Transformer(nn.Module):
             if cu_seqlens is not None:
                 raise ValueError("give either cu_seqlens (packed training) or attn (engine), not both")
             if positions is None or positions.shape != (n,):
-                raise ValueError(f"engine mode (attn=...) needs positions of shape [{n}], got "
-                                 f"{None if positions is None else tuple(positions.shape)}")
+                raise ValueError(
+                    f"engine mode (attn=...) needs positions of shape [{n}], got "
+                    f"{None if positions is None else tuple(positions.shape)}"
+                )
             return positions, None
         if cu_seqlens is None:
             raise ValueError("1-D input_ids are a packed batch: pass cu_seqlens (or attn for engine mode)")
@@ -265,7 +274,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, input_ids on {device}")
         if max_seqlen is None:  # one host sync: check the offsets while we have them
             offsets = cu_seqlens.tolist()
-            lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+            lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
             if offsets[0] != 0 or offsets[-1] != n or min(lengths) < 0:
                 shown = f"{offsets[:8]}{'...' if len(offsets) > 8 else ''}"
                 raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {shown}")

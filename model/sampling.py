@@ -13,6 +13,7 @@ sequences share its batch, nor on preemption, and the only per-sequence work is 
 Nothing here reads a tensor back to the host; the engine does one transfer per step for the
 whole batch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,8 +91,12 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None],
-           workspace: DecodeWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator | None],
+    workspace: DecodeWorkspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i].
 
     `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates; the
@@ -111,16 +116,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.
     else:  # the float64 copy of the logprobs, exponentiated in place: logprobs_all.double().exp()
         weights = _buffer(workspace, "weights", logits, torch.float64).copy_(logprobs_all).exp_()
     cdf = weights.cumsum_(dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=gen, device=logits.device, dtype=torch.float64)
-                         for gen in generators])
+    uniform = torch.cat([torch.rand(1, generator=gen, device=logits.device, dtype=torch.float64) for gen in generators])
     # the first index whose cumulative mass exceeds u * total: a token of zero mass is never picked
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _buffer(workspace: DecodeWorkspace | None, name: str, like: torch.Tensor,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def _buffer(
+    workspace: DecodeWorkspace | None, name: str, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """An uninitialised tensor of `like`'s shape (and `dtype`, default like's), from `workspace` if given."""
     dtype = like.dtype if dtype is None else dtype
     if workspace is None:

@@ -11,6 +11,7 @@ and it goes back to the front of the queue to be recomputed — until the older 
 Not done: chunked prefill (a prompt is prefilled in one step; the engine caps prompt length at
 max_model_len, which is at most the token budget) and priorities beyond arrival order.
 """
+
 from __future__ import annotations
 
 from collections import deque

@@ -7,6 +7,7 @@ every generated token; `num_cached_tokens` counts the leading tokens whose K/V a
 recomputes their K/V on re-admission (prompt and outputs alike), keeping its own RNG, so its
 samples do not depend on when it ran.
 """
+
 from __future__ import annotations
 
 import enum
@@ -24,8 +25,15 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     _ids = count()
 
-    def __init__(self, token_ids: list[int], *, prompt_index: int, sample_index: int,
-                 max_tokens: int, generator: torch.Generator | None):
+    def __init__(
+        self,
+        token_ids: list[int],
+        *,
+        prompt_index: int,
+        sample_index: int,
+        max_tokens: int,
+        generator: torch.Generator | None,
+    ):
         self.seq_id = next(Sequence._ids)
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -44,12 +52,14 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, prompt={self.prompt_index}, sample={self.sample_index}, "
-                f"len={len(self)}, cached={self.num_cached_tokens}, status={self.status.value})")
+        return (
+            f"Sequence(id={self.seq_id}, prompt={self.prompt_index}, sample={self.sample_index}, "
+            f"len={len(self)}, cached={self.num_cached_tokens}, status={self.status.value})"
+        )

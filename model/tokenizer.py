@@ -14,6 +14,7 @@ as template variables, and the text is encoded without adding special tokens, so
 `{% generation %}` tag renders its body and marks nothing), `continue_final_message`, named
 template sets other than the default, slow (sentencepiece-only) tokenizers.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,12 @@ class Tokenizer:
             raise ValueError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self.backend = tokenizer
         self.special_tokens = {}
-        for name, token in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token),
-                            ("unk_token", unk_token)):
+        for name, token in (
+            ("bos_token", bos_token),
+            ("eos_token", eos_token),
+            ("pad_token", pad_token),
+            ("unk_token", unk_token),
+        ):
             if token is None:
                 continue
             if tokenizer.token_to_id(token) is None:
@@ -155,7 +160,10 @@ class Tokenizer:
         variables = {**self.special_tokens, **{k: _plain(v) for k, v in template_kwargs.items()}}
         try:
             text = _compile(template).render(
-                messages=chat, tools=_plain(tools), documents=None, add_generation_prompt=add_generation_prompt,
+                messages=chat,
+                tools=_plain(tools),
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
                 **variables,
             )
         except jinja2.TemplateError as err:
@@ -168,8 +176,11 @@ class Tokenizer:
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         self.backend.save(os.path.join(path, "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces, **self.special_tokens}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            **self.special_tokens,
+        }
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
         template_file = os.path.join(path, "chat_template.jinja")
@@ -187,8 +198,10 @@ class Tokenizer:
                 json.dump(gen, f, indent=2)
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens}, "
-                f"eos_token_ids={self.eos_token_ids}, chat_template={'yes' if self.chat_template else 'no'})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, special_tokens={self.special_tokens}, "
+            f"eos_token_ids={self.eos_token_ids}, chat_template={'yes' if self.chat_template else 'no'})"
+        )
 
 
 def load_tokenizer(path) -> Tokenizer:
@@ -232,7 +245,10 @@ def load_tokenizer(path) -> Tokenizer:
         extra_eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     return Tokenizer(
-        backend, **special, extra_eos_token_ids=extra_eos, chat_template=chat_template,
+        backend,
+        **special,
+        extra_eos_token_ids=extra_eos,
+        chat_template=chat_template,
         clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
     )
 
@@ -254,8 +270,18 @@ def _plain(value):
 
 
 def _clean_up_tokenization(text: str) -> str:
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 

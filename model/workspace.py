@@ -9,6 +9,7 @@ Two kinds, released at different times:
 * the torch attention path's gathers and decode keys (`attention`), sized by the batch's context
   and kept for the engine's life.
 """
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@
 Errors in the user's input (config, data, paths) are printed as one line naming the cause and
 exit with status 2; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="run configuration (TOML)")
     train.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, final/, plots/")
     train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps in all")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value (TOML syntax; repeatable)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax; repeatable)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--describe", action="store_true", help="print every config key with its default and exit")
-    train.add_argument("--nproc", type=int, default=None, metavar="G",
-                       help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="G",
+        help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line",
+    )
 
     ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
     ev.add_argument("--model", required=True, help="HF-format model folder")
@@ -42,14 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the embedded CPU demo: warm-up, base eval, SCoRe, eval, table")
     demo.add_argument("--out", required=True, help="demo folder (results.json, eval_*.jsonl, plots)")
-    demo.add_argument("--ablations", action="store_true",
-                      help="also run the paper's ablations (single-turn RL, no Stage I, no reward shaping, STaR in "
-                           "Stage II, no online turn-1 samples), each with every seed")
+    demo.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also run the paper's ablations (single-turn RL, no Stage I, no reward shaping, STaR in "
+        "Stage II, no online turn-1 samples), each with every seed",
+    )
     demo.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in seconds, not the result")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task data and warm-up; RL seeds are SEED..")
     demo.add_argument("--seeds", type=int, default=None, help="RL seeds per method (default 3; --quick 2)")
-    demo.add_argument("--workers", type=int, default=None,
-                      help="RL runs at once, one process and one thread each (default: 2, or 1 on one core)")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="RL runs at once, one process and one thread each (default: 2, or 1 on one core)",
+    )
     return parser
 
 
@@ -98,14 +116,20 @@ def _eval(args) -> int:
 
     problems = load_problems(cfg, args.data)
     if args.max_problems:
-        problems = problems[:args.max_problems]
+        problems = problems[: args.max_problems]
     device = pick_device(cfg.model.device)
     model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
     tokenizer = load_tokenizer(args.model)
     reward = make_reward(cfg)
     try:
-        metrics, records = evaluate(make_engine(cfg, model), prompt_builder(cfg, tokenizer), problems, reward,
-                                    budgets=cfg.eval_budgets, progress=cfg.run.progress)
+        metrics, records = evaluate(
+            make_engine(cfg, model),
+            prompt_builder(cfg, tokenizer),
+            problems,
+            reward,
+            budgets=cfg.eval_budgets,
+            progress=cfg.run.progress,
+        )
     finally:
         reward.close()
     out = Path(args.out)
@@ -119,8 +143,15 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     # Progress bars only on a terminal: in a log file every redraw would be a line.
-    run_demo(args.out, ablations=args.ablations, quick=args.quick, seed=args.seed, seeds=args.seeds,
-             workers=args.workers, progress=sys.stderr.isatty())
+    run_demo(
+        args.out,
+        ablations=args.ablations,
+        quick=args.quick,
+        seed=args.seed,
+        seeds=args.seeds,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
     return 0
 
 

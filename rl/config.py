@@ -9,6 +9,7 @@ are parsed as TOML values (a bare word that is not valid TOML is taken as a stri
 Not done here: loading the model or data the fields point to (the trainer does that and reports its
 own errors).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,14 +42,18 @@ _prob = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 class ModelSection:
     path: str = _f("", "HF-format model folder (config.json, safetensors, tokenizer files); required")
     dtype: Literal["float32", "bfloat16"] = _f(
-        "float32", "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
-        "and compute in this dtype (bf16 also when autocast_bf16 is on)")
+        "float32",
+        "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
+        "and compute in this dtype (bf16 also when autocast_bf16 is on)",
+    )
     autocast_bf16: bool = _f(True, "bf16 autocast of the forward passes on GPU (ignored on CPU)")
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward to save memory")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train: auto = cuda when available")
     reference_cpu_offload: bool = _f(
-        False, "multi-GPU runs: keep the frozen reference's shards in host memory (saves 2 bytes x params / GPUs "
-        "per GPU, costs a host-to-device copy per forward)")
+        False,
+        "multi-GPU runs: keep the frozen reference's shards in host memory (saves 2 bytes x params / GPUs "
+        "per GPU, costs a host-to-device copy per forward)",
+    )
 
 
 @dataclass
@@ -67,14 +72,17 @@ class PromptSection:
     chat: bool = _f(True, "render prompts with the tokenizer's chat template (instruct models); false = plain text")
     system_prompt: str = _f("default", "system prompt; 'default' = the paper's prompt for reward.kind, '' = none")
     correction_instruction: str = _f(
-        "default", "instruction between the attempts; 'default' = the paper's instruction for reward.kind")
+        "default", "instruction between the attempts; 'default' = the paper's instruction for reward.kind"
+    )
 
 
 @dataclass
 class RewardSection:
     kind: Literal["math", "exact", "code"] = _f(
-        "math", "math: final answer equal by math-verify; exact: final answer equal as a string; "
-        "code: all unit tests pass in the sandbox")
+        "math",
+        "math: final answer equal by math-verify; exact: final answer equal as a string; "
+        "code: all unit tests pass in the sandbox",
+    )
     timeout_s: float = _f(5.0, "per-answer grading / per-program execution timeout in seconds", check=_pos)
     workers: int = _f(1, "grading worker processes (math) or sandboxes run in parallel (code)", check=_pos)
     memory_mb: int = _f(1024, "address-space limit of one sandboxed program (code)", check=_pos)
@@ -82,8 +90,7 @@ class RewardSection:
 
 @dataclass
 class RolloutSection:
-    samples_per_prompt: int = _f(4, "k trajectories per prompt (RLOO needs k >= 2)",
-                                 check=(lambda v: v >= 2, ">= 2"))
+    samples_per_prompt: int = _f(4, "k trajectories per prompt (RLOO needs k >= 2)", check=(lambda v: v >= 2, ">= 2"))
     temperature: float = _f(1.0, "sampling temperature of training rollouts (the paper's 1.0)", check=_pos)
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)", check=(lambda v: 0 < v <= 1, "in (0, 1]"))
     top_k: int = _f(0, "top-k sampling (0 = off)", check=_nonneg)
@@ -103,22 +110,32 @@ class ScoreSection:
     beta2: float = _f(0.1, "Stage I KL weight on attempt 1 (0.1 MATH, 0.25 code in the paper)", check=_nonneg)
     kl_kind: Literal["k1", "k2", "k3", "k3+"] = _f("k1", "per-token KL estimator")
     kl_placement: Literal["kl_in_reward", "kl_loss"] = _f(
-        "kl_in_reward", "kl_in_reward: sequence KL subtracted from the returns (paper); kl_loss: per-token loss term")
+        "kl_in_reward", "kl_in_reward: sequence KL subtracted from the returns (paper); kl_loss: per-token loss term"
+    )
     baseline: Literal["rloo", "none"] = _f("rloo", "leave-one-out baseline over the k samples of a prompt")
     normalization: Literal["token_mean", "sequence_mean"] = _f(
-        "token_mean", "loss normaliser: all active tokens of the step's batch, or its trajectories")
+        "token_mean", "loss normaliser: all active tokens of the step's batch, or its trajectories"
+    )
     base_first_attempt_mix: float = _f(
-        0.0, "Stage II: fraction of prompts whose attempt 1 comes from the frozen base model (paper's option)",
-        check=_prob)
+        0.0,
+        "Stage II: fraction of prompts whose attempt 1 comes from the frozen base model (paper's option)",
+        check=_prob,
+    )
     online_first_attempt: bool = _f(
-        True, "false: every attempt 1, in both stages, is sampled by the frozen base model and never trained "
-        "(the paper's 'without online turn-1 samples' ablation)")
+        True,
+        "false: every attempt 1, in both stages, is sampled by the frozen base model and never trained "
+        "(the paper's 'without online turn-1 samples' ablation)",
+    )
     single_turn: bool = _f(
-        False, "train attempt 1 alone with REINFORCE on r1 (no attempt 2 is sampled during training): the "
-        "paper's single-turn RL ablation; needs stage1_steps = 0")
+        False,
+        "train attempt 1 alone with REINFORCE on r1 (no attempt 2 is sampled during training): the "
+        "paper's single-turn RL ablation; needs stage1_steps = 0",
+    )
     stage2_update: Literal["reinforce", "star"] = _f(
-        "reinforce", "Stage II update: reinforce = the returns above; star = supervised training on the "
-        "attempts whose reward is 1 (the paper's 'STaR instead of REINFORCE' ablation)")
+        "reinforce",
+        "Stage II update: reinforce = the returns above; star = supervised training on the "
+        "attempts whose reward is 1 (the paper's 'STaR instead of REINFORCE' ablation)",
+    )
 
 
 @dataclass
@@ -134,7 +151,8 @@ class OptimSection:
     grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)", check=_nonneg)
     prompts_per_step: int = _f(32, "prompts per optimizer step (each gives k trajectories)", check=_pos)
     prompts_per_micro_batch: int = _f(
-        8, "prompts per forward/backward (gradient accumulation; a prompt's group is never split)", check=_pos)
+        8, "prompts per forward/backward (gradient accumulation; a prompt's group is never split)", check=_pos
+    )
 
 
 @dataclass
@@ -144,8 +162,10 @@ class RunSection:
     keep_last: int = _f(3, "checkpoints kept on disk", check=_pos)
     eval_max_problems: int = _f(0, "cap on end-of-run evaluation problems (0 = all)", check=_nonneg)
     eval_max_tokens: int = _f(
-        0, "token budget of each greedy evaluation attempt (0 = the rollout budgets max_tokens_attempt1/2)",
-        check=_nonneg)
+        0,
+        "token budget of each greedy evaluation attempt (0 = the rollout budgets max_tokens_attempt1/2)",
+        check=_nonneg,
+    )
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
     plots: bool = _f(True, "write PNG plots of the run's metrics at the end")
     progress: bool = _f(True, "tqdm progress bars")
@@ -221,11 +241,14 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> Ru
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
-            raise ConfigError(f"{_where(source, text, None, name)}: unknown section [{name}]; "
-                              f"known sections: {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(
+                f"{_where(source, text, None, name)}: unknown section [{name}]; "
+                f"known sections: {', '.join(_SECTION_TYPES)}"
+            )
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(source, text, None, name)}: [{name}] must be a table of keys, "
-                              f"got {type(value).__name__}")
+            raise ConfigError(
+                f"{_where(source, text, None, name)}: [{name}] must be a table of keys, got {type(value).__name__}"
+            )
         sections[name] = _build_section(name, value, source, text)
     for name, cls in _SECTION_TYPES.items():
         sections.setdefault(name, cls())
@@ -239,8 +262,10 @@ def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
         return
     where = _where(source, text, "score", "single_turn")
     if s.stage1_steps:
-        raise ConfigError(f"{where}: score.single_turn = true trains attempt 1 only, which has no Stage I; "
-                          f"set score.stage1_steps = 0 (got {s.stage1_steps}) and put the budget in stage2_steps")
+        raise ConfigError(
+            f"{where}: score.single_turn = true trains attempt 1 only, which has no Stage I; "
+            f"set score.stage1_steps = 0 (got {s.stage1_steps}) and put the budget in stage2_steps"
+        )
     if not s.online_first_attempt:
         raise ConfigError(f"{where}: score.single_turn = true with score.online_first_attempt = false trains nothing")
     if s.stage2_update != "reinforce":

@@ -8,12 +8,14 @@ field (`answer_key`) or, MATH style, from the last `\\boxed{...}` of a worked so
 Not done here: prompt rendering (see `prompts.py`) and answer checking (see `math_reward.py`).
 Code problems (HumanEval/MBPP) have their own loaders in `rewards/code_problems.py`.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -83,11 +85,13 @@ def problem_from_record(
     if answer_key is not None:
         if answer_key not in record:
             raise ValueError(
-                f"{where}: missing answer field {answer_key!r} (answer_key); keys present: {sorted(record)}")
+                f"{where}: missing answer field {answer_key!r} (answer_key); keys present: {sorted(record)}"
+            )
         value = record[answer_key]
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(
-                f"{where}: answer field {answer_key!r} must be a string or number, got {type(value).__name__}")
+                f"{where}: answer field {answer_key!r} must be a string or number, got {type(value).__name__}"
+            )
         answer = str(value).strip()
         if not answer:
             raise ValueError(f"{where}: answer field {answer_key!r} is empty")
@@ -121,7 +125,6 @@ def _required_str(record: dict, key: str, where: str, arg: str) -> str:
     return value
 
 
-
 def read_jsonl_objects(path, what: str = "JSONL file") -> Iterator[tuple[int, str, dict]]:
     """Yield `(line number, "FILE line N", object)` for every non-blank line of a JSONL file.
 
@@ -144,6 +147,7 @@ def read_jsonl_objects(path, what: str = "JSONL file") -> Iterator[tuple[int, st
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield lineno, where, record
 
+
 def load_jsonl(
     path: str | Path,
     *,
@@ -155,8 +159,10 @@ def load_jsonl(
     """Read one problem per non-blank line. Ids default to `<file name>:<line>`; ids must be unique."""
     path = Path(path)
     keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
-    entries = ((lineno, where, record, f"{path.name}:{lineno}")
-               for lineno, where, record in read_jsonl_objects(path, "problem file"))
+    entries = (
+        (lineno, where, record, f"{path.name}:{lineno}")
+        for lineno, where, record in read_jsonl_objects(path, "problem file")
+    )
     return _unique_problems(entries, str(path), "on line", "file", keys)
 
 
@@ -171,10 +177,15 @@ def problems_from_records(
 ) -> list[Problem]:
     """Map in-memory records (dataset rows) to Problems; errors name `source` and the 0-based row."""
     keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
-    entries = ((row, f"{source} row {row}",
-                dict(record) if not isinstance(record, dict) and hasattr(record, "keys") else record,
-                f"{source}:{row}")
-               for row, record in enumerate(records))
+    entries = (
+        (
+            row,
+            f"{source} row {row}",
+            dict(record) if not isinstance(record, dict) and hasattr(record, "keys") else record,
+            f"{source}:{row}",
+        )
+        for row, record in enumerate(records)
+    )
     return _unique_problems(entries, source, "at row", "dataset", keys)
 
 
@@ -216,6 +227,10 @@ def load_hf_dataset(
         ) from e
     dataset = datasets.load_dataset(name, config, split=split)
     return problems_from_records(
-        dataset, f"{name}[{split}]", question_key=question_key, answer_key=answer_key,
-        solution_key=solution_key, id_key=id_key,
+        dataset,
+        f"{name}[{split}]",
+        question_key=question_key,
+        answer_key=answer_key,
+        solution_key=solution_key,
+        id_key=id_key,
     )

@@ -21,6 +21,7 @@
 RL runs go to a pool of processes (one intra-op thread each). `--quick` shrinks everything to check
 the pipeline in seconds (not the result).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,11 +56,22 @@ DEMO_RL = {
     "data": {"question_key": "problem", "answer_key": "answer", "id_key": "id"},
     "prompt": {"chat": False, "system_prompt": "", "correction_instruction": demo_task.CORRECTION_INSTRUCTION},
     "reward": {"kind": "exact"},
-    "rollout": {"samples_per_prompt": 4, "temperature": 1.0, "max_tokens_attempt1": 4, "max_tokens_attempt2": 24,
-                "max_num_seqs": 256},
+    "rollout": {
+        "samples_per_prompt": 4,
+        "temperature": 1.0,
+        "max_tokens_attempt1": 4,
+        "max_tokens_attempt2": 24,
+        "max_num_seqs": 256,
+    },
     "score": {"stage1_steps": 25, "stage2_steps": 75, "alpha": 10.0, "beta1": 0.01, "beta2": 0.1},
-    "optim": {"lr": 2e-4, "warmup_steps": 3, "schedule": "constant", "grad_clip": 1.0, "prompts_per_step": 16,
-              "prompts_per_micro_batch": 16},
+    "optim": {
+        "lr": 2e-4,
+        "warmup_steps": 3,
+        "schedule": "constant",
+        "grad_clip": 1.0,
+        "prompts_per_step": 16,
+        "prompts_per_micro_batch": 16,
+    },
     "run": {"checkpoint_every": 0, "keep_last": 1, "plots": False, "progress": False},
 }
 # The paper's Table 4 rows, each a change of the [score] section with the same budget of steps
@@ -91,8 +103,17 @@ class DemoSizes:
 
 
 FULL = DemoSizes()
-QUICK = DemoSizes(hidden=32, layers=1, heads=2, vocab=300, warmup_steps=8, warmup_batch=8, rl_train_problems=64,
-                  eval_problems=12, seeds=2)
+QUICK = DemoSizes(
+    hidden=32,
+    layers=1,
+    heads=2,
+    vocab=300,
+    warmup_steps=8,
+    warmup_batch=8,
+    rl_train_problems=64,
+    eval_problems=12,
+    seeds=2,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,20 +122,35 @@ def build_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     spaces, so the fixed texts (prompt, instruction) become a few tokens each: short sequences."""
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(demo_task.tokenizer_corpus(2000, seed), trainer)
     return Tokenizer(backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>")
 
 
 def build_model(tokenizer: Tokenizer, sizes: DemoSizes) -> Transformer:
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=sizes.hidden, intermediate_size=3 * sizes.hidden,
-                      num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=sizes.hidden,
+        intermediate_size=3 * sizes.hidden,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Transformer(cfg)
 
 
@@ -143,6 +179,7 @@ def warm_up(model: Transformer, builder: PromptBuilder, sizes: DemoSizes, seed: 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=sizes.warmup_steps, desc="warm-up (supervised)", unit="step", dynamic_ncols=True)
     loss_value = float("nan")
     for step in range(sizes.warmup_steps):
@@ -217,15 +254,18 @@ def headroom(model, builder: PromptBuilder, problems, cfg: RunConfig) -> tuple[d
     tokenizer, engine = builder.tokenizer, make_engine(cfg, model)
     stop = tuple(builder.stop_token_ids)
     direct, worked = tokenizer.encode(demo_task.DIRECT_PREFIX), tokenizer.encode(demo_task.WORKED_PREFIX)
-    for name, ids, example in (("direct", direct, demo_task.direct_answer(7)),
-                               ("worked", worked, demo_task.worked_solution((1, 2, 3, 4)))):
-        if tokenizer.encode(example)[:len(ids)] != ids:
+    for name, ids, example in (
+        ("direct", direct, demo_task.direct_answer(7)),
+        ("worked", worked, demo_task.worked_solution((1, 2, 3, 4))),
+    ):
+        if tokenizer.encode(example)[: len(ids)] != ids:
             raise RuntimeError(f"the {name} prefix does not tokenize as the start of a {name} answer")
 
     def greedy(contexts, forced, budget):
-        outs = engine.generate([c + forced for c in contexts],
-                               SamplingParams(n=1, temperature=0.0, max_tokens=budget - len(forced),
-                                              stop_token_ids=stop))
+        outs = engine.generate(
+            [c + forced for c in contexts],
+            SamplingParams(n=1, temperature=0.0, max_tokens=budget - len(forced), stop_token_ids=stop),
+        )
         return [forced + list(o[0].token_ids) for o in outs], [o[0].finish_reason for o in outs]
 
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
@@ -235,9 +275,15 @@ def headroom(model, builder: PromptBuilder, problems, cfg: RunConfig) -> tuple[d
     rows = []
     for p, a, b in zip(problems, first, second, strict=True):
         texts = [tokenizer.decode(x, skip_special_tokens=True) for x in (a, b)]
-        rows.append({"id": p.id, "direct": demo_task.check_answer(texts[0], p.answer),
-                     "worked": demo_task.check_answer(texts[1], p.answer), "direct_text": texts[0],
-                     "worked_text": texts[1]})
+        rows.append(
+            {
+                "id": p.id,
+                "direct": demo_task.check_answer(texts[0], p.answer),
+                "worked": demo_task.check_answer(texts[1], p.answer),
+                "direct_text": texts[0],
+                "worked_text": texts[1],
+            }
+        )
     return {path: sum(r[path] for r in rows) / len(rows) for path in ("direct", "worked")}, rows
 
 
@@ -254,8 +300,9 @@ def train_and_evaluate(job: dict) -> dict:
     try:
         trainer.fit()
         with trainer.generation() as engine:
-            metrics, records = evaluate(engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward,
-                                        budgets=cfg.eval_budgets)
+            metrics, records = evaluate(
+                engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward, budgets=cfg.eval_budgets
+            )
     finally:
         trainer.close()
     write_records(job["records"], records)
@@ -268,13 +315,16 @@ def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(jobs), desc="RL runs", unit="run", dynamic_ncols=True)
     results = [None] * len(jobs)
 
     def done(i, result):
         results[i] = result
-        line = (f"{jobs[i]['name']} seed {result['seed']}: Acc@t1 {100 * result['acc_t1']:.1f}, "
-                f"Acc@t2 {100 * result['acc_t2']:.1f} ({result['wall_s']:.0f} s)")
+        line = (
+            f"{jobs[i]['name']} seed {result['seed']}: Acc@t1 {100 * result['acc_t1']:.1f}, "
+            f"Acc@t2 {100 * result['acc_t2']:.1f} ({result['wall_s']:.0f} s)"
+        )
         if bar is not None:
             bar.update(1)
             bar.write(line)
@@ -304,8 +354,16 @@ def summarize(runs: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------------
-def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = False, seed: int = 0,
-             seeds: int | None = None, workers: int | None = None, progress: bool = True) -> dict:
+def run_demo(
+    out_dir: str | Path,
+    *,
+    ablations: bool = False,
+    quick: bool = False,
+    seed: int = 0,
+    seeds: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """The whole demo; returns the results dict written to DIR/results.json.
 
     Everything runs on one intra-op thread per process, so a machine computes the same numbers
@@ -315,14 +373,16 @@ def run_demo(out_dir: str | Path, *, ablations: bool = False, quick: bool = Fals
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(out_dir, ablations=ablations, quick=quick, seed=seed, seeds=seeds, workers=workers,
-                         progress=progress)
+        return _run_demo(
+            out_dir, ablations=ablations, quick=quick, seed=seed, seeds=seeds, workers=workers, progress=progress
+        )
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | None, workers: int | None,
-              progress: bool) -> dict:
+def _run_demo(
+    out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | None, workers: int | None, progress: bool
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
@@ -352,15 +412,19 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | 
     write_records(out / "eval" / "headroom.jsonl", room_rows)
     reward = make_reward(cfg)
     try:
-        base_metrics, base_records = evaluate(make_engine(cfg, model), builder, eval_set, reward,
-                                              budgets=cfg.eval_budgets)
+        base_metrics, base_records = evaluate(
+            make_engine(cfg, model), builder, eval_set, reward, budgets=cfg.eval_budgets
+        )
     finally:
         reward.close()
     write_records(out / "eval" / f"base_seed{seed}.jsonl", base_records)
     methods = {"base": summarize([{"seed": seed, **{k: base_metrics[k] for k in RESULT_KEYS}}])}
-    print(f"headroom of the base model (greedy, n={len(eval_set)}): direct {100 * room['direct']:.1f}%, "
-          f"worked {100 * room['worked']:.1f}%; two attempts: Acc@t1 {100 * base_metrics['acc_t1']:.1f}, "
-          f"Acc@t2 {100 * base_metrics['acc_t2']:.1f} (warm-up {warmup_s:.0f} s)", flush=True)
+    print(
+        f"headroom of the base model (greedy, n={len(eval_set)}): direct {100 * room['direct']:.1f}%, "
+        f"worked {100 * room['worked']:.1f}%; two attempts: Acc@t1 {100 * base_metrics['acc_t1']:.1f}, "
+        f"Acc@t2 {100 * base_metrics['acc_t2']:.1f} (warm-up {warmup_s:.0f} s)",
+        flush=True,
+    )
 
     # RL: every method x seed from the same base model, with the same budget.
     names = list(METHODS) if ablations else ["score"]
@@ -368,25 +432,43 @@ def _run_demo(out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | 
     for name in names:
         for i in range(seeds):
             run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
-            jobs.append({"name": name, "seed": seed + i, "config": run_cfg.to_dict(),
-                         "run_dir": str(out / "runs" / f"{name}_seed{seed + i}"),
-                         "records": str(out / "eval" / f"{name}_seed{seed + i}.jsonl")})
+            jobs.append(
+                {
+                    "name": name,
+                    "seed": seed + i,
+                    "config": run_cfg.to_dict(),
+                    "run_dir": str(out / "runs" / f"{name}_seed{seed + i}"),
+                    "records": str(out / "eval" / f"{name}_seed{seed + i}.jsonl"),
+                }
+            )
     for job, result in zip(jobs, run_jobs(jobs, workers, progress), strict=True):
         methods.setdefault(job["name"], []).append(result)
     for name in names:
         methods[name] = summarize(methods[name])
 
-    results = {"headroom": room, "methods": methods, "seed": seed, "seeds": seeds, "quick": quick,
-               "warmup_loss": warmup_loss, "wall_s": time.perf_counter() - started}
+    results = {
+        "headroom": room,
+        "methods": methods,
+        "seed": seed,
+        "seeds": seeds,
+        "quick": quick,
+        "warmup_loss": warmup_loss,
+        "wall_s": time.perf_counter() - started,
+    }
     from .plots import plot_demo
 
     results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(jobs), out / "plots", labels=LABELS)]
     write_json(out / "results.json", results)
     rows = {LABELS[name]: m["mean"] for name, m in methods.items()}
     stderr = {LABELS[name]: m["stderr"] for name, m in methods.items()}
-    print(format_table(rows, stderr=stderr,
-                       title=f"Demo ({demo_task.TASK}; greedy, n={len(eval_set)} held-out problems; RL mean ± s.e. "
-                             f"over {seeds} seed{'s' if seeds > 1 else ''} from one base model)"))
+    print(
+        format_table(
+            rows,
+            stderr=stderr,
+            title=f"Demo ({demo_task.TASK}; greedy, n={len(eval_set)} held-out problems; RL mean ± s.e. "
+            f"over {seeds} seed{'s' if seeds > 1 else ''} from one base model)",
+        )
+    )
     print(f"wall time {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results
 

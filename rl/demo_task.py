@@ -21,6 +21,7 @@ extraction as the rewards).
 Held-out problems (`split == "eval"`) are disjoint from every training and warm-up problem: a
 problem's split is a fixed function of its operands.
 """
+
 from __future__ import annotations
 
 import random
@@ -87,8 +88,12 @@ def question_text(operands: tuple[int, ...]) -> str:
 
 def make_problem(operands: tuple[int, ...]) -> Problem:
     question = question_text(operands)
-    return Problem(id=f"sum-{'-'.join(map(str, operands))}", question=question, answer=str(sum(operands) % 10),
-                   meta={"operands": list(operands)})
+    return Problem(
+        id=f"sum-{'-'.join(map(str, operands))}",
+        question=question,
+        answer=str(sum(operands) % 10),
+        meta={"operands": list(operands)},
+    )
 
 
 def problems(n: int, split: str, seed: int) -> list[Problem]:
@@ -161,7 +166,15 @@ def tokenizer_corpus(n: int, seed: int) -> list[str]:
     """Texts covering every string the demo ever encodes (for training its BPE tokenizer)."""
     rng = random.Random(f"demo-tokenizer-{seed}")
     # The fixed texts are repeated so that BPE merges them into few tokens (short contexts are fast).
-    texts = [CORRECTION_INSTRUCTION, "Problem:\n", "\n\nSolution:\n", DIRECT_PREFIX, WORKED_PREFIX, QUESTION_PREFIX, WORKED_CUE] * max(1, n // 4)
+    texts = [
+        CORRECTION_INSTRUCTION,
+        "Problem:\n",
+        "\n\nSolution:\n",
+        DIRECT_PREFIX,
+        WORKED_PREFIX,
+        QUESTION_PREFIX,
+        WORKED_CUE,
+    ] * max(1, n // 4)
     for _ in range(n):
         ex = warmup_example(rng)
         texts.append(ex.question)

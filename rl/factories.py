@@ -1,5 +1,6 @@
 """The parts of a run built from its config, shared by `score train`, `score eval` and `score demo`:
 device, prompt builder, problems, engine and reward."""
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,13 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
             out.append(Problem(id=str(p["task_id"]), question=question, answer="", meta={"code": p}))
         return out
     d = cfg.data
-    return load_jsonl(path, question_key=d.question_key, answer_key=d.answer_key or None,
-                      solution_key=d.solution_key, id_key=d.id_key or None)
+    return load_jsonl(
+        path,
+        question_key=d.question_key,
+        answer_key=d.answer_key or None,
+        solution_key=d.solution_key,
+        id_key=d.id_key or None,
+    )
 
 
 def make_engine(cfg: RunConfig, model) -> Engine:

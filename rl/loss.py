@@ -12,6 +12,7 @@ token-mean normalisation):
 Stage I anchors attempt 1 to the base model while attempt 2 learns to fix it; Stage II trains both
 attempts and rewards progress (a wrong-to-right change earns alpha more than staying right).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,12 @@ def stage_coefficients(stage: int, alpha: float, beta1: float, beta2: float) -> 
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if stage == 1:
         return {"r1_weight": 0.0, "progress_bonus": 0.0, "beta_attempt1": float(beta2), "beta_attempt2": float(beta1)}
-    return {"r1_weight": 1.0, "progress_bonus": float(alpha), "beta_attempt1": float(beta1),
-            "beta_attempt2": float(beta1)}
+    return {
+        "r1_weight": 1.0,
+        "progress_bonus": float(alpha),
+        "beta_attempt1": float(beta1),
+        "beta_attempt2": float(beta1),
+    }
 
 
 @dataclasses.dataclass
@@ -62,8 +67,12 @@ def pack(trajectories: list[Trajectory], device: torch.device) -> PackedBatch:
         seq, labels = t.token_ids, t.attempt_labels
         offset = cu[-1]
         nan = float("nan")  # context tokens have no sampling log-prob
-        logps = ([nan] * len(t.prompt_ids) + list(t.attempt1_logprobs) + [nan] * len(t.instruction_ids)
-                 + list(t.attempt2_logprobs))
+        logps = (
+            [nan] * len(t.prompt_ids)
+            + list(t.attempt1_logprobs)
+            + [nan] * len(t.instruction_ids)
+            + list(t.attempt2_logprobs)
+        )
         for pos in range(1, len(seq)):
             if labels[pos]:
                 rows.append(offset + pos - 1)
@@ -79,12 +88,18 @@ def pack(trajectories: list[Trajectory], device: torch.device) -> PackedBatch:
         return torch.tensor(v, dtype=dt, device=device)
 
     return PackedBatch(
-        input_ids=as_t(ids, torch.long), cu_seqlens=as_t(cu, torch.int32),
+        input_ids=as_t(ids, torch.long),
+        cu_seqlens=as_t(cu, torch.int32),
         max_seqlen=max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True)),
-        rows=as_t(rows, torch.long), targets=as_t(targets, torch.long), attempt=as_t(attempt, torch.int32),
-        engine_logp=as_t(engine_logp, torch.float32), cu_active=as_t(cu_active, torch.int32),
+        rows=as_t(rows, torch.long),
+        targets=as_t(targets, torch.long),
+        attempt=as_t(attempt, torch.int32),
+        engine_logp=as_t(engine_logp, torch.float32),
+        cu_active=as_t(cu_active, torch.int32),
         group_ids=as_t(groups, torch.long),
-        r1=as_t([t.r1 for t in trajectories], torch.float32), r2=as_t([t.r2 for t in trajectories], torch.float32))
+        r1=as_t([t.r1 for t in trajectories], torch.float32),
+        r2=as_t([t.r2 for t in trajectories], torch.float32),
+    )
 
 
 def attempt_logprobs(model, batch: PackedBatch, temperature: float, autocast, *, entropy: bool = False):
@@ -111,8 +126,15 @@ def successful_attempt_rows(batch: PackedBatch) -> torch.Tensor:
     return (reward == 1.0).float()
 
 
-def micro_batch_loss(policy, reference, batch: PackedBatch, cfg: RunConfig, stage: int, denominator: float,
-                     autocast=contextlib.nullcontext):
+def micro_batch_loss(
+    policy,
+    reference,
+    batch: PackedBatch,
+    cfg: RunConfig,
+    stage: int,
+    denominator: float,
+    autocast=contextlib.nullcontext,
+):
     """(ScoreLossOutput, policy logp, entropy) of one packed micro-batch; the reference runs without grad.
 
     REINFORCE (score_loss) by default. Single-turn RL trains attempt 1 on r1 - beta1 KL1 (Stage II's
@@ -124,12 +146,21 @@ def micro_batch_loss(policy, reference, batch: PackedBatch, cfg: RunConfig, stag
     with torch.no_grad():
         ref_logp = attempt_logprobs(reference, batch, temperature, autocast)
     star = uses_star(cfg, stage)
-    out = score_loss(logp.detach() if star else logp, ref_logp, batch.attempt, batch.cu_active,
-                     batch.group_ids, batch.r1, batch.r2,
-                     **stage_coefficients(2 if s.single_turn else stage, 0.0 if s.single_turn else s.alpha,
-                                          s.beta1, s.beta2), kl_kind=s.kl_kind,
-                     kl_placement=s.kl_placement, baseline=s.baseline, normalization=s.normalization,
-                     loss_denominator=denominator)
+    out = score_loss(
+        logp.detach() if star else logp,
+        ref_logp,
+        batch.attempt,
+        batch.cu_active,
+        batch.group_ids,
+        batch.r1,
+        batch.r2,
+        **stage_coefficients(2 if s.single_turn else stage, 0.0 if s.single_turn else s.alpha, s.beta1, s.beta2),
+        kl_kind=s.kl_kind,
+        kl_placement=s.kl_placement,
+        baseline=s.baseline,
+        normalization=s.normalization,
+        loss_denominator=denominator,
+    )
     if star:
         out = dataclasses.replace(out, loss=-(logp * successful_attempt_rows(batch)).sum() / denominator)
     return out, logp, entropy
@@ -141,15 +172,16 @@ def micro_batches(trajectories: list[Trajectory], groups_per_micro_batch: int) -
     for t in trajectories:
         by_group.setdefault(t.group, []).append(t)
     groups = list(by_group.values())
-    return [sum(groups[i:i + groups_per_micro_batch], []) for i in range(0, len(groups), groups_per_micro_batch)]
+    return [sum(groups[i : i + groups_per_micro_batch], []) for i in range(0, len(groups), groups_per_micro_batch)]
 
 
 def loss_denominator(trajectories: list[Trajectory], normalization: str, star: bool = False) -> float:
     """This rank's share of the step's loss normaliser: trajectories (sequence_mean) or attempt tokens
     (token_mean; with STaR only the trained tokens of attempts with reward 1)."""
     if star:
-        return float(sum(sum(1 for lab in t.attempt_labels if lab and (t.r1, t.r2)[lab - 1] == 1.0)
-                         for t in trajectories))
+        return float(
+            sum(sum(1 for lab in t.attempt_labels if lab and (t.r1, t.r2)[lab - 1] == 1.0) for t in trajectories)
+        )
     if normalization == "sequence_mean":
         return float(len(trajectories))
     return float(sum(sum(1 for lab in t.attempt_labels if lab) for t in trajectories))

@@ -15,13 +15,19 @@
 All values are fractions in [0, 1] (delta in [-1, 1]); `format_table` prints percentages.
 Rewards must be binary (0 or 1), as the paper's oracle rewards are.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
 
-TABLE_COLUMNS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "Δ(t1,t2)"),
-                 ("delta_i2c", "Δi→c"), ("delta_c2i", "Δc→i"))
+TABLE_COLUMNS = (
+    ("acc_t1", "Acc@t1"),
+    ("acc_t2", "Acc@t2"),
+    ("delta", "Δ(t1,t2)"),
+    ("delta_i2c", "Δi→c"),
+    ("delta_c2i", "Δc→i"),
+)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -83,15 +89,23 @@ def two_attempt_metrics(
     n_i2c = sum(1 for a, b in zip(c1, c2, strict=True) if not a and b)
     n_c2i = sum(1 for a, b in zip(c1, c2, strict=True) if a and not b)
     metrics = {
-        "acc_t1": n_c1 / n, "acc_t2": n_c2 / n, "delta": n_i2c / n - n_c2i / n,
-        "delta_i2c": n_i2c / n, "delta_c2i": n_c2i / n, "changed_frac": None, "edit_ratio": None, "n": n,
+        "acc_t1": n_c1 / n,
+        "acc_t2": n_c2 / n,
+        "delta": n_i2c / n - n_c2i / n,
+        "delta_i2c": n_i2c / n,
+        "delta_c2i": n_c2i / n,
+        "changed_frac": None,
+        "edit_ratio": None,
+        "n": n,
     }
     if (answers1 is None) != (answers2 is None):
         raise ValueError("give both answers1 and answers2, or neither")
     if answers1 is not None:
         _same_length("answers1", answers1, n)
         _same_length("answers2", answers2, n)
-        metrics["changed_frac"] = sum(_normalized(a) != _normalized(b) for a, b in zip(answers1, answers2, strict=True)) / n
+        metrics["changed_frac"] = (
+            sum(_normalized(a) != _normalized(b) for a, b in zip(answers1, answers2, strict=True)) / n
+        )
     if (texts1 is None) != (texts2 is None):
         raise ValueError("give both texts1 and texts2, or neither")
     if texts1 is not None:
@@ -141,8 +155,9 @@ def seed_summary(runs: Sequence[Mapping]) -> tuple[dict, dict]:
     return mean, stderr
 
 
-def format_table(rows: Mapping[str, Mapping], *, title: str | None = None,
-                 stderr: Mapping[str, Mapping] | None = None) -> str:
+def format_table(
+    rows: Mapping[str, Mapping], *, title: str | None = None, stderr: Mapping[str, Mapping] | None = None
+) -> str:
     """Rows like the paper's tables: Acc@t1, Acc@t2, Δ(t1,t2), Δi→c, Δc→i in percent (one decimal), n.
     With `stderr` ({row: {metric: s.e. or None}}), cells read `mean ± s.e.`."""
     if not rows:

@@ -9,6 +9,7 @@ accuracy `acc_t1`, `acc_t2`; Δ `delta`, `delta_i2c`, `delta_c2i`; reward `rewar
 KL `kl_1`, `kl_2`. Points whose value is missing, None or non-finite are left out. A figure with
 no series at all is not written; a file with none of these metrics is an error naming what it has.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,10 +20,14 @@ from score.model.files import atomic_path
 from .run_log import read_metrics
 
 FIGURES = {
-    "accuracy.png": ("Self-correction accuracy", (("Accuracy", ("acc_t1", "acc_t2")),
-                                                  ("Δ(t1, t2)", ("delta", "delta_i2c", "delta_c2i")))),
-    "reward_kl.png": ("Reward and KL per attempt", (("Reward", ("reward_1", "reward_2")),
-                                                    ("KL to reference", ("kl_1", "kl_2")))),
+    "accuracy.png": (
+        "Self-correction accuracy",
+        (("Accuracy", ("acc_t1", "acc_t2")), ("Δ(t1, t2)", ("delta", "delta_i2c", "delta_c2i"))),
+    ),
+    "reward_kl.png": (
+        "Reward and KL per attempt",
+        (("Reward", ("reward_1", "reward_2")), ("KL to reference", ("kl_1", "kl_2"))),
+    ),
 }
 
 
@@ -55,8 +60,10 @@ def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, (title, panels) in FIGURES.items():
-        panel_series = [(label, {name: s for suffix in suffixes for name, s in _series(records, suffix).items()})
-                        for label, suffixes in panels]
+        panel_series = [
+            (label, {name: s for suffix in suffixes for name, s in _series(records, suffix).items()})
+            for label, suffixes in panels
+        ]
         if not any(series for _, series in panel_series):
             continue
         fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), sharex=True, squeeze=False)
@@ -77,8 +84,9 @@ def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     if not written:
         wanted = sorted({s for _, panels in FIGURES.values() for _, suffixes in panels for s in suffixes})
         found = sorted({k for r in records for k in r} - {"step", "time"})
-        raise ValueError(f"{metrics_jsonl_path}: none of the plotted metrics {wanted} (by last '/' part) "
-                         f"were logged; found {found}")
+        raise ValueError(
+            f"{metrics_jsonl_path}: none of the plotted metrics {wanted} (by last '/' part) were logged; found {found}"
+        )
     return written
 
 
@@ -93,8 +101,9 @@ def _smoothed(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Path, *, labels: dict[str, str],
-              window: int = 5) -> list[Path]:
+def plot_demo(
+    results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Path, *, labels: dict[str, str], window: int = 5
+) -> list[Path]:
     """The demo's figures: `accuracy_bars.png` (greedy Acc@t1 / Acc@t2 per method, mean ± s.e. over
     seeds) and `training_curves.png` (sampled reward of each attempt per step, smoothed over `window`
     steps and averaged over seeds, one panel per method, the Stage I/II boundary dashed)."""
@@ -139,8 +148,7 @@ def plot_demo(results: dict, run_dirs: dict[str, list[Path]], out_dir: str | Pat
             stage2 = [r["step"] for r in runs[0] if r.get("stage") == 2]
             if stage2 and stage2[0] > 1:
                 ax.axvline(stage2[0] - 0.5, color="grey", linestyle="--", linewidth=1, label="Stage II starts")
-            ax.set_title(f"{labels[name]} (mean of {len(runs)} seeds, {window}-step moving average)",
-                         fontsize=9)
+            ax.set_title(f"{labels[name]} (mean of {len(runs)} seeds, {window}-step moving average)", fontsize=9)
             ax.set_ylabel("sampled reward")
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)

@@ -25,6 +25,7 @@ first when the tokenizer has one), and the instruction segment `\\n\\n{instructi
 after attempt 1 whatever its ending (an EOS attempt 1 sampled stays in the context: it is one of
 the policy's actions).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -109,7 +110,8 @@ class PromptBuilder:
         _check_question(question)
         if self.chat:
             return self.tokenizer.apply_chat_template(
-                self.first_attempt_messages(question), add_generation_prompt=True, tokenize=False)
+                self.first_attempt_messages(question), add_generation_prompt=True, tokenize=False
+            )
         preamble = f"{self.system_prompt}\n\n" if self.system_prompt is not None else ""
         return preamble + QUESTION_TEMPLATE.format(question=question) + BASE_ANSWER_CUE
 
@@ -133,8 +135,7 @@ class PromptBuilder:
         prompt = [int(t) for t in first_attempt_prompt_ids]
         attempt1 = [int(t) for t in attempt1_ids]
         segment = self.instruction_ids
-        if (self.turn_end_id is not None and finish_reason == "stop" and attempt1
-                and attempt1[-1] == self.turn_end_id):
+        if self.turn_end_id is not None and finish_reason == "stop" and attempt1 and attempt1[-1] == self.turn_end_id:
             segment = segment[1:]  # attempt 1 already closed its turn with the template's own token
         start = len(prompt) + len(attempt1)
         return prompt + attempt1 + segment, (start, start + len(segment))
@@ -144,17 +145,20 @@ class PromptBuilder:
         first = self.first_attempt_messages("What is 1 + 1?")
         prompt_text = tok.apply_chat_template(first, add_generation_prompt=True, tokenize=False)
         full_text = tok.apply_chat_template(
-            first + [{"role": "assistant", "content": _SENTINEL},
-                     {"role": "user", "content": self.correction_instruction}],
-            add_generation_prompt=True, tokenize=False)
+            first
+            + [{"role": "assistant", "content": _SENTINEL}, {"role": "user", "content": self.correction_instruction}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         if not full_text.startswith(prompt_text):
             raise NotImplementedError(
                 "the chat template renders the first turn differently once a reply follows it (it rewrites "
-                "the generation prompt in history), so attempt 2 cannot extend attempt 1's ids token-in-token-out")
+                "the generation prompt in history), so attempt 2 cannot extend attempt 1's ids token-in-token-out"
+            )
         at = full_text.find(_SENTINEL, len(prompt_text))
         if at < 0:
             raise ValueError("the chat template drops the assistant reply from the history")
-        after_reply = full_text[at + len(_SENTINEL):]
+        after_reply = full_text[at + len(_SENTINEL) :]
         segment = list(tok.encode(after_reply))
         if not segment or self.correction_instruction.strip() not in after_reply:
             raise ValueError("the chat template does not render the correction instruction after the reply")

@@ -13,6 +13,7 @@ attempt 1 (single-turn RL): the trajectories hold no instruction and no attempt 
 
 Not done here: the forward/backward passes (trainer.py) and evaluation (evaluate.py, greedy).
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,12 @@ class Trajectory:
     def attempt_labels(self) -> list[int]:
         """Per token: 0 context (prompt, instruction; attempt 1 when sampled by the base model), 1, 2."""
         a1 = 0 if self.first_from_base else 1
-        return ([0] * len(self.prompt_ids) + [a1] * len(self.attempt1_ids) + [0] * len(self.instruction_ids)
-                + [2] * len(self.attempt2_ids))
+        return (
+            [0] * len(self.prompt_ids)
+            + [a1] * len(self.attempt1_ids)
+            + [0] * len(self.instruction_ids)
+            + [2] * len(self.attempt2_ids)
+        )
 
 
 @dataclass
@@ -69,10 +74,25 @@ class RolloutStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def sampling_params(n: int, *, temperature: float, top_p: float, top_k: int, max_tokens: int,
-                    seed: int | None, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
-    return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                          stop_token_ids=tuple(stop_token_ids), seed=seed)
+def sampling_params(
+    n: int,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_tokens: int,
+    seed: int | None,
+    stop_token_ids: Sequence[int] = (),
+) -> SamplingParams:
+    return SamplingParams(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_tokens=max_tokens,
+        stop_token_ids=tuple(stop_token_ids),
+        seed=seed,
+    )
 
 
 def two_attempt_rollout(
@@ -119,15 +139,20 @@ def two_attempt_rollout(
     # Attempt 1 (seed stream 1), policy and (optionally) base engines; the seed of sample j of
     # prompt i depends only on (seed, first + i, j), so splitting prompts between engines or
     # ranks changes nothing.
-    params1 = sampling_params(k, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens1,
-                              seed=None if seed is None else seed * 2 + 1)
+    params1 = sampling_params(
+        k,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_tokens=max_tokens1,
+        seed=None if seed is None else seed * 2 + 1,
+    )
     outs1 = [None] * len(problems)
     for use_base, eng in ((False, engine), (True, base_engine)):
         idx = [i for i, b in enumerate(from_base) if b == use_base]
         if not idx:
             continue
-        got = eng.generate([prompts[i] for i in idx], params1, use_tqdm=progress,
-                           seed_keys=[first + i for i in idx])
+        got = eng.generate([prompts[i] for i in idx], params1, use_tqdm=progress, seed_keys=[first + i for i in idx])
         for i, o in zip(idx, got, strict=True):
             outs1[i] = o
 
@@ -145,23 +170,42 @@ def two_attempt_rollout(
             meta.append((i, j))
     outs2 = [None] * len(contexts)
     if second_attempt:
-        params2 = sampling_params(1, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens2,
-                                  seed=None if seed is None else seed * 2 + 2)
-        outs2 = [o[0] for o in engine.generate(contexts, params2, use_tqdm=progress,
-                                               seed_keys=[(first + i) * k + j for i, j in meta])]
+        params2 = sampling_params(
+            1,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens2,
+            seed=None if seed is None else seed * 2 + 2,
+        )
+        outs2 = [
+            o[0]
+            for o in engine.generate(
+                contexts, params2, use_tqdm=progress, seed_keys=[(first + i) * k + j for i, j in meta]
+            )
+        ]
     gen_seconds = time.perf_counter() - start
 
     trajectories = []
     for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2, strict=True):
         c1 = outs1[i][j]
-        trajectories.append(Trajectory(
-            group=i, problem=problems[i], prompt_ids=prompts[i], attempt1_ids=list(c1.token_ids),
-            attempt1_logprobs=list(c1.logprobs), finish1=c1.finish_reason, instruction_ids=ctx[a:b],
-            attempt2_ids=list(c2.token_ids) if c2 else [], attempt2_logprobs=list(c2.logprobs) if c2 else [],
-            finish2=c2.finish_reason if c2 else "none",
-            text1=tokenizer.decode(c1.token_ids, skip_special_tokens=True),
-            text2=tokenizer.decode(c2.token_ids, skip_special_tokens=True) if c2 else "",
-            first_from_base=from_base[i]))
+        trajectories.append(
+            Trajectory(
+                group=i,
+                problem=problems[i],
+                prompt_ids=prompts[i],
+                attempt1_ids=list(c1.token_ids),
+                attempt1_logprobs=list(c1.logprobs),
+                finish1=c1.finish_reason,
+                instruction_ids=ctx[a:b],
+                attempt2_ids=list(c2.token_ids) if c2 else [],
+                attempt2_logprobs=list(c2.logprobs) if c2 else [],
+                finish2=c2.finish_reason if c2 else "none",
+                text1=tokenizer.decode(c1.token_ids, skip_special_tokens=True),
+                text2=tokenizer.decode(c2.token_ids, skip_special_tokens=True) if c2 else "",
+                first_from_base=from_base[i],
+            )
+        )
 
     t0 = time.perf_counter()
     probs = [t.problem for t in trajectories]
@@ -171,7 +215,9 @@ def two_attempt_rollout(
     for n, t in enumerate(trajectories):
         t.r1 = float(rewards[n])
         t.r2 = float(rewards[n + len(trajectories)]) if second_attempt else 0.0
-    stats = RolloutStats(seconds=gen_seconds,
-                         generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
-                         reward_seconds=time.perf_counter() - t0)
+    stats = RolloutStats(
+        seconds=gen_seconds,
+        generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
+        reward_seconds=time.perf_counter() - t0,
+    )
     return trajectories, stats

@@ -11,6 +11,7 @@ interrupted run after its last checkpoint), so the resumed run does not log thos
 TensorBoard (`tensorboard=True`) needs the `tensorboard` package; without it the logger raises
 ImportError saying so. It gets every finite numeric value as a scalar under the same name.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,10 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 self._file.close()
-                raise ImportError("tensorboard=True needs the 'tensorboard' package (pip install tensorboard); "
-                                  "metrics.jsonl is written either way") from e
+                raise ImportError(
+                    "tensorboard=True needs the 'tensorboard' package (pip install tensorboard); "
+                    "metrics.jsonl is written either way"
+                ) from e
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict) -> dict:

@@ -1,5 +1,6 @@
 """What a step does, as a pure function of the step: its stage, learning rate, sampling seed and
 the problems it trains on (so a resumed run repeats an uninterrupted one)."""
+
 from __future__ import annotations
 
 import math

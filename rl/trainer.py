@@ -20,6 +20,7 @@ sums gradients over the whole step's denominator (G ranks compute the 1-rank ste
 metrics, and writes sharded checkpoints and a consolidated `final/`.
 Not done: PPO-style multiple epochs per batch, adaptive beta2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,7 @@ class Trainer:
     """Owns the policy, the frozen reference, the engines and the optimizer of one run (of one rank
     of a torchrun job when `parallel` is an FSDP2)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
-                 parallel: Parallel | None = None):
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, parallel: Parallel | None = None):
         if not cfg.model.path:
             raise ValueError("model.path is empty: point it at an HF-format model folder")
         if not cfg.data.train:
@@ -90,15 +90,19 @@ class Trainer:
         self.reward = make_reward(cfg)
         self.engine = self.base_engine = None  # built at the first rollout (sharded: on gathered weights)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.step = parallel.resume(self.out_dir, self.policy, self.optimizer) if resume else 0
         metrics_file = self.out_dir / "metrics.jsonl"
         if not resume and metrics_file.exists() and metrics_file.stat().st_size:
             raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
         parallel.barrier()  # every rank has checked metrics.jsonl before rank 0 opens it
-        self.logger = MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard,
-                                    resume_step=self.step if resume else None) if self.is_main else None
+        self.logger = (
+            MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, resume_step=self.step if resume else None)
+            if self.is_main
+            else None
+        )
         self._closed = False
 
     @contextlib.contextmanager
@@ -136,13 +140,25 @@ class Trainer:
         problems = [self.problems[indices[g]] for g in mine]
         mix = 1.0 if not s.online_first_attempt else s.base_first_attempt_mix if stage == 2 else 0.0
         mix_rng = random.Random(f"{cfg.run.seed}/mix/{step}")
-        from_base = [mix_rng.random() < mix for _ in indices][mine.start:mine.stop] if mix > 0 else None
+        from_base = [mix_rng.random() < mix for _ in indices][mine.start : mine.stop] if mix > 0 else None
         with self.generation(base=mix > 0) as engine:
             return two_attempt_rollout(
-                engine, self.builder, problems, self.reward, k=r.samples_per_prompt, temperature=r.temperature,
-                top_p=r.top_p, top_k=r.top_k, max_tokens1=r.max_tokens_attempt1, max_tokens2=r.max_tokens_attempt2,
-                seed=step_seed(cfg.run.seed, step), base_engine=self.base_engine, from_base=from_base,
-                first=mine.start, second_attempt=not s.single_turn)
+                engine,
+                self.builder,
+                problems,
+                self.reward,
+                k=r.samples_per_prompt,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                max_tokens1=r.max_tokens_attempt1,
+                max_tokens2=r.max_tokens_attempt2,
+                seed=step_seed(cfg.run.seed, step),
+                base_engine=self.base_engine,
+                from_base=from_base,
+                first=mine.start,
+                second_attempt=not s.single_turn,
+            )
 
     def _train(self, trajectories: list[Trajectory], stage: int) -> StepTotals:
         """Accumulate the step's gradient over micro-batches, then clip and step (or skip)."""
@@ -154,8 +170,9 @@ class Trainer:
         loss, kls, rets, tokens, entropy_sum, gap_sum, n_active = 0.0, [], [], 0, 0.0, 0.0, 0
         for chunk in micro_batches(trajectories, cfg.optim.prompts_per_micro_batch):
             batch = pack(chunk, self.device)
-            out, logp, entropy = micro_batch_loss(self.policy, self.reference, batch, cfg, stage, denominator,
-                                                  par.autocast)
+            out, logp, entropy = micro_batch_loss(
+                self.policy, self.reference, batch, cfg, stage, denominator, par.autocast
+            )
             out.loss.backward()
             loss += float(out.loss.detach())
             kls.append(out.kl.detach().float().cpu())
@@ -175,38 +192,78 @@ class Trainer:
         else:
             self.optimizer.step()
         (seconds,) = par.max([time.perf_counter() - t0])
-        return StepTotals(loss=loss, grad_norm=grad_norm, skipped=skipped, kl=par.gather_rows(torch.cat(kls)),
-                          returns=par.gather_rows(torch.cat(rets)), tokens=int(tokens), seconds=seconds,
-                          entropy=entropy_sum / max(1, n_active), logp_gap=gap_sum / max(1, n_active))
+        return StepTotals(
+            loss=loss,
+            grad_norm=grad_norm,
+            skipped=skipped,
+            kl=par.gather_rows(torch.cat(kls)),
+            returns=par.gather_rows(torch.cat(rets)),
+            tokens=int(tokens),
+            seconds=seconds,
+            entropy=entropy_sum / max(1, n_active),
+            logp_gap=gap_sum / max(1, n_active),
+        )
 
-    def _metrics(self, trajectories: list[Trajectory], rollout: RolloutStats, stage: int, lr: float,
-                 totals: StepTotals) -> dict:
+    def _metrics(
+        self, trajectories: list[Trajectory], rollout: RolloutStats, stage: int, lr: float, totals: StepTotals
+    ) -> dict:
         r1 = [t.r1 for t in trajectories]
         r2 = [t.r2 for t in trajectories]
         binary = all(v in (0.0, 1.0) for v in r1 + r2)
         kl, returns, seconds = totals.kl, totals.returns, totals.seconds
-        m = {"stage": stage, "lr": lr, "loss": totals.loss, "grad_norm": totals.grad_norm,
-             "skipped": int(totals.skipped),
-             "reward_1": sum(r1) / len(r1), "reward_2": sum(r2) / len(r2),
-             "kl_1": float(kl[:, 0].mean()), "kl_2": float(kl[:, 1].mean()),
-             "return_1": float(returns[:, 0].mean()), "return_2": float(returns[:, 1].mean()),
-             "entropy": totals.entropy, "logp_gap": totals.logp_gap,
-             "len_1": sum(len(t.attempt1_ids) for t in trajectories) / len(trajectories),
-             "len_2": sum(len(t.attempt2_ids) for t in trajectories) / len(trajectories),
-             "truncated_frac": sum((t.finish1 == "length") + (t.finish2 == "length") for t in trajectories)
-             / (2 * len(trajectories)),
-             "rollout_tokens_per_s": rollout.tokens_per_s, "rollout_s": rollout.seconds,
-             "reward_s": rollout.reward_seconds, "train_s": seconds,
-             "train_tokens_per_s": totals.tokens / seconds if seconds > 0 else 0.0}
+        m = {
+            "stage": stage,
+            "lr": lr,
+            "loss": totals.loss,
+            "grad_norm": totals.grad_norm,
+            "skipped": int(totals.skipped),
+            "reward_1": sum(r1) / len(r1),
+            "reward_2": sum(r2) / len(r2),
+            "kl_1": float(kl[:, 0].mean()),
+            "kl_2": float(kl[:, 1].mean()),
+            "return_1": float(returns[:, 0].mean()),
+            "return_2": float(returns[:, 1].mean()),
+            "entropy": totals.entropy,
+            "logp_gap": totals.logp_gap,
+            "len_1": sum(len(t.attempt1_ids) for t in trajectories) / len(trajectories),
+            "len_2": sum(len(t.attempt2_ids) for t in trajectories) / len(trajectories),
+            "truncated_frac": sum((t.finish1 == "length") + (t.finish2 == "length") for t in trajectories)
+            / (2 * len(trajectories)),
+            "rollout_tokens_per_s": rollout.tokens_per_s,
+            "rollout_s": rollout.seconds,
+            "reward_s": rollout.reward_seconds,
+            "train_s": seconds,
+            "train_tokens_per_s": totals.tokens / seconds if seconds > 0 else 0.0,
+        }
         if binary:
-            batch = two_attempt_metrics(r1, r2, answers1=[extract_final_answer(t.text1) for t in trajectories],
-                                        answers2=[extract_final_answer(t.text2) for t in trajectories])
-            m.update({"acc_t1": batch["acc_t1"], "acc_t2": batch["acc_t2"], "delta": batch["delta"],
-                      "delta_i2c": batch["delta_i2c"], "delta_c2i": batch["delta_c2i"],
-                      "changed_frac": batch["changed_frac"]})
+            batch = two_attempt_metrics(
+                r1,
+                r2,
+                answers1=[extract_final_answer(t.text1) for t in trajectories],
+                answers2=[extract_final_answer(t.text2) for t in trajectories],
+            )
+            m.update(
+                {
+                    "acc_t1": batch["acc_t1"],
+                    "acc_t2": batch["acc_t2"],
+                    "delta": batch["delta"],
+                    "delta_i2c": batch["delta_i2c"],
+                    "delta_c2i": batch["delta_c2i"],
+                    "changed_frac": batch["changed_frac"],
+                }
+            )
         if self.cfg.score.single_turn:  # no attempt 2 was sampled: nothing to report about it
-            for key in ("reward_2", "kl_2", "return_2", "len_2", "acc_t2", "delta", "delta_i2c", "delta_c2i",
-                        "changed_frac"):
+            for key in (
+                "reward_2",
+                "kl_2",
+                "return_2",
+                "len_2",
+                "acc_t2",
+                "delta",
+                "delta_i2c",
+                "delta_c2i",
+                "changed_frac",
+            ):
                 m.pop(key, None)
             m["truncated_frac"] = sum(t.finish1 == "length" for t in trajectories) / len(trajectories)
         if totals.skipped:
@@ -217,8 +274,15 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of the current step (every rank calls it in a sharded run)."""
         state = {"stage": stage_of(max(0, self.step - 1), self.cfg), "data_step": self.step}
-        return self.parallel.save(self.out_dir, self.step, self.policy, self.optimizer, state,
-                                  keep_last=self.cfg.run.keep_last, tokenizer=self.tokenizer)
+        return self.parallel.save(
+            self.out_dir,
+            self.step,
+            self.policy,
+            self.optimizer,
+            state,
+            keep_last=self.cfg.run.keep_last,
+            tokenizer=self.tokenizer,
+        )
 
     def fit(self, max_steps: int | None = None) -> Path:
         """Train to the end of Stage II (or `max_steps` steps in all); returns the final model folder."""
@@ -227,6 +291,7 @@ class Trainer:
         bar = None
         if cfg.run.progress and end > self.step and self.is_main:
             from tqdm import tqdm
+
             bar = tqdm(total=end, initial=self.step, desc="SCoRe", unit="step", dynamic_ncols=True)
         try:
             while self.step < end:
@@ -235,8 +300,12 @@ class Trainer:
                     self.logger.log(self.step, metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(stage=metrics["stage"], r1=f"{metrics['reward_1']:.2f}",
-                                    r2=f"{metrics.get('reward_2', float('nan')):.2f}", kl1=f"{metrics['kl_1']:.3f}")
+                    bar.set_postfix(
+                        stage=metrics["stage"],
+                        r1=f"{metrics['reward_1']:.2f}",
+                        r2=f"{metrics.get('reward_2', float('nan')):.2f}",
+                        kl1=f"{metrics['kl_1']:.3f}",
+                    )
                 every = cfg.run.checkpoint_every
                 if every and self.step % every == 0 and self.step < end:
                     self.save()
@@ -288,9 +357,10 @@ def finish_run(cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBui
 
         problems = load_problems(cfg, cfg.data.eval)
         if cfg.run.eval_max_problems:
-            problems = problems[:cfg.run.eval_max_problems]
-        metrics, records = evaluate(engine, builder, problems, reward,
-                                    budgets=cfg.eval_budgets, progress=cfg.run.progress)
+            problems = problems[: cfg.run.eval_max_problems]
+        metrics, records = evaluate(
+            engine, builder, problems, reward, budgets=cfg.eval_budgets, progress=cfg.run.progress
+        )
         write_records(out_dir / "eval.jsonl", records)
         write_json(out_dir / "eval_metrics.json", metrics)
         print(table({"SCoRe": metrics}))

@@ -3,6 +3,7 @@
 On a machine without CUDA the Triton kernels run under the interpreter. The variable must be
 set before the first `triton.jit` decoration is imported, which is why it lives here.
 """
+
 import os
 
 import pytest

@@ -4,6 +4,7 @@ The test session runs kernels under TRITON_INTERPRET=1, which accepts code the G
 rejects; so compilation runs in a fresh process with the interpreter off (kernels/aot.py
 describes the `aot_launches()` convention that lists what runs).
 """
+
 import json
 import os
 import subprocess
@@ -20,8 +21,13 @@ pytest.importorskip("triton")
 def aot_results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", "import sys; from score.kernels.aot import main; sys.exit(main())"],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from score.kernels.aot import main; sys.exit(main())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.stdout.strip(), f"aot compile printed nothing; stderr:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 

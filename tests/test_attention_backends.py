@@ -1,9 +1,9 @@
 """Attention backends: packed SDPA against a float64 reference, backend choice, flash-attn plumbing."""
+
 import pytest
 import torch
 
-from score.model import ModelConfig, Transformer
-from score.model import attention
+from score.model import ModelConfig, Transformer, attention
 
 
 def reference(q, k, v, cu_seqlens, scale):
@@ -11,7 +11,7 @@ def reference(q, k, v, cu_seqlens, scale):
     out = torch.empty(q.shape, dtype=torch.float64)
     group = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (x[start:end].double().transpose(0, 1) for x in (q, k, v))
         ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
         scores = qs @ ks.transpose(1, 2) * scale
@@ -60,15 +60,24 @@ def test_flash_backend_gets_the_packed_batch(monkeypatch):
     calls = []
 
     def fake_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        calls.append((cu_seqlens_q.tolist(), cu_seqlens_k is cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal))
+        calls.append(
+            (cu_seqlens_q.tolist(), cu_seqlens_k is cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
+        )
         return reference(q, k, v, cu_seqlens_q, softmax_scale).float()
 
     def fake_dense(q, k, v, *, softmax_scale, causal):
         b, t = q.shape[:2]
         cu = torch.arange(0, b * t + 1, t, dtype=torch.int32)
         flat = [x.reshape(b * t, *x.shape[2:]) for x in (q, k, v)]
-        return fake_varlen(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=t, max_seqlen_k=t,
-                           softmax_scale=softmax_scale, causal=causal).view(q.shape)
+        return fake_varlen(
+            *flat,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=t,
+            max_seqlen_k=t,
+            softmax_scale=softmax_scale,
+            causal=causal,
+        ).view(q.shape)
 
     monkeypatch.setattr(attention, "flash_attn_varlen_func", fake_varlen)
     monkeypatch.setattr(attention, "flash_attn_func", fake_dense)

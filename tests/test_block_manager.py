@@ -4,6 +4,7 @@ The simulations keep a fake cache whose "K/V" of a position is the token id itse
 way the engine writes it (new tokens stored, then copies), so any wrongly shared or evicted
 block shows up as a sequence reading back tokens that are not its own.
 """
+
 import random
 
 import pytest
@@ -29,9 +30,9 @@ class FakeCache:
     def copy_all(self, copies):
         """A step's copies as the engine runs them: one gather of every source, then the writes."""
         copies = [c for c in copies if c is not None]
-        gathered = [list(self.rows[c.src][:c.rows]) for c in copies]
-        for c, rows in zip(copies, gathered):
-            self.rows[c.dst][:c.rows] = rows
+        gathered = [list(self.rows[c.src][: c.rows]) for c in copies]
+        for c, rows in zip(copies, gathered, strict=True):
+            self.rows[c.dst][: c.rows] = rows
 
     def check(self, seq):
         bs = self.bm.block_size
@@ -64,7 +65,7 @@ def test_samples_of_one_prompt_share_it_and_copy_the_tail():
     samples = [make_seq(prompt) for _ in range(3)]
     copies = admit(bm, cache, samples)  # all in the same step
     assert samples[0].num_cached_tokens == 0
-    for seq, copy in zip(samples[1:], copies[1:]):
+    for seq, copy in zip(samples[1:], copies[1:], strict=True):
         assert seq.block_table[:2] == samples[0].block_table[:2]
         assert seq.num_cached_tokens == 9  # 8 shared + 1 copied row; the last token is computed
         assert copy.src == samples[0].block_table[2] and copy.rows == 1
@@ -145,7 +146,7 @@ def test_thousand_random_requests_leak_nothing():
             kind = rng.random()
             if history and kind < 0.35:
                 base = rng.choice(history)
-                tokens = base[:rng.randint(1, len(base))] + [rng.randrange(50) for _ in range(rng.randint(0, 12))]
+                tokens = base[: rng.randint(1, len(base))] + [rng.randrange(50) for _ in range(rng.randint(0, 12))]
             elif history and kind < 0.5:
                 tokens = list(rng.choice(history))
             else:

@@ -1,4 +1,5 @@
 """Checkpoints: bit-identical resume (weights, AdamW, RNGs), atomic writes, keep-last, HF-loadable policy."""
+
 import json
 import random
 
@@ -10,8 +11,15 @@ import score.rl.checkpoints.plain as ckpt
 from score.model import ModelConfig, Transformer
 from score.rl.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
-CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=64)
+CFG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def make_model(seed, **overrides):
@@ -22,8 +30,9 @@ def make_model(seed, **overrides):
 def make_optimizer(model):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-2, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95)
+    )
 
 
 def train_steps(model, optimizer, n):
@@ -104,7 +113,9 @@ def test_keep_last_and_latest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path, "plain")] == ["step_00000003", "step_00000004"]
     assert latest_checkpoint(tmp_path, "plain").name == "step_00000004"
     save_checkpoint(tmp_path, 4, model, optimizer, {"again": True}, keep_last=2)  # re-save replaces
-    assert json.loads((latest_checkpoint(tmp_path, "plain") / "trainer_state.json").read_text())["state"] == {"again": True}
+    assert json.loads((latest_checkpoint(tmp_path, "plain") / "trainer_state.json").read_text())["state"] == {
+        "again": True
+    }
 
 
 def test_interrupted_save_leaves_previous_checkpoints(tmp_path, monkeypatch):
@@ -142,7 +153,11 @@ def test_errors_are_named(tmp_path):
         load_checkpoint(path, model, other)
     with pytest.raises(ValueError, match="is for AdamW, got a SGD"):
         load_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"embed_tokens.weight is torch.float32 \[64, 32\] in the checkpoint, torch.float32 \[64, 64\] in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"embed_tokens.weight is torch.float32 \[64, 32\] in the checkpoint, "
+        r"torch.float32 \[64, 64\] in the model",
+    ):
         load_checkpoint(path, make_model(0, hidden_size=64), None)
 
 

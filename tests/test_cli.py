@@ -1,4 +1,5 @@
 """The `score` CLI: train (describe, overrides, max-steps, resume), eval outputs, and input errors."""
+
 import json
 
 from score.rl.cli import main
@@ -23,8 +24,12 @@ def test_describe_lists_every_section(capsys):
 def test_train_max_steps_then_resume(tmp_path, capsys):
     config = write_config(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--max-steps", "1",
-                 "--set", "run.checkpoint_every=1"]) == 0
+    assert (
+        main(
+            ["train", "--config", str(config), "--out", str(out), "--max-steps", "1", "--set", "run.checkpoint_every=1"]
+        )
+        == 0
+    )
     assert len(open(out / "metrics.jsonl").readlines()) == 1
     assert (out / "final" / "config.json").exists()
     assert main(["train", "--config", str(config), "--out", str(out), "--resume"]) == 0
@@ -38,8 +43,24 @@ def test_eval_writes_per_problem_records_and_table(tmp_path, capsys):
     config = write_config(tmp_path)
     data = write_problems(tmp_path / "eval.jsonl", 5, split="eval")
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(tmp_path / "base"), "--data", str(data), "--out", str(out),
-                 "--config", str(config), "--max-problems", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "base"),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--config",
+                str(config),
+                "--max-problems",
+                "3",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in open(out / "eval.jsonl")]
     assert len(records) == 3
     for r in records:
@@ -59,7 +80,21 @@ def test_bad_config_and_bad_data_exit_2_naming_file_and_line(tmp_path, capsys):
     config = write_config(tmp_path)
     data = tmp_path / "broken.jsonl"
     data.write_text('{"id": "a", "problem": "1+2+3", "answer": "6"}\nnot json\n')
-    assert main(["eval", "--model", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path / "e"),
-                 "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "base"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "e"),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(data) in err and "line 2" in err

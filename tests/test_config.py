@@ -1,4 +1,5 @@
 """Run configuration: defaults, the shipped configs, overrides and errors naming file, line and key."""
+
 import dataclasses
 from pathlib import Path
 
@@ -47,15 +48,18 @@ def test_values_and_overrides(tmp_path):
     assert cfg.rollout.samples_per_prompt == 8 and cfg.model.dtype == "float32"
 
 
-@pytest.mark.parametrize("text, line, words", [
-    ("[optim]\nlr = 1e-3\nlrr = 2\n", 3, ["optim.lrr", "unknown key"]),
-    ("[optim]\n\n[bogus]\nx = 1\n", 3, ["unknown section [bogus]"]),
-    ("[rollout]\nsamples_per_prompt = 1\n", 2, ["rollout.samples_per_prompt", ">= 2", "got 1"]),
-    ("[optim]\nlr = \"fast\"\n", 2, ["optim.lr", "finite number"]),
-    ("[score]\nkl_placement = \"loss\"\n", 2, ["score.kl_placement", "kl_in_reward"]),
-    ("[run]\nseed = 1.5\n", 2, ["run.seed", "integer"]),
-    ("[model]\nactivation_checkpointing = 1\n", 2, ["true or false"]),
-])
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("[optim]\nlr = 1e-3\nlrr = 2\n", 3, ["optim.lrr", "unknown key"]),
+        ("[optim]\n\n[bogus]\nx = 1\n", 3, ["unknown section [bogus]"]),
+        ("[rollout]\nsamples_per_prompt = 1\n", 2, ["rollout.samples_per_prompt", ">= 2", "got 1"]),
+        ('[optim]\nlr = "fast"\n', 2, ["optim.lr", "finite number"]),
+        ('[score]\nkl_placement = "loss"\n', 2, ["score.kl_placement", "kl_in_reward"]),
+        ("[run]\nseed = 1.5\n", 2, ["run.seed", "integer"]),
+        ("[model]\nactivation_checkpointing = 1\n", 2, ["true or false"]),
+    ],
+)
 def test_bad_values_name_file_line_and_key(tmp_path, text, line, words):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:

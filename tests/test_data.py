@@ -1,4 +1,5 @@
 """JSONL problem loading: field mapping, \\boxed{} answers, and errors that name file and line."""
+
 import builtins
 import json
 
@@ -30,16 +31,29 @@ def test_last_boxed(text, expected):
 
 
 def test_math_style_and_explicit_answer(tmp_path):
-    path = write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": "What is 1/2 + 1/2?", "solution": "We get $\\boxed{\\dfrac{2}{2}}$, i.e. \\boxed{1}.", "level": "Level 1"},
-        "",
-        {"problem": "Nested?", "solution": "Hence \\boxed{\\frac{\\sqrt{3}}{2}}."},
-    ])
+    path = write_jsonl(
+        tmp_path / "math.jsonl",
+        [
+            {
+                "problem": "What is 1/2 + 1/2?",
+                "solution": "We get $\\boxed{\\dfrac{2}{2}}$, i.e. \\boxed{1}.",
+                "level": "Level 1",
+            },
+            "",
+            {"problem": "Nested?", "solution": "Hence \\boxed{\\frac{\\sqrt{3}}{2}}."},
+        ],
+    )
     problems = load_jsonl(path)
     assert problems == [
-        Problem("math.jsonl:1", "What is 1/2 + 1/2?", "1",
-                {"solution": "We get $\\boxed{\\dfrac{2}{2}}$, i.e. \\boxed{1}.", "level": "Level 1"}),
-        Problem("math.jsonl:3", "Nested?", "\\frac{\\sqrt{3}}{2}", {"solution": "Hence \\boxed{\\frac{\\sqrt{3}}{2}}."}),
+        Problem(
+            "math.jsonl:1",
+            "What is 1/2 + 1/2?",
+            "1",
+            {"solution": "We get $\\boxed{\\dfrac{2}{2}}$, i.e. \\boxed{1}.", "level": "Level 1"},
+        ),
+        Problem(
+            "math.jsonl:3", "Nested?", "\\frac{\\sqrt{3}}{2}", {"solution": "Hence \\boxed{\\frac{\\sqrt{3}}{2}}."}
+        ),
     ]
     path = write_jsonl(tmp_path / "qa.jsonl", [{"uid": 7, "q": "2+2?", "a": 4}, {"uid": "x", "q": "3+3?", "a": "6"}])
     problems = load_jsonl(path, question_key="q", answer_key="a", id_key="uid")
@@ -50,14 +64,21 @@ def test_math_style_and_explicit_answer(tmp_path):
     "rows, kwargs, message",
     [
         (['{"problem": "a", "solution": "\\\\boxed{1}"}', '{"problem": "b", '], {}, "bad.jsonl line 2: invalid JSON"),
-        ([{"problem": "a", "solution": "no answer"}], {}, "bad.jsonl line 1: solution field 'solution' has no complete \\boxed"),
+        (
+            [{"problem": "a", "solution": "no answer"}],
+            {},
+            "bad.jsonl line 1: solution field 'solution' has no complete \\boxed",
+        ),
         ([{"question": "a", "solution": "\\boxed{1}"}], {}, "bad.jsonl line 1: missing field 'problem' (question_key)"),
         ([{"problem": "a"}], {"answer_key": "answer"}, "bad.jsonl line 1: missing answer field 'answer'"),
         ([{"problem": "a", "answer": None}], {"answer_key": "answer"}, "must be a string or number, got NoneType"),
         ([{"problem": 3, "answer": "1"}], {"answer_key": "answer"}, "field 'problem' must be a string, got int"),
         (["[1, 2]"], {}, "bad.jsonl line 1: expected a JSON object, got list"),
-        ([{"id": 1, "problem": "a", "answer": 1}, {"id": 1, "problem": "b", "answer": 2}],
-         {"answer_key": "answer", "id_key": "id"}, "bad.jsonl line 2: duplicate problem id '1' (first on line 1)"),
+        (
+            [{"id": 1, "problem": "a", "answer": 1}, {"id": 1, "problem": "b", "answer": 2}],
+            {"answer_key": "answer", "id_key": "id"},
+            "bad.jsonl line 2: duplicate problem id '1' (first on line 1)",
+        ),
         ([""], {}, "no problems"),
     ],
 )
@@ -104,7 +125,8 @@ def test_hf_loader_maps_rows_through_datasets(monkeypatch):
         return [{"question": "1+1?", "final": 2, "uid": "a"}, {"question": "2+2?", "final": "4", "uid": "b"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    problems = load_hf_dataset("org/set", split="test", config="main", question_key="question",
-                               answer_key="final", id_key="uid")
+    problems = load_hf_dataset(
+        "org/set", split="test", config="main", question_key="question", answer_key="final", id_key="uid"
+    )
     assert calls == [("org/set", "main", "test")]
     assert [(p.id, p.question, p.answer) for p in problems] == [("a", "1+1?", "2"), ("b", "2+2?", "4")]

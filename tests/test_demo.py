@@ -1,4 +1,5 @@
 """The embedded demo: the task and its checker, the shipped demo config, and the pipeline in quick mode."""
+
 import json
 import random
 from pathlib import Path
@@ -45,14 +46,15 @@ def test_eval_split_is_disjoint_from_training():
 
 def test_warmup_traces_are_token_in_token_out():
     tok = build_tokenizer(300, 0)
-    builder = PromptBuilder(tok, chat=False, system_prompt=None,
-                            correction_instruction=demo_task.CORRECTION_INSTRUCTION)
+    builder = PromptBuilder(
+        tok, chat=False, system_prompt=None, correction_instruction=demo_task.CORRECTION_INSTRUCTION
+    )
     ex = demo_task.WarmupExample("last digit of 1+4+5+3", ("\\boxed{2}", "\\boxed{3}"), (False, True))
     ids, mask = encode_warmup(ex, builder, tok.eos_token_id)
     prompt = builder.first_attempt_ids("last digit of 1+4+5+3")
     first = tok.encode("\\boxed{2}") + [tok.eos_token_id]
     context, _ = builder.second_attempt_ids(prompt, first, "stop")
-    assert ids[:len(context)] == context and len(ids) == len(mask)
+    assert ids[: len(context)] == context and len(ids) == len(mask)
     assert sum(mask) == len(tok.encode("\\boxed{3}")) + 1  # only the second attempt (+ EOS) is trained
 
 

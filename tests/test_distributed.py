@@ -4,6 +4,7 @@ sizes; consolidated HF export; generation on unsharded weights; the launcher on 
 The ranks run tests/helpers/dist_worker.py under score.rl.parallel.launch (torchrun's agent). One 2-rank run and one
 1-rank run are shared by the tests of this module (the process start-up dominates their cost).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import dist_worker as W
-from score.rl.parallel import distributed as D
 from score.rl.checkpoints import latest_checkpoint, load_sharded
+from score.rl.parallel import distributed as D
+from tests.helpers import dist_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]  # the rank program is tests.helpers.dist_worker, imported from here
 STEPS, SAVE_AT = 4, 2
@@ -27,10 +28,15 @@ TOL = 1e-5
 
 
 def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    code = ("import sys; from score.rl.parallel.launch import launch; "
-            f"sys.exit(launch({nproc}, {list(args)!r}, module='tests.helpers.dist_worker'))")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    code = (
+        "import sys; from score.rl.parallel.launch import launch; "
+        f"sys.exit(launch({nproc}, {list(args)!r}, module='tests.helpers.dist_worker'))"
+    )
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -70,8 +76,10 @@ def test_two_ranks_match_one_rank_and_plain(runs, plain_run):
     assert changed > 1e-2  # the steps really moved the weights
     rel_two_plain = _max_rel_diff(two, snapshots[STEPS])
     rel_two_one = _max_rel_diff(two, one)
-    print(f"max rel param diff after {STEPS} AdamW steps: 2-rank vs plain {rel_two_plain:.2e}, "
-          f"2-rank vs 1-rank {rel_two_one:.2e}")
+    print(
+        f"max rel param diff after {STEPS} AdamW steps: 2-rank vs plain {rel_two_plain:.2e}, "
+        f"2-rank vs 1-rank {rel_two_one:.2e}"
+    )
     assert rel_two_plain <= TOL and rel_two_one <= TOL
     norms_two = json.loads((runs / "run2.json").read_text())["norms"]
     norms_one = json.loads((runs / "resume1.json").read_text())["norms"]
@@ -155,13 +163,15 @@ def test_generation_on_unsharded_weights_and_sharded_reference(runs):
     model.load_state_dict(load_file(runs / f"params_step{STEPS}.safetensors"))
     with torch.no_grad():
         expected = model(torch.tensor([W.PROMPTS[0]]))
-    torch.testing.assert_close(load_file(runs / "unsharded_logits.safetensors")["logits"], expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        load_file(runs / "unsharded_logits.safetensors")["logits"], expected, rtol=1e-5, atol=1e-5
+    )
     reference = W.make_model()
     with torch.no_grad():
         ref_logp = W.sequence_logprobs(reference, W.PROMPTS[0])
-    torch.testing.assert_close(load_file(runs / "unsharded_logits.safetensors")["ref_logp"], ref_logp,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        load_file(runs / "unsharded_logits.safetensors")["ref_logp"], ref_logp, rtol=1e-5, atol=1e-5
+    )
     engine = Engine(model, block_size=4, num_blocks=32, max_model_len=32, max_num_seqs=4)
     outs = engine.generate(W.PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True))
     assert info["tokens"] == [o[0].token_ids for o in outs]
@@ -270,7 +280,7 @@ def test_trainer_on_two_ranks_equals_one_process(trainer_runs):
     assert _max_rel_diff(base, plain) > 1e-3  # the steps did move the weights
     ours, reference = _metrics(root / "two"), _metrics(root / "plain")
     assert [m["step"] for m in ours] == list(range(1, TRAINER_STEPS + 1))
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         # same samples and rewards (seeds keyed on whole-batch positions), same loss and norm
         for key in ("stage", "reward_1", "reward_2", "len_1", "len_2", "skipped"):
             assert a[key] == b[key], key
@@ -303,10 +313,23 @@ def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
     _, config = _trainer_config(tmp_path)
     evals = write_problems(tmp_path / "eval.jsonl", 4, split="eval")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "score.rl.cli", "train", "--config", str(config), "--max-steps", "1",
-            "--set", f'data.eval="{evals}"', "--set", "run.plots=true"]
-    ok = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "run")], env=env, capture_output=True,
-                        text=True, timeout=240)
+    base = [
+        sys.executable,
+        "-m",
+        "score.rl.cli",
+        "train",
+        "--config",
+        str(config),
+        "--max-steps",
+        "1",
+        "--set",
+        f'data.eval="{evals}"',
+        "--set",
+        "run.plots=true",
+    ]
+    ok = subprocess.run(
+        base + ["--nproc", "2", "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=240
+    )
     assert ok.returncode == 0, ok.stderr[-4000:]
     assert ok.stdout.count("final policy:") == 1 and "Acc@t1" in ok.stdout
     run = tmp_path / "run"
@@ -314,8 +337,13 @@ def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
     assert (run / "final" / "tokenizer.json").exists() and (run / "plots").is_dir()
     assert len(_metrics(run)) == 1
 
-    bad = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "bad"), "--set", "optim.prompts_per_step=3"],
-                         env=env, capture_output=True, text=True, timeout=240)
+    bad = subprocess.run(
+        base + ["--nproc", "2", "--out", str(tmp_path / "bad"), "--set", "optim.prompts_per_step=3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert bad.returncode != 0
     assert "cannot be split evenly over 2 ranks" in bad.stderr and "failed first" in bad.stderr, bad.stderr[-3000:]
 
@@ -324,7 +352,12 @@ def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):
 
     empty = shutil.copytree(tmp_path / "base", tmp_path / "no_weights")
     (empty / "model.safetensors").unlink()
-    broken = subprocess.run(base + ["--nproc", "2", "--out", str(tmp_path / "broken"), "--set",
-                                    f'model.path="{empty}"'], env=env, capture_output=True, text=True, timeout=240)
+    broken = subprocess.run(
+        base + ["--nproc", "2", "--out", str(tmp_path / "broken"), "--set", f'model.path="{empty}"'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert broken.returncode != 0
-    assert broken.stderr.count(f"score train: error:") == 2 and "safetensors" in broken.stderr, broken.stderr[-3000:]
+    assert broken.stderr.count("score train: error:") == 2 and "safetensors" in broken.stderr, broken.stderr[-3000:]

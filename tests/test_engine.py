@@ -4,6 +4,7 @@ The model is tiny and random with a large init scale, so next-token distribution
 and a greedy argmax is not decided by rounding. The reference is the plain loop: full forward of
 the whole sequence, take the last position, append.
 """
+
 import math
 
 import pytest
@@ -20,10 +21,19 @@ PROMPT_LENGTHS = [1, 2, 7, 15, 16, 17, 33, 64, 99, 100]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      architecture="Qwen2ForCausalLM", tie_word_embeddings=True, initializer_range=0.3,
-                      eos_token_id=VOCAB - 1)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        architecture="Qwen2ForCausalLM",
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=VOCAB - 1,
+    )
     return Transformer(cfg).eval()
 
 
@@ -48,7 +58,7 @@ def dense_greedy(model, prompt, max_tokens, stop=()):
         logprobs.append(float(lp[token]))
         if token in stop:
             break
-    return ids[len(prompt):], logprobs
+    return ids[len(prompt) :], logprobs
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +67,19 @@ def greedy_reference(model, prompts):
 
 
 def assert_matches(outs, reference):
-    for out, (ids, logprobs) in zip(outs, reference):
+    for out, (ids, logprobs) in zip(outs, reference, strict=True):
         (c,) = out
         assert c.token_ids == ids
-        assert max(abs(a - b) for a, b in zip(c.logprobs, logprobs)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(c.logprobs, logprobs, strict=True)) < 1e-4
         assert c.finish_reason == ("stop" if ids[-1] == VOCAB - 1 else "length")
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("max_num_seqs", [1, 3, 256])
 def test_greedy_equals_dense_forward(model, prompts, greedy_reference, block_size, max_num_seqs):
-    engine = Engine(model, block_size=block_size, num_blocks=4096 // block_size, max_model_len=128,
-                    max_num_seqs=max_num_seqs)
+    engine = Engine(
+        model, block_size=block_size, num_blocks=4096 // block_size, max_model_len=128, max_num_seqs=max_num_seqs
+    )
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     assert_matches(outs, greedy_reference)
     assert engine.block_manager.num_free_blocks == engine.num_blocks  # everything released
@@ -86,7 +97,7 @@ def test_second_turn_reuses_the_first_and_matches_dense(model, prompts, greedy_r
     engine = Engine(model, block_size=block_size, num_blocks=4096 // block_size, max_model_len=160)
     first = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     instruction = [5, 6, 7, 8, 9]
-    second_prompts = [p + out[0].token_ids + instruction for p, out in zip(prompts, first)]
+    second_prompts = [p + out[0].token_ids + instruction for p, out in zip(prompts, first, strict=True)]
     before, reused_before = engine.stats.prefilled_tokens, engine.stats.reused_tokens
     second = engine.generate(second_prompts, SamplingParams(temperature=0, max_tokens=6))
     reference = [dense_greedy(model, p, 6, stop=(VOCAB - 1,)) for p in second_prompts]
@@ -108,7 +119,9 @@ def test_samples_share_the_prompt_and_are_seeded(model, prompts):
     assert engine.stats.prefilled_tokens == sum(len(p) + 3 for p in prompts[5:8])
     # same seed -> same samples, whatever the batch layout, cache state or preemptions
     again = engine.generate(prompts[5:8], params)
-    narrow = Engine(model, block_size=16, num_blocks=9, max_model_len=128, max_num_seqs=2).generate(prompts[5:8], params)
+    narrow = Engine(model, block_size=16, num_blocks=9, max_model_len=128, max_num_seqs=2).generate(
+        prompts[5:8], params
+    )
     assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in outs]
     assert [[c.token_ids for c in o] for o in narrow] == [[c.token_ids for c in o] for o in outs]
     other = engine.generate(prompts[5:8], SamplingParams(**{**params.__dict__, "seed": 124}))
@@ -125,13 +138,14 @@ def test_samples_share_the_prompt_and_are_seeded(model, prompts):
 def test_sampled_logprobs_are_untruncated_and_tokens_stay_in_the_kept_set(model, prompts):
     temperature, top_k, top_p = 0.7, 5, 0.8
     engine = Engine(model, block_size=4, num_blocks=512, max_model_len=128)
-    params = SamplingParams(n=3, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=6,
-                            seed=5, ignore_eos=True)
+    params = SamplingParams(
+        n=3, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=6, seed=5, ignore_eos=True
+    )
     outs = engine.generate(prompts[:4], params)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         for c in out:
             ids = list(prompt)
-            for token, logprob in zip(c.token_ids, c.logprobs):
+            for token, logprob in zip(c.token_ids, c.logprobs, strict=True):
                 with torch.no_grad():
                     logits = model(torch.tensor([ids]))[0, -1].double() / temperature
                 kept = torch.isfinite(truncate_logits(logits[None], top_k, top_p)[0])
@@ -176,10 +190,17 @@ def test_sampler_workspace_and_engine_rope_are_bit_identical():
     workspace = DecodeWorkspace()
     for rows, vocab in ((1, 7), (5, 131), (16, 1000), (3, 32001), (16, 1000)):  # buffers regrow and shrink
         logits = torch.randn(rows, vocab, generator=gen) * 4
-        for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0),
-                       SamplingParams(temperature=0.6), SamplingParams(temperature=1.3, top_k=5, top_p=0.9)):
+        for params in (
+            SamplingParams(temperature=0),
+            SamplingParams(temperature=1.0),
+            SamplingParams(temperature=0.6),
+            SamplingParams(temperature=1.3, top_k=5, top_p=0.9),
+        ):
             seeds = torch.randint(0, 2**31, (rows,), generator=gen).tolist()
-            make = lambda: [None if params.greedy else torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+
+            def make(params=params, seeds=seeds):
+                return [None if params.greedy else torch.Generator().manual_seed(s) for s in seeds]
+
             plain, kept = sample(logits, params, make()), sample(logits, params, make(), workspace)
             assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
@@ -188,21 +209,22 @@ def test_sampler_workspace_and_engine_rope_are_bit_identical():
             angles = torch.randint(0, 4096, (37, 1), generator=gen) * torch.rand(dim // 2, generator=gen)
             emb = torch.cat((angles, angles), -1)
             cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            signed = torch.cat((-sin[:, :dim // 2], sin[:, dim // 2:]), -1)
+            signed = torch.cat((-sin[:, : dim // 2], sin[:, dim // 2 :]), -1)
             assert torch.equal(apply_rope(x, cos, sin), apply_rope_signed(x, cos[:, None], signed[:, None]))
 
 
 def test_stop_tokens_and_eos(model, prompts):
     engine = Engine(model, block_size=4, num_blocks=512, max_model_len=128)
-    (ref_ids, _), = [dense_greedy(model, prompts[3], 6)]
+    ((ref_ids, _),) = [dense_greedy(model, prompts[3], 6)]
     stop = ref_ids[2]
-    (out,), = engine.generate([prompts[3]], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop],
-                                                           ignore_eos=True))
+    ((out,),) = engine.generate(
+        [prompts[3]], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop], ignore_eos=True)
+    )
     first = ref_ids.index(stop)
-    assert out.token_ids == ref_ids[:first + 1] and out.finish_reason == "stop"
+    assert out.token_ids == ref_ids[: first + 1] and out.finish_reason == "stop"
     # a prompt whose max_model_len leaves 3 tokens stops by length there
     long_prompt = (prompts[-1] * 2)[:125]
-    (out,), = engine.generate([long_prompt], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    ((out,),) = engine.generate([long_prompt], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
 
 
@@ -239,5 +261,5 @@ def test_bad_input_is_a_clear_error(model, prompts):
     with pytest.raises(ValueError, match="n must"):
         SamplingParams(n=0)
     # the engine is still usable after a rejected call
-    (out,), = engine.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=2))
+    ((out,),) = engine.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=2))
     assert len(out.token_ids) == 2 and math.isfinite(out.logprobs[0])

@@ -3,14 +3,15 @@
 The Triton path runs under TRITON_INTERPRET=1 on CPU, so its shapes are small; the torch path
 (the CPU training path) also gets a mid shape that spans several vocab and token chunks.
 """
+
 import importlib
 
 import pytest
 import torch
 
-from tests.helpers import triton_interpreter_patch
 from score.kernels import fused_linear_logprob
 from score.kernels.fused_linear_logprob import IGNORE_INDEX
+from tests.helpers import triton_interpreter_patch
 
 triton_interpreter_patch.apply()
 # The package exports a function of the same name, so reach the module through importlib.
@@ -140,19 +141,25 @@ def test_empty_batch():
     assert torch.all(weight.grad == 0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(hidden=torch.randn(4, 8, 1)), "hidden"),
-    (dict(weight=torch.randn(10, 7)), "hidden sizes differ"),
-    (dict(targets=torch.zeros(5, dtype=torch.long)), "targets has 5"),
-    (dict(targets=torch.tensor([0, 1, 10, 2])), r"targets\[2\] = 10"),
-    (dict(targets=torch.tensor([0, 1, -3, 2])), r"targets\[2\] = -3"),
-    (dict(targets=torch.zeros(4)), "targets must be int64"),
-    (dict(hidden=torch.randn(4, 8, dtype=torch.float64), weight=torch.randn(10, 8, dtype=torch.float64)), "hidden dtype"),
-    (dict(weight=torch.randn(10, 8, dtype=torch.bfloat16)), "weight dtype"),
-    (dict(weight=torch.randn(8, 10).t()), "contiguous"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(impl="cuda"), "impl"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(hidden=torch.randn(4, 8, 1)), "hidden"),
+        (dict(weight=torch.randn(10, 7)), "hidden sizes differ"),
+        (dict(targets=torch.zeros(5, dtype=torch.long)), "targets has 5"),
+        (dict(targets=torch.tensor([0, 1, 10, 2])), r"targets\[2\] = 10"),
+        (dict(targets=torch.tensor([0, 1, -3, 2])), r"targets\[2\] = -3"),
+        (dict(targets=torch.zeros(4)), "targets must be int64"),
+        (
+            dict(hidden=torch.randn(4, 8, dtype=torch.float64), weight=torch.randn(10, 8, dtype=torch.float64)),
+            "hidden dtype",
+        ),
+        (dict(weight=torch.randn(10, 8, dtype=torch.bfloat16)), "weight dtype"),
+        (dict(weight=torch.randn(8, 10).t()), "contiguous"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(impl="cuda"), "impl"),
+    ],
+)
 def test_bad_input_raises_value_error(kwargs, match):
     args = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), targets=torch.tensor([0, 1, 9, 2]))
     args.update(kwargs)

@@ -4,6 +4,7 @@ Skipped without CUDA: on the CPU the same kernels run under TRITON_INTERPRET=1 w
 the other kernel test modules. Here they run as real sm_80/sm_90 code in fp32 and bf16 (run them on a
 GPU machine with `pytest tests/test_kernels_cuda.py`).
 """
+
 import math
 
 import pytest
@@ -33,8 +34,9 @@ def test_fused_linear_logprob_forward_and_backward(dtype):
     hidden = torch.randn(n, d, generator=gen, device=CUDA).to(dtype).requires_grad_()
     weight = (torch.randn(v, d, generator=gen, device=CUDA) * 0.1).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen, device=CUDA)
-    logp, entropy = fused_linear_logprob(hidden, weight, targets, temperature=temperature, return_entropy=True,
-                                         impl="triton")
+    logp, entropy = fused_linear_logprob(
+        hidden, weight, targets, temperature=temperature, return_entropy=True, impl="triton"
+    )
     g_logp, g_ent = torch.randn(n, generator=gen, device=CUDA), torch.randn(n, generator=gen, device=CUDA)
     (logp * g_logp + entropy * g_ent).sum().backward()
 
@@ -71,16 +73,21 @@ def test_score_loss_triton_equals_torch(stage, placement):
     cu[1:] = lengths.cumsum(0)
     n = int(cu[-1])
     logp = -torch.rand(n, generator=gen) * 3
-    batch = dict(ref_logp=logp + torch.randn(n, generator=gen) * 0.3, attempt=torch.randint(0, 3, (n,), generator=gen),
-                 cu_seqlens=cu, group_ids=torch.arange(groups_n).repeat_interleave(k),
-                 r1=torch.randint(0, 2, (groups_n * k,), generator=gen).float(),
-                 r2=torch.randint(0, 2, (groups_n * k,), generator=gen).float())
+    batch = dict(
+        ref_logp=logp + torch.randn(n, generator=gen) * 0.3,
+        attempt=torch.randint(0, 3, (n,), generator=gen),
+        cu_seqlens=cu,
+        group_ids=torch.arange(groups_n).repeat_interleave(k),
+        r1=torch.randint(0, 2, (groups_n * k,), generator=gen).float(),
+        r2=torch.randint(0, 2, (groups_n * k,), generator=gen).float(),
+    )
     batch = {name: t.to(CUDA) for name, t in batch.items()}
     results = {}
     for impl in ("torch", "triton"):
         lp = logp.to(CUDA).requires_grad_()
-        out = score_loss(lp, **batch, **stage_coefficients(stage, 10.0, 0.01, 0.1), kl_kind="k3",
-                         kl_placement=placement, impl=impl)
+        out = score_loss(
+            lp, **batch, **stage_coefficients(stage, 10.0, 0.01, 0.1), kl_kind="k3", kl_placement=placement, impl=impl
+        )
         out.loss.backward()
         results[impl] = (out, lp.grad)
     (a, ga), (b, gb) = results["torch"], results["triton"]
@@ -92,11 +99,11 @@ def test_score_loss_triton_equals_torch(stage, placement):
 
 def dense_attention(q, keys, values, q_lens, ctx_lens, scale):
     outs, row = [], 0
-    for k, v, q_len, ctx in zip(keys, values, q_lens, ctx_lens):
+    for k, v, q_len, ctx in zip(keys, values, q_lens, ctx_lens, strict=True):
         group = q.shape[1] // k.shape[1]
         k = k.double().repeat_interleave(group, 1)
         v = v.double().repeat_interleave(group, 1)
-        qq = q[row:row + q_len].double()
+        qq = q[row : row + q_len].double()
         row += q_len
         scores = torch.einsum("qhd,khd->hqk", qq, k) * scale
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
@@ -122,24 +129,34 @@ def test_paged_attention_and_store(dtype, block_size, q_lens_of):
     free = torch.randperm(num_blocks, generator=gen, device=CUDA).tolist()
     width = max(needed) + 1
     tables, keys, values = [], [], []
-    for ctx, nb in zip(ctx_lens, needed):
+    for ctx, nb in zip(ctx_lens, needed, strict=True):
         blocks = [free.pop() for _ in range(nb)]
         tables.append(blocks + [free[0]] * (width - nb))  # padding points at a foreign block
         k = torch.randn(ctx, hkv, d, generator=gen, device=CUDA).to(dtype)
         v = torch.randn(ctx, hkv, d, generator=gen, device=CUDA).to(dtype)
-        slots = torch.tensor([blocks[i // block_size] * block_size + i % block_size for i in range(ctx)],
-                             dtype=torch.int32, device=CUDA)
+        slots = torch.tensor(
+            [blocks[i // block_size] * block_size + i % block_size for i in range(ctx)], dtype=torch.int32, device=CUDA
+        )
         store_kv(k, v, k_cache, v_cache, slots, impl="triton")
         keys.append(k)
         values.append(v)
-    for k, table in zip(keys, tables):  # the store kernel wrote every row where the table says
+    for k, table in zip(keys, tables, strict=True):  # the store kernel wrote every row where the table says
         rows = torch.cat([k_cache[b] for b in table])[: len(k)]
         assert torch.equal(rows, k)
     q = torch.randn(sum(q_lens), hq, d, generator=gen, device=CUDA).to(dtype)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=CUDA)
-    scale = d ** -0.5
-    out = paged_attention(q, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=CUDA),
-                          torch.tensor(ctx_lens, dtype=torch.int32, device=CUDA), cu, max_q_len=max(q_lens),
-                          max_context_len=max(ctx_lens), scale=scale, impl="triton")
+    scale = d**-0.5
+    out = paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        torch.tensor(tables, dtype=torch.int32, device=CUDA),
+        torch.tensor(ctx_lens, dtype=torch.int32, device=CUDA),
+        cu,
+        max_q_len=max(q_lens),
+        max_context_len=max(ctx_lens),
+        scale=scale,
+        impl="triton",
+    )
     ref = dense_attention(q, keys, values, q_lens, ctx_lens, scale)
     assert rel_err(out, ref) <= (2e-5 if dtype == torch.float32 else 2e-2)

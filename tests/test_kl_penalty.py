@@ -1,4 +1,5 @@
 """kl_penalty values and gradients against float64 formulas, both implementations."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ def reference(logp, ref, kind):
     if kind == "k1":
         value = d
     elif kind == "k2":
-        value = 0.5 * d ** 2
+        value = 0.5 * d**2
     else:
         r = (-d).clamp(-20, 20)
         value = (r.exp() - r - 1).clamp(-10, 10)
@@ -61,13 +62,16 @@ def test_bf16_logp_and_2d_shape():
     assert torch.allclose(value.reshape(-1).double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: kl_penalty(torch.zeros(3), torch.zeros(4)), "shape"),
-    (lambda: kl_penalty(torch.zeros(3), torch.zeros(3), "k4"), "kind"),
-    (lambda: kl_penalty(torch.zeros(3, dtype=torch.long), torch.zeros(3)), "logp must be a floating"),
-    (lambda: kl_penalty(torch.zeros(3), torch.zeros(3, requires_grad=True)), "ref_logp requires grad"),
-    (lambda: kl_penalty(torch.zeros(3), torch.zeros(3), impl="fast"), "impl"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: kl_penalty(torch.zeros(3), torch.zeros(4)), "shape"),
+        (lambda: kl_penalty(torch.zeros(3), torch.zeros(3), "k4"), "kind"),
+        (lambda: kl_penalty(torch.zeros(3, dtype=torch.long), torch.zeros(3)), "logp must be a floating"),
+        (lambda: kl_penalty(torch.zeros(3), torch.zeros(3, requires_grad=True)), "ref_logp requires grad"),
+        (lambda: kl_penalty(torch.zeros(3), torch.zeros(3), impl="fast"), "impl"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,21 +1,25 @@
 """Checkpoint loading/saving: HF round trips, config spellings, and the errors bad folders get."""
+
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers.model_fixtures import load_hf_model, make_hf_checkpoint
 from score.model import ModelConfig, Transformer, from_pretrained, save_pretrained
 from score.model.loading import HF_KEY_MAP, hf_to_ours, ours_to_hf
+from tests.helpers.model_fixtures import load_hf_model, make_hf_checkpoint
 
 LOGIT_TOL = 1e-4
 
 
 def random_model(seed=0, **cfg):
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=90, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, **cfg)).eval()
+    model = Transformer(
+        ModelConfig(
+            vocab_size=90, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, **cfg
+        )
+    ).eval()
     with torch.no_grad():  # HF would init norms to 1 and biases to 0; make both visible in the logits
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -26,9 +30,18 @@ def random_model(seed=0, **cfg):
 
 
 SAVE_CASES = {
-    "llama_gqa_llama3": dict(architecture="LlamaForCausalLM", num_key_value_heads=2, rope_theta=500000.0,
-                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama_gqa_llama3": dict(
+        architecture="LlamaForCausalLM",
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "llama_bias_head_dim": dict(architecture="LlamaForCausalLM", attention_bias=True, head_dim=32),
     "qwen2_tied": dict(architecture="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(architecture="Qwen3ForCausalLM", num_key_value_heads=1, head_dim=24, eos_token_id=[3, 4]),
@@ -46,7 +59,7 @@ def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path, case):
         assert (hf(ids).logits - ours(ids)).abs().max().item() <= LOGIT_TOL
     again = from_pretrained(tmp_path)
     assert again.config == ours.config
-    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -80,18 +93,41 @@ def test_meta_init_and_dtype(tmp_path):
 
 
 def test_config_spellings_agree(tmp_path):
-    new = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 32,
-           "intermediate_size": 64, "num_hidden_layers": 1, "max_position_embeddings": 64,
-           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}
+    new = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "vocab_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "max_position_embeddings": 64,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    }
     old = {k: v for k, v in new.items() if k != "rope_parameters"}
-    old.update(rope_theta=5e5, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    old.update(
+        rope_theta=5e5,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
     assert ModelConfig.from_hf_dict(new) == ModelConfig.from_hf_dict(old)
     cfg = ModelConfig.from_hf_dict(new)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["factor"] == 8.0 and cfg.head_dim == 16
     # Qwen3's head_dim default is 128, not hidden_size // heads.
-    assert ModelConfig.from_hf_dict({**old, "architectures": ["Qwen3ForCausalLM"], "rope_scaling": None}).head_dim == 128
+    assert (
+        ModelConfig.from_hf_dict({**old, "architectures": ["Qwen3ForCausalLM"], "rope_scaling": None}).head_dim == 128
+    )
     # Llama-3 defaults original_max_position_embeddings to max_position_embeddings, as transformers does.
     del new["rope_parameters"]["original_max_position_embeddings"]
     assert ModelConfig.from_hf_dict(new).rope_scaling["original_max_position_embeddings"] == 64
@@ -100,18 +136,33 @@ def test_config_spellings_agree(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(architectures=["MistralForCausalLM"]), r"unsupported architecture MistralForCausalLM; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        (
+            dict(architectures=["MistralForCausalLM"]),
+            r"unsupported architecture MistralForCausalLM; "
+            r"supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+        ),
         (dict(architectures=None, model_type="gemma"), r"unsupported architecture model_type='gemma'"),
         (dict(use_sliding_window=True, sliding_window=16), r"sliding-window attention .* supported: full causal"),
         (dict(layer_types=["full_attention", "sliding_attention"]), r"\['sliding_attention'\] are not supported"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"RoPE type 'yarn' is not supported; supported: default, llama3"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+            r"RoPE type 'yarn' is not supported; supported: default, llama3",
+        ),
         (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
         (dict(mlp_bias=True), r"mlp_bias=true is not supported"),
     ],
 )
 def test_unsupported_configs_are_refused(tmp_path, change, message):
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
-              "num_attention_heads": 4, "vocab_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, **change}
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "vocab_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        **change,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message) as err:
         from_pretrained(tmp_path)

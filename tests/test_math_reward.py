@@ -1,11 +1,19 @@
 """MATH reward: answer extraction, math-verify equivalence cases, counted failures, off-main-thread grading."""
+
 import os
 import signal
 import threading
 
 import pytest
 
-from score.rl.rewards.math_reward import STATUSES, Grade, MathGrader, extract_final_answer, grade_in_main_thread, math_reward
+from score.rl.rewards.math_reward import (
+    STATUSES,
+    Grade,
+    MathGrader,
+    extract_final_answer,
+    grade_in_main_thread,
+    math_reward,
+)
 
 
 def paper_format(answer):
@@ -59,7 +67,13 @@ def test_math_reward_equivalences(completion, reference, reward):
 
 def test_statuses_are_counted_and_nothing_raises():
     grader = MathGrader(workers=0, timeout_s=1.0)
-    completions = [paper_format("3"), paper_format("4"), "nothing", paper_format("3"), paper_format("2^{2^{2^{2^{2^{2}}}}}")]
+    completions = [
+        paper_format("3"),
+        paper_format("4"),
+        "nothing",
+        paper_format("3"),
+        paper_format("2^{2^{2^{2^{2^{2}}}}}"),
+    ]
     references = ["3", "3", "3", "", "3"]
     grades = grader.grade_detailed(completions, references)
     assert [g.status for g in grades] == ["correct", "incorrect", "no_answer", "reference_parse_failure", "timeout"]

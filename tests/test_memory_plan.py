@@ -10,6 +10,7 @@ Tolerances: weights, gradients, AdamW state and the reference within 5% (they ar
 counts plus allocator rounding); the activation peak of a forward+backward within 15% (the plan
 models saved tensors and backward's largest transient, not every short-lived temporary).
 """
+
 from __future__ import annotations
 
 import io
@@ -25,15 +26,27 @@ from score.model import ModelConfig
 from score.rl.parallel import memory_plan as M
 
 PROBE = Path(__file__).resolve().parent / "helpers" / "memory_probe.py"
-CONFIG = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=4, tie_word_embeddings=True)
+CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    tie_word_embeddings=True,
+)
 TOKENS = 2048
 
 
 def _measure(checkpointing: bool) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(PROBE), json.dumps(CONFIG), str(TOKENS), "1" if checkpointing else "0"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(PROBE), json.dumps(CONFIG), str(TOKENS), "1" if checkpointing else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -48,7 +61,7 @@ def test_plan_matches_measured_cpu_memory(checkpointing):
         rows.append((part, planned[part], measured[part], 0.05))
     peak = planned["activations"] + planned["backward_peak"]
     rows.append(("activations+backward", peak, measured["activations"], 0.15))
-    for part, want, got, tol in rows:
+    for part, want, got, _ in rows:
         print(f"{part:22s} plan {want / 2**20:8.1f} MiB  measured {got / 2**20:8.1f} MiB  ({got / want - 1:+.1%})")
     for part, want, got, tol in rows:
         assert abs(got / want - 1) <= tol, f"{part}: plan {want} bytes, measured {got} (tolerance {tol:.0%})"
@@ -93,8 +106,13 @@ def test_plan_for_a_run_config(tmp_path, capsys):
     from score.rl.demo import to_toml
     from tests.helpers.tiny_run import tiny_config
 
-    cfg = tiny_config(tmp_path, optim__prompts_per_step=8, optim__prompts_per_micro_batch=2,
-                      rollout__max_tokens_attempt1=100, rollout__max_tokens_attempt2=50)
+    cfg = tiny_config(
+        tmp_path,
+        optim__prompts_per_step=8,
+        optim__prompts_per_micro_batch=2,
+        rollout__max_tokens_attempt1=100,
+        rollout__max_tokens_attempt2=50,
+    )
     one, two = (M.sizes_for_run(cfg, w, prompt_tokens=30) for w in (1, 2))
     assert one.max_model_len == 180 and one.micro_batch_tokens == 2 * 2 * 180
     assert (one.rollout_seqs, two.rollout_seqs) == (16, 8)  # each rank rolls out its share only

@@ -1,4 +1,5 @@
 """Two-attempt metrics on constructed records, edit distance against the textbook DP, the paper-style table."""
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,8 +16,18 @@ def reference_levenshtein(a, b):
     return row[-1]
 
 
-@pytest.mark.parametrize("a, b, d", [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "", 3), ("", "", 0),
-                                     ("flaw", "lawn", 2), ("héllo", "hello", 1), ("same", "same", 0)])
+@pytest.mark.parametrize(
+    "a, b, d",
+    [
+        ("kitten", "sitting", 3),
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("", "", 0),
+        ("flaw", "lawn", 2),
+        ("héllo", "hello", 1),
+        ("same", "same", 0),
+    ],
+)
 def test_levenshtein_known(a, b, d):
     assert levenshtein(a, b) == d
 
@@ -83,8 +94,24 @@ def test_format_table_like_the_paper():
     table = format_table({"Base model": base, "SCoRe": score}, title="MATH500")
     lines = table.splitlines()
     assert lines[0] == "MATH500"
-    assert [c.strip() for c in lines[1].strip("|").split("|")] == ["Method", "Acc@t1", "Acc@t2", "Δ(t1,t2)", "Δi→c", "Δc→i", "n"]
-    assert [c.strip() for c in lines[3].strip("|").split("|")] == ["Base model", "52.6", "41.4", "-11.2", "4.6", "15.8", "500"]
+    assert [c.strip() for c in lines[1].strip("|").split("|")] == [
+        "Method",
+        "Acc@t1",
+        "Acc@t2",
+        "Δ(t1,t2)",
+        "Δi→c",
+        "Δc→i",
+        "n",
+    ]
+    assert [c.strip() for c in lines[3].strip("|").split("|")] == [
+        "Base model",
+        "52.6",
+        "41.4",
+        "-11.2",
+        "4.6",
+        "15.8",
+        "500",
+    ]
     assert [c.strip() for c in lines[4].strip("|").split("|")] == ["SCoRe", "60.0", "64.4", "+4.4", "5.8", "1.4", "500"]
     with pytest.raises(ValueError, match=r"row 'x' lacks metrics \['delta_c2i'\]"):
         format_table({"x": {k: v for k, v in base.items() if k != "delta_c2i"}})

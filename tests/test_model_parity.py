@@ -4,13 +4,14 @@ Covers every family/option in model_fixtures.VARIANTS (GQA, q/k/v bias, q/k norm
 heads, explicit head_dim, llama3 RoPE), both config spellings, sharded and single-file checkpoints,
 one backward pass, and the packed / engine input layouts against the dense one.
 """
+
 import pytest
 import torch
 
-from tests.helpers.model_fixtures import VARIANTS, load_hf_model, make_hf_checkpoint, rewrite_config_old_style
 from score.model import ModelConfig, Transformer, from_pretrained
 from score.model.attention import causal_attention
 from score.model.loading import hf_to_ours
+from tests.helpers.model_fixtures import VARIANTS, load_hf_model, make_hf_checkpoint, rewrite_config_old_style
 
 LOGIT_TOL = 1e-4  # fp32, issue 2
 GRAD_TOL = 1e-5
@@ -101,8 +102,15 @@ def test_backward_matches_transformers(checkpoints, variant):
 
 def tiny_model(**overrides):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, **overrides)
+    cfg = ModelConfig(
+        vocab_size=80,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        **overrides,
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a skipped norm shows
         for name, p in model.named_parameters():
@@ -127,8 +135,9 @@ def test_packed_forward_equals_per_sequence(arch):
     with torch.no_grad():
         packed = model.hidden_states(flat, cu_seqlens=cu)
         alone = torch.cat([model.hidden_states(s[None])[0] for s in seqs])
-        explicit = model.hidden_states(flat, cu_seqlens=cu, max_seqlen=max(LENGTHS),
-                                       positions=torch.cat([torch.arange(n) for n in LENGTHS]))
+        explicit = model.hidden_states(
+            flat, cu_seqlens=cu, max_seqlen=max(LENGTHS), positions=torch.cat([torch.arange(n) for n in LENGTHS])
+        )
     assert packed.shape == (sum(LENGTHS), model.config.hidden_size)
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(explicit, packed, rtol=0, atol=0)
@@ -141,7 +150,7 @@ def test_packed_backward_equals_per_sequence():
     (packed_model(flat, cu_seqlens=cu) * upstream).sum().backward()
     alone = torch.cat([alone_model(s[None])[0] for s in seqs])
     (alone * upstream).sum().backward()
-    for (name, a), b in zip(packed_model.named_parameters(), alone_model.parameters()):
+    for (name, a), b in zip(packed_model.named_parameters(), alone_model.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -161,8 +170,15 @@ def test_engine_attention_callable_sees_roped_heads():
         packed = model.hidden_states(flat, cu_seqlens=cu)
     torch.testing.assert_close(engine, packed, rtol=0, atol=0)
     n = sum(LENGTHS)
-    assert calls == [(i, (n, cfg.num_attention_heads, cfg.head_dim), (n, cfg.num_key_value_heads, cfg.head_dim),
-                      (n, cfg.num_key_value_heads, cfg.head_dim)) for i in range(cfg.num_hidden_layers)]
+    assert calls == [
+        (
+            i,
+            (n, cfg.num_attention_heads, cfg.head_dim),
+            (n, cfg.num_key_value_heads, cfg.head_dim),
+            (n, cfg.num_key_value_heads, cfg.head_dim),
+        )
+        for i in range(cfg.num_hidden_layers)
+    ]
 
 
 def test_activation_checkpointing_keeps_gradients():
@@ -173,7 +189,7 @@ def test_activation_checkpointing_keeps_gradients():
     _, flat, cu = packed_batch(80)
     plain(flat, cu_seqlens=cu).square().mean().backward()
     ckpt(flat, cu_seqlens=cu).square().mean().backward()
-    for a, b in zip(plain.parameters(), ckpt.parameters()):
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
@@ -196,9 +212,15 @@ def test_bf16_close_to_transformers_bf16(checkpoints):
         (dict(input_ids=torch.zeros(2, 3)), "int64/int32"),
         (dict(input_ids=torch.zeros(4, dtype=torch.long)), "pass cu_seqlens"),
         (dict(input_ids=torch.zeros(4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4])), "int32"),
-        (dict(input_ids=torch.zeros(4, dtype=torch.long), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)), "from 0 to N=4"),
+        (
+            dict(input_ids=torch.zeros(4, dtype=torch.long), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32)),
+            "from 0 to N=4",
+        ),
         (dict(input_ids=torch.zeros(4, dtype=torch.long), attn=lambda *a: None), "needs positions"),
-        (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), "1-D"),
+        (
+            dict(input_ids=torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)),
+            "1-D",
+        ),
     ],
 )
 def test_bad_inputs_are_named(kwargs, message):

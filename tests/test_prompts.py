@@ -1,11 +1,15 @@
 """Two-attempt prompt ids: token-in-token-out, and equal to what the chat template renders."""
+
 import pytest
 
-from tests.helpers.model_fixtures import make_backend_tokenizer, make_chat_tokenizer
 from score.model import Tokenizer, load_tokenizer
 from score.rl.prompts import (
-    CODE_CORRECTION_INSTRUCTION, MATH_CORRECTION_INSTRUCTION, MATH_SYSTEM_PROMPT, PromptBuilder,
+    CODE_CORRECTION_INSTRUCTION,
+    MATH_CORRECTION_INSTRUCTION,
+    MATH_SYSTEM_PROMPT,
+    PromptBuilder,
 )
+from tests.helpers.model_fixtures import make_backend_tokenizer, make_chat_tokenizer
 
 QUESTION = "Solve for x: 3x + 5 = 20."
 # Replies whose tokenisation does not merge across the reply's edges, so encode(text) is what a model
@@ -46,9 +50,14 @@ def test_second_attempt_equals_template_for_user_assistant_user(chat_tokenizer, 
     ids, (start, end) = builder.second_attempt_ids(prompt, attempt1, finish_reason)
 
     expected = tok.apply_chat_template(
-        [{"role": "system", "content": MATH_SYSTEM_PROMPT}, {"role": "user", "content": f"Problem:\n{QUESTION}"},
-         {"role": "assistant", "content": reply}, {"role": "user", "content": MATH_CORRECTION_INSTRUCTION}],
-        add_generation_prompt=True)
+        [
+            {"role": "system", "content": MATH_SYSTEM_PROMPT},
+            {"role": "user", "content": f"Problem:\n{QUESTION}"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": MATH_CORRECTION_INSTRUCTION},
+        ],
+        add_generation_prompt=True,
+    )
     assert ids == expected
     assert ids[: len(prompt)] == prompt and ids[len(prompt) : len(prompt) + len(attempt1)] == attempt1
     assert start == len(prompt) + len(attempt1) and end == len(ids)
@@ -102,7 +111,8 @@ def test_system_prompt_in_user_turn(tmp_path):
     tok = load_tokenizer(make_chat_tokenizer(tmp_path, "qwen"))
     builder = PromptBuilder(tok, chat=True, system_role=False)
     assert builder.first_attempt_messages(QUESTION) == [
-        {"role": "user", "content": f"{MATH_SYSTEM_PROMPT}\n\nProblem:\n{QUESTION}"}]
+        {"role": "user", "content": f"{MATH_SYSTEM_PROMPT}\n\nProblem:\n{QUESTION}"}
+    ]
 
 
 def test_errors(tmp_path):

@@ -1,4 +1,5 @@
 """Metrics JSONL logging (flattening, resume truncation, torn lines), TensorBoard gating, PNG plots."""
+
 import builtins
 import json
 import math
@@ -13,25 +14,46 @@ from score.rl.run_log import MetricsLogger, read_metrics
 
 def test_log_writes_one_flushed_line_per_step(tmp_path):
     logger = MetricsLogger(tmp_path)
-    logger.log(0, {"loss": torch.tensor(0.5), "acc_t1": np.float32(0.25), "n": np.int64(3), "stage": 1,
-                   "skipped": np.bool_(False), "note": None, "eval": {"acc_t2": 0.75}})
+    logger.log(
+        0,
+        {
+            "loss": torch.tensor(0.5),
+            "acc_t1": np.float32(0.25),
+            "n": np.int64(3),
+            "stage": 1,
+            "skipped": np.bool_(False),
+            "note": None,
+            "eval": {"acc_t2": 0.75},
+        },
+    )
     logger.log(1, {"loss": float("nan")})
     # Readable before close: every line is flushed as it is logged.
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1]
     first = {k: v for k, v in records[0].items() if k != "time"}
-    assert first == {"step": 0, "loss": 0.5, "acc_t1": 0.25, "n": 3, "stage": 1, "skipped": False, "note": None,
-                     "eval/acc_t2": 0.75}
+    assert first == {
+        "step": 0,
+        "loss": 0.5,
+        "acc_t1": 0.25,
+        "n": 3,
+        "stage": 1,
+        "skipped": False,
+        "note": None,
+        "eval/acc_t2": 0.75,
+    }
     assert math.isnan(records[1]["loss"])
     logger.close()
 
 
-@pytest.mark.parametrize("step, metrics, message", [
-    (-1, {}, "step must be an int >= 0"),
-    (0, {"x": [1, 2]}, "metric 'x' must be a number, string, bool or None, got list"),
-    (0, {"step": 1}, "reserved"),
-    (0, {3: 1.0}, "metric names must be non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "step, metrics, message",
+    [
+        (-1, {}, "step must be an int >= 0"),
+        (0, {"x": [1, 2]}, "metric 'x' must be a number, string, bool or None, got list"),
+        (0, {"step": 1}, "reserved"),
+        (0, {3: 1.0}, "metric names must be non-empty strings"),
+    ],
+)
 def test_bad_records(tmp_path, step, metrics, message):
     with MetricsLogger(tmp_path) as logger, pytest.raises(ValueError, match=message):
         logger.log(step, metrics)
@@ -69,11 +91,22 @@ def test_tensorboard_without_the_package_says_so(tmp_path, monkeypatch):
 def test_plot_run_writes_pngs(tmp_path):
     with MetricsLogger(tmp_path) as logger:
         for step in range(6):
-            logger.log(step, {"train/acc_t1": 0.3 + 0.01 * step, "train/acc_t2": 0.35 + 0.02 * step,
-                              "train/delta": 0.05 + 0.01 * step, "reward_1": 0.3, "reward_2": 0.4,
-                              "kl_1": 0.01 * step, "kl_2": 0.02 * step})
-        logger.log(6, {"eval/acc_t1": 0.4, "eval/acc_t2": 0.5, "eval/delta": 0.1, "eval/delta_i2c": 0.15,
-                       "eval/delta_c2i": 0.05})
+            logger.log(
+                step,
+                {
+                    "train/acc_t1": 0.3 + 0.01 * step,
+                    "train/acc_t2": 0.35 + 0.02 * step,
+                    "train/delta": 0.05 + 0.01 * step,
+                    "reward_1": 0.3,
+                    "reward_2": 0.4,
+                    "kl_1": 0.01 * step,
+                    "kl_2": 0.02 * step,
+                },
+            )
+        logger.log(
+            6,
+            {"eval/acc_t1": 0.4, "eval/acc_t2": 0.5, "eval/delta": 0.1, "eval/delta_i2c": 0.15, "eval/delta_c2i": 0.05},
+        )
     paths = plot_run(tmp_path / "metrics.jsonl", tmp_path / "plots")
     assert [p.name for p in paths] == ["accuracy.png", "reward_kl.png"]
     for path in paths:

@@ -3,6 +3,7 @@
 Every hostile program must end non-"ok" or harmlessly, within timeout + 1 s, leave no
 process (nothing under the launcher) and no file behind, and leave this process unaffected.
 """
+
 import os
 import socket
 import subprocess
@@ -139,9 +140,11 @@ def test_parent_temp_files_are_not_visible(tmp_path):
 
 def test_writes_outside_the_work_dir_fail(tmp_path):
     targets = [str(tmp_path / "escaped"), "/tmp/score_sandbox_escaped", "/etc/score_sandbox_escaped", "/escaped"]
-    program = "ok = 0\n" + "".join(
-        f"try:\n    open({t!r}, 'w').write('x'); ok += 1\nexcept OSError: pass\n" for t in targets
-    ) + "print(ok)"
+    program = (
+        "ok = 0\n"
+        + "".join(f"try:\n    open({t!r}, 'w').write('x'); ok += 1\nexcept OSError: pass\n" for t in targets)
+        + "print(ok)"
+    )
     r = run(program)
     assert r.status == "ok" and r.stdout == "0\n"
     assert not any(os.path.exists(t) for t in targets)

@@ -1,5 +1,6 @@
 """The sandbox wire protocol is written three times (protocol.h for the C launcher, protocol.py for
 the Python client, zygote.py for the fork server inside the sandbox): the three must agree."""
+
 import ast
 import re
 import shutil
@@ -51,8 +52,9 @@ def zygote_constants() -> dict:
 def test_constants_agree():
     defines = c_defines()
     assert protocol.MAGIC == defines["PROTOCOL_MAGIC"]
-    assert protocol.PROTECTIONS == {name[5:].lower(): bit for name, bit in defines.items()
-                                    if name.startswith("PROT_") and name != "PROT_ALL"}
+    assert protocol.PROTECTIONS == {
+        name[5:].lower(): bit for name, bit in defines.items() if name.startswith("PROT_") and name != "PROT_ALL"
+    }
     assert sum(protocol.PROTECTIONS.values()) == defines["PROT_ALL"]
     for name in ("OUTCOME_EXITED", "OUTCOME_SIGNALED", "FLAG_TIMED_OUT", "FLAG_OUTPUT_LIMIT", "FLAG_SETUP_FAILED"):
         assert getattr(protocol, name) == defines[name], name
@@ -81,7 +83,7 @@ def test_c_layout_has_no_padding_the_python_side_does_not_know_about(tmp_path):
     if cc is None:
         pytest.skip("no C compiler on PATH")
     structs = c_structs()
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "protocol.h"', "int main(void) {"]
+    lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "protocol.h"', "int main(void) {"]
     for name, fields in structs.items():
         lines.append(f'printf("{name} size %zu\\n", sizeof(struct {name}));')
         lines += [f'printf("{name} {f} %zu\\n", offsetof(struct {name}, {f}));' for f, _ in fields]
@@ -89,9 +91,11 @@ def test_c_layout_has_no_padding_the_python_side_does_not_know_about(tmp_path):
     source.write_text("\n".join(lines + ["return 0; }"]))
     binary = tmp_path / "layout"
     subprocess.run([cc, f"-I{SANDBOX}", str(source), "-o", str(binary)], check=True, capture_output=True)
-    measured = {tuple(line.split()[:2]): int(line.split()[2])
-                for line in subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()}
+    measured = {
+        tuple(line.split()[:2]): int(line.split()[2])
+        for line in subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
+    }
     for name, packed in (("hello", protocol.HELLO), ("request", protocol.REQUEST), ("response", protocol.RESPONSE)):
         assert measured[(name, "size")] == packed.size, name
         for i, (field, _) in enumerate(structs[name]):
-            assert measured[(name, field)] == struct.calcsize(packed.format[:i + 1]), (name, field)
+            assert measured[(name, field)] == struct.calcsize(packed.format[: i + 1]), (name, field)

@@ -1,4 +1,5 @@
 """score_loss against hand-computed returns/advantages and a float64 per-token loop reference."""
+
 import math
 
 import pytest
@@ -20,8 +21,26 @@ def kl_value(lp, rf, kind):
     return (r.exp() - r - 1).clamp(-10, 10)
 
 
-def loop_reference(logp, ref, attempt, cu, groups, r1, r2, *, stage, alpha, beta1, beta2, kind, placement,
-                   baseline, normalization, denominator=None, old=None):
+def loop_reference(
+    logp,
+    ref,
+    attempt,
+    cu,
+    groups,
+    r1,
+    r2,
+    *,
+    stage,
+    alpha,
+    beta1,
+    beta2,
+    kind,
+    placement,
+    baseline,
+    normalization,
+    denominator=None,
+    old=None,
+):
     """float64, one trajectory at a time, straight from the table in DESIGN.md §1; autograd for the grad."""
     lp = logp.double().clone().requires_grad_()
     old = lp.detach() if old is None else old.double()
@@ -95,12 +114,21 @@ def run(impl, batch, *, stage=None, alpha=10.0, beta1=0.01, beta2=0.1, **kw):
 @pytest.mark.parametrize("placement", ["kl_in_reward", "kl_loss"])
 def test_matches_loop_reference(impl, stage, placement):
     batch = random_batch(seed=stage * 10 + len(placement))
-    kw = dict(stage=stage, alpha=10.0, beta1=0.01, beta2=0.1, kl_kind="k3", kl_placement=placement,
-              baseline="rloo", normalization="token_mean")
+    kw = dict(
+        stage=stage,
+        alpha=10.0,
+        beta1=0.01,
+        beta2=0.1,
+        kl_kind="k3",
+        kl_placement=placement,
+        baseline="rloo",
+        normalization="token_mean",
+    )
     out, grad = run(impl, batch, **kw)
     assert isinstance(out, ScoreLossOutput)
-    want = loop_reference(*batch, kind="k3", **{k: v for k, v in kw.items() if k not in ("kl_kind", "kl_placement")},
-                          placement=placement)
+    want = loop_reference(
+        *batch, kind="k3", **{k: v for k, v in kw.items() if k not in ("kl_kind", "kl_placement")}, placement=placement
+    )
     for name in ("returns", "advantages", "kl"):
         assert torch.allclose(getattr(out, name).double(), want[name], atol=1e-5), name
     assert math.isclose(float(out.loss.detach()), float(want["loss"]), abs_tol=1e-5)
@@ -113,15 +141,44 @@ def test_sequence_mean_old_logp_and_global_denominator(impl, kind):
     batch = random_batch(seed=5)
     logp = batch[0]
     old = logp + torch.randn(logp.shape[0], generator=torch.Generator().manual_seed(1)) * 0.1
-    kw = dict(stage=2, alpha=3.0, beta1=0.05, beta2=0.2, kl_placement="kl_loss", baseline="rloo",
-              normalization="sequence_mean", loss_denominator=17)
+    kw = dict(
+        stage=2,
+        alpha=3.0,
+        beta1=0.05,
+        beta2=0.2,
+        kl_placement="kl_loss",
+        baseline="rloo",
+        normalization="sequence_mean",
+        loss_denominator=17,
+    )
     out, grad = run(impl, batch, kl_kind=kind, old_logp=old, **kw)
-    want = loop_reference(*batch, kind=kind, stage=2, alpha=3.0, beta1=0.05, beta2=0.2, placement="kl_loss",
-                          baseline="rloo", normalization="sequence_mean", denominator=17, old=old)
+    want = loop_reference(
+        *batch,
+        kind=kind,
+        stage=2,
+        alpha=3.0,
+        beta1=0.05,
+        beta2=0.2,
+        placement="kl_loss",
+        baseline="rloo",
+        normalization="sequence_mean",
+        denominator=17,
+        old=old,
+    )
     if kind == "k3+":  # k3's value, k2's gradient: compare the gradient with the k2 reference
-        want_k2 = loop_reference(*batch, kind="k2", stage=2, alpha=3.0, beta1=0.05, beta2=0.2,
-                                 placement="kl_loss", baseline="rloo", normalization="sequence_mean",
-                                 denominator=17, old=old)
+        want_k2 = loop_reference(
+            *batch,
+            kind="k2",
+            stage=2,
+            alpha=3.0,
+            beta1=0.05,
+            beta2=0.2,
+            placement="kl_loss",
+            baseline="rloo",
+            normalization="sequence_mean",
+            denominator=17,
+            old=old,
+        )
         want["grad"] = want_k2["grad"]
     assert math.isclose(float(out.loss.detach()), float(want["loss"]), abs_tol=1e-5)
     assert torch.allclose(grad.double(), want["grad"], atol=1e-6)
@@ -150,17 +207,25 @@ def hand_batch():
 def test_hand_computed_stage2_kl_in_reward(impl):
     # KL (k1) per trajectory: (0.5, 1.0), (1.5, 0.0), (0.0, 2.0), (1.0, 1.0); beta1 = 0.1, alpha = 10.
     out, grad = run(impl, hand_batch(), stage=2, alpha=10.0, beta1=0.1, beta2=0.5, kl_kind="k1")
-    want_returns = torch.tensor([
-        [0.0 - 0.05, 1 + 10 * (1 - 0) - 0.1],
-        [1.0 - 0.15, 1 + 10 * (1 - 1) - 0.0],
-        [1.0 - 0.00, 0 + 10 * (0 - 1) - 0.2],
-        [0.0 - 0.10, 0 + 10 * (0 - 0) - 0.1],
-    ])
+    want_returns = torch.tensor(
+        [
+            [0.0 - 0.05, 1 + 10 * (1 - 0) - 0.1],
+            [1.0 - 0.15, 1 + 10 * (1 - 1) - 0.0],
+            [1.0 - 0.00, 0 + 10 * (0 - 1) - 0.2],
+            [0.0 - 0.10, 0 + 10 * (0 - 0) - 0.1],
+        ]
+    )
     assert torch.allclose(out.kl, torch.tensor([[0.5, 1.0], [1.5, 0.0], [0.0, 2.0], [1.0, 1.0]]), atol=1e-6)
     assert torch.allclose(out.returns, want_returns, atol=1e-6)
     # k = 2: each advantage is the difference to the only group mate
-    want_adv = torch.stack([want_returns[0] - want_returns[1], want_returns[1] - want_returns[0],
-                            want_returns[2] - want_returns[3], want_returns[3] - want_returns[2]])
+    want_adv = torch.stack(
+        [
+            want_returns[0] - want_returns[1],
+            want_returns[1] - want_returns[0],
+            want_returns[2] - want_returns[3],
+            want_returns[3] - want_returns[2],
+        ]
+    )
     assert torch.allclose(out.advantages, want_adv, atol=1e-6)
     # token_mean over 12 active tokens; context tokens get no gradient
     assert torch.all(grad[torch.tensor([0, 3] * 4) + torch.arange(4).repeat_interleave(2) * 5] == 0)
@@ -197,8 +262,7 @@ def test_hand_computed_stage1_kl_in_reward(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hand_computed_stage2_kl_loss(impl):
-    out, grad = run(impl, hand_batch(), stage=2, alpha=10.0, beta1=0.1, beta2=0.5, kl_kind="k1",
-                    kl_placement="kl_loss")
+    out, grad = run(impl, hand_batch(), stage=2, alpha=10.0, beta1=0.1, beta2=0.5, kl_kind="k1", kl_placement="kl_loss")
     # returns carry no KL: (r1, r2 + 10 (r2 - r1))
     want = torch.tensor([[0.0, 11.0], [1.0, 1.0], [1.0, -10.0], [0.0, 0.0]])
     assert torch.allclose(out.returns, want, atol=1e-6)
@@ -211,12 +275,17 @@ def test_hand_computed_stage2_kl_loss(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hand_computed_coefficients_outside_the_stage_table(impl):
     # Coefficients no stage uses: attempt 1 2 r1 - 0.2 KL1; attempt 2 r2 + 3 (r2 - r1) - 0.4 KL2.
-    out, grad = run(impl, hand_batch(), r1_weight=2.0, progress_bonus=3.0, beta_attempt1=0.2,
-                    beta_attempt2=0.4, kl_kind="k1")
-    want = torch.tensor([[0.0 - 0.1, 1 + 3 * (1 - 0) - 0.4],
-                         [2.0 - 0.3, 1 + 3 * (1 - 1) - 0.0],
-                         [2.0 - 0.0, 0 + 3 * (0 - 1) - 0.8],
-                         [0.0 - 0.2, 0 + 3 * (0 - 0) - 0.4]])
+    out, grad = run(
+        impl, hand_batch(), r1_weight=2.0, progress_bonus=3.0, beta_attempt1=0.2, beta_attempt2=0.4, kl_kind="k1"
+    )
+    want = torch.tensor(
+        [
+            [0.0 - 0.1, 1 + 3 * (1 - 0) - 0.4],
+            [2.0 - 0.3, 1 + 3 * (1 - 1) - 0.0],
+            [2.0 - 0.0, 0 + 3 * (0 - 1) - 0.8],
+            [0.0 - 0.2, 0 + 3 * (0 - 0) - 0.4],
+        ]
+    )
     assert torch.allclose(out.returns, want, atol=1e-6)
     assert math.isclose(float(grad[1]), -float(want[0, 0] - want[1, 0]) / 12, abs_tol=1e-7)
     assert math.isclose(float(grad[4]), -float(want[0, 1] - want[1, 1]) / 12, abs_tol=1e-7)
@@ -273,24 +342,27 @@ def _bad(**override):
     return lambda: score_loss(*args.values(), **kw)
 
 
-@pytest.mark.parametrize("call, match", [
-    (_bad(ref_logp=lambda a: a["ref_logp"][:-1]), "ref_logp has"),
-    (_bad(attempt=lambda a: a["attempt"].float()), "attempt must be an integer"),
-    (_bad(attempt=lambda a: a["attempt"] * 2), "attempt values"),
-    (_bad(cu_seqlens=lambda a: a["cu_seqlens"].long()), "cu_seqlens must be int32"),
-    (_bad(cu_seqlens=lambda a: a["cu_seqlens"] + 1), "cu_seqlens must start at 0"),
-    (_bad(group_ids=lambda a: a["group_ids"].int()), "group_ids must be int64"),
-    (_bad(r1=lambda a: a["r1"][:3]), "r1 has 3"),
-    (_bad(progress_bonus=float("nan")), "progress_bonus must be a finite number"),
-    (_bad(r1_weight="1"), "r1_weight must be a finite number"),
-    (_bad(kl_kind="k5"), "kl_kind"),
-    (_bad(kl_placement="both"), "kl_placement"),
-    (_bad(normalization="sum"), "normalization"),
-    (_bad(beta_attempt1=-1.0), "beta_attempt1 must be >= 0"),
-    (_bad(beta_attempt2=-0.5), "beta_attempt2 must be >= 0"),
-    (_bad(loss_denominator=0), "loss_denominator"),
-    (_bad(ref_logp=lambda a: a["ref_logp"].clone().requires_grad_()), "ref_logp requires grad"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (_bad(ref_logp=lambda a: a["ref_logp"][:-1]), "ref_logp has"),
+        (_bad(attempt=lambda a: a["attempt"].float()), "attempt must be an integer"),
+        (_bad(attempt=lambda a: a["attempt"] * 2), "attempt values"),
+        (_bad(cu_seqlens=lambda a: a["cu_seqlens"].long()), "cu_seqlens must be int32"),
+        (_bad(cu_seqlens=lambda a: a["cu_seqlens"] + 1), "cu_seqlens must start at 0"),
+        (_bad(group_ids=lambda a: a["group_ids"].int()), "group_ids must be int64"),
+        (_bad(r1=lambda a: a["r1"][:3]), "r1 has 3"),
+        (_bad(progress_bonus=float("nan")), "progress_bonus must be a finite number"),
+        (_bad(r1_weight="1"), "r1_weight must be a finite number"),
+        (_bad(kl_kind="k5"), "kl_kind"),
+        (_bad(kl_placement="both"), "kl_placement"),
+        (_bad(normalization="sum"), "normalization"),
+        (_bad(beta_attempt1=-1.0), "beta_attempt1 must be >= 0"),
+        (_bad(beta_attempt2=-0.5), "beta_attempt2 must be >= 0"),
+        (_bad(loss_denominator=0), "loss_denominator"),
+        (_bad(ref_logp=lambda a: a["ref_logp"].clone().requires_grad_()), "ref_logp requires grad"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -1,11 +1,12 @@
 """Tokenizer and chat templates against transformers.AutoTokenizer on tokenizer folders built here."""
+
 import json
 
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
 
-from tests.helpers.model_fixtures import CHAT_STYLES, make_backend_tokenizer, make_chat_tokenizer
 from score.model import Tokenizer, load_tokenizer
+from tests.helpers.model_fixtures import CHAT_STYLES, make_backend_tokenizer, make_chat_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,8 +24,16 @@ CONVERSATIONS = [
         {"role": "user", "content": "again"},
     ],
 ]
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "adds <a> & é",
-                                           "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "adds <a> & é",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module", params=["qwen", "llama3"])
@@ -39,10 +48,15 @@ def test_chat_template_matches_transformers(tokenizer_dir, conversation, add_gen
     path, _ = tokenizer_dir
     hf, ours = transformers.AutoTokenizer.from_pretrained(path), load_tokenizer(path)
     messages = CONVERSATIONS[conversation]
-    want_text = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False)
-    want_ids = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                      tokenize=True, return_dict=False)
-    got_text = ours.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False)
+    want_text = hf.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    want_ids = hf.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+    got_text = ours.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
     got_ids = ours.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt)
     assert got_text == want_text
     assert got_ids == want_ids
@@ -72,8 +86,12 @@ FEATURES_TEMPLATE = """{% set ns = namespace(n=0) %}
 def test_jinja_environment_matches_transformers(tokenizer_dir):
     path, _ = tokenizer_dir
     hf, ours = transformers.AutoTokenizer.from_pretrained(path), load_tokenizer(path)
-    messages = [{"role": "user", "content": "é <x>"}, {"role": "skip", "content": "-"},
-                {"role": "stop", "content": "halt"}, {"role": "user", "content": "never shown"}]
+    messages = [
+        {"role": "user", "content": "é <x>"},
+        {"role": "skip", "content": "-"},
+        {"role": "stop", "content": "halt"},
+        {"role": "user", "content": "never shown"},
+    ]
     want = hf.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tokenize=False)
     assert ours.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE, tokenize=False) == want
     # sanity: the features did something (break, continue, unescaped JSON, stripped block lines)
@@ -83,7 +101,7 @@ def test_jinja_environment_matches_transformers(tokenizer_dir):
 def test_template_errors_are_value_errors(tokenizer_dir):
     path, style = tokenizer_dir
     ours = load_tokenizer(path)
-    bad = ([{"role": "assistant", "content": "hi"}] if style == "llama3" else [{"role": "robot", "content": "hi"}])
+    bad = [{"role": "assistant", "content": "hi"}] if style == "llama3" else [{"role": "robot", "content": "hi"}]
     with pytest.raises(ValueError, match="chat template failed"):
         ours.apply_chat_template(bad)
     with pytest.raises(ValueError, match="non-empty list"):
@@ -116,7 +134,10 @@ def test_save_pretrained_round_trips_through_both_loaders(tokenizer_dir, tmp_pat
     original.save_pretrained(tmp_path)
     again, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert (again.special_tokens, again.eos_token_ids, again.chat_template) == (
-        original.special_tokens, original.eos_token_ids, original.chat_template)
+        original.special_tokens,
+        original.eos_token_ids,
+        original.chat_template,
+    )
     for messages in CONVERSATIONS:
         ids = original.apply_chat_template(messages, add_generation_prompt=True)
         assert again.apply_chat_template(messages, add_generation_prompt=True) == ids
@@ -125,8 +146,9 @@ def test_save_pretrained_round_trips_through_both_loaders(tokenizer_dir, tmp_pat
 
 def test_built_from_a_tokenizers_object():
     backend = make_backend_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                    chat_template=CHAT_STYLES["qwen"]["template"])
+    tok = Tokenizer(
+        backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_STYLES["qwen"]["template"]
+    )
     assert tok.eos_token_ids == [2] and tok.pad_token_id == 0 and tok.bos_token_id is None
     ids = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
@@ -158,8 +180,10 @@ def test_bad_special_token_in_config_is_named(tmp_path):
 def test_named_templates_in_config_use_the_default(tmp_path):
     make_chat_tokenizer(tmp_path, "qwen", template_in_config=True)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools!' }}"},
-                               {"name": "default", "template": config["chat_template"]}]
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "{{ 'tools!' }}"},
+        {"name": "default", "template": config["chat_template"]},
+    ]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
     want = hf.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, tokenize=False)

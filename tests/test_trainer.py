@@ -1,5 +1,6 @@
 """Trainer wiring: returns/advantages per stage and KL placement on a hand-checked batch, packing,
 micro-batch accumulation, NaN skipping, bit-for-bit resume, and a tiny Stage I + Stage II run."""
+
 import copy
 import json
 import math
@@ -9,8 +10,8 @@ import torch
 
 from score.model import from_pretrained
 from score.rl.data import Problem
-from score.rl.rollout import Trajectory
 from score.rl.loss import loss_denominator, micro_batch_loss, micro_batches, pack
+from score.rl.rollout import Trajectory
 from score.rl.schedule import DataOrder, lr_at, stage_of
 from score.rl.trainer import Trainer
 from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parity
@@ -19,17 +20,31 @@ ALPHA, BETA1, BETA2 = 10.0, 0.01, 0.1
 
 
 def traj(group, prompt, a1, ins, a2, r1, r2, base=False):
-    return Trajectory(group=group, problem=Problem("p", "q", "1"), prompt_ids=prompt, attempt1_ids=a1,
-                      attempt1_logprobs=[-1.0] * len(a1), finish1="stop", instruction_ids=ins, attempt2_ids=a2,
-                      attempt2_logprobs=[-1.0] * len(a2), finish2="stop", r1=r1, r2=r2, first_from_base=base)
+    return Trajectory(
+        group=group,
+        problem=Problem("p", "q", "1"),
+        prompt_ids=prompt,
+        attempt1_ids=a1,
+        attempt1_logprobs=[-1.0] * len(a1),
+        finish1="stop",
+        instruction_ids=ins,
+        attempt2_ids=a2,
+        attempt2_logprobs=[-1.0] * len(a2),
+        finish2="stop",
+        r1=r1,
+        r2=r2,
+        first_from_base=base,
+    )
 
 
 def hand_batch():
-    return [traj(0, [5, 6, 7], [8, 9], [10], [11, 12, 13], 1.0, 0.0),
-            traj(0, [5, 6, 7], [14], [10], [15, 16], 0.0, 1.0),
-            traj(0, [5, 6, 7], [17, 18, 19], [10], [20], 0.0, 0.0),
-            traj(1, [21, 22], [23, 24], [25, 26], [27], 1.0, 1.0),
-            traj(1, [21, 22], [28], [25, 26], [29, 30], 0.0, 1.0, base=True)]
+    return [
+        traj(0, [5, 6, 7], [8, 9], [10], [11, 12, 13], 1.0, 0.0),
+        traj(0, [5, 6, 7], [14], [10], [15, 16], 0.0, 1.0),
+        traj(0, [5, 6, 7], [17, 18, 19], [10], [20], 0.0, 0.0),
+        traj(1, [21, 22], [23, 24], [25, 26], [27], 1.0, 1.0),
+        traj(1, [21, 22], [28], [25, 26], [29, 30], 0.0, 1.0, base=True),
+    ]
 
 
 def dense_logp64(model, t):
@@ -87,16 +102,25 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
             adv[i] = expect[i] - expect[others].mean(0)
     torch.testing.assert_close(out.advantages.double(), adv, atol=2e-5, rtol=1e-4)
     # Loss: token mean over attempt tokens of -A (+ per-token KL with kl_loss), checked through its gradient.
-    grad, = torch.autograd.grad(out.loss, logp)
-    a_tok = torch.cat([torch.full((n,), float(adv[s, a - 1])) for s, t in enumerate(trajs)
-                       for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))])
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    a_tok = torch.cat(
+        [
+            torch.full((n,), float(adv[s, a - 1]))
+            for s, t in enumerate(trajs)
+            for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))
+        ]
+    )
     if placement == "kl_in_reward":
         expected_grad = -a_tok.double() / denominator
     else:  # plus beta_t dKL_t/dlogp_t per token; k1 (the config's kl_kind): KL_t = logp_t - ref_t, slope 1
         assert cfg.score.kl_kind == "k1"
-        beta_tok = torch.cat([torch.full((n,), (BETA2 if stage == 1 and a == 1 else BETA1), dtype=torch.float64)
-                              for t in trajs for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)),
-                                                          (2, len(t.attempt2_ids)))])
+        beta_tok = torch.cat(
+            [
+                torch.full((n,), (BETA2 if stage == 1 and a == 1 else BETA1), dtype=torch.float64)
+                for t in trajs
+                for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))
+            ]
+        )
         expected_grad = (-a_tok.double() + beta_tok) / denominator
     torch.testing.assert_close(grad.double(), expected_grad, atol=1e-6, rtol=1e-5)
 
@@ -132,6 +156,7 @@ def test_micro_batches_keep_groups_and_accumulate_to_the_full_batch(models):
 
 def test_schedule_stage_and_data_order():
     from score.rl.config import RunConfig
+
     cfg = RunConfig()
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.score.stage1_steps, cfg.score.stage2_steps = 1.0, 4, 10, 10
     assert [lr_at(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

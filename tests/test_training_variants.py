@@ -1,4 +1,5 @@
 """The paper's ablations as training paths: single-turn RL, STaR in Stage II, no online turn-1 samples."""
+
 import copy
 
 import pytest
@@ -15,10 +16,21 @@ from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parit
 
 
 def traj(group, a1, a2, r1, r2, base=False):
-    return Trajectory(group=group, problem=Problem("p", "q", "1"), prompt_ids=[5, 6], attempt1_ids=a1,
-                      attempt1_logprobs=[-1.0] * len(a1), finish1="stop", instruction_ids=[10] if a2 else [],
-                      attempt2_ids=a2, attempt2_logprobs=[-1.0] * len(a2), finish2="stop" if a2 else "none",
-                      r1=r1, r2=r2, first_from_base=base)
+    return Trajectory(
+        group=group,
+        problem=Problem("p", "q", "1"),
+        prompt_ids=[5, 6],
+        attempt1_ids=a1,
+        attempt1_logprobs=[-1.0] * len(a1),
+        finish1="stop",
+        instruction_ids=[10] if a2 else [],
+        attempt2_ids=a2,
+        attempt2_logprobs=[-1.0] * len(a2),
+        finish2="stop" if a2 else "none",
+        r1=r1,
+        r2=r2,
+        first_from_base=base,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +48,17 @@ def test_star_stage2_trains_only_the_successful_attempts(models):
     cfg, policy, reference = models
     cfg = copy.deepcopy(cfg)
     cfg.score.stage2_update = "star"
-    trajs = [traj(0, [8, 9], [11, 12, 13], 1.0, 0.0), traj(0, [14], [15, 16], 0.0, 1.0),
-             traj(1, [17, 18], [20], 1.0, 1.0), traj(1, [28], [29, 30], 0.0, 1.0, base=True)]
+    trajs = [
+        traj(0, [8, 9], [11, 12, 13], 1.0, 0.0),
+        traj(0, [14], [15, 16], 0.0, 1.0),
+        traj(1, [17, 18], [20], 1.0, 1.0),
+        traj(1, [28], [29, 30], 0.0, 1.0, base=True),
+    ]
     denominator = loss_denominator(trajs, "token_mean", star=True)
     assert denominator == 2 + 2 + 3 + 2  # a base-sampled attempt 1 is never trained, whatever its reward
     batch = pack(trajs, torch.device("cpu"))
     out, logp, _ = micro_batch_loss(policy, reference, batch, cfg, 2, denominator)
-    grad, = torch.autograd.grad(out.loss, logp)
+    (grad,) = torch.autograd.grad(out.loss, logp)
     successful = torch.tensor([1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=torch.float32)  # rows in pack order
     torch.testing.assert_close(grad, -successful / denominator)
     torch.testing.assert_close(out.loss, -(logp.detach() * successful).sum() / denominator)
@@ -56,9 +72,17 @@ def test_star_stage2_trains_only_the_successful_attempts(models):
 def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path, closes):
     cfg, policy, reference = models
     trajectories, _ = two_attempt_rollout(
-        make_engine(cfg, policy), prompt_builder(cfg, load_tokenizer(cfg.model.path)),
-        load_problems(cfg, cfg.data.train)[:2], ParityReward(), k=2,
-        temperature=1.0, max_tokens1=4, max_tokens2=4, seed=0, second_attempt=False)
+        make_engine(cfg, policy),
+        prompt_builder(cfg, load_tokenizer(cfg.model.path)),
+        load_problems(cfg, cfg.data.train)[:2],
+        ParityReward(),
+        k=2,
+        temperature=1.0,
+        max_tokens1=4,
+        max_tokens2=4,
+        seed=0,
+        second_attempt=False,
+    )
     assert all(t.attempt2_ids == [] and t.instruction_ids == [] and t.finish2 == "none" for t in trajectories)
     assert all(t.token_ids == t.prompt_ids + t.attempt1_ids for t in trajectories)
 

@@ -1,7 +1,17 @@
 """Training checkpoints: plain (one process) and sharded (FSDP2, DCP) formats under one store."""
+
 from .plain import load_checkpoint, save_checkpoint
 from .sharded import export_consolidated, full_state_dict, load_sharded, save_sharded
 from .store import checkpoint_dir, latest_checkpoint, list_checkpoints
 
-__all__ = ["checkpoint_dir", "export_consolidated", "full_state_dict", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "load_sharded", "save_checkpoint", "save_sharded"]
+__all__ = [
+    "checkpoint_dir",
+    "export_consolidated",
+    "full_state_dict",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_sharded",
+    "save_checkpoint",
+    "save_sharded",
+]

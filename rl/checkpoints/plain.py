@@ -19,6 +19,7 @@ state. The policy is saved in the dtype it trains in, so resuming reproduces the
 Not covered: RNGs the trainer creates itself (`torch.Generator` objects); keep their seeds or
 positions in the trainer state (the trainer's sampling seeds are keyed on step/prompt/sample).
 """
+
 from __future__ import annotations
 
 import base64
@@ -115,8 +116,10 @@ def _load_weights(model_dir: Path, model: Transformer) -> None:
         for name, tensor in current.items():
             source = loaded[name]
             if source.shape != tensor.shape or source.dtype != tensor.dtype:
-                raise ValueError(f"{model_dir}: {name} is {source.dtype} {list(source.shape)} in the checkpoint, "
-                                 f"{tensor.dtype} {list(tensor.shape)} in the model")
+                raise ValueError(
+                    f"{model_dir}: {name} is {source.dtype} {list(source.shape)} in the checkpoint, "
+                    f"{tensor.dtype} {list(tensor.shape)} in the model"
+                )
             tensor.copy_(source)
 
 
@@ -151,8 +154,12 @@ def _optimizer_to_files(model, optimizer) -> tuple[dict, dict]:
             else:
                 plain[key] = list(value) if isinstance(value, tuple) else value
         groups.append(plain)
-    meta = {"class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars,
-            "param_names": _param_names(model, optimizer)}
+    meta = {
+        "class": type(optimizer).__name__,
+        "param_groups": groups,
+        "scalars": scalars,
+        "param_names": _param_names(model, optimizer),
+    }
     _check_json(meta, "optimizer state")
     return tensors, meta
 
@@ -162,8 +169,10 @@ def _optimizer_from_files(path: Path, meta: dict, model, optimizer) -> None:
         raise ValueError(f"{path}: optimizer state is for {meta['class']}, got a {type(optimizer).__name__}")
     names = _param_names(model, optimizer)
     if names != meta["param_names"]:
-        raise ValueError(f"{path}: the optimizer's parameters (by group, in order) differ from the checkpoint's; "
-                         f"first group sizes {[len(g) for g in names]} vs {[len(g) for g in meta['param_names']]}")
+        raise ValueError(
+            f"{path}: the optimizer's parameters (by group, in order) differ from the checkpoint's; "
+            f"first group sizes {[len(g) for g in names]} vs {[len(g) for g in meta['param_names']]}"
+        )
     file = path / OPTIMIZER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: missing {OPTIMIZER_FILE}")
@@ -217,9 +226,11 @@ def _set_rng_state(rng: dict) -> None:
     torch.set_rng_state(_tensor(rng["torch"]))
     if rng["cuda"]:
         if not torch.cuda.is_available() or torch.cuda.device_count() != len(rng["cuda"]):
-            raise ValueError(f"checkpoint holds RNG states of {len(rng['cuda'])} CUDA devices, this process sees "
-                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
-                             "pass restore_rng=False to resume without them (not bit-identical)")
+            raise ValueError(
+                f"checkpoint holds RNG states of {len(rng['cuda'])} CUDA devices, this process sees "
+                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; "
+                "pass restore_rng=False to resume without them (not bit-identical)"
+            )
         torch.cuda.set_rng_state_all([_tensor(s) for s in rng["cuda"]])
 
 

@@ -18,6 +18,7 @@ and transformers load. Every rank must call it (the gather is a collective); onl
 
 Not done: async saving (dcp.async_save) and checkpoints of the engine's KV cache (rebuilt on resume).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,13 +57,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_sharded(run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                 *, keep_last: int | None = 3) -> Path:
+def save_sharded(
+    run_dir, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, *, keep_last: int | None = 3
+) -> Path:
     """Every rank calls this; returns `run_dir/checkpoints/step_XXXXXXXX.dcp`. `state` must be JSON-able."""
     check_save_arguments(step, keep_last)
     try:
-        state_json = json.dumps({**state, "step": step, "world_size": dist.get_world_size() if _is_dist() else 1},
-                                indent=2, sort_keys=True)
+        state_json = json.dumps(
+            {**state, "step": step, "world_size": dist.get_world_size() if _is_dist() else 1}, indent=2, sort_keys=True
+        )
     except TypeError as exc:
         raise ValueError(f"trainer state must be JSON-serialisable: {exc}") from None
     final = checkpoint_dir(run_dir, step, KIND)

@@ -7,6 +7,7 @@ format never sees the other. A checkpoint is complete when its `trainer_state.js
 formats write that file last into a temporary folder that is renamed into place
 (score.model.files.commit_folder, which also replaces an existing step the same way for both).
 """
+
 from __future__ import annotations
 
 import re

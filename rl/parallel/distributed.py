@@ -36,6 +36,7 @@ Nothing is keyed on the rank: sampling seeds come from (step, global prompt inde
 Not done: multi-node (one node of up to 8 GPUs is the target), tensor/sequence parallelism, and
 overlapping rollouts of one rank with training of another.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,10 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
     disappears without the launcher noticing turns into an error, not a hang."""
     missing = [name for name in _TORCHRUN_VARS if name not in os.environ]
     if missing:
-        raise ValueError(f"init_distributed needs the torchrun environment; missing {', '.join(missing)} (start "
-                         "with `torchrun --nproc_per_node=G -m score.rl.cli train ...` or `score train --nproc G`)")
+        raise ValueError(
+            f"init_distributed needs the torchrun environment; missing {', '.join(missing)} (start "
+            "with `torchrun --nproc_per_node=G -m score.rl.cli train ...` or `score train --nproc G`)"
+        )
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
     if timeout_s <= 0:
@@ -97,8 +100,10 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     if dist.get_world_size() != world or dist.get_rank() != rank:
-        raise RuntimeError(f"process group (rank {dist.get_rank()}/{dist.get_world_size()}) disagrees with "
-                           f"the environment (RANK={rank}, WORLD_SIZE={world})")
+        raise RuntimeError(
+            f"process group (rank {dist.get_rank()}/{dist.get_world_size()}) disagrees with "
+            f"the environment (RANK={rank}, WORLD_SIZE={world})"
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (world,))
@@ -158,8 +163,10 @@ def shard_policy(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype |
     (its state then lives on the shards). `compute_dtype` None: bf16 on GPU, fp32 on CPU."""
     if any(p.dtype != torch.float32 for p in model.parameters()):
         dtypes = sorted({str(p.dtype) for p in model.parameters()})
-        raise ValueError(f"the policy's master weights must be float32 (got {dtypes}); load it with "
-                         "dtype=float32 and let compute_dtype choose bf16 for the forward/backward")
+        raise ValueError(
+            f"the policy's master weights must be float32 (got {dtypes}); load it with "
+            "dtype=float32 and let compute_dtype choose bf16 for the forward/backward"
+        )
     mp_policy, _ = _mp_policy(env, compute_dtype)
     _shard(model, env, mp_policy)
     # Sum, do not average: each rank divides its loss by the global denominator itself. Forced sum
@@ -170,8 +177,9 @@ def shard_policy(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype |
     return model
 
 
-def shard_reference(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype | None = None,
-                    cpu_offload: bool = False) -> nn.Module:
+def shard_reference(
+    model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype | None = None, cpu_offload: bool = False
+) -> nn.Module:
     """Frozen reference: no grad, eval, stored in the compute dtype and sharded like the policy.
     `cpu_offload` keeps its shards in pinned host memory and copies each layer in for its forward
     (GPU only; saves 2 x params / world bytes of GPU memory, costs a host-to-device copy per step)."""
@@ -187,8 +195,9 @@ def shard_reference(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtyp
     return _shard(model, env, MixedPrecisionPolicy(), CPUOffloadPolicy() if cpu_offload else None)
 
 
-def sharded_from_pretrained(path, env: DistEnv, *, compute_dtype: torch.dtype | None = None,
-                            reference_cpu_offload: bool = False) -> tuple[nn.Module, nn.Module]:
+def sharded_from_pretrained(
+    path, env: DistEnv, *, compute_dtype: torch.dtype | None = None, reference_cpu_offload: bool = False
+) -> tuple[nn.Module, nn.Module]:
     """(policy, reference) of an HF folder, loaded straight into FSDP2 shards.
 
     Every rank builds both models on the meta device and shards them (`shard_policy`,
@@ -276,8 +285,10 @@ def shard_groups(num_groups: int, env: DistEnv | None) -> range:
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
     if num_groups % world:
-        raise ValueError(f"{num_groups} prompts per step cannot be split evenly over {world} ranks; "
-                         f"use a multiple of {world} (e.g. {num_groups + world - num_groups % world})")
+        raise ValueError(
+            f"{num_groups} prompts per step cannot be split evenly over {world} ranks; "
+            f"use a multiple of {world} (e.g. {num_groups + world - num_groups % world})"
+        )
     per_rank = num_groups // world
     return range(rank * per_rank, (rank + 1) * per_rank)
 

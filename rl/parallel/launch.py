@@ -14,6 +14,7 @@ survivors' next collective then fails after the process-group timeout (`init_dis
 `python -m score.rl.parallel.launch --nproc G train ...` is the same from the shell. Not done: multi-node
 rendezvous (use torchrun's own --nnodes/--rdzv-* flags directly for that).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,15 @@ def launch(nproc: int, args: list[str], *, module: str = "score.rl.cli") -> int:
     if not module or not isinstance(module, str):
         raise ValueError(f"module must be a module name, got {module!r}")
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone: a free local port
-        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone: a free local port
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
@@ -80,8 +87,10 @@ def _how(failure) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m score.rl.parallel.launch",
-                                     description="Run `score <command> ...` on N local processes (torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="python -m score.rl.parallel.launch",
+        description="Run `score <command> ...` on N local processes (torchrun).",
+    )
     parser.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this node")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the score command line, e.g. train --config F")
     ns = parser.parse_args(argv)

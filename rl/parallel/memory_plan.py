@@ -25,6 +25,7 @@ What is counted (P = parameters, W = GPUs, b = bytes of the compute dtype: 2 for
 Not counted: the Python/CUDA runtime itself (in the reserve), CPU memory, the tokenizer and data.
 On CPU (tests/test_memory_plan.py) the same formulas with b = 4 are checked against measured RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,22 +42,62 @@ TILE_ELEMENTS = 1 << 24  # fused_linear_logprob's logits tile (kernels/fused_lin
 
 # Published HF shapes of the models users train (config.json values).
 MODELS: dict[str, ModelConfig] = {
-    "Qwen2.5-0.5B": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                                max_position_embeddings=32768, architecture="Qwen2ForCausalLM"),
-    "Qwen2.5-1.5B": ModelConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                                max_position_embeddings=32768, architecture="Qwen2ForCausalLM"),
-    "Qwen2.5-3B": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                              num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                              max_position_embeddings=32768, architecture="Qwen2ForCausalLM"),
-    "Qwen2.5-7B": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                              num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
-                              max_position_embeddings=32768, architecture="Qwen2ForCausalLM"),
-    "Llama-3.1-8B": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-                                max_position_embeddings=131072, rope_theta=500000.0,
-                                architecture="LlamaForCausalLM"),
+    "Qwen2.5-0.5B": ModelConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        architecture="Qwen2ForCausalLM",
+    ),
+    "Qwen2.5-1.5B": ModelConfig(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        architecture="Qwen2ForCausalLM",
+    ),
+    "Qwen2.5-3B": ModelConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        architecture="Qwen2ForCausalLM",
+    ),
+    "Qwen2.5-7B": ModelConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        architecture="Qwen2ForCausalLM",
+    ),
+    "Llama-3.1-8B": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        architecture="LlamaForCausalLM",
+    ),
 }
 WORLD_SIZES = (1, 2, 4, 8)
 
@@ -157,8 +198,7 @@ class MemoryPlan:
         return max(0, rest // self.bytes["kv_per_token"])
 
 
-def plan(cfg: ModelConfig, world_size: int, sizes: TrainingSizes = TrainingSizes(), name: str = "model"
-         ) -> MemoryPlan:
+def plan(cfg: ModelConfig, world_size: int, sizes: TrainingSizes = TrainingSizes(), name: str = "model") -> MemoryPlan:
     """Per-GPU bytes of each component for `cfg` trained on `world_size` GPUs."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -207,8 +247,10 @@ def _gib(x: int) -> str:
 
 def format_plans(plans: list[MemoryPlan]) -> str:
     """A markdown table: one row per (model, GPUs), GiB per GPU."""
-    head = ("| model | params | GPUs | weights fp32 | grads fp32 | AdamW | reference | KV pool | "
-            "rollout: +gathered | train: +FSDP+saved+bwd | peak | fits | KV tokens that fit |")
+    head = (
+        "| model | params | GPUs | weights fp32 | grads fp32 | AdamW | reference | KV pool | "
+        "rollout: +gathered | train: +FSDP+saved+bwd | peak | fits | KV tokens that fit |"
+    )
     lines = [head, "|" + "---|" * 13]
     for m in plans:
         b = m.bytes
@@ -216,20 +258,24 @@ def format_plans(plans: list[MemoryPlan]) -> str:
             f"| {m.name} | {m.params / 1e9:.2f}B | {m.world_size} | {_gib(b['policy'])} | {_gib(b['grads'])} | "
             f"{_gib(b['adam'])} | {_gib(b['reference'])} | {_gib(b['kv_cache'])} | {_gib(m.rollout_extra)} | "
             f"{_gib(b['fsdp_working_set'])}+{_gib(b['activations'])}+{_gib(b['backward_peak'])} | {_gib(m.peak)} | "
-            f"{'yes' if m.fits else 'NO'} | {m.kv_tokens_that_fit:,} |")
+            f"{'yes' if m.fits else 'NO'} | {m.kv_tokens_that_fit:,} |"
+        )
     return "\n".join(lines)
 
 
 def describe(sizes: TrainingSizes) -> str:
-    return (f"GiB per GPU of {sizes.gpu_gib:g} GiB ({sizes.reserve_gib:g} reserved); micro-batch "
-            f"{sizes.micro_batch_tokens} tokens, activation checkpointing "
-            f"{'on' if sizes.activation_checkpointing else 'off'}; KV pool {sizes.rollout_seqs} seqs x "
-            f"{sizes.max_model_len} tokens; compute dtype {'bf16' if sizes.compute_bytes == 2 else 'fp32'}; "
-            f"reference {'CPU-offloaded' if sizes.reference_offload else 'on GPU'}")
+    return (
+        f"GiB per GPU of {sizes.gpu_gib:g} GiB ({sizes.reserve_gib:g} reserved); micro-batch "
+        f"{sizes.micro_batch_tokens} tokens, activation checkpointing "
+        f"{'on' if sizes.activation_checkpointing else 'off'}; KV pool {sizes.rollout_seqs} seqs x "
+        f"{sizes.max_model_len} tokens; compute dtype {'bf16' if sizes.compute_bytes == 2 else 'fp32'}; "
+        f"reference {'CPU-offloaded' if sizes.reference_offload else 'on GPU'}"
+    )
 
 
-def print_plan(cfg: ModelConfig, sizes: TrainingSizes = TrainingSizes(), world_sizes=WORLD_SIZES,
-               name: str = "model", file=None) -> list[MemoryPlan]:
+def print_plan(
+    cfg: ModelConfig, sizes: TrainingSizes = TrainingSizes(), world_sizes=WORLD_SIZES, name: str = "model", file=None
+) -> list[MemoryPlan]:
     """Print the plan of one model on each world size; returns the plans."""
     plans = [plan(cfg, w, sizes, name) for w in world_sizes]
     print(describe(sizes), file=file or sys.stdout)
@@ -247,20 +293,29 @@ def sizes_for_run(cfg, world_size: int, prompt_tokens: int, base: TrainingSizes 
     seq_len = prompt_tokens + r.max_tokens_attempt1 + r.max_tokens_attempt2
     per_rank = -(-o.prompts_per_step // world_size)  # the trajectories one rank rolls out per step
     return dataclasses.replace(
-        base, micro_batch_tokens=min(o.prompts_per_micro_batch, per_rank) * k * seq_len,
+        base,
+        micro_batch_tokens=min(o.prompts_per_micro_batch, per_rank) * k * seq_len,
         activation_checkpointing=cfg.model.activation_checkpointing,
-        rollout_seqs=min(r.max_num_seqs, per_rank * k), max_model_len=seq_len,
+        rollout_seqs=min(r.max_num_seqs, per_rank * k),
+        max_model_len=seq_len,
         reference_offload=cfg.model.reference_cpu_offload,
-        reference_rollouts=cfg.score.base_first_attempt_mix > 0)
+        reference_rollouts=cfg.score.base_first_attempt_mix > 0,
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m score.rl.parallel.memory_plan",
-                                     description="Per-GPU memory of FSDP2 SCoRe training (see docs/memory_plan.md)")
+    parser = argparse.ArgumentParser(
+        prog="python -m score.rl.parallel.memory_plan",
+        description="Per-GPU memory of FSDP2 SCoRe training (see docs/memory_plan.md)",
+    )
     parser.add_argument("--model", help="HF model folder (config.json); default: the 0.5B-8B reference table")
     parser.add_argument("--config", help="a `score train` run config (TOML): model, batch, budgets and options from it")
-    parser.add_argument("--prompt-tokens", type=int, default=512,
-                        help="with --config: longest prompt + correction instruction, in tokens")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=512,
+        help="with --config: longest prompt + correction instruction, in tokens",
+    )
     parser.add_argument("--nproc", type=int, nargs="+", default=list(WORLD_SIZES), help="GPU counts to show")
     defaults = TrainingSizes()
     parser.add_argument("--micro-batch-tokens", type=int, default=defaults.micro_batch_tokens)
@@ -271,10 +326,14 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-gib", type=float, default=defaults.gpu_gib)
     ns = parser.parse_args(argv)
     try:
-        sizes = TrainingSizes(micro_batch_tokens=ns.micro_batch_tokens, rollout_seqs=ns.rollout_seqs,
-                              max_model_len=ns.max_model_len,
-                              activation_checkpointing=not ns.no_activation_checkpointing,
-                              reference_offload=ns.reference_offload, gpu_gib=ns.gpu_gib)
+        sizes = TrainingSizes(
+            micro_batch_tokens=ns.micro_batch_tokens,
+            rollout_seqs=ns.rollout_seqs,
+            max_model_len=ns.max_model_len,
+            activation_checkpointing=not ns.no_activation_checkpointing,
+            reference_offload=ns.reference_offload,
+            gpu_gib=ns.gpu_gib,
+        )
         run = None
         if ns.config:
             from ..config import load_config

@@ -6,6 +6,7 @@ this rank's share of a step's prompt groups, sums, maxima and gathers of statist
 clipping, checkpoints and the final export. `SingleProcess` does each the plain way; `FSDP2`
 shards, all-gathers and reduces (distributed.py). The trainer never asks which one it has.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -169,8 +170,12 @@ class FSDP2:
         # fp32 master weights (an lr of 5e-6 is below bf16's resolution); compute in model.dtype, or in
         # bf16 on GPU when autocast_bf16 is on.
         bf16 = cfg.model.dtype == "bfloat16" or (self.device.type == "cuda" and cfg.model.autocast_bf16)
-        return D.sharded_from_pretrained(cfg.model.path, self.env, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                         reference_cpu_offload=cfg.model.reference_cpu_offload)
+        return D.sharded_from_pretrained(
+            cfg.model.path,
+            self.env,
+            compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+            reference_cpu_offload=cfg.model.reference_cpu_offload,
+        )
 
     @contextlib.contextmanager
     def generation(self, *models):
@@ -215,8 +220,10 @@ class FSDP2:
             return int(load_sharded(sharded, policy, optimizer)["step"])
         plain = latest_checkpoint(run_dir, "plain")
         if plain is not None:
-            raise ValueError(f"--resume: {plain} was written by a single-process run; resume it without "
-                             "torchrun/--nproc (multi-process runs resume from their sharded checkpoints)")
+            raise ValueError(
+                f"--resume: {plain} was written by a single-process run; resume it without "
+                "torchrun/--nproc (multi-process runs resume from their sharded checkpoints)"
+            )
         raise _nothing_to_resume(run_dir)
 
     def export(self, policy, folder):

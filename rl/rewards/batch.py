@@ -8,6 +8,7 @@
 - "code": every unit test of the problem passes in the sandbox (`problem.meta["code"]` holds the
   HumanEval/MBPP problem dict).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -46,10 +47,15 @@ class BatchReward:
 
         missing = [p.id for p in problems if "code" not in p.meta]
         if missing:
-            raise ValueError("code rewards need problem.meta['code'] (a HumanEval/MBPP dict); "
-                             f"missing for {missing[:3]}")
-        return [float(r) for r in code_rewards(list(texts), [p.meta["code"] for p in problems],
-                                               timeout_s=self.timeout_s, memory_mb=self.memory_mb)]
+            raise ValueError(
+                f"code rewards need problem.meta['code'] (a HumanEval/MBPP dict); missing for {missing[:3]}"
+            )
+        return [
+            float(r)
+            for r in code_rewards(
+                list(texts), [p.meta["code"] for p in problems], timeout_s=self.timeout_s, memory_mb=self.memory_mb
+            )
+        ]
 
     def close(self) -> None:
         if self._grader is not None:

@@ -4,6 +4,7 @@ package) and MBPP-format JSONL files. Formats: see score.rl.rewards.code_reward.
 Nothing is downloaded: HumanEval comes from the installed package's data file; MBPP is
 read from a file the user provides (one JSON object per line, as the MBPP release ships).
 """
+
 from pathlib import Path
 
 from ..data import read_jsonl_objects

@@ -29,6 +29,7 @@ The completion's program is the content of its first markdown code fence tagged 
 an unterminated fence's remainder (a generation cut at max_tokens), or else the raw text.
 Not done: partial credit per test (the paper's reward is binary).
 """
+
 import re
 import secrets
 
@@ -68,7 +69,7 @@ def extract_program(completion: str, entry_point: str = None) -> str:
 
 
 def problem_format(problem) -> str:
-    """"humaneval" or "mbpp"; ValueError naming the missing keys otherwise."""
+    """ "humaneval" or "mbpp"; ValueError naming the missing keys otherwise."""
     if not isinstance(problem, dict):
         raise ValueError(f"problem must be a dict, got {type(problem).__name__}")
     if all(k in problem for k in ("prompt", "test", "entry_point")):
@@ -118,16 +119,18 @@ def _passed(result, marker: str) -> float:
     return 1.0 if result.status == "ok" and result.stdout.endswith(marker + "\n") else 0.0
 
 
-def code_reward(completion: str, problem: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                memory_mb: int = DEFAULT_MEMORY_MB) -> float:
+def code_reward(
+    completion: str, problem: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB
+) -> float:
     """1.0 if the completion's program passes all of `problem`'s tests in the sandbox, else 0.0."""
     marker = secrets.token_hex(16)
     program = build_program(completion, problem, pass_marker=marker)
     return _passed(default_pool().execute(program, timeout_s=timeout_s, memory_mb=memory_mb), marker)
 
 
-def code_rewards(completions, problems, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 memory_mb: int = DEFAULT_MEMORY_MB, pool=None) -> list:
+def code_rewards(
+    completions, problems, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB, pool=None
+) -> list:
     """`code_reward` for many (completion, problem) pairs at once, on every sandbox worker."""
     completions, problems = list(completions), list(problems)
     if len(completions) != len(problems):

@@ -21,6 +21,7 @@ Every outcome is counted by status: correct, incorrect, no_answer, parse_failure
 answer did not parse), reference_parse_failure, timeout, error. Anything but "correct" gives 0;
 nothing raises out of grading.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,8 @@ except ImportError:  # loaded by file path inside a grading worker, outside the 
     import importlib.util
 
     _spec = importlib.util.spec_from_file_location(
-        "_score_rl_data", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py"))
+        "_score_rl_data", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    )
     _data = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = _data  # dataclasses look their module up in sys.modules
     _spec.loader.exec_module(_data)
@@ -72,7 +74,7 @@ def extract_final_answer(text: str) -> str | None:
         raise ValueError(f"extract_final_answer expects a str, got {type(text).__name__}")
     matches = list(_FINAL_ANSWER.finditer(text))
     if matches:
-        rest = text[matches[-1].end():]
+        rest = text[matches[-1].end() :]
         hope = _HOPE.search(rest)
         candidate = rest[: hope.start()] if hope else rest.split("\n", 1)[0]
         candidate = _strip_answer(candidate)
@@ -142,8 +144,10 @@ def _grade_unbounded(completion: str, reference: str) -> Grade:
 def grade_in_main_thread(completion: str, reference: str, timeout_s: float) -> Grade:
     """Grade in this process under a SIGALRM deadline; only valid on the main thread."""
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("in-process grading uses SIGALRM and must run on the main thread; "
-                           "use MathGrader(workers>=1) from other threads")
+        raise RuntimeError(
+            "in-process grading uses SIGALRM and must run on the main thread; "
+            "use MathGrader(workers>=1) from other threads"
+        )
     _quiet_math_verify_logs()
 
     def on_alarm(signum, frame):
@@ -180,7 +184,10 @@ class _Worker:
     def __init__(self):
         self.process = subprocess.Popen(
             [sys.executable, "-c", _WORKER_BOOTSTRAP, os.path.abspath(__file__)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            bufsize=0,
         )
         self.reader = self.process.stdout
         self.index: int | None = None  # item in flight
@@ -193,8 +200,9 @@ class _Worker:
             line = self.reader.readline() if selector.select(timeout=timeout_s) else b""
         if line.strip() != b"ready":
             self.kill()
-            raise RuntimeError(f"math grading worker failed to start (exit code {self.process.returncode}); "
-                               "see its stderr above")
+            raise RuntimeError(
+                f"math grading worker failed to start (exit code {self.process.returncode}); see its stderr above"
+            )
 
     def send(self, index: int, completion: str, reference: str, timeout_s: float, kill_grace_s: float) -> None:
         line = json.dumps({"c": completion, "r": reference, "t": timeout_s}) + "\n"
@@ -261,7 +269,9 @@ class MathGrader:
             if self._closed:
                 raise RuntimeError("MathGrader is closed")
             if self.workers == 0:
-                grades = [grade_in_main_thread(c, r, self.timeout_s) for c, r in zip(completions, references, strict=True)]
+                grades = [
+                    grade_in_main_thread(c, r, self.timeout_s) for c, r in zip(completions, references, strict=True)
+                ]
             else:
                 grades = self._grade_in_workers(completions, references)
             self.counts.update(g.status for g in grades)

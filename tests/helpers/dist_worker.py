@@ -16,6 +16,7 @@ Modes (argv[1]):
   train   CONFIG OUT [resume]  the SCoRe Trainer itself (what `score train --nproc G` runs), rewarded by
           tiny_run.ParityReward so that the untrained test model gets a learning signal
 """
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,23 @@ from safetensors.torch import save_file
 
 from score.kernels import fused_linear_logprob
 from score.model import ModelConfig, Transformer
-from score.rl.parallel import distributed as D
 from score.rl.checkpoints import export_consolidated, full_state_dict, load_sharded, save_sharded
+from score.rl.parallel import distributed as D
 
 # Odd vocab and tied head: uneven shards, and the embedding serves as the output head. No q/k/v
 # bias: a key bias has an exactly zero gradient (softmax ignores a per-query constant), so its
 # "gradient" is rounding noise that Adam's normalisation turns into +-lr steps on any world size.
-CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=True, architecture="LlamaForCausalLM",
-              max_position_embeddings=128)
+CONFIG = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    architecture="LlamaForCausalLM",
+    max_position_embeddings=128,
+)
 GROUPS, SAMPLES = 4, 2
 PROMPTS = [[5, 9, 14, 3], [7, 7, 1]]
 
@@ -133,15 +142,27 @@ def run2(out: str, steps: int, save_at: int) -> None:
     mixed_norm = train_step(mixed, make_optimizer(mixed), 0, env)
     with D.unsharded(mixed):
         gathered = str(mixed.layers[0].mlp.up_proj.weight.dtype)
-    mixed_dtypes = {"master": str(mixed.layers[0].mlp.up_proj.weight.dtype),
-                    "grad": str(mixed.layers[0].mlp.up_proj.weight.grad.dtype), "gathered": gathered}
+    mixed_dtypes = {
+        "master": str(mixed.layers[0].mlp.up_proj.weight.dtype),
+        "grad": str(mixed.layers[0].mlp.up_proj.weight.grad.dtype),
+        "gathered": gathered,
+    }
     if env.is_main:
-        save_file({"logits": logits.contiguous(), "ref_logp": ref_logp.contiguous()},
-                  os.path.join(out, "unsharded_logits.safetensors"))
+        save_file(
+            {"logits": logits.contiguous(), "ref_logp": ref_logp.contiguous()},
+            os.path.join(out, "unsharded_logits.safetensors"),
+        )
         with open(os.path.join(out, "run2.json"), "w") as f:
-            json.dump({"norms": norms, "tokens": [o[0].token_ids for o in outs], "mixed_norm": mixed_norm,
-                       "mixed_dtypes": mixed_dtypes,
-                       "resharded_after_generation": sharded_after}, f)
+            json.dump(
+                {
+                    "norms": norms,
+                    "tokens": [o[0].token_ids for o in outs],
+                    "mixed_norm": mixed_norm,
+                    "mixed_dtypes": mixed_dtypes,
+                    "resharded_after_generation": sharded_after,
+                },
+                f,
+            )
     D.shutdown()
 
 
@@ -175,12 +196,12 @@ def fail(exit_rank: int) -> None:
 
 def train(config: str, out: str, resume: bool) -> None:
     from score.rl.config import load_config
+    from score.rl.parallel.seam import FSDP2
     from tests.helpers.tiny_run import trainer_with_parity
 
-    from score.rl.parallel.seam import FSDP2
-
-    trainer = trainer_with_parity(load_config(config, []), out, resume=resume,
-                                  parallel=FSDP2(D.init_distributed("cpu")))
+    trainer = trainer_with_parity(
+        load_config(config, []), out, resume=resume, parallel=FSDP2(D.init_distributed("cpu"))
+    )
     try:
         trainer.fit()
     finally:

@@ -5,6 +5,7 @@ backward, gradients kept), `adam` (first AdamW step: exp_avg, exp_avg_sq), `refe
 copy), `activations` (the rise of peak RSS during one forward+backward of `tokens` tokens with every
 buffer above already allocated), for ModelConfig(**json.loads(argv[1])) and argv[2] tokens.
 """
+
 import gc
 import json
 import resource

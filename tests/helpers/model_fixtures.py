@@ -3,6 +3,7 @@
 Shared by the model tests and anyone else who needs a real checkpoint folder: transformers itself
 writes the files, so loading them exercises the exact layout HF checkpoints have.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,32 @@ import os
 import torch
 
 # One tiny config per family/option the decoder supports. Values are HF config.json fields.
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=128)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 
 VARIANTS = {
     "llama": dict(architecture="LlamaForCausalLM", num_key_value_heads=4),
     "llama_gqa_tied": dict(architecture="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
-    "llama_bias_head_dim": dict(architecture="LlamaForCausalLM", num_key_value_heads=2, attention_bias=True, head_dim=24),
+    "llama_bias_head_dim": dict(
+        architecture="LlamaForCausalLM", num_key_value_heads=2, attention_bias=True, head_dim=24
+    ),
     "llama3_rope": dict(
-        architecture="LlamaForCausalLM", num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32},
+        architecture="LlamaForCausalLM",
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
     ),
     "qwen2_gqa_bias_tied": dict(architecture="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
     "qwen2_untied": dict(architecture="Qwen2ForCausalLM", num_key_value_heads=1, rope_theta=1000000.0),
@@ -36,8 +52,11 @@ def hf_config(variant: str, **overrides):
 
     spec = {**TINY, **VARIANTS[variant], **overrides}
     arch = spec.pop("architecture")
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+    config_cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
     rope_theta = spec.pop("rope_theta", 10000.0)
     rope = spec.pop("rope_scaling", None) or {"rope_type": "default"}
     spec["rope_parameters"] = {**rope, "rope_theta": rope_theta}
@@ -178,13 +197,20 @@ LLAMA3_STYLE_TEMPLATE = """{{- bos_token }}
 """
 
 CHAT_STYLES = {
-    "qwen": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=QWEN_STYLE_TEMPLATE,
-                 config=dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
-                 generation_eos=["<|im_end|>", "<|endoftext|>"], add_bos=False),
-    "llama3": dict(specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                             "<|eot_id|>"], template=LLAMA3_STYLE_TEMPLATE,
-                   config=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None),
-                   generation_eos=["<|end_of_text|>", "<|eot_id|>"], add_bos=True),
+    "qwen": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        template=QWEN_STYLE_TEMPLATE,
+        config=dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+        generation_eos=["<|im_end|>", "<|endoftext|>"],
+        add_bos=False,
+    ),
+    "llama3": dict(
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        template=LLAMA3_STYLE_TEMPLATE,
+        config=dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None),
+        generation_eos=["<|end_of_text|>", "<|eot_id|>"],
+        add_bos=True,
+    ),
 }
 
 
@@ -195,12 +221,18 @@ def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = No
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     if add_bos is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{add_bos} $A", pair=f"{add_bos} $A {add_bos} $B", special_tokens=[(add_bos, tok.token_to_id(add_bos))]
+            single=f"{add_bos} $A",
+            pair=f"{add_bos} $A {add_bos} $B",
+            special_tokens=[(add_bos, tok.token_to_id(add_bos))],
         )
     return tok
 
@@ -214,8 +246,12 @@ def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool =
     tok = make_backend_tokenizer(spec["specials"], add_bos=bos if spec["add_bos"] else None)
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "model_max_length": 4096, **spec["config"]}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        **spec["config"],
+    }
     if template_in_config:
         config["chat_template"] = spec["template"]
     else:

@@ -1,4 +1,5 @@
 """A tiny random-weight base model, tokenizer and problem files for trainer/CLI tests (no downloads)."""
+
 import json
 from pathlib import Path
 

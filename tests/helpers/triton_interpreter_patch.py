@@ -6,6 +6,7 @@ kernel is correct. Tests that run bf16 kernels under TRITON_INTERPRET=1 call `ap
 upcasts bf16 dot operands to fp32 first (exact: bf16 -> fp32 is lossless). Nothing changes when
 the interpreter is off or the bug is absent.
 """
+
 import numpy as np
 
 

@@ -7,6 +7,7 @@ of that warm interpreter with rlimits, its own session, a wall-clock kill and ca
 See launcher.c for the full list and what is not done. Python side: `execute` / `run_batch`
 on a pool of pre-started launchers (pool.py); `ExecResult` and errors in launcher.py.
 """
+
 from .launcher import ExecResult, SandboxError, SandboxUnavailableError
 from .pool import SandboxPool, default_pool, default_workers, execute, run_batch
 

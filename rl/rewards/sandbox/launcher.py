@@ -5,6 +5,7 @@ the fork server it keeps inside its namespaces; the parent pays for forking itse
 interpreter start-up once, not per program. It is not thread-safe by itself: `SandboxPool`
 hands each one to a single thread at a time.
 """
+
 import dataclasses
 import os
 import signal

@@ -4,6 +4,7 @@ Each worker thread owns one launcher at a time; the threads only wait on pipes (
 released), so a pool of N launchers runs N programs at once. The module-level `execute` and
 `run_batch` share one strict pool sized to the machine, started on first use.
 """
+
 import atexit
 import math
 import os
@@ -33,13 +34,19 @@ def _as_bytes(name, value) -> bytes:
 
 
 def _check_limits(timeout_s, memory_mb, max_output_bytes):
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-        math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not (math.isfinite(timeout_s) and 0 < timeout_s <= MAX_TIMEOUT_S)
     ):
         raise ValueError(f"timeout_s must be a number in (0, {MAX_TIMEOUT_S}], got {timeout_s!r}")
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not MIN_MEMORY_MB <= memory_mb <= 1 << 20:
         raise ValueError(f"memory_mb must be an int in [{MIN_MEMORY_MB}, {1 << 20}], got {memory_mb!r}")
-    if isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or not 0 < max_output_bytes <= 1 << 30:
+    if (
+        isinstance(max_output_bytes, bool)
+        or not isinstance(max_output_bytes, int)
+        or not 0 < max_output_bytes <= 1 << 30
+    ):
         raise ValueError(f"max_output_bytes must be an int in (0, {1 << 30}], got {max_output_bytes!r}")
 
 

@@ -2,6 +2,7 @@
 
 Keep the constants and layouts here in step with protocol.h.
 """
+
 import struct
 
 MAGIC = 0x31584253  # "SBX1"

@@ -11,6 +11,7 @@ Protocol on fd 3 (SOCK_SEQPACKET): request = struct "=III" (magic, timeout_ms, m
 with four descriptors (source, stdin, stdout, stderr); replies: b"S" + pid when the run has
 started, then b"W" + wait status when it and everything it spawned are gone.
 """
+
 import ctypes
 import os
 import resource
