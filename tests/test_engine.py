@@ -142,7 +142,7 @@ def test_sampled_logprobs_are_untruncated_and_tokens_stay_in_the_kept_set(model,
         n=3, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=6, seed=5, ignore_eos=True
     )
     outs = engine.generate(prompts[:4], params)
-    for prompt, out in zip(prompts, outs, strict=True):
+    for prompt, out in zip(prompts[:4], outs, strict=True):
         for c in out:
             ids = list(prompt)
             for token, logprob in zip(c.token_ids, c.logprobs, strict=True):
