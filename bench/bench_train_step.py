@@ -2,7 +2,7 @@
 
     pytest bench/bench_train_step.py --benchmark-only -q -s        # or: python bench/bench_train_step.py
 
-Peer: what public SCoRe reproductions do (PAPER.md §6) — HF transformers `generate()` for both
+Peer: what public SCoRe reproductions do — HF transformers `generate()` for both
 attempts, then `model(ids).logits` -> `log_softmax` -> `gather` for reference and policy. Ours: the
 engine (paged KV, attempt 2 reuses attempt 1's cache), packed forwards, fused log-probs of attempt
 tokens only. Each variant runs in a fresh interpreter (bench/train_step_worker.py) so peak RSS is

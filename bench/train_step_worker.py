@@ -6,7 +6,7 @@ VARIANT `ours`: the trainer's own pieces, in train_step's order: engine rollouts
 reuse of the prompt and of attempt 1), rewards, packed reference forward + fused log-probs of the
 attempt tokens (no logits), packed policy forward + fused log-probs + score_loss + backward, AdamW.
 
-VARIANT `naive`: the same step as public SCoRe reproductions write it (PAPER.md §6): HF transformers
+VARIANT `naive`: the same step as public SCoRe reproductions write it: HF transformers
 `generate()` for both attempts (attempt 2 regenerated from the whole context), then for reference
 and policy `model(ids).logits` ([S, L, V] materialised) -> `log_softmax` -> `gather`, the same
 score_loss, backward, AdamW. Same weights (the same HF folder), same prompts, same token budgets

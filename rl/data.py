@@ -5,7 +5,7 @@ field (`answer_key`) or, MATH style, from the last `\\boxed{...}` of a worked so
 (`solution_key`), with nested braces handled. Every error names the file and the 1-based line
 (or the dataset row) and says what was expected.
 
-Not done here: prompt rendering (see `prompts.py`) and answer checking (see `math_reward.py`).
+Not done here: prompt rendering (see `prompts.py`) and answer checking (see `rewards/math_reward.py`).
 Code problems (HumanEval/MBPP) have their own loaders in `rewards/code_problems.py`.
 """
 

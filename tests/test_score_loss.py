@@ -41,7 +41,7 @@ def loop_reference(
     denominator=None,
     old=None,
 ):
-    """float64, one trajectory at a time, straight from the table in DESIGN.md §1; autograd for the grad."""
+    """float64, one trajectory at a time, straight from the stage table (rl/loss.py); autograd for the grad."""
     lp = logp.double().clone().requires_grad_()
     old = lp.detach() if old is None else old.double()
     S = len(r1)
