@@ -7,6 +7,7 @@ The ranks run tests/helpers/dist_worker.py under score.rl.parallel.launch (torch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -259,9 +260,8 @@ def trainer_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dist_trainer")
     cfg, config = _trainer_config(root)
-    plain = trainer_with_parity(cfg, root / "plain")
-    plain.fit()
-    plain.close()
+    with contextlib.closing(trainer_with_parity(cfg, root / "plain")) as plain:  # closed also when fit() fails
+        plain.fit()
     two = _launch(2, "train", str(config), str(root / "two"))
     assert two.returncode == 0, two.stderr[-4000:]
     resumed = _copy_at_step(root / "two", root / "resumed1", 2)
@@ -291,7 +291,7 @@ def test_trainer_on_two_ranks_equals_one_process(trainer_runs):
     assert names == ["step_00000002.dcp", "step_00000004.dcp"]  # DCP folders (plain runs write step_00000002)
 
 
-def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(trainer_runs):
+def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(trainer_runs, closes):
     from tests.helpers.tiny_run import trainer_with_parity
 
     root, cfg, plain = trainer_runs
@@ -299,7 +299,7 @@ def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(
     assert _max_rel_diff(one, plain) <= TOL
     assert [m["step"] for m in _metrics(root / "resumed1")] == list(range(1, TRAINER_STEPS + 1))
     # a plain `score train --resume` continues from a sharded checkpoint too
-    resumed = trainer_with_parity(cfg, _copy_at_step(root / "two", root / "resumed_plain", 2), resume=True)
+    resumed = closes(trainer_with_parity(cfg, _copy_at_step(root / "two", root / "resumed_plain", 2), resume=True))
     assert resumed.step == 2
     resumed.fit()
     resumed.close()

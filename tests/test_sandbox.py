@@ -253,9 +253,9 @@ def test_parent_death_kills_launcher_and_program():
 # ---- missing protections ---------------------------------------------------------------
 
 
-def test_strict_mode_refuses_a_missing_namespace():
+def test_strict_mode_refuses_a_missing_namespace(closes):
     with pytest.raises(SandboxUnavailableError, match="net"):
-        SandboxPool(1, without=("net",))
+        closes(SandboxPool(1, without=("net",)))
 
 
 def test_permissive_mode_reports_missing_namespace_and_warns_once():

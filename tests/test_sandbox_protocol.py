@@ -77,6 +77,20 @@ def test_zygote_request_is_the_launchers_header():
     assert zygote_constants()["REQUEST"] == ("Struct", "=" + "I" * int(count.group(1)))
 
 
+def test_zygote_replies_are_what_the_launcher_reads():
+    """zygote.py answers b"R" when ready, then per run b"S" + pid and b"W" + wait status; launcher.c
+    takes a message of exactly one tag byte plus the packed value, and copies the value out of it."""
+    zygote = (SANDBOX / "zygote.py").read_text()
+    launcher = (SANDBOX / "launcher.c").read_text()
+    sent = dict(re.findall(r'control\.send\(b"(\w)"(?: \+ struct\.pack\("(=\w+)")?', zygote))
+    lengths = {tag: int(n) for n, tag in re.findall(r"[!=]= (\d+) (?:\|\||&&) message\[0\] [!=]= '(\w)'", launcher)}
+    copied = {int(n) for n in re.findall(r"memcpy\([^,]+, message \+ 1, (\d+)\)", launcher)}
+    assert set(sent) == set(lengths) == {"R", "S", "W"}, (sent, lengths)
+    for tag, fmt in sent.items():
+        assert lengths[tag] == 1 + struct.calcsize(fmt), tag
+    assert copied == {struct.calcsize(fmt) for fmt in sent.values() if fmt}, copied
+
+
 def test_c_layout_has_no_padding_the_python_side_does_not_know_about(tmp_path):
     """Every field's offset in the compiled C struct equals its offset in the packed Python format."""
     cc = shutil.which("cc") or shutil.which("gcc")

@@ -215,13 +215,13 @@ def test_non_finite_loss_skips_the_step(tmp_path, closes):
         assert torch.equal(v, before[k])
 
 
-def test_bad_training_data_names_file_and_line(tmp_path):
+def test_bad_training_data_names_file_and_line(tmp_path, closes):
     cfg = tiny_config(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "problem": "1+1", "answer": "2"}\n{"id": "b", "problem": "2+2"}\n')
     cfg.data.train = str(bad)
     with pytest.raises(ValueError, match=f"{bad} line 2"):
-        Trainer(cfg, tmp_path / "bad")
+        closes(Trainer(cfg, tmp_path / "bad"))
 
 
 def test_existing_run_needs_resume(tmp_path, closes):
@@ -230,4 +230,4 @@ def test_existing_run_needs_resume(tmp_path, closes):
     t.fit()
     t.close()
     with pytest.raises(FileExistsError, match="--resume"):
-        Trainer(cfg, tmp_path / "run")
+        closes(Trainer(cfg, tmp_path / "run"))
