@@ -77,6 +77,9 @@ class Trainer:
         self.is_main = parallel.is_main
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = self.out_dir / "metrics.jsonl"  # checked before any model or worker is made
+        if not resume and metrics_file.exists() and metrics_file.stat().st_size:
+            raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -87,17 +90,14 @@ class Trainer:
         self.builder = prompt_builder(cfg, self.tokenizer)
         self.problems = load_problems(cfg, cfg.data.train)
         self.order = DataOrder(len(self.problems), cfg.optim.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
-        self.reward = make_reward(cfg)
         self.engine = self.base_engine = None  # built at the first rollout (sharded: on gathered weights)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
         self.step = parallel.resume(self.out_dir, self.policy, self.optimizer) if resume else 0
-        metrics_file = self.out_dir / "metrics.jsonl"
-        if not resume and metrics_file.exists() and metrics_file.stat().st_size:
-            raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
         parallel.barrier()  # every rank has checked metrics.jsonl before rank 0 opens it
+        self.reward = make_reward(cfg)  # its workers start once nothing above can fail
         self.logger = (
             MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, resume_step=self.step if resume else None)
             if self.is_main
