@@ -1,10 +1,11 @@
-"""The `score` command line: `train`, `eval` and `demo`.
+"""The `score` command line: `train`, `eval`, `demo` and `convert`.
 
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
     score demo  --out DIR [--ablations] [--quick] [--seed N] [--seeds K] [--workers W]
+    score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
 Errors in the user's input (config, data, paths) are printed as one line naming the cause and
 exit with status 2; anything else is a bug and keeps its traceback.
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="RL runs at once, one process and one thread each (default: 2, or 1 on one core)",
+    )
+
+    convert = sub.add_parser("convert", help="convert a checkpoint from another format into an HF folder")
+    formats = convert.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    gguf = formats.add_parser("gguf", help="a llama.cpp / Ollama GGUF file (needs the gguf extra)")
+    gguf.add_argument("src", help="the .gguf file")
+    gguf.add_argument("--out", required=True, help="new folder for model.safetensors, config.json, tokenizer files")
+    gguf.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="dtype of the written weights"
     )
     return parser
 
@@ -155,6 +165,16 @@ def _demo(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    import torch
+
+    from score.model.gguf import convert_gguf
+
+    out = convert_gguf(args.src, args.out, dtype=getattr(torch, args.dtype))
+    print(f"converted {args.src} -> {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
@@ -172,7 +192,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"train": _train, "eval": _eval, "demo": _demo}[args.command]
+    handler = {"train": _train, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
