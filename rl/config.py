@@ -78,9 +78,10 @@ class PromptSection:
 
 @dataclass
 class RewardSection:
-    kind: Literal["math", "exact", "code"] = _f(
+    kind: Literal["math", "exact", "integer", "code"] = _f(
         "math",
         "math: final answer equal by math-verify; exact: final answer equal as a string; "
+        "integer: the reply's integer answer (final answer, else last number) equal; "
         "code: all unit tests pass in the sandbox",
     )
     timeout_s: float = _f(5.0, "per-answer grading / per-program execution timeout in seconds", check=_pos)

@@ -16,7 +16,7 @@ from score.model import files
 from score.model.files import write_jsonl
 
 from .data import Problem
-from .metrics import format_table, two_attempt_metrics
+from .metrics import bootstrap_stderr, format_table, two_attempt_metrics
 from .rewards.math_reward import extract_final_answer
 from .rollout import two_attempt_rollout
 
@@ -28,6 +28,8 @@ def evaluate(
     token budgets of attempts 1 and 2 (RunConfig.eval_budgets)."""
     if not problems:
         raise ValueError("evaluate needs at least one problem")
+    # A BatchReward reads answers the way it grades them; a bare callable gets the paper's extraction.
+    answer_of = getattr(reward_fn, "answer_of", extract_final_answer)
     trajectories, _ = two_attempt_rollout(
         engine,
         builder,
@@ -49,8 +51,8 @@ def evaluate(
                 "answer": t.problem.answer,
                 "attempt1": t.text1,
                 "attempt2": t.text2,
-                "answer1": extract_final_answer(t.text1),
-                "answer2": extract_final_answer(t.text2),
+                "answer1": answer_of(t.text1),
+                "answer2": answer_of(t.text2),
                 "r1": t.r1,
                 "r2": t.r2,
                 "finish1": t.finish1,
@@ -65,6 +67,7 @@ def evaluate(
         texts1=[r["attempt1"] for r in records],
         texts2=[r["attempt2"] for r in records],
     )
+    metrics["stderr"] = bootstrap_stderr([r["r1"] for r in records], [r["r2"] for r in records])
     return metrics, records
 
 
@@ -78,8 +81,9 @@ def write_json(path: str | Path, value: dict) -> Path:
 
 
 def table(rows: dict, title: str | None = None) -> str:
-    """The paper-style table plus the collapse diagnostics (changed answers, edit ratio)."""
-    text = format_table(rows, title=title)
+    """The paper-style table (± the bootstrap standard error over problems where the row has one)
+    plus the collapse diagnostics (changed answers, edit ratio)."""
+    text = format_table(rows, title=title, stderr={name: m.get("stderr") or {} for name, m in rows.items()})
     extra = []
     for name, m in rows.items():
         if m.get("changed_frac") is not None:

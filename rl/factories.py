@@ -7,9 +7,17 @@ import torch
 
 from score.model import Engine
 
+from . import arithmetic_task
 from .config import RunConfig
 from .data import Problem, load_jsonl
-from .prompts import CODE_CORRECTION_INSTRUCTION, MATH_CORRECTION_INSTRUCTION, MATH_SYSTEM_PROMPT, PromptBuilder
+from .prompts import (
+    CODE_CORRECTION_INSTRUCTION,
+    INTEGER_CORRECTION_INSTRUCTION,
+    INTEGER_SYSTEM_PROMPT,
+    MATH_CORRECTION_INSTRUCTION,
+    MATH_SYSTEM_PROMPT,
+    PromptBuilder,
+)
 from .rewards import BatchReward
 
 
@@ -21,23 +29,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# reward.kind -> (system prompt, correction instruction) that 'default' stands for.
+DEFAULT_PROMPTS = {
+    "math": (MATH_SYSTEM_PROMPT, MATH_CORRECTION_INSTRUCTION),
+    "exact": (MATH_SYSTEM_PROMPT, MATH_CORRECTION_INSTRUCTION),
+    "integer": (INTEGER_SYSTEM_PROMPT, INTEGER_CORRECTION_INSTRUCTION),
+    "code": (None, CODE_CORRECTION_INSTRUCTION),
+}
+
+
 def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
     """The PromptBuilder of a run: 'default' = the paper's text for the reward kind, '' = none."""
     p = cfg.prompt
-    code = cfg.reward.kind == "code"
-    system = p.system_prompt
+    system, instruction = p.system_prompt, p.correction_instruction
     if system == "default":
-        system = None if code else MATH_SYSTEM_PROMPT
-    instruction = p.correction_instruction
+        system = DEFAULT_PROMPTS[cfg.reward.kind][0]
     if instruction == "default":
-        instruction = CODE_CORRECTION_INSTRUCTION if code else MATH_CORRECTION_INSTRUCTION
+        instruction = DEFAULT_PROMPTS[cfg.reward.kind][1]
     if not instruction:
         raise ValueError("prompt.correction_instruction must not be empty (attempt 2 needs an instruction)")
     return PromptBuilder(tokenizer, chat=p.chat, system_prompt=system or None, correction_instruction=instruction)
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
-    """Problems of a data file for the run's reward kind (code: MBPP JSONL or 'humaneval')."""
+    """Problems of a data file for the run's reward kind (code: MBPP JSONL or 'humaneval'), or of a
+    built-in task (`builtin:arithmetic/train`, `builtin:arithmetic/eval`)."""
+    if arithmetic_task.is_source(path):
+        return arithmetic_task.load_source(path)
+    if path.startswith("builtin:"):
+        raise ValueError(f"unknown data source {path!r}; built-in: {arithmetic_task.SOURCE_PREFIX}{{train,eval}}")
     if cfg.reward.kind == "code":
         from .rewards.code_problems import load_humaneval, load_mbpp_jsonl
 

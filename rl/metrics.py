@@ -19,6 +19,7 @@ Rewards must be binary (0 or 1), as the paper's oracle rewards are.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 
 TABLE_COLUMNS = (
@@ -133,6 +134,40 @@ def _same_length(name: str, seq: Sequence, n: int) -> None:
 
 def _normalized(answer: str | None) -> str | None:
     return None if answer is None else " ".join(str(answer).split())
+
+
+BOOTSTRAP_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i")
+
+
+def bootstrap_stderr(r1: Sequence[float], r2: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> dict:
+    """Standard error over problems of each BOOTSTRAP_KEYS metric: the spread of the metric over
+    `resamples` resamplings of the problems with replacement (the pairs (r1, r2) stay together, so
+    the error of Δ accounts for attempts 1 and 2 being graded on the same problems)."""
+    c1, c2 = _binary("r1", r1), _binary("r2", r2)
+    if len(c1) != len(c2) or not c1:
+        raise ValueError(f"bootstrap_stderr needs equally many r1 and r2, at least one (got {len(c1)}, {len(c2)})")
+    if resamples < 2:
+        raise ValueError(f"resamples must be >= 2, got {resamples}")
+    n = len(c1)
+    # outcome per problem: 0 wrong->wrong, 1 wrong->right, 2 right->wrong, 3 right->right
+    outcome = [2 * a + b for a, b in zip(c1, c2, strict=True)]
+    rng = random.Random(seed)
+    samples = {key: [] for key in BOOTSTRAP_KEYS}
+    for _ in range(resamples):
+        counts = [0, 0, 0, 0]
+        for _ in range(n):
+            counts[outcome[rng.randrange(n)]] += 1
+        i2c, c2i = counts[1] / n, counts[2] / n
+        samples["acc_t1"].append((counts[2] + counts[3]) / n)
+        samples["acc_t2"].append((counts[1] + counts[3]) / n)
+        samples["delta"].append(i2c - c2i)
+        samples["delta_i2c"].append(i2c)
+        samples["delta_c2i"].append(c2i)
+    out = {}
+    for key, values in samples.items():
+        mean = math.fsum(values) / resamples
+        out[key] = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (resamples - 1))
+    return out
 
 
 SUMMARY_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac")

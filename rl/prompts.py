@@ -42,6 +42,16 @@ MATH_CORRECTION_INSTRUCTION = (
     'Solution, when you give your final answer, write it in the form "Final Answer: The final answer is '
     '$answer$. I hope it is correct."'
 )
+# The same two, asking for an answer format a small model can keep: one integer.
+INTEGER_SYSTEM_PROMPT = (
+    "You are a math expert. Solve the problem step by step. At the end, write your final answer in the form "
+    '"The final answer is N." where N is a number.'
+)
+INTEGER_CORRECTION_INSTRUCTION = (
+    "There might be an error in the solution above because of lack of understanding of the question. "
+    "Please correct the error, if any, and rewrite the solution. At the end, write your final answer in the "
+    'form "The final answer is N." where N is a number.'
+)
 CODE_CORRECTION_INSTRUCTION = (
     "There might be an error in the code above because of lack of understanding of the question. Please "
     "correct the error, if any, and rewrite the solution. Only output the final correct Python program!"

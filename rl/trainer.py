@@ -40,7 +40,6 @@ from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_
 from .metrics import two_attempt_metrics
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .prompts import PromptBuilder
-from .rewards.math_reward import extract_final_answer
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
 from .schedule import DataOrder, lr_at, stage_of, step_seed
@@ -69,7 +68,7 @@ class Trainer:
         if not cfg.model.path:
             raise ValueError("model.path is empty: point it at an HF-format model folder")
         if not cfg.data.train:
-            raise ValueError("data.train is empty: point it at a JSONL file of training problems")
+            raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
         if parallel is None:
             parallel = SingleProcess.for_run(cfg)
         parallel.my_groups(cfg.optim.prompts_per_step)  # optim.prompts_per_step must split evenly
@@ -239,8 +238,8 @@ class Trainer:
             batch = two_attempt_metrics(
                 r1,
                 r2,
-                answers1=[extract_final_answer(t.text1) for t in trajectories],
-                answers2=[extract_final_answer(t.text2) for t in trajectories],
+                answers1=[self.reward.answer_of(t.text1) for t in trajectories],
+                answers2=[self.reward.answer_of(t.text2) for t in trajectories],
             )
             m.update(
                 {

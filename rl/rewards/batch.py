@@ -5,6 +5,9 @@
   are counted by the grader, never crash a step);
 - "exact": the same final-answer extraction, compared as a string (procedural tasks with canonical
   answers, e.g. the demo; no sympy in the loop);
+- "integer": an integer answer read robustly from free-form text (integer_reward.py: the paper's
+  "The final answer is N", else the last number), equal to the reference (procedural arithmetic
+  for small real models);
 - "code": every unit test of the problem passes in the sandbox (`problem.meta["code"]` holds the
   HumanEval/MBPP problem dict).
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..data import Problem
+from .integer_reward import extract_integer, integer_reward
 from .math_reward import MathGrader, extract_final_answer
 
+KINDS = ("math", "exact", "integer", "code")
 RewardFn = Callable[[Sequence[str], Sequence[Problem]], list]
 
 
@@ -29,8 +34,8 @@ class BatchReward:
     """Callable `(texts, problems) -> list[float]`; `close()` stops grading workers."""
 
     def __init__(self, kind: str, *, timeout_s: float = 5.0, workers: int = 1, memory_mb: int = 1024):
-        if kind not in ("math", "exact", "code"):
-            raise ValueError(f"reward kind must be 'math', 'exact' or 'code', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"reward kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.kind = kind
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
@@ -41,6 +46,8 @@ class BatchReward:
             raise ValueError(f"got {len(texts)} completions for {len(problems)} problems")
         if self.kind == "exact":
             return [exact_answer_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)]
+        if self.kind == "integer":
+            return [integer_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)]
         if self.kind == "math":
             return [float(r) for r in self._grader.grade(list(texts), [p.answer for p in problems])]
         from .code_reward import code_rewards  # the sandbox is only started for code runs
@@ -56,6 +63,13 @@ class BatchReward:
                 list(texts), [p.meta["code"] for p in problems], timeout_s=self.timeout_s, memory_mb=self.memory_mb
             )
         ]
+
+    def answer_of(self, text: str) -> str | None:
+        """The final answer this reward reads from `text` (None: none found), for logs and records."""
+        if self.kind == "integer":
+            value = extract_integer(text)
+            return None if value is None else str(value)
+        return extract_final_answer(text)
 
     def close(self) -> None:
         if self._grader is not None:
