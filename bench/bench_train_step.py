@@ -41,9 +41,9 @@ def build_model(path: Path) -> Path:
     return path
 
 
-def run_worker(variant: str, model_dir: Path) -> dict:
+def run_worker(variant: str, model_dir: Path, shape: dict = SHAPE) -> dict:
     args = [sys.executable, str(HERE / "train_step_worker.py"), variant, str(model_dir)]
-    args += [str(SHAPE[k]) for k in ("prompts", "k", "prompt_len", "t1", "t2", "instr_len")]
+    args += [str(shape[k]) for k in ("prompts", "k", "prompt_len", "t1", "t2", "instr_len")]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

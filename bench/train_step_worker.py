@@ -59,13 +59,13 @@ def step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, t
     from score.model import SamplingParams
 
     t = time.perf_counter()
-    outs1 = engine.generate(xs, SamplingParams(n=k, temperature=1.0, max_tokens=t1, seed=1))
+    outs1 = engine.generate(xs, SamplingParams(n=k, temperature=1.0, max_tokens=t1, ignore_eos=True, seed=1))
     contexts, a1 = [], []
     for i, x in enumerate(xs):
         for c in outs1[i]:
             contexts.append(x + c.token_ids + instruction)
             a1.append(c.token_ids)
-    outs2 = engine.generate(contexts, SamplingParams(n=1, temperature=1.0, max_tokens=t2, seed=2))
+    outs2 = engine.generate(contexts, SamplingParams(n=1, temperature=1.0, max_tokens=t2, ignore_eos=True, seed=2))
     a2 = [o[0].token_ids for o in outs2]
     timings["rollout"] = time.perf_counter() - t
 
@@ -193,7 +193,7 @@ def main():
 
         model = from_pretrained(model_dir)
         reference = from_pretrained(model_dir).requires_grad_(False)
-        engine = Engine(model, max_num_seqs=prompts * k)
+        engine = Engine(model, max_num_seqs=prompts * k, max_model_len=prompt_len + t1 + instr_len + t2)
         vocab = model.config.vocab_size
 
         def step(timings):
