@@ -17,7 +17,7 @@ from score.model.files import write_jsonl
 
 from .data import Problem
 from .metrics import bootstrap_stderr, format_table, two_attempt_metrics
-from .rewards.math_reward import extract_final_answer
+from .rewards.batch import answer_reader
 from .rollout import two_attempt_rollout
 
 
@@ -28,8 +28,7 @@ def evaluate(
     token budgets of attempts 1 and 2 (RunConfig.eval_budgets)."""
     if not problems:
         raise ValueError("evaluate needs at least one problem")
-    # A BatchReward reads answers the way it grades them; a bare callable gets the paper's extraction.
-    answer_of = getattr(reward_fn, "answer_of", extract_final_answer)
+    answer_of = answer_reader(reward_fn)
     trajectories, _ = two_attempt_rollout(
         engine,
         builder,

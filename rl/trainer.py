@@ -40,6 +40,7 @@ from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_
 from .metrics import two_attempt_metrics
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .prompts import PromptBuilder
+from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
 from .schedule import DataOrder, lr_at, stage_of, step_seed
@@ -238,8 +239,8 @@ class Trainer:
             batch = two_attempt_metrics(
                 r1,
                 r2,
-                answers1=[self.reward.answer_of(t.text1) for t in trajectories],
-                answers2=[self.reward.answer_of(t.text2) for t in trajectories],
+                answers1=[answer_reader(self.reward)(t.text1) for t in trajectories],
+                answers2=[answer_reader(self.reward)(t.text2) for t in trajectories],
             )
             m.update(
                 {

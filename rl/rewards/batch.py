@@ -30,6 +30,12 @@ def exact_answer_reward(completion: str, answer: str) -> float:
     return 1.0 if found is not None and found.strip() == answer.strip() else 0.0
 
 
+def answer_reader(reward_fn) -> Callable[[str], str | None]:
+    """How `reward_fn` reads a final answer (BatchReward.answer_of), for logs and eval records; any
+    other callable gets the paper's extraction."""
+    return getattr(reward_fn, "answer_of", extract_final_answer)
+
+
 class BatchReward:
     """Callable `(texts, problems) -> list[float]`; `close()` stops grading workers."""
 
