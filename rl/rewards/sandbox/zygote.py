@@ -12,7 +12,9 @@ with four descriptors (source, stdin, stdout, stderr); replies: b"S" + pid when 
 started, then b"W" + wait status when it and everything it spawned are gone.
 """
 
+import ast  # noqa: F401 - preloaded: every code check (rewards/check_harness.py) uses it
 import ctypes
+import json  # noqa: F401 - preloaded, as ast
 import os
 import resource
 import shutil
