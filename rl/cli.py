@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
+                [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16]
     score demo  --out DIR [--ablations] [--quick] [--seed N] [--seeds K] [--workers W]
     score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
@@ -51,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None, help="take prompt/reward/data-field settings from this run config")
     ev.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ev.add_argument("--max-problems", type=int, default=0, help="evaluate only the first N problems (0 = all)")
+    study = ev.add_mutually_exclusive_group()
+    study.add_argument(
+        "--attempts", type=int, default=2, help="greedy attempts per problem (> 2 repeats the instruction; default 2)"
+    )
+    study.add_argument(
+        "--first-attempts",
+        default=None,
+        metavar="FILE",
+        help="JSONL of {'id', 'attempt1'} rows (e.g. another model's eval.jsonl): grade the model's "
+        "correction of those first attempts",
+    )
+    study.add_argument(
+        "--scaling",
+        default=None,
+        metavar="B1,B2,...",
+        help="inference-compute scaling: majority vote over B samples vs B/2 samples + one correction, "
+        "sampled at --temperature; writes scaling.json and plots/scaling.png",
+    )
+    ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --scaling (default 0.7)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed of --scaling")
 
     demo = sub.add_parser("demo", help="the embedded CPU demo: warm-up, base eval, SCoRe, eval, table")
     demo.add_argument("--out", required=True, help="demo folder (results.json, eval_*.jsonl, plots)")
@@ -121,31 +142,75 @@ def _eval(args) -> int:
 
     from score.model import from_pretrained, load_tokenizer
 
-    from .evaluate import evaluate, table, write_json, write_records
+    from .evaluate import (
+        evaluate,
+        evaluate_given_first_attempts,
+        read_first_attempts,
+        table,
+        write_json,
+        write_records,
+    )
     from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
+    from .plots import plot_attempts, plot_scaling
+    from .scaling import inference_scaling, parse_budgets, scaling_table
 
     problems = load_problems(cfg, args.data)
     if args.max_problems:
         problems = problems[: args.max_problems]
+    given = read_first_attempts(args.first_attempts, problems) if args.first_attempts else None
+    budgets = parse_budgets(args.scaling) if args.scaling else None
+    if args.attempts < 2:
+        raise ValueError(f"--attempts must be >= 2, got {args.attempts}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     device = pick_device(cfg.model.device)
     model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
     tokenizer = load_tokenizer(args.model)
-    reward = make_reward(cfg)
+    engine, builder, reward = make_engine(cfg, model), prompt_builder(cfg, tokenizer), make_reward(cfg)
+    name = Path(args.model).name or "model"
     try:
-        metrics, records = evaluate(
-            make_engine(cfg, model),
-            prompt_builder(cfg, tokenizer),
-            problems,
-            reward,
-            budgets=cfg.eval_budgets,
-            progress=cfg.run.progress,
-        )
+        if budgets:
+            scaling = inference_scaling(
+                engine,
+                builder,
+                problems,
+                reward,
+                budgets=budgets,
+                temperature=args.temperature,
+                token_budgets=cfg.eval_budgets,
+                seed=args.seed,
+                progress=cfg.run.progress,
+            )
+            write_json(out / "scaling.json", scaling)
+            plot_scaling(scaling, out / "plots")
+            print(scaling_table(scaling))
+            return 0
+        if given:
+            metrics, records = evaluate_given_first_attempts(engine, builder, given, reward, budget=cfg.eval_budgets[1])
+        else:
+            metrics, records = evaluate(
+                engine,
+                builder,
+                problems,
+                reward,
+                budgets=cfg.eval_budgets,
+                attempts=args.attempts,
+                progress=cfg.run.progress,
+            )
     finally:
         reward.close()
-    out = Path(args.out)
     write_records(out / "eval.jsonl", records)
     write_json(out / "eval_metrics.json", metrics)
-    print(table({Path(args.model).name or "model": metrics}))
+    if args.attempts > 2:
+        plot_attempts(metrics, out / "plots")
+        print(
+            "accuracy per attempt: "
+            + ", ".join(f"t{i}: {100 * a:.1f}" for i, a in enumerate(metrics["acc_per_attempt"], 1))
+        )
+    print(table({name: metrics}))
     return 0
 
 
@@ -194,10 +259,16 @@ def main(argv=None) -> int:
         return 0
     handler = {"train": _train, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"score {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    if args.command == "train":
+        from .parallel.distributed import exit_rank, launched_by_torchrun
+
+        if launched_by_torchrun():
+            exit_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -3,8 +3,17 @@
 Each problem gets a greedy attempt 1, then a greedy attempt 2 from `prompt + attempt1 +
 instruction` (token ids, through the same rollout code as training, temperature 0, one sample).
 Metrics: Accuracy@t1, Accuracy@t2, Δ(t1,t2), Δi→c, Δc→i, the fraction of problems whose final
-answer changed, and the mean edit-distance ratio between the attempts (rl.metrics). Evaluating the
-untrained model this way is the Self-Refine-style baseline.
+answer changed, and the mean edit-distance ratio between the attempts (rl.metrics).
+
+More attempts than trained (`attempts=N`, the paper's Fig. 8): attempt t + 1 follows attempt t
+and the same instruction again, token in, token out, so every attempt reuses the cached KV of
+all before it; the metrics gain `acc_t3` … `acc_tN` (and `acc_per_attempt`), the records
+`attempt3`, `r3`, ….
+
+Given first attempts (`evaluate_given_first_attempts`): attempt 1 is text from a file (an earlier
+eval's `eval.jsonl`, another model's samples, MBPP-R-style programs to repair), attempt 2 is the
+model's greedy correction of it; comparing a trained model on the base model's first attempts
+with its own is the paper's distribution-shift diagnostic.
 """
 
 from __future__ import annotations
@@ -14,20 +23,31 @@ from pathlib import Path
 
 from score.model import files
 from score.model.files import write_jsonl
+from score.model.sampling import SamplingParams
 
-from .data import Problem
+from .data import Problem, read_jsonl_objects
 from .metrics import bootstrap_stderr, format_table, two_attempt_metrics
 from .rewards.batch import answer_reader
 from .rollout import two_attempt_rollout
 
 
 def evaluate(
-    engine, builder, problems: Sequence[Problem], reward_fn, *, budgets: tuple[int, int], progress: bool = False
+    engine,
+    builder,
+    problems: Sequence[Problem],
+    reward_fn,
+    *,
+    budgets: tuple[int, int],
+    attempts: int = 2,
+    progress: bool = False,
 ) -> tuple[dict, list[dict]]:
-    """(metrics, per-problem records) of greedy two-attempt decoding over `problems`; `budgets` are the
-    token budgets of attempts 1 and 2 (RunConfig.eval_budgets)."""
+    """(metrics, per-problem records) of greedy decoding over `problems` with `attempts` attempts
+    (>= 2); `budgets` are the token budgets of attempt 1 and of every later one (RunConfig.eval_budgets)."""
     if not problems:
         raise ValueError("evaluate needs at least one problem")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 2:
+        raise ValueError(f"attempts must be an int >= 2, got {attempts!r}")
+    _check_room(engine, builder, problems, budgets, attempts)
     answer_of = answer_reader(reward_fn)
     trajectories, _ = two_attempt_rollout(
         engine,
@@ -41,23 +61,56 @@ def evaluate(
         seed=None,
         progress=progress,
     )
-    records = []
-    for t in trajectories:
-        records.append(
-            {
-                "id": t.problem.id,
-                "question": t.problem.question,
-                "answer": t.problem.answer,
-                "attempt1": t.text1,
-                "attempt2": t.text2,
-                "answer1": answer_of(t.text1),
-                "answer2": answer_of(t.text2),
-                "r1": t.r1,
-                "r2": t.r2,
-                "finish1": t.finish1,
-                "finish2": t.finish2,
+    records = [
+        {
+            "id": t.problem.id,
+            "question": t.problem.question,
+            "answer": t.problem.answer,
+            "attempt1": t.text1,
+            "attempt2": t.text2,
+            "answer1": answer_of(t.text1),
+            "answer2": answer_of(t.text2),
+            "r1": t.r1,
+            "r2": t.r2,
+            "finish1": t.finish1,
+            "finish2": t.finish2,
+        }
+        for t in trajectories
+    ]
+    contexts = [t.prompt_ids + t.attempt1_ids + t.instruction_ids for t in trajectories]
+    last = [(t.attempt2_ids, t.finish2) for t in trajectories]
+    for attempt in range(3, attempts + 1):
+        contexts = [
+            builder.second_attempt_ids(c, ids, finish)[0] for c, (ids, finish) in zip(contexts, last, strict=True)
+        ]
+        outs = [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budgets[1]))]
+        texts = [builder.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        rewards = reward_fn(texts, list(problems))
+        for record, out, text, reward in zip(records, outs, texts, rewards, strict=True):
+            record |= {
+                f"attempt{attempt}": text,
+                f"answer{attempt}": answer_of(text),
+                f"r{attempt}": float(reward),
+                f"finish{attempt}": out.finish_reason,
             }
+        last = [(list(o.token_ids), o.finish_reason) for o in outs]
+    return _metrics(records, attempts), records
+
+
+def _check_room(engine, builder, problems, budgets: tuple[int, int], attempts: int) -> None:
+    """Refuse, before any generation, problems whose last attempt's context could reach the engine's
+    max_model_len (prompt, attempt 1 at its budget, then instruction + attempt per later attempt)."""
+    extra = budgets[0] + (attempts - 2) * budgets[1] + (attempts - 1) * len(builder.instruction_ids)
+    too_long = [p.id for p in problems if len(builder.first_attempt_ids(p.question)) + extra >= engine.max_model_len]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} of {len(problems)} problems cannot hold {attempts} attempts (budgets {budgets[0]} + "
+            f"{budgets[1]} per later attempt) within max_model_len={engine.max_model_len}: "
+            f"{', '.join(map(str, too_long[:5]))}{' ...' if len(too_long) > 5 else ''}"
         )
+
+
+def _metrics(records: list[dict], attempts: int = 2) -> dict:
     metrics = two_attempt_metrics(
         [r["r1"] for r in records],
         [r["r2"] for r in records],
@@ -67,7 +120,70 @@ def evaluate(
         texts2=[r["attempt2"] for r in records],
     )
     metrics["stderr"] = bootstrap_stderr([r["r1"] for r in records], [r["r2"] for r in records])
-    return metrics, records
+    if attempts > 2:
+        per_attempt = [sum(r[f"r{a}"] for r in records) / len(records) for a in range(1, attempts + 1)]
+        metrics |= {f"acc_t{a}": acc for a, acc in enumerate(per_attempt, start=1)}
+        metrics["acc_per_attempt"] = per_attempt
+    return metrics
+
+
+def read_first_attempts(path: str | Path, problems: Sequence[Problem]) -> list[tuple[Problem, str]]:
+    """(problem, attempt-1 text) per row of a JSONL file with "id" and "attempt1" (the layout of
+    `eval.jsonl`), in file order; errors name the file and line."""
+    by_id = {p.id: p for p in problems}
+    rows, seen = [], set()
+    for _, where, row in read_jsonl_objects(path, "first-attempts file"):
+        for key in ("id", "attempt1"):
+            if key not in row:
+                raise ValueError(f"{where}: missing key {key!r} (rows need 'id' and 'attempt1')")
+        problem_id, text = str(row["id"]), row["attempt1"]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: 'attempt1' must be a string, got {type(text).__name__}")
+        if problem_id not in by_id:
+            raise ValueError(f"{where}: problem id {problem_id!r} is not in the evaluation data")
+        if problem_id in seen:
+            raise ValueError(f"{where}: problem id {problem_id!r} appears twice")
+        seen.add(problem_id)
+        rows.append((by_id[problem_id], text))
+    if not rows:
+        raise ValueError(f"{path}: no first attempts (the file is empty)")
+    return rows
+
+
+def evaluate_given_first_attempts(
+    engine, builder, given: Sequence[tuple[Problem, str]], reward_fn, *, budget: int
+) -> tuple[dict, list[dict]]:
+    """(metrics, records) of the model's greedy attempt 2 after the given attempt-1 texts (each
+    tokenised as the model's reply and taken as finished, so the instruction follows a closed turn)."""
+    answer_of = answer_reader(reward_fn)
+    problems = [p for p, _ in given]
+    tokenizer = builder.tokenizer
+    contexts = [
+        builder.second_attempt_ids(builder.first_attempt_ids(p.question), tokenizer.encode(text), "stop")[0]
+        for p, text in given
+    ]
+    outs = [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budget))]
+    texts2 = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+    rewards = reward_fn([t for _, t in given] + texts2, problems * 2)
+    records = [
+        {
+            "id": p.id,
+            "question": p.question,
+            "answer": p.answer,
+            "attempt1": text1,
+            "attempt2": text2,
+            "answer1": answer_of(text1),
+            "answer2": answer_of(text2),
+            "r1": float(r1),
+            "r2": float(r2),
+            "finish1": "given",
+            "finish2": out.finish_reason,
+        }
+        for (p, text1), text2, out, r1, r2 in zip(
+            given, texts2, outs, rewards[: len(given)], rewards[len(given) :], strict=True
+        )
+    ]
+    return _metrics(records), records
 
 
 def write_records(path: str | Path, records: list[dict]) -> Path:

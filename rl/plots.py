@@ -48,10 +48,7 @@ def _series(records: list[dict], suffix: str) -> dict[str, tuple[list[int], list
 
 def plot_run(metrics_jsonl_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write the run's figures into `out_dir`; returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # must precede pyplot's import; a headless machine has no display
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     records = read_metrics(metrics_jsonl_path)
     if not records:
@@ -107,11 +104,7 @@ def plot_demo(
     """The demo's figures: `accuracy_bars.png` (greedy Acc@t1 / Acc@t2 per method, mean ± s.e. over
     seeds) and `training_curves.png` (sampled reward of each attempt per step, smoothed over `window`
     steps and averaged over seeds, one panel per method, the Stage I/II boundary dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -160,7 +153,57 @@ def plot_demo(
     return written
 
 
+def plot_scaling(scaling: dict, out_dir: str | Path) -> Path:
+    """`scaling.png`: majority-vote accuracy against samples per problem, parallel vs sequential
+    (`rl.scaling.inference_scaling`'s result)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    budgets = scaling["budgets"]
+    ax.plot(budgets, [100 * a for a in scaling["parallel"]], marker="o", label="parallel (majority over B samples)")
+    even = [(b, a) for b, a in zip(budgets, scaling["sequential"], strict=True) if a is not None]
+    ax.plot([b for b, _ in even], [100 * a for _, a in even], marker="s", label="sequential (B/2 samples + correction)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets)
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("samples per problem (B)")
+    ax.set_ylabel("majority-vote accuracy (%)")
+    ax.set_title(f"Inference-compute scaling (temperature {scaling['temperature']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = _save(fig, Path(out_dir), "scaling.png")
+    plt.close(fig)
+    return path
+
+
+def plot_attempts(metrics: dict, out_dir: str | Path) -> Path:
+    """`attempts.png`: greedy accuracy at each attempt (`evaluate(..., attempts=N)`'s metrics)."""
+    plt = _pyplot()
+    per_attempt = metrics["acc_per_attempt"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(range(1, len(per_attempt) + 1), [100 * a for a in per_attempt], marker="o")
+    ax.set_xticks(range(1, len(per_attempt) + 1))
+    ax.set_xlabel("attempt")
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_title("Accuracy per attempt (attempts after the second repeat the instruction)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = _save(fig, Path(out_dir), "attempts.png")
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # must precede pyplot's import; a headless machine has no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, out_dir: Path, filename: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / filename) as tmp:  # never a half-written PNG
         fig.savefig(tmp, dpi=110, format="png")
     return out_dir / filename

@@ -42,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -119,9 +121,25 @@ def barrier(env: DistEnv | None) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         # Without the barrier a fast rank can tear down its gloo pairs while a slow one is still
-        # destroying its own, and the slow one aborts ("terminate called without an active exception").
+        # destroying its own.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> typing.NoReturn:
+    """End a rank's process without interpreter finalization (after `shutdown()`).
+
+    A gloo worker thread marks a collective complete before it drops its last reference to the
+    collective's tensors, and dropping a tensor that has a Python object takes the GIL. A rank that
+    exits right after its last collective can be finalizing the interpreter at that moment; Python
+    then ends the thread with pthread_exit, whose unwinding hits a noexcept frame of the worker loop
+    (ProcessGroupGloo::runLoop), and std::terminate aborts the rank ("terminate called without an
+    active exception", SIGABRT) after all its work is done. The process group lives on in FSDP's
+    state, so destroying it does not join those threads first. Leaving with os._exit once stdio is
+    flushed skips the finalization; files the run wrote are closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -222,3 +222,4 @@ if __name__ == "__main__":
         train(rest[0], rest[1], rest[2:] == ["resume"])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+    D.exit_rank(0)  # as score's CLI ends a rank (see exit_rank)
