@@ -177,7 +177,8 @@ def test_fused_linear_logprob_on_the_real_head(ours, tokenizer):
     targets = ids[1:]
     logp = fused_linear_logprob(hidden, weight, targets)
     reference = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1).gather(1, targets[:, None])[:, 0]
-    torch.testing.assert_close(logp.double(), reference, atol=2e-5, rtol=0)
+    # fp32 tiles over a 576-wide dot and a 49,152-way logsumexp: a few fp32 ulps of |logp| ~ 10.
+    torch.testing.assert_close(logp.double(), reference, atol=2e-5, rtol=1e-5)
 
 
 def readme_commands(section: str, prefixes: tuple) -> list:
