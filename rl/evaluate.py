@@ -62,20 +62,7 @@ def evaluate(
         progress=progress,
     )
     records = [
-        {
-            "id": t.problem.id,
-            "question": t.problem.question,
-            "answer": t.problem.answer,
-            "attempt1": t.text1,
-            "attempt2": t.text2,
-            "answer1": answer_of(t.text1),
-            "answer2": answer_of(t.text2),
-            "r1": t.r1,
-            "r2": t.r2,
-            "finish1": t.finish1,
-            "finish2": t.finish2,
-        }
-        for t in trajectories
+        _record(t.problem, answer_of, [(t.text1, t.r1, t.finish1), (t.text2, t.r2, t.finish2)]) for t in trajectories
     ]
     contexts = [t.prompt_ids + t.attempt1_ids + t.instruction_ids for t in trajectories]
     last = [(t.attempt2_ids, t.finish2) for t in trajectories]
@@ -83,18 +70,27 @@ def evaluate(
         contexts = [
             builder.second_attempt_ids(c, ids, finish)[0] for c, (ids, finish) in zip(contexts, last, strict=True)
         ]
-        outs = [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budgets[1]))]
-        texts = [builder.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+        outs, texts = _greedy(engine, builder, contexts, budgets[1])
         rewards = reward_fn(texts, list(problems))
         for record, out, text, reward in zip(records, outs, texts, rewards, strict=True):
-            record |= {
-                f"attempt{attempt}": text,
-                f"answer{attempt}": answer_of(text),
-                f"r{attempt}": float(reward),
-                f"finish{attempt}": out.finish_reason,
-            }
+            record |= _record(None, answer_of, [(text, reward, out.finish_reason)], first=attempt)
         last = [(list(o.token_ids), o.finish_reason) for o in outs]
     return _metrics(records, attempts), records
+
+
+def _record(problem: Problem | None, answer_of, attempts: list[tuple], *, first: int = 1) -> dict:
+    """A per-problem record (id, question, answer when `problem` is given) with `attempt{i}`,
+    `answer{i}`, `r{i}`, `finish{i}` for each (text, reward, finish reason), numbered from `first`."""
+    record = {} if problem is None else {"id": problem.id, "question": problem.question, "answer": problem.answer}
+    for i, (text, reward, finish) in enumerate(attempts, start=first):
+        record |= {f"attempt{i}": text, f"answer{i}": answer_of(text), f"r{i}": float(reward), f"finish{i}": finish}
+    return record
+
+
+def _greedy(engine, builder, contexts: list[list[int]], budget: int) -> tuple[list, list[str]]:
+    """(completions, texts) of one greedy continuation of each context."""
+    outs = [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budget))]
+    return outs, [builder.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
 
 
 def _check_room(engine, builder, problems, budgets: tuple[int, int], attempts: int) -> None:
@@ -162,23 +158,10 @@ def evaluate_given_first_attempts(
         builder.second_attempt_ids(builder.first_attempt_ids(p.question), tokenizer.encode(text), "stop")[0]
         for p, text in given
     ]
-    outs = [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budget))]
-    texts2 = [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+    outs, texts2 = _greedy(engine, builder, contexts, budget)
     rewards = reward_fn([t for _, t in given] + texts2, problems * 2)
     records = [
-        {
-            "id": p.id,
-            "question": p.question,
-            "answer": p.answer,
-            "attempt1": text1,
-            "attempt2": text2,
-            "answer1": answer_of(text1),
-            "answer2": answer_of(text2),
-            "r1": float(r1),
-            "r2": float(r2),
-            "finish1": "given",
-            "finish2": out.finish_reason,
-        }
+        _record(p, answer_of, [(text1, r1, "given"), (text2, r2, out.finish_reason)])
         for (p, text1), text2, out, r1, r2 in zip(
             given, texts2, outs, rewards[: len(given)], rewards[len(given) :], strict=True
         )
