@@ -3,9 +3,10 @@
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
+    score sft   --config FILE --out DIR [--set section.key=value ...]   # STaR / Pair-SFT baselines ([sft])
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
-                [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16]
-    score demo  --out DIR [--ablations] [--quick] [--seed N] [--seeds K] [--workers W]
+                [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16 | --self-refine]
+    score demo  --out DIR [--ablations] [--baselines] [--quick] [--seed N] [--seeds K] [--workers W]
     score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
 Errors in the user's input (config, data, paths) are printed as one line naming the cause and
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line",
     )
 
+    sft = sub.add_parser("sft", help="a supervised self-correction baseline (STaR, Pair-SFT) from a TOML config")
+    sft.add_argument("--config", required=True, help="run configuration (TOML; the [sft] section picks the baseline)")
+    sft.add_argument("--out", required=True, help="run folder: data/, metrics.jsonl, sft_data.json, final/")
+    sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+
     ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
     ev.add_argument("--model", required=True, help="HF-format model folder")
     ev.add_argument("--data", required=True, help="problems (JSONL; 'humaneval' with reward.kind = code)")
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference-compute scaling: majority vote over B samples vs B/2 samples + one correction, "
         "sampled at --temperature; writes scaling.json and plots/scaling.png",
     )
+    study.add_argument(
+        "--self-refine",
+        action="store_true",
+        help="the Self-Refine prompting baseline: attempt 2 follows the model's own critique of attempt 1 "
+        "([self_refine] section: critique/refine instructions, critique budget)",
+    )
     ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --scaling (default 0.7)")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed of --scaling")
 
@@ -80,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the paper's ablations (single-turn RL, no Stage I, no reward shaping, STaR in "
         "Stage II, no online turn-1 samples), each with every seed",
+    )
+    demo.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run the paper's baselines: Self-Refine prompting, STaR and Pair-SFT (each with and without "
+        "correct-to-correct data), the SFT ones with every seed",
     )
     demo.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in seconds, not the result")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task data and warm-up; RL seeds are SEED..")
@@ -145,12 +163,20 @@ def _eval(args) -> int:
     from .evaluate import (
         evaluate,
         evaluate_given_first_attempts,
+        evaluate_self_refine,
         read_first_attempts,
         table,
         write_json,
         write_records,
     )
-    from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
+    from .factories import (
+        load_problems,
+        make_engine,
+        make_reward,
+        pick_device,
+        prompt_builder,
+        self_refine_builders,
+    )
     from .plots import plot_attempts, plot_scaling
     from .scaling import inference_scaling, parse_budgets, scaling_table
 
@@ -166,10 +192,11 @@ def _eval(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    builder = prompt_builder(cfg, load_tokenizer(args.model))
+    turns = self_refine_builders(cfg, builder) if args.self_refine else None
     device = pick_device(cfg.model.device)
     model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
-    tokenizer = load_tokenizer(args.model)
-    engine, builder, reward = make_engine(cfg, model), prompt_builder(cfg, tokenizer), make_reward(cfg)
+    engine, reward = make_engine(cfg, model), make_reward(cfg)
     name = Path(args.model).name or "model"
     try:
         if budgets:
@@ -188,7 +215,17 @@ def _eval(args) -> int:
             plot_scaling(scaling, out / "plots")
             print(scaling_table(scaling))
             return 0
-        if given:
+        if args.self_refine:
+            metrics, records = evaluate_self_refine(
+                engine,
+                builder,
+                turns,
+                problems,
+                reward,
+                budgets=cfg.eval_budgets,
+                critique_budget=cfg.self_refine.max_tokens_critique,
+            )
+        elif given:
             metrics, records = evaluate_given_first_attempts(engine, builder, given, reward, budget=cfg.eval_budgets[1])
         else:
             metrics, records = evaluate(
@@ -214,6 +251,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _sft(args) -> int:
+    from .config import load_config
+    from .sft import run_sft
+
+    final = run_sft(load_config(args.config, args.set), args.out)
+    print(f"final model: {final}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -221,6 +267,7 @@ def _demo(args) -> int:
     run_demo(
         args.out,
         ablations=args.ablations,
+        baselines=args.baselines,
         quick=args.quick,
         seed=args.seed,
         seeds=args.seeds,
@@ -257,7 +304,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"train": _train, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
+    handler = {"train": _train, "sft": _sft, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
     try:
         code = handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -1,6 +1,7 @@
 """Run configuration: typed dataclasses read from one TOML file per run.
 
-A run file has the sections `[model] [data] [prompt] [reward] [rollout] [score] [optim] [run]`; every
+A run file has the sections `[model] [data] [prompt] [reward] [rollout] [score] [optim] [sft]
+[self_refine] [run]` (`[sft]` is read by `score sft`, `[self_refine]` by `score eval --self-refine`); every
 field below carries its default and a one-line help (`describe_config()` prints them all, and
 `configs/*.toml` show them in use). Unknown sections or keys, wrong types and out-of-range values are
 errors that name the file, the line and the key (`ConfigError`). `--set section.key=value` overrides
@@ -132,6 +133,13 @@ class ScoreSection:
         "train attempt 1 alone with REINFORCE on r1 (no attempt 2 is sampled during training): the "
         "paper's single-turn RL ablation; needs stage1_steps = 0",
     )
+    attempts: int = _f(
+        2,
+        "attempts per trajectory; N > 2 splits Stage I into N - 1 parts of stage1_steps each (part j trains "
+        "attempt j + 1 with attempts 1..j anchored to the model of part j - 1, the base model for j = 1), "
+        "then Stage II rewards progress alpha (r_i - r_{i-1}) on every attempt after the first",
+        check=(lambda v: v >= 2, ">= 2"),
+    )
     stage2_update: Literal["reinforce", "star"] = _f(
         "reinforce",
         "Stage II update: reinforce = the returns above; star = supervised training on the "
@@ -154,6 +162,45 @@ class OptimSection:
     prompts_per_micro_batch: int = _f(
         8, "prompts per forward/backward (gradient accumulation; a prompt's group is never split)", check=_pos
     )
+
+
+@dataclass
+class SftSection:
+    kind: Literal["star", "pair_sft"] = _f(
+        "star",
+        "`score sft` baseline: star = keep the model's own wrong-then-right two-attempt traces; pair_sft = "
+        "pair a wrong and a right first attempt of the same problem, both sampled from the base model",
+    )
+    include_correct: bool = _f(
+        False, "also train on correct-then-correct traces (the paper's D+ datasets: STaR+ and Pair-SFT+)"
+    )
+    iterations: int = _f(
+        0,
+        "rounds of sample -> filter -> train, each sampling from the previous round's model and training from "
+        "the base model (0 = the paper's: 3 for star, 1 for pair_sft)",
+        check=_nonneg,
+    )
+    max_problems: int = _f(0, "training problems sampled per round (0 = all of data.train)", check=_nonneg)
+    epochs: int = _f(2, "passes over each round's traces", check=_pos)
+    batch_size: int = _f(32, "traces per optimizer step", check=_pos)
+    micro_batch_size: int = _f(8, "traces per forward/backward (gradient accumulation)", check=_pos)
+
+    @property
+    def rounds(self) -> int:
+        return self.iterations or (3 if self.kind == "star" else 1)
+
+
+@dataclass
+class SelfRefineSection:
+    critique_instruction: str = _f(
+        "default", "Self-Refine: the user turn after attempt 1 asking for a critique ('default' = a built-in one)"
+    )
+    refine_instruction: str = _f(
+        "default",
+        "Self-Refine: the user turn after the critique asking for the rewrite ('default' = the run's "
+        "correction instruction)",
+    )
+    max_tokens_critique: int = _f(256, "token budget of the critique", check=_pos)
 
 
 @dataclass
@@ -181,6 +228,8 @@ class RunConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     score: ScoreSection = field(default_factory=ScoreSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    sft: SftSection = field(default_factory=SftSection)
+    self_refine: SelfRefineSection = field(default_factory=SelfRefineSection)
     run: RunSection = field(default_factory=RunSection)
 
     @property
@@ -192,7 +241,7 @@ class RunConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.score.stage1_steps + self.score.stage2_steps
+        return self.score.stage1_steps * (self.score.attempts - 1) + self.score.stage2_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,6 +308,21 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> Ru
 
 def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
     """Combinations of score keys that describe no training run."""
+    if s.attempts > 2:
+        where = _where(source, text, "score", "attempts")
+        variants = {
+            "single_turn": (s.single_turn, False),
+            "stage2_update": (s.stage2_update, "reinforce"),
+            "online_first_attempt": (s.online_first_attempt, True),
+            "base_first_attempt_mix": (s.base_first_attempt_mix, 0.0),
+            "normalization": (s.normalization, "token_mean"),
+        }
+        for key, (value, plain) in variants.items():
+            if value != plain:
+                raise ConfigError(
+                    f"{where}: score.attempts = {s.attempts} trains the SCoRe stages with token_mean "
+                    f"normalization only; score.{key} = {value!r} is defined for two attempts (set it to {plain!r})"
+                )
     if not s.single_turn:
         return
     where = _where(source, text, "score", "single_turn")

@@ -14,6 +14,8 @@
    (`DIR/eval/NAME_seed{i}.jsonl`, one line per problem with `id`, `r1`, `r2`).
 4. `--ablations` adds the paper's Table 4 rows with the same budget: single-turn RL, no Stage I, no
    reward shaping, STaR instead of REINFORCE in Stage II, no online turn-1 samples (METHODS).
+   `--baselines` adds the paper's Table 1-2 baselines: Self-Refine prompting the base model, and
+   STaR / Pair-SFT with and without correct-to-correct data (`score sft`, SFT_BASELINES) per seed.
 5. `DIR/results.json` holds the headroom and, per method, every seed's metrics, their mean and
    standard error; the table is printed with ± s.e.; `DIR/plots/` holds a bar chart and the
    training curves.
@@ -24,6 +26,7 @@ the pipeline in seconds (not the result).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -39,15 +42,24 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from score.kernels import fused_linear_logprob
-from score.model import ModelConfig, SamplingParams, Tokenizer, Transformer, save_pretrained
+from score.model import (
+    ModelConfig,
+    SamplingParams,
+    Tokenizer,
+    Transformer,
+    from_pretrained,
+    load_tokenizer,
+    save_pretrained,
+)
 from score.model.files import write_jsonl
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
-from .evaluate import evaluate, write_json, write_records
-from .factories import load_problems, make_engine, make_reward, prompt_builder
+from .evaluate import evaluate, evaluate_self_refine, write_json, write_records
+from .factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from .metrics import format_table, seed_summary
 from .prompts import PromptBuilder
+from .sft import run_sft
 from .trainer import Trainer
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
@@ -84,7 +96,24 @@ METHODS = {
     "star_stage2": ("STaR in Stage II", {"stage2_update": "star"}),
     "offline_turn1": ("w/o online turn-1 samples", {"online_first_attempt": False}),
 }
-LABELS = {"base": "Base model", **{name: label for name, (label, _) in METHODS.items()}}
+# The paper's baselines (Tables 1-2): a prompting one on the base model, and `score sft` runs, each a
+# change of the [sft] section, sampling from the base model on the RL runs' problems.
+SFT_BASELINES = {
+    "star": ("STaR D_StaR", {"kind": "star", "include_correct": False}),
+    "star_plus": ("STaR D⁺_StaR", {"kind": "star", "include_correct": True}),
+    "pair_sft": ("Pair-SFT D_SFT", {"kind": "pair_sft", "include_correct": False}),
+    "pair_sft_plus": ("Pair-SFT D⁺_SFT", {"kind": "pair_sft", "include_correct": True}),
+}
+DEMO_SFT = {"max_problems": 1024, "epochs": 2, "batch_size": 32, "micro_batch_size": 32}
+# A short critique request: the tiny model's 256 positions hold the prompt, attempt 1, this turn, the
+# critique, the (long) correction instruction and attempt 2.
+DEMO_SELF_REFINE = {"critique_instruction": "Check the solution above for errors.", "max_tokens_critique": 24}
+LABELS = {
+    "base": "Base model",
+    "self_refine": "Self-Refine",
+    **{name: label for name, (label, _) in SFT_BASELINES.items()},
+    **{name: label for name, (label, _) in METHODS.items()},
+}
 RESULT_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "n")
 
 
@@ -215,17 +244,23 @@ def write_problems(path: Path, problems) -> Path:
     return write_jsonl(path, ({"id": p.id, "problem": p.question, "answer": p.answer} for p in problems))
 
 
-def demo_config(base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, **score) -> RunConfig:
-    """The RL config of one demo run; `score` changes the [score] section (a method of METHODS). A
-    method without Stage I (`stage1_steps=0`) gets its steps in Stage II: every method has one budget."""
+def demo_config(
+    base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, sft: dict | None = None, **score
+) -> RunConfig:
+    """The config of one demo run; `score` changes the [score] section (a method of METHODS), `sft`
+    the [sft] section (a baseline of SFT_BASELINES). A method without Stage I (`stage1_steps=0`) gets
+    its steps in Stage II: every method has one budget."""
     raw = json.loads(json.dumps(DEMO_RL))
     raw["model"]["path"] = str(base_dir)
     raw["data"].update(train=str(train_file), eval=str(eval_file))
     raw["run"]["seed"] = seed
+    raw["sft"] = {**DEMO_SFT, **(sft or {})}
+    raw["self_refine"] = dict(DEMO_SELF_REFINE)
     if quick:
         raw["score"].update(stage1_steps=1, stage2_steps=1)
         raw["optim"].update(prompts_per_step=2, prompts_per_micro_batch=1)
         raw["rollout"].update(samples_per_prompt=2)
+        raw["sft"].update(max_problems=8, epochs=1, iterations=1)
     total = raw["score"]["stage1_steps"] + raw["score"]["stage2_steps"]
     raw["score"].update(score)
     if raw["score"]["stage1_steps"] == 0:
@@ -288,25 +323,46 @@ def headroom(model, builder: PromptBuilder, problems, cfg: RunConfig) -> tuple[d
 
 
 def train_and_evaluate(job: dict) -> dict:
-    """One RL run of the demo (a process-pool job): Stage I + II with the real trainer, then the
-    greedy two-attempt evaluation of the trained policy; its per-problem records go to job['records']."""
+    """One run of the demo (a process-pool job): Stage I + II with the real trainer (or, for an SFT
+    baseline, `score sft`'s run), then the greedy two-attempt evaluation of the trained policy; its
+    per-problem records go to job['records']."""
     torch.set_num_threads(1)
     started = time.perf_counter()
     cfg = config_from_dict(job["config"], source=f"score demo ({job['name']}, seed {job['seed']})")
     run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    trainer = Trainer(cfg, run_dir)
-    try:
-        trainer.fit()
-        with trainer.generation() as engine:
-            metrics, records = evaluate(
-                engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward, budgets=cfg.eval_budgets
-            )
-    finally:
-        trainer.close()
+    if job["name"] in SFT_BASELINES:
+        metrics, records = _sft_and_evaluate(cfg, run_dir)
+    else:
+        trainer = Trainer(cfg, run_dir)
+        try:
+            trainer.fit()
+            with trainer.generation() as engine:
+                metrics, records = evaluate(
+                    engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward, budgets=cfg.eval_budgets
+                )
+        finally:
+            trainer.close()
     write_records(job["records"], records)
     return {"seed": job["seed"], **{k: metrics[k] for k in RESULT_KEYS}, "wall_s": time.perf_counter() - started}
+
+
+def _sft_and_evaluate(cfg: RunConfig, run_dir: Path) -> tuple[dict, list[dict]]:
+    """`score sft` without its own end-of-run evaluation, then the demo's evaluation of its model."""
+    final = run_sft(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="")), run_dir, progress=False)
+    model = from_pretrained(final, dtype=torch.float32)
+    reward = make_reward(cfg)
+    try:
+        return evaluate(
+            make_engine(cfg, model),
+            prompt_builder(cfg, load_tokenizer(final)),
+            load_problems(cfg, cfg.data.eval),
+            reward,
+            budgets=cfg.eval_budgets,
+        )
+    finally:
+        reward.close()
 
 
 def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
@@ -358,6 +414,7 @@ def run_demo(
     out_dir: str | Path,
     *,
     ablations: bool = False,
+    baselines: bool = False,
     quick: bool = False,
     seed: int = 0,
     seeds: int | None = None,
@@ -374,14 +431,29 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         return _run_demo(
-            out_dir, ablations=ablations, quick=quick, seed=seed, seeds=seeds, workers=workers, progress=progress
+            out_dir,
+            ablations=ablations,
+            baselines=baselines,
+            quick=quick,
+            seed=seed,
+            seeds=seeds,
+            workers=workers,
+            progress=progress,
         )
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_demo(
-    out_dir, *, ablations: bool, quick: bool, seed: int, seeds: int | None, workers: int | None, progress: bool
+    out_dir,
+    *,
+    ablations: bool,
+    baselines: bool,
+    quick: bool,
+    seed: int,
+    seeds: int | None,
+    workers: int | None,
+    progress: bool,
 ) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -419,6 +491,22 @@ def _run_demo(
         reward.close()
     write_records(out / "eval" / f"base_seed{seed}.jsonl", base_records)
     methods = {"base": summarize([{"seed": seed, **{k: base_metrics[k] for k in RESULT_KEYS}}])}
+    if baselines:  # Self-Refine prompts the base model: greedy, so one row like the base model's
+        reward = make_reward(cfg)
+        try:
+            refine_metrics, refine_records = evaluate_self_refine(
+                make_engine(cfg, model),
+                builder,
+                self_refine_builders(cfg, builder),
+                eval_set,
+                reward,
+                budgets=cfg.eval_budgets,
+                critique_budget=cfg.self_refine.max_tokens_critique,
+            )
+        finally:
+            reward.close()
+        write_records(out / "eval" / f"self_refine_seed{seed}.jsonl", refine_records)
+        methods["self_refine"] = summarize([{"seed": seed, **{k: refine_metrics[k] for k in RESULT_KEYS}}])
     print(
         f"headroom of the base model (greedy, n={len(eval_set)}): direct {100 * room['direct']:.1f}%, "
         f"worked {100 * room['worked']:.1f}%; two attempts: Acc@t1 {100 * base_metrics['acc_t1']:.1f}, "
@@ -426,12 +514,15 @@ def _run_demo(
         flush=True,
     )
 
-    # RL: every method x seed from the same base model, with the same budget.
-    names = list(METHODS) if ablations else ["score"]
+    # RL (and the SFT baselines): every method x seed from the same base model, with the same budget.
+    names = ["score"] + (list(METHODS)[1:] if ablations else []) + (list(SFT_BASELINES) if baselines else [])
     jobs = []
     for name in names:
         for i in range(seeds):
-            run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
+            if name in SFT_BASELINES:
+                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, sft=SFT_BASELINES[name][1])
+            else:
+                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
             jobs.append(
                 {
                     "name": name,
@@ -457,7 +548,8 @@ def _run_demo(
     }
     from .plots import plot_demo
 
-    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(jobs), out / "plots", labels=LABELS)]
+    rl_jobs = [job for job in jobs if job["name"] not in SFT_BASELINES]  # the SFT logs hold no rewards
+    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(rl_jobs), out / "plots", labels=LABELS)]
     write_json(out / "results.json", results)
     rows = {LABELS[name]: m["mean"] for name, m in methods.items()}
     stderr = {LABELS[name]: m["stderr"] for name, m in methods.items()}

@@ -10,6 +10,9 @@ and the same instruction again, token in, token out, so every attempt reuses the
 all before it; the metrics gain `acc_t3` … `acc_tN` (and `acc_per_attempt`), the records
 `attempt3`, `r3`, ….
 
+Self-Refine (`evaluate_self_refine`, the paper's prompting baseline): between the attempts the
+model is asked to critique attempt 1 and then to rewrite it, in one conversation.
+
 Given first attempts (`evaluate_given_first_attempts`): attempt 1 is text from a file (an earlier
 eval's `eval.jsonl`, another model's samples, MBPP-R-style programs to repair), attempt 2 is the
 model's greedy correction of it; comparing a trained model on the base model's first attempts
@@ -97,12 +100,19 @@ def _check_room(engine, builder, problems, budgets: tuple[int, int], attempts: i
     """Refuse, before any generation, problems whose last attempt's context could reach the engine's
     max_model_len (prompt, attempt 1 at its budget, then instruction + attempt per later attempt)."""
     extra = budgets[0] + (attempts - 2) * budgets[1] + (attempts - 1) * len(builder.instruction_ids)
+    _refuse_long(
+        engine, builder, problems, extra, f"{attempts} attempts (budgets {budgets[0]} + {budgets[1]} per later attempt)"
+    )
+
+
+def _refuse_long(engine, builder, problems, extra: int, what: str) -> None:
+    """Refuse problems whose prompt plus `extra` tokens reach max_model_len, naming them."""
     too_long = [p.id for p in problems if len(builder.first_attempt_ids(p.question)) + extra >= engine.max_model_len]
     if too_long:
+        named = ", ".join(map(str, too_long[:5])) + (" ..." if len(too_long) > 5 else "")
         raise ValueError(
-            f"{len(too_long)} of {len(problems)} problems cannot hold {attempts} attempts (budgets {budgets[0]} + "
-            f"{budgets[1]} per later attempt) within max_model_len={engine.max_model_len}: "
-            f"{', '.join(map(str, too_long[:5]))}{' ...' if len(too_long) > 5 else ''}"
+            f"{len(too_long)} of {len(problems)} problems cannot hold {what} within "
+            f"max_model_len={engine.max_model_len}: {named}"
         )
 
 
@@ -164,6 +174,47 @@ def evaluate_given_first_attempts(
         _record(p, answer_of, [(text1, r1, "given"), (text2, r2, out.finish_reason)])
         for (p, text1), text2, out, r1, r2 in zip(
             given, texts2, outs, rewards[: len(given)], rewards[len(given) :], strict=True
+        )
+    ]
+    return _metrics(records), records
+
+
+def evaluate_self_refine(
+    engine,
+    builder,
+    turns: tuple,
+    problems: Sequence[Problem],
+    reward_fn,
+    *,
+    budgets: tuple[int, int],
+    critique_budget: int,
+) -> tuple[dict, list[dict]]:
+    """(metrics, records) of Self-Refine, greedy: attempt 1; the model's critique of it after the
+    critique turn; attempt 2 after the refine turn (`turns` = factories.self_refine_builders), all
+    token in, token out in one conversation. Records gain `critique`; attempt 2 is the rewrite."""
+    critique_turn, refine_turn = turns
+    extra = budgets[0] + len(critique_turn.instruction_ids) + critique_budget + len(refine_turn.instruction_ids)
+    _refuse_long(engine, builder, problems, extra + budgets[1], "Self-Refine's attempt, critique and rewrite")
+    answer_of = answer_reader(reward_fn)
+    prompts = [builder.first_attempt_ids(p.question) for p in problems]
+    first, texts1 = _greedy(engine, builder, prompts, budgets[0])
+    contexts = [
+        critique_turn.second_attempt_ids(p, o.token_ids, o.finish_reason)[0]
+        for p, o in zip(prompts, first, strict=True)
+    ]
+    critiques, critique_texts = _greedy(engine, builder, contexts, critique_budget)
+    contexts = [
+        refine_turn.second_attempt_ids(c, o.token_ids, o.finish_reason)[0]
+        for c, o in zip(contexts, critiques, strict=True)
+    ]
+    second, texts2 = _greedy(engine, builder, contexts, budgets[1])
+    rewards = reward_fn(texts1 + texts2, list(problems) * 2)
+    n = len(problems)
+    records = [
+        _record(p, answer_of, [(t1, rewards[i], o1.finish_reason), (t2, rewards[n + i], o2.finish_reason)])
+        | {"critique": c}
+        for i, (p, o1, t1, o2, t2, c) in enumerate(
+            zip(problems, first, texts1, second, texts2, critique_texts, strict=True)
         )
     ]
     return _metrics(records), records

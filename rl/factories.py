@@ -12,6 +12,7 @@ from .config import RunConfig
 from .data import Problem, load_jsonl
 from .prompts import (
     CODE_CORRECTION_INSTRUCTION,
+    CRITIQUE_INSTRUCTION,
     INTEGER_CORRECTION_INSTRUCTION,
     INTEGER_SYSTEM_PROMPT,
     MATH_CORRECTION_INSTRUCTION,
@@ -49,6 +50,18 @@ def prompt_builder(cfg: RunConfig, tokenizer) -> PromptBuilder:
     if not instruction:
         raise ValueError("prompt.correction_instruction must not be empty (attempt 2 needs an instruction)")
     return PromptBuilder(tokenizer, chat=p.chat, system_prompt=system or None, correction_instruction=instruction)
+
+
+def self_refine_builders(cfg: RunConfig, builder: PromptBuilder) -> tuple[PromptBuilder, PromptBuilder]:
+    """Self-Refine's (critique, refine) turns around `builder`'s prompts; 'default' = the built-in
+    critique request and the run's own correction instruction."""
+    sr = cfg.self_refine
+    critique = CRITIQUE_INSTRUCTION if sr.critique_instruction == "default" else sr.critique_instruction
+    refine = builder.correction_instruction if sr.refine_instruction == "default" else sr.refine_instruction
+    for key, text in (("critique_instruction", critique), ("refine_instruction", refine)):
+        if not text.strip():
+            raise ValueError(f"self_refine.{key} must not be empty")
+    return builder.with_instruction(critique), builder.with_instruction(refine)
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:

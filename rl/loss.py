@@ -11,6 +11,10 @@ token-mean normalisation):
 
 Stage I anchors attempt 1 to the base model while attempt 2 learns to fix it; Stage II trains both
 attempts and rewards progress (a wrong-to-right change earns alpha more than staying right).
+
+More than two attempts (`score.attempts`, `attempt_terms`): Stage I has a part per attempt after the
+first, and each attempt's return is computed by its own `score_loss` call (multi_attempt_loss); two
+attempts take the single call above.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import dataclasses
 
 import torch
 
-from score.kernels import fused_linear_logprob, score_loss
+from score.kernels import ScoreLossOutput, fused_linear_logprob, score_loss
 
 from .config import RunConfig
 from .rollout import Trajectory
@@ -57,6 +61,7 @@ class PackedBatch:
     group_ids: torch.Tensor  # [S] int64 prompt group of each trajectory
     r1: torch.Tensor  # [S] reward of attempt 1
     r2: torch.Tensor  # [S] reward of attempt 2
+    rewards: torch.Tensor  # [S, A] reward of every attempt (A = attempts per trajectory)
 
 
 def pack(trajectories: list[Trajectory], device: torch.device) -> PackedBatch:
@@ -64,15 +69,8 @@ def pack(trajectories: list[Trajectory], device: torch.device) -> PackedBatch:
     ids, rows, targets, attempt, engine_logp, cu, cu_active, groups = [], [], [], [], [], [0], [0], []
     group_index: dict[int, int] = {}
     for t in trajectories:
-        seq, labels = t.token_ids, t.attempt_labels
+        seq, labels, logps = t.token_ids, t.attempt_labels, t.sampler_logprobs
         offset = cu[-1]
-        nan = float("nan")  # context tokens have no sampling log-prob
-        logps = (
-            [nan] * len(t.prompt_ids)
-            + list(t.attempt1_logprobs)
-            + [nan] * len(t.instruction_ids)
-            + list(t.attempt2_logprobs)
-        )
         for pos in range(1, len(seq)):
             if labels[pos]:
                 rows.append(offset + pos - 1)
@@ -99,6 +97,7 @@ def pack(trajectories: list[Trajectory], device: torch.device) -> PackedBatch:
         group_ids=as_t(groups, torch.long),
         r1=as_t([t.r1 for t in trajectories], torch.float32),
         r2=as_t([t.r2 for t in trajectories], torch.float32),
+        rewards=as_t([t.rewards for t in trajectories], torch.float32),
     )
 
 
@@ -126,6 +125,71 @@ def successful_attempt_rows(batch: PackedBatch) -> torch.Tensor:
     return (reward == 1.0).float()
 
 
+@dataclasses.dataclass(frozen=True)
+class AttemptTerm:
+    """One attempt's return with more than two attempts: weight * r_a + bonus * (r_a - r_{a-1})
+    - beta * KL_a, the KL against the anchor model (`anchored`) or the frozen base reference."""
+
+    attempt: int
+    weight: float
+    bonus: float
+    beta: float
+    anchored: bool
+
+
+def attempt_terms(stage: int, part: int, attempts: int, alpha: float, beta1: float, beta2: float) -> list[AttemptTerm]:
+    """The returns of every attempt of a step ([ICLR] App. A.1): Stage I part j trains attempt j + 1
+    on its reward (KL beta1 to the base model) with attempts 1..j held at the anchor (the model that
+    ended part j - 1; the base model for j = 1) by beta2; Stage II trains every attempt on its reward,
+    attempts after the first with the progress bonus alpha (r_a - r_{a-1}). Two attempts reproduce
+    stage_coefficients' table."""
+    if stage == 1:
+        if attempts != part + 1:
+            raise ValueError(f"Stage I part {part} trains attempt {part + 1}; got {attempts} attempts")
+        held = [AttemptTerm(a, 0.0, 0.0, beta2, True) for a in range(1, part + 1)]
+        return held + [AttemptTerm(part + 1, 1.0, 0.0, beta1, False)]
+    return [AttemptTerm(1, 1.0, 0.0, beta1, False)] + [
+        AttemptTerm(a, 1.0, alpha, beta1, False) for a in range(2, attempts + 1)
+    ]
+
+
+def multi_attempt_loss(logp, ref_logp, anchor_logp, batch: PackedBatch, cfg: RunConfig, terms, denominator: float):
+    """The loss of `terms` over a packed batch: one `score_loss` call per attempt, that attempt's
+    tokens in the kernel's attempt-2 slot (return r2 + bonus (r2 - r1) - beta KL with r2 = weight r_a,
+    r1 = r_{a-1}), every call over the step's whole token denominator, so their sum is the step's
+    token mean. Returns a ScoreLossOutput with [S, A] returns, advantages and KL."""
+    s = cfg.score
+    rewards = batch.rewards
+    zeros = torch.zeros_like(rewards[:, 0])
+    loss, returns, advantages, kls = 0.0, [], [], []
+    for term in terms:
+        a = term.attempt
+        out = score_loss(
+            logp,
+            anchor_logp if term.anchored else ref_logp,
+            torch.where(batch.attempt == a, 2, 0).to(torch.int32),
+            batch.cu_active,
+            batch.group_ids,
+            rewards[:, a - 2] if a > 1 else zeros,
+            term.weight * rewards[:, a - 1],
+            r1_weight=0.0,
+            progress_bonus=term.bonus,
+            beta_attempt1=0.0,
+            beta_attempt2=term.beta,
+            kl_kind=s.kl_kind,
+            kl_placement=s.kl_placement,
+            baseline=s.baseline,
+            normalization="token_mean",
+            loss_denominator=denominator,
+        )
+        loss = loss + out.loss
+        returns.append(out.returns[:, 1])
+        advantages.append(out.advantages[:, 1])
+        kls.append(out.kl[:, 1])
+    stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
+    return ScoreLossOutput(loss=loss, returns=stack(returns), advantages=stack(advantages), kl=stack(kls), stats={})
+
+
 def micro_batch_loss(
     policy,
     reference,
@@ -134,6 +198,9 @@ def micro_batch_loss(
     stage: int,
     denominator: float,
     autocast=contextlib.nullcontext,
+    *,
+    part: int = 1,
+    anchor=None,
 ):
     """(ScoreLossOutput, policy logp, entropy) of one packed micro-batch; the reference runs without grad.
 
@@ -145,6 +212,14 @@ def micro_batch_loss(
     logp, entropy = attempt_logprobs(policy, batch, temperature, autocast, entropy=True)
     with torch.no_grad():
         ref_logp = attempt_logprobs(reference, batch, temperature, autocast)
+    attempts = batch.rewards.shape[1]
+    if attempts > 2 or part > 1:
+        if part > 1 and anchor is None:
+            raise ValueError(f"Stage I part {part} holds attempts 1..{part - 1} at an anchor model; none was given")
+        with torch.no_grad():
+            anchor_logp = ref_logp if anchor is None else attempt_logprobs(anchor, batch, temperature, autocast)
+        terms = attempt_terms(stage, part, attempts, s.alpha, s.beta1, s.beta2)
+        return multi_attempt_loss(logp, ref_logp, anchor_logp, batch, cfg, terms, denominator), logp, entropy
     star = uses_star(cfg, stage)
     out = score_loss(
         logp.detach() if star else logp,

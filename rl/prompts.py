@@ -56,6 +56,11 @@ CODE_CORRECTION_INSTRUCTION = (
     "There might be an error in the code above because of lack of understanding of the question. Please "
     "correct the error, if any, and rewrite the solution. Only output the final correct Python program!"
 )
+# Self-Refine's feedback turn (Madaan et al. 2023), asked between attempt 1 and the rewrite.
+CRITIQUE_INSTRUCTION = (
+    "Review the solution above step by step. Point out every error you find in it, or say that it is "
+    "correct. Do not write a new solution yet."
+)
 
 QUESTION_TEMPLATE = "Problem:\n{question}"
 BASE_ANSWER_CUE = "\n\nSolution:\n"
@@ -98,6 +103,16 @@ class PromptBuilder:
         else:
             self.instruction_ids = list(tokenizer.encode(f"\n\n{correction_instruction}{BASE_ANSWER_CUE}"))
             self.turn_end_id = None
+
+    def with_instruction(self, instruction: str) -> PromptBuilder:
+        """The same prompts with another user turn between attempts (Self-Refine's critique/refine turns)."""
+        return PromptBuilder(
+            self.tokenizer,
+            chat=self.chat,
+            system_prompt=self.system_prompt,
+            correction_instruction=instruction,
+            system_role=self.system_role,
+        )
 
     @property
     def stop_token_ids(self) -> list[int]:

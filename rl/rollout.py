@@ -16,6 +16,7 @@ Not done here: the forward/backward passes (trainer.py) and evaluation (evaluate
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,18 @@ from score.model.sampling import SamplingParams
 
 from .data import Problem
 from .prompts import PromptBuilder
+
+
+@dataclass
+class LaterAttempt:
+    """Attempt 3, 4, ... of a trajectory: the instruction again, then the attempt."""
+
+    instruction_ids: list[int]
+    ids: list[int]
+    logprobs: list[float]
+    finish: str
+    text: str = ""
+    reward: float = 0.0
 
 
 @dataclass
@@ -45,21 +58,48 @@ class Trajectory:
     r1: float = 0.0
     r2: float = 0.0
     first_from_base: bool = False
+    later: list[LaterAttempt] = field(default_factory=list)  # attempts 3.. (score.attempts > 2)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.attempt1_ids + self.instruction_ids + self.attempt2_ids
+        ids = self.prompt_ids + self.attempt1_ids + self.instruction_ids + self.attempt2_ids
+        for a in self.later:
+            ids = ids + a.instruction_ids + a.ids
+        return ids
 
     @property
     def attempt_labels(self) -> list[int]:
-        """Per token: 0 context (prompt, instruction; attempt 1 when sampled by the base model), 1, 2."""
+        """Per token: 0 context (prompt, instructions; attempt 1 when sampled by the base model), else
+        the attempt's number (1, 2, 3, ...)."""
         a1 = 0 if self.first_from_base else 1
-        return (
+        labels = (
             [0] * len(self.prompt_ids)
             + [a1] * len(self.attempt1_ids)
             + [0] * len(self.instruction_ids)
             + [2] * len(self.attempt2_ids)
         )
+        for number, a in enumerate(self.later, start=3):
+            labels += [0] * len(a.instruction_ids) + [number] * len(a.ids)
+        return labels
+
+    @property
+    def sampler_logprobs(self) -> list[float]:
+        """Per token, the sampler's log-prob of it (NaN for context tokens), aligned with token_ids."""
+        nan = float("nan")
+        logps = (
+            [nan] * len(self.prompt_ids)
+            + list(self.attempt1_logprobs)
+            + [nan] * len(self.instruction_ids)
+            + list(self.attempt2_logprobs)
+        )
+        for a in self.later:
+            logps += [nan] * len(a.instruction_ids) + list(a.logprobs)
+        return logps
+
+    @property
+    def rewards(self) -> list[float]:
+        """The reward of every attempt, in order."""
+        return [self.r1, self.r2] + [a.reward for a in self.later]
 
 
 @dataclass
@@ -113,6 +153,7 @@ def two_attempt_rollout(
     progress: bool = False,
     first: int = 0,
     second_attempt: bool = True,
+    attempts: int = 2,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """k two-attempt trajectories per problem (grouped, problem order), rewarded; temperature 0 = greedy.
 
@@ -120,6 +161,8 @@ def two_attempt_rollout(
     `first`: the position of `problems[0]` in the step's whole batch, when a data-parallel rank
     rolls out a slice of it; seeds are keyed on whole-batch positions, so the slices of a batch
     sample exactly what one call over the whole batch would (`Trajectory.group` stays local).
+    `attempts` > 2: each later attempt follows the one before and the instruction again (its own
+    seed stream, keyed like attempt 2); attempts 1 and 2 are exactly the two-attempt rollout's.
     """
     if not problems:
         raise ValueError("two_attempt_rollout needs at least one problem")
@@ -127,6 +170,8 @@ def two_attempt_rollout(
         raise ValueError(f"k must be >= 1, got {k}")
     if first < 0:
         raise ValueError(f"first must be >= 0, got {first}")
+    if attempts < 2 or (attempts > 2 and not second_attempt):
+        raise ValueError(f"attempts must be >= 2 (and needs second_attempt), got {attempts}")
     from_base = list(from_base) if from_base is not None else [False] * len(problems)
     if len(from_base) != len(problems):
         raise ValueError(f"from_base has {len(from_base)} entries for {len(problems)} problems")
@@ -184,7 +229,6 @@ def two_attempt_rollout(
                 contexts, params2, use_tqdm=progress, seed_keys=[(first + i) * k + j for i, j in meta]
             )
         ]
-    gen_seconds = time.perf_counter() - start
 
     trajectories = []
     for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2, strict=True):
@@ -207,17 +251,45 @@ def two_attempt_rollout(
             )
         )
 
+    for number in range(3, attempts + 1):
+        _add_attempt(engine, builder, trajectories, number, params2, seed, [(first + i) * k + j for i, j in meta])
+    gen_seconds = time.perf_counter() - start
+
     t0 = time.perf_counter()
     probs = [t.problem for t in trajectories]
-    attempts = 2 if second_attempt else 1
+    sampled = attempts if second_attempt else 1
     texts = [t.text1 for t in trajectories] + ([t.text2 for t in trajectories] if second_attempt else [])
-    rewards = reward_fn(texts, probs * attempts)
+    for number in range(3, attempts + 1):
+        texts += [t.later[number - 3].text for t in trajectories]
+    rewards = reward_fn(texts, probs * sampled)
+    count = len(trajectories)
     for n, t in enumerate(trajectories):
         t.r1 = float(rewards[n])
-        t.r2 = float(rewards[n + len(trajectories)]) if second_attempt else 0.0
+        t.r2 = float(rewards[n + count]) if second_attempt else 0.0
+        for number, later in enumerate(t.later, start=3):
+            later.reward = float(rewards[n + (number - 1) * count])
     stats = RolloutStats(
         seconds=gen_seconds,
-        generated_tokens=sum(len(t.attempt1_ids) + len(t.attempt2_ids) for t in trajectories),
+        generated_tokens=sum(
+            len(t.attempt1_ids) + len(t.attempt2_ids) + sum(len(a.ids) for a in t.later) for t in trajectories
+        ),
         reward_seconds=time.perf_counter() - t0,
     )
     return trajectories, stats
+
+
+def _add_attempt(engine, builder, trajectories: list[Trajectory], number: int, params2, seed, keys) -> None:
+    """Attempt `number` (>= 3) of every trajectory: its whole context, the instruction again, sampled."""
+    contexts, segments = [], []
+    for t in trajectories:
+        last_ids, last_finish = (t.later[-1].ids, t.later[-1].finish) if t.later else (t.attempt2_ids, t.finish2)
+        history = t.token_ids
+        ctx, (a, b) = builder.second_attempt_ids(history[: len(history) - len(last_ids)], last_ids, last_finish)
+        contexts.append(ctx)
+        segments.append(ctx[a:b])
+    stream = None if seed is None else ((seed * 2 + 2) * 7919 + number) % (2**62)
+    params = dataclasses.replace(params2, seed=stream)
+    outs = [o[0] for o in engine.generate(contexts, params, seed_keys=keys)]
+    for t, segment, o in zip(trajectories, segments, outs, strict=True):
+        text = builder.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        t.later.append(LaterAttempt(segment, list(o.token_ids), list(o.logprobs), o.finish_reason, text))

@@ -6,12 +6,17 @@ from __future__ import annotations
 import math
 import random
 
-from .config import RunConfig
+from .config import OptimSection, RunConfig
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to optim.lr, then constant or cosine down to lr * min_lr_ratio."""
-    o, total = cfg.optim, max(1, cfg.total_steps)
+    """The learning rate of an RL step (the schedule below over the run's Stage I + II steps)."""
+    return lr_schedule(step, cfg.optim, cfg.total_steps)
+
+
+def lr_schedule(step: int, o: OptimSection, total: int) -> float:
+    """Linear warm-up to o.lr, then constant or cosine down to lr * min_lr_ratio at step `total`."""
+    total = max(1, total)
     if o.warmup_steps and step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
@@ -21,7 +26,18 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def stage_of(step: int, cfg: RunConfig) -> int:
-    return 1 if step < cfg.score.stage1_steps else 2
+    return 1 if step < cfg.score.stage1_steps * (cfg.score.attempts - 1) else 2
+
+
+def stage1_part(step: int, cfg: RunConfig) -> int:
+    """The part j of Stage I a step belongs to (1 .. attempts - 1; always 1 with two attempts): part j
+    trains attempt j + 1, with attempts 1..j anchored to the model at the end of part j - 1."""
+    return min(step // max(1, cfg.score.stage1_steps), cfg.score.attempts - 2) + 1
+
+
+def attempts_at(step: int, cfg: RunConfig) -> int:
+    """How many attempts a step's trajectories have: j + 1 in Stage I part j, all in Stage II."""
+    return stage1_part(step, cfg) + 1 if stage_of(step, cfg) == 1 else cfg.score.attempts
 
 
 def step_seed(run_seed: int, step: int) -> int:

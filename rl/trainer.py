@@ -24,6 +24,7 @@ Not done: PPO-style multiple epochs per batch, adaptive beta2.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -43,7 +44,7 @@ from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
-from .schedule import DataOrder, lr_at, stage_of, step_seed
+from .schedule import DataOrder, attempts_at, lr_at, stage1_part, stage_of, step_seed
 
 
 @dataclasses.dataclass
@@ -72,6 +73,10 @@ class Trainer:
             raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
         if parallel is None:
             parallel = SingleProcess.for_run(cfg)
+        if cfg.score.attempts > 2 and not isinstance(parallel, SingleProcess):
+            raise NotImplementedError(
+                "score.attempts > 2 runs in one process: its Stage I anchor models are not sharded yet"
+            )
         parallel.my_groups(cfg.optim.prompts_per_step)  # optim.prompts_per_step must split evenly
         self.cfg, self.parallel = cfg, parallel
         self.is_main = parallel.is_main
@@ -96,6 +101,8 @@ class Trainer:
             self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
         self.step = parallel.resume(self.out_dir, self.policy, self.optimizer) if resume else 0
+        self.anchor = None  # the model that ended the previous part of Stage I (score.attempts > 2)
+        self._anchor_part = 1
         parallel.barrier()  # every rank has checked metrics.jsonl before rank 0 opens it
         self.reward = make_reward(cfg)  # its workers start once nothing above can fail
         self.logger = (
@@ -122,8 +129,10 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        part = stage1_part(step, cfg) if stage == 1 else 1
+        self._update_anchor(part)
         trajectories, rollout = self._rollout(step, stage)
-        totals = self._train(trajectories, stage)
+        totals = self._train(trajectories, stage, part)
         self.engine.clear_cache()
         self.step += 1
         # Every rank's trajectories and statistics, in whole-batch order.
@@ -131,6 +140,24 @@ class Trainer:
         rollout.seconds, rollout.reward_seconds = par.max([rollout.seconds, rollout.reward_seconds])
         rollout.generated_tokens = int(par.sum([rollout.generated_tokens])[0])
         return self._metrics(trajectories, rollout, stage, lr, totals)
+
+    def _update_anchor(self, part: int) -> None:
+        """Stage I part j >= 2 holds attempts 1..j at the model that ended part j - 1: taken when the
+        part starts and saved (`anchors/part{j-1}/`) so a resumed run loads the same one."""
+        if part == self._anchor_part:
+            return
+        folder = self.out_dir / "anchors" / f"part{part - 1}"
+        if (folder / "config.json").exists():
+            from score.model import from_pretrained
+
+            self.anchor = from_pretrained(folder, dtype=getattr(torch, self.cfg.model.dtype), device=self.device)
+        else:
+            from score.model import save_pretrained
+
+            self.anchor = copy.deepcopy(self.policy)
+            save_pretrained(self.anchor, folder)
+        self.anchor.eval().requires_grad_(False)
+        self._anchor_part = part
 
     def _rollout(self, step: int, stage: int) -> tuple[list[Trajectory], RolloutStats]:
         """This process's share of the step's prompt groups, k two-attempt trajectories each, rewarded."""
@@ -158,9 +185,10 @@ class Trainer:
                 from_base=from_base,
                 first=mine.start,
                 second_attempt=not s.single_turn,
+                attempts=attempts_at(step, cfg),
             )
 
-    def _train(self, trajectories: list[Trajectory], stage: int) -> StepTotals:
+    def _train(self, trajectories: list[Trajectory], stage: int, part: int = 1) -> StepTotals:
         """Accumulate the step's gradient over micro-batches, then clip and step (or skip)."""
         cfg, par = self.cfg, self.parallel
         t0 = time.perf_counter()
@@ -171,7 +199,7 @@ class Trainer:
         for chunk in micro_batches(trajectories, cfg.optim.prompts_per_micro_batch):
             batch = pack(chunk, self.device)
             out, logp, entropy = micro_batch_loss(
-                self.policy, self.reference, batch, cfg, stage, denominator, par.autocast
+                self.policy, self.reference, batch, cfg, stage, denominator, par.autocast, part=part, anchor=self.anchor
             )
             out.loss.backward()
             loss += float(out.loss.detach())
@@ -252,6 +280,13 @@ class Trainer:
                     "changed_frac": batch["changed_frac"],
                 }
             )
+        for number in range(3, kl.shape[1] + 1):  # attempts after the second (score.attempts > 2)
+            rewards = [t.rewards[number - 1] for t in trajectories]
+            m[f"reward_{number}"] = sum(rewards) / len(rewards)
+            m[f"kl_{number}"] = float(kl[:, number - 1].mean())
+            m[f"return_{number}"] = float(returns[:, number - 1].mean())
+            if binary:
+                m[f"acc_t{number}"] = m[f"reward_{number}"]
         if self.cfg.score.single_turn:  # no attempt 2 was sampled: nothing to report about it
             for key in (
                 "reward_2",
@@ -346,7 +381,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, max_steps: int | None = None, 
     return final
 
 
-def finish_run(cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBuilder, reward) -> None:
+def finish_run(
+    cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBuilder, reward, *, label: str = "SCoRe"
+) -> None:
     """Plots of metrics.jsonl and, when data.eval is set, the greedy two-attempt evaluation."""
     if cfg.run.plots:
         from .plots import plot_run
@@ -359,8 +396,14 @@ def finish_run(cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBui
         if cfg.run.eval_max_problems:
             problems = problems[: cfg.run.eval_max_problems]
         metrics, records = evaluate(
-            engine, builder, problems, reward, budgets=cfg.eval_budgets, progress=cfg.run.progress
+            engine,
+            builder,
+            problems,
+            reward,
+            budgets=cfg.eval_budgets,
+            attempts=cfg.score.attempts,
+            progress=cfg.run.progress,
         )
         write_records(out_dir / "eval.jsonl", records)
         write_json(out_dir / "eval_metrics.json", metrics)
-        print(table({"SCoRe": metrics}))
+        print(table({label: metrics}))

@@ -8,7 +8,17 @@ import pytest
 
 from score.rl import demo_task
 from score.rl.config import load_config
-from score.rl.demo import DEMO_RL, METHODS, build_tokenizer, encode_warmup, run_demo
+from score.rl.demo import (
+    DEMO_RL,
+    DEMO_SELF_REFINE,
+    DEMO_SFT,
+    LABELS,
+    METHODS,
+    SFT_BASELINES,
+    build_tokenizer,
+    encode_warmup,
+    run_demo,
+)
 from score.rl.prompts import PromptBuilder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -60,19 +70,19 @@ def test_warmup_traces_are_token_in_token_out():
 
 def test_shipped_demo_config_matches_the_demo():
     cfg = load_config(CONFIGS / "demo.toml")
-    for section, values in DEMO_RL.items():
+    for section, values in {**DEMO_RL, "sft": DEMO_SFT, "self_refine": DEMO_SELF_REFINE}.items():
         for key, value in values.items():
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
 
 
 def test_quick_demo_writes_every_output(tmp_path, capsys):
-    results = run_demo(tmp_path, quick=True, ablations=True, progress=False, workers=1)
+    results = run_demo(tmp_path, quick=True, ablations=True, baselines=True, progress=False, workers=1)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["headroom"]) == {"direct", "worked"}
-    assert set(saved["methods"]) == {"base", *METHODS}
+    assert set(saved["methods"]) == {"base", "self_refine", *METHODS, *SFT_BASELINES}
     for name, method in saved["methods"].items():
         runs = method["seeds"]
-        assert len(runs) == (1 if name == "base" else 2)
+        assert len(runs) == (1 if name in ("base", "self_refine") else 2)
         for run in runs:
             assert run["delta"] == pytest.approx(run["delta_i2c"] - run["delta_c2i"])
             rows = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_seed{run['seed']}.jsonl")]
@@ -97,6 +107,8 @@ def test_quick_demo_writes_every_output(tmp_path, capsys):
     assert (tmp_path / "runs" / "score_seed0" / "metrics.jsonl").exists()
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"accuracy_bars.png", "training_curves.png"}
     out = capsys.readouterr().out
-    for label in ["Base model"] + [label for label, _ in METHODS.values()]:
+    for label in LABELS.values():
         assert label in out
+    for name in SFT_BASELINES:
+        assert (tmp_path / "runs" / f"{name}_seed0" / "sft_data.json").exists()
     assert "headroom" in out and "±" in out

@@ -10,7 +10,7 @@ from score.model.sampling import SamplingParams
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
-from score.rl.evaluate import evaluate, evaluate_given_first_attempts, read_first_attempts
+from score.rl.evaluate import evaluate, evaluate_given_first_attempts, evaluate_self_refine, read_first_attempts
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import two_attempt_rollout
 from score.rl.scaling import inference_scaling, majority_vote, parse_budgets
@@ -195,6 +195,56 @@ def test_scaling_refuses_code_rewards(tiny):
         )
 
 
+# ---- Self-Refine ---------------------------------------------------------------------------
+
+
+def test_self_refine_critiques_attempt_one_then_rewrites_it_in_one_conversation(tiny):
+    model, builder, problems, _ = tiny
+    critique, refine = builder.with_instruction("Find the error."), builder.with_instruction("Now fix it.")
+    reward = FirstLetterParity()
+    metrics, records = evaluate_self_refine(
+        engine_for(model), builder, (critique, refine), problems, reward, budgets=(4, 6), critique_budget=5
+    )
+    # By hand: greedy attempt 1, then the critique turn and a greedy critique, then the refine turn
+    # and a greedy rewrite; every context extends the one before it token by token.
+    tok, engine = builder.tokenizer, engine_for(model)
+
+    def greedy(contexts, budget):
+        return [o[0] for o in engine.generate(contexts, SamplingParams(temperature=0.0, max_tokens=budget))]
+
+    prompts = [builder.first_attempt_ids(p.question) for p in problems]
+    first = greedy(prompts, 4)
+    ctx = [critique.second_attempt_ids(p, o.token_ids, o.finish_reason)[0] for p, o in zip(prompts, first, strict=True)]
+    assert all(
+        c[len(p) + len(o.token_ids) :] == critique.instruction_ids for c, p, o in zip(ctx, prompts, first, strict=True)
+    )
+    said = greedy(ctx, 5)
+    ctx = [refine.second_attempt_ids(c, o.token_ids, o.finish_reason)[0] for c, o in zip(ctx, said, strict=True)]
+    second = greedy(ctx, 6)
+    decode = lambda o: tok.decode(o.token_ids, skip_special_tokens=True)  # noqa: E731
+    assert [r["attempt1"] for r in records] == [decode(o) for o in first]
+    assert [r["critique"] for r in records] == [decode(o) for o in said]
+    assert [r["attempt2"] for r in records] == [decode(o) for o in second]
+    assert [r["r2"] for r in records] == reward([decode(o) for o in second], problems)
+    assert metrics["n"] == len(problems) and metrics["acc_t2"] == sum(r["r2"] for r in records) / len(records)
+    with pytest.raises(ValueError, match="cannot hold Self-Refine's attempt, critique and rewrite"):
+        evaluate_self_refine(engine, builder, (critique, refine), problems, reward, budgets=(4, 6), critique_budget=250)
+
+
+def test_self_refine_turns_default_to_a_critique_request_and_the_runs_instruction(tmp_path):
+    from score.rl.factories import prompt_builder, self_refine_builders
+    from score.rl.prompts import CRITIQUE_INSTRUCTION
+
+    cfg = tiny_config(tmp_path)
+    builder = prompt_builder(cfg, load_tokenizer(cfg.model.path))
+    critique, refine = self_refine_builders(cfg, builder)
+    assert critique.correction_instruction == CRITIQUE_INSTRUCTION
+    assert refine.correction_instruction == builder.correction_instruction
+    cfg.self_refine.critique_instruction = "  "
+    with pytest.raises(ValueError, match="self_refine.critique_instruction must not be empty"):
+        self_refine_builders(cfg, builder)
+
+
 # ---- the CLI -------------------------------------------------------------------------------
 
 
@@ -230,3 +280,9 @@ def test_cli_attempts_first_attempts_and_scaling(tmp_path, capsys):
     assert "--attempts must be >= 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: the studies are exclusive
         main([*common, "--out", str(tmp_path / "x"), "--attempts", "3", "--scaling", "2"])
+
+    refine = ["--set", "self_refine.max_tokens_critique=4"]
+    assert main([*common, "--out", str(tmp_path / "refine"), "--self-refine", *refine]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "refine" / "eval.jsonl")]
+    assert len(rows) == 4 and all("critique" in r for r in rows)
+    assert json.load(open(tmp_path / "refine" / "eval_metrics.json"))["n"] == 4

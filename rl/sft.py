@@ -1,0 +1,269 @@
+"""`score sft`: the paper's supervised self-correction baselines (§4, Table 1) on self-generated data.
+
+Both build two-attempt traces `[prompt, attempt 1, instruction, attempt 2]` and train the cross-entropy
+of attempt 2's tokens only (attempt 1 and the instruction are context), through the same packing and
+fused log-prob kernel as the RL loss (loss.pack, loss.attempt_logprobs; no [tokens, vocab] logits):
+
+- **STaR** (D_StaR): the model samples k two-attempt traces per problem; the traces whose attempt 2
+  is right after a wrong attempt 1 are kept. With `include_correct` (D⁺_StaR) right-then-right
+  traces are kept too. Several rounds: round i samples with round i - 1's model and, as in STaR,
+  fine-tunes the base model afresh on what it kept (the paper runs 3). A round that keeps no trace
+  trains nothing and leaves the model as it was (reported, with every round's counts).
+- **Pair-SFT** (D_SFT): the base model samples k first attempts per problem; each wrong one is
+  paired, as (attempt 1, attempt 2), with a right one of the same problem. With `include_correct`
+  (D⁺_SFT) each right one is also paired with another right one (itself when it is the only one).
+  One round.
+
+Round i's traces go to `OUT/data/round{i}.jsonl` (id, attempt1, attempt2, r1, r2), per-step metrics to
+`OUT/metrics.jsonl`, the counts of every round to `OUT/sft_data.json`, the trained model to
+`OUT/final/`; with `data.eval` the run ends with the greedy two-attempt evaluation, as `score train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from score.model import from_pretrained, load_tokenizer, save_pretrained
+from score.model.files import write_jsonl
+
+from .config import RunConfig
+from .evaluate import write_json
+from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
+from .loss import attempt_logprobs, pack
+from .prompts import PromptBuilder
+from .rollout import Trajectory, two_attempt_rollout
+from .run_log import MetricsLogger
+from .schedule import lr_schedule, step_seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The datasets
+# ---------------------------------------------------------------------------------------------------
+def star_traces(trajectories: Sequence[Trajectory], include_correct: bool) -> list[Trajectory]:
+    """The two-attempt traces STaR trains on: wrong then right (and right then right with
+    `include_correct`), with attempt 1 as context."""
+    keep = [t for t in trajectories if t.r2 == 1.0 and (t.r1 == 0.0 or (include_correct and t.r1 == 1.0))]
+    return [dataclasses.replace(t, group=i, first_from_base=True) for i, t in enumerate(keep)]
+
+
+def pair_sft_traces(
+    samples: Sequence[Trajectory], builder: PromptBuilder, include_correct: bool, seed: int
+) -> list[Trajectory]:
+    """Pair-SFT's traces from single-attempt `samples` (attempt 1 only): every wrong sample of a
+    problem followed by a right sample of the same problem (seeded choice), and with
+    `include_correct` every right sample followed by another right one (itself when alone)."""
+    by_problem: dict[str, list[Trajectory]] = {}
+    for s in samples:
+        by_problem.setdefault(s.problem.id, []).append(s)
+    rng = random.Random(f"{seed}/pair_sft")
+    traces = []
+    for group in by_problem.values():
+        right = [s for s in group if s.r1 == 1.0]
+        if not right:
+            continue
+        for s in group:
+            if s.r1 == 0.0:
+                traces.append(_pair(s, rng.choice(right), builder))
+            elif include_correct and s.r1 == 1.0:
+                others = [o for o in right if o is not s] or [s]
+                traces.append(_pair(s, rng.choice(others), builder))
+    return [dataclasses.replace(t, group=i) for i, t in enumerate(traces)]
+
+
+def _pair(first: Trajectory, second: Trajectory, builder: PromptBuilder) -> Trajectory:
+    """A trace whose attempt 1 is `first`'s attempt and attempt 2 is `second`'s (token ids)."""
+    context, (a, b) = builder.second_attempt_ids(first.prompt_ids, first.attempt1_ids, first.finish1)
+    return Trajectory(
+        group=0,
+        problem=first.problem,
+        prompt_ids=first.prompt_ids,
+        attempt1_ids=first.attempt1_ids,
+        attempt1_logprobs=first.attempt1_logprobs,
+        finish1=first.finish1,
+        instruction_ids=context[a:b],
+        attempt2_ids=second.attempt1_ids,
+        attempt2_logprobs=second.attempt1_logprobs,
+        finish2=second.finish1,
+        text1=first.text1,
+        text2=second.text1,
+        r1=first.r1,
+        r2=second.r1,
+        first_from_base=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------
+def sft_loss(model, traces: Sequence[Trajectory], denominator: float, device) -> torch.Tensor:
+    """Summed NLL of the traces' trained tokens over `denominator`: one packed forward. Only attempt-2
+    tokens are trained (the traces' attempt 1 is context: `first_from_base`)."""
+    batch = pack(list(traces), device)
+    return -attempt_logprobs(model, batch, 1.0, contextlib.nullcontext).sum() / denominator
+
+
+def trained_tokens(traces: Sequence[Trajectory]) -> int:
+    return sum(sum(1 for label in t.attempt_labels if label) for t in traces)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None) -> Path:
+    """The whole `score sft` run; returns the final model folder."""
+    if not cfg.model.path:
+        raise ValueError("model.path is empty: point it at an HF-format model folder")
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
+    out = Path(out_dir)
+    for name in ("metrics.jsonl", "sft_data.json", "final"):
+        if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
+            raise FileExistsError(f"{out} already holds a run ({name}); use a new --out")
+    progress = cfg.run.progress if progress is None else progress
+    s, seed = cfg.sft, cfg.run.seed
+    torch.manual_seed(seed)
+    device = pick_device(cfg.model.device)
+    dtype = getattr(torch, cfg.model.dtype)
+    tokenizer = load_tokenizer(cfg.model.path)
+    builder = prompt_builder(cfg, tokenizer)
+    problems = load_problems(cfg, cfg.data.train)
+    if s.max_problems:
+        problems = problems[: s.max_problems]
+    base = from_pretrained(cfg.model.path, dtype=dtype, device=device).requires_grad_(False)
+    reward = make_reward(cfg)
+    logger = MetricsLogger(out)
+    rounds, step, policy = [], 0, base
+    try:
+        for i in range(s.rounds):
+            t0 = time.perf_counter()
+            traces, sampled = build_round(cfg, policy, builder, problems, reward, step_seed(seed, 1000 + i))
+            write_jsonl(out / "data" / f"round{i}.jsonl", (_trace_row(t) for t in traces))
+            counts = _round_counts(i, sampled, traces, cfg, time.perf_counter() - t0)
+            if traces:
+                policy = copy.deepcopy(base).requires_grad_(True).train()
+                step, counts["skipped_steps"], last_loss = train_round(
+                    cfg, policy, traces, logger, step, i, device, progress
+                )
+                policy.eval()
+                trained = f"{counts['steps']} steps, last loss {last_loss:.3f}"
+            else:  # nothing to learn from: the round leaves the model as it was, and says so
+                counts["steps"] = counts["skipped_steps"] = 0
+                trained = "nothing trained (the model stays as it was)"
+            rounds.append(counts)
+            print(
+                f"sft round {i}: {counts['traces']} {s.kind} traces from {counts['sampled']} samples; {trained}",
+                flush=True,
+            )
+        write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
+        final = out / "final"
+        save_pretrained(policy, final)
+        tokenizer.save_pretrained(final)
+        if cfg.data.eval:
+            from .trainer import finish_run
+
+            finish_run(cfg, out, make_engine(cfg, policy), builder, reward, label=f"SFT ({s.kind})")
+    finally:
+        logger.close()
+        reward.close()
+    return final
+
+
+def build_round(cfg: RunConfig, model, builder, problems, reward, seed: int) -> tuple[list[Trajectory], list]:
+    """(traces, the samples they came from) of one round, sampled from `model`."""
+    r, s = cfg.rollout, cfg.sft
+    sampled, _ = two_attempt_rollout(
+        make_engine(cfg, model),
+        builder,
+        problems,
+        reward,
+        k=r.samples_per_prompt,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_tokens1=r.max_tokens_attempt1,
+        max_tokens2=r.max_tokens_attempt2,
+        seed=seed,
+        second_attempt=s.kind == "star",
+    )
+    if s.kind == "star":
+        return star_traces(sampled, s.include_correct), sampled
+    return pair_sft_traces(sampled, builder, s.include_correct, seed), sampled
+
+
+def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: int, device, progress: bool):
+    """AdamW over `epochs` seeded shuffles of `traces`, from the weights `policy` holds; returns
+    (the next global step, steps skipped for a non-finite loss or gradient, the last loss)."""
+    s, o = cfg.sft, cfg.optim
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
+    per_epoch = math.ceil(len(traces) / s.batch_size)
+    total, skipped = per_epoch * s.epochs, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=f"sft round {round_index}", unit="step", dynamic_ncols=True)
+    clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+    for local in range(total):
+        epoch, b = divmod(local, per_epoch)
+        order = list(range(len(traces)))
+        random.Random(f"{cfg.run.seed}/sft/{round_index}/{epoch}").shuffle(order)
+        batch = [traces[j] for j in order[b * s.batch_size : (b + 1) * s.batch_size]]
+        lr = lr_schedule(local, o, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        denominator, loss = float(trained_tokens(batch)), 0.0
+        for m in range(0, len(batch), s.micro_batch_size):
+            part = sft_loss(policy, batch[m : m + s.micro_batch_size], denominator, device)
+            part.backward()
+            loss += float(part.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if ok:
+            optimizer.step()
+        else:
+            skipped += 1
+        step += 1
+        metrics = {"round": round_index, "epoch": epoch, "lr": lr, "loss": loss, "grad_norm": grad_norm}
+        logger.log(step, metrics | {"skipped": int(not ok), "traces": len(batch), "tokens": int(denominator)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    if bar is not None:
+        bar.close()
+    if skipped == total:
+        raise RuntimeError(f"sft round {round_index}: every one of {total} steps had a non-finite loss or gradient")
+    return step, skipped, loss
+
+
+def _round_counts(i: int, sampled, traces, cfg: RunConfig, seconds: float) -> dict:
+    star = cfg.sft.kind == "star"
+    r1 = [t.r1 for t in sampled]
+    counts = {
+        "round": i,
+        "sampled": len(sampled),
+        "traces": len(traces),
+        "acc_t1_sampled": sum(r1) / len(r1),
+        "wrong_to_right": sum(t.r1 == 0.0 and t.r2 == 1.0 for t in traces),
+        "right_to_right": sum(t.r1 == 1.0 and t.r2 == 1.0 for t in traces),
+        "sample_s": seconds,
+        "steps": math.ceil(len(traces) / cfg.sft.batch_size) * cfg.sft.epochs,
+    }
+    if star:
+        counts["acc_t2_sampled"] = sum(t.r2 for t in sampled) / len(sampled)
+    return counts
+
+
+def _trace_row(t: Trajectory) -> dict:
+    return {"id": t.problem.id, "attempt1": t.text1, "attempt2": t.text2, "r1": t.r1, "r2": t.r2}
