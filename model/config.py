@@ -120,6 +120,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict) -> ModelConfig:
+        _check_hf_fields(raw)
         architecture = _architecture_of(raw)
         _refuse_unsupported_features(raw)
         rope_theta, rope_scaling = _rope_settings(raw)
@@ -169,6 +170,53 @@ class ModelConfig:
         if self.architecture == "Qwen3ForCausalLM":
             out["use_sliding_window"] = False
         return out
+
+
+# Keys a config.json must hold: without them the model's shape is a guess (HF's class defaults
+# describe some 7B model, not this checkpoint).
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+_INT_KEYS = (*REQUIRED_HF_KEYS, "num_key_value_heads", "head_dim")
+_TOKEN_ID_KEYS = ("bos_token_id", "pad_token_id")
+
+
+def _check_hf_fields(raw: dict) -> None:
+    """Required keys present and every key we read of the right JSON type (one message naming the key)."""
+    missing = [k for k in REQUIRED_HF_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _INT_KEYS:
+        if raw.get(key) is not None and not is_int(raw[key]):
+            raise ValueError(f"{key} must be an integer, got {raw[key]!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            raise ValueError(f"{key} must be true or false, got {raw[key]!r}")
+    for key in _TOKEN_ID_KEYS:
+        if raw.get(key) is not None and not is_int(raw[key]):
+            raise ValueError(f"{key} must be an integer token id or null, got {raw[key]!r}")
+    eos = raw.get("eos_token_id")
+    if eos is not None and not (is_int(eos) or (isinstance(eos, list) and eos and all(is_int(e) for e in eos))):
+        raise ValueError(f"eos_token_id must be an integer token id or a list of them, got {eos!r}")
+    vocab = raw["vocab_size"]
+    for key in (*_TOKEN_ID_KEYS, "eos_token_id"):
+        ids = raw.get(key)
+        for token in ids if isinstance(ids, list) else [ids]:
+            if token is not None and not 0 <= token < vocab:
+                raise ValueError(f"{key} {token} is outside the vocabulary (vocab_size={vocab})")
 
 
 def _architecture_of(raw: dict) -> str:

@@ -109,12 +109,20 @@ def checkpoint_files(path: str) -> dict[str, list[str]]:
             raise FileNotFoundError(f"{index} names shard files that do not exist: {details}")
         return files
     if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {single: list(f.keys())}
     present = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if any(name.endswith(".bin") for name in present):
         raise ValueError(f"{path} holds only pickle .bin weights; safetensors checkpoints only")
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found: {present})")
+
+
+def _open_safetensors(file: str, device: str = "cpu"):
+    """safe_open, with a truncated, empty or garbled file reported as one line naming it."""
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def from_pretrained(path, dtype=None, device="cpu", *, attention_backend: str = "auto") -> Transformer:
@@ -128,7 +136,7 @@ def from_pretrained(path, dtype=None, device="cpu", *, attention_backend: str = 
 
     state, unexpected, shapes, mismatched = {}, [], [], set()
     for file, keys in checkpoint_files(path).items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with _open_safetensors(file, device=str(device)) as f:
             stored = set(f.keys())
             for hf_key in keys:
                 if hf_key.endswith(_IGNORED_SUFFIXES):

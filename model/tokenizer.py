@@ -211,7 +211,10 @@ def load_tokenizer(path) -> Tokenizer:
     if not os.path.isfile(tokenizer_file):
         present = sorted(os.listdir(path)) if os.path.isdir(path) else "not a folder"
         raise FileNotFoundError(f"no tokenizer.json in {path} (found: {present}); only fast tokenizers are supported")
-    backend = RustTokenizer.from_file(tokenizer_file)
+    try:
+        backend = RustTokenizer.from_file(tokenizer_file)
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON and bad models
+        raise ValueError(f"{tokenizer_file}: not a valid tokenizer.json ({e})") from None
 
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins

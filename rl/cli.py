@@ -9,8 +9,9 @@
     score demo  --out DIR [--ablations] [--baselines] [--quick] [--seed N] [--seeds K] [--workers W]
     score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
-Errors in the user's input (config, data, paths) are printed as one line naming the cause and
-exit with status 2; anything else is a bug and keeps its traceback.
+Errors in the user's input (config, data, paths) and refusals of the machine (disk full, read-only
+folder) are printed as one line naming the cause and exit with status 2; a run that trained nothing
+(every step skipped) exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value (TOML syntax; repeatable)",
     )
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue although the config or the model/data files differ from the run's (listed)",
+    )
     train.add_argument("--describe", action="store_true", help="print every config key with its default and exit")
     train.add_argument(
         "--nproc",
@@ -133,7 +139,11 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.set)
     from .trainer import train
 
-    final = train(cfg, args.out, max_steps=args.max_steps, resume=args.resume)
+    if args.allow_config_change and not args.resume:
+        raise ValueError("--allow-config-change only applies with --resume")
+    final = train(
+        cfg, args.out, max_steps=args.max_steps, resume=args.resume, allow_config_change=args.allow_config_change
+    )
     if os.environ.get("RANK", "0") == "0":
         print(f"final policy: {final}")
     return 0
@@ -187,6 +197,8 @@ def _eval(args) -> int:
     budgets = parse_budgets(args.scaling) if args.scaling else None
     if args.attempts < 2:
         raise ValueError(f"--attempts must be >= 2, got {args.attempts}")
+    if not 0 <= args.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     out = Path(args.out)
@@ -305,10 +317,19 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     handler = {"train": _train, "sft": _sft, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
+    from .trainer import RunFailed
+
     try:
         code = handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"score {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except RunFailed as e:
+        print(f"score {args.command}: failed: {e}", file=sys.stderr)
+        code = 1
+    except OSError as e:  # the machine refused a write or read: disk full, read-only, not a directory
+        where = f": {e.filename}" if e.filename else ""
+        print(f"score {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         code = 2
     if args.command == "train":
         from .parallel.distributed import exit_rank, launched_by_torchrun

@@ -66,6 +66,11 @@ class DataSection:
     solution_key: str = _f("solution", "JSONL field holding a worked solution (used when answer_key is '')")
     id_key: str = _f("", "JSONL field holding a problem id ('' = file:line)")
     shuffle: bool = _f(True, "reshuffle the training problems every epoch (seeded by run.seed and epoch)")
+    skip_too_long: bool = _f(
+        False,
+        "leave out training problems whose prompt plus attempts cannot fit the model's positions (counted "
+        "in skipped_problems.json); false = such problems are an error naming each one",
+    )
 
 
 @dataclass
@@ -205,7 +210,11 @@ class SelfRefineSection:
 
 @dataclass
 class RunSection:
-    seed: int = _f(0, "seed of data order, sampling and init; sampling is keyed on (step, prompt, sample)")
+    seed: int = _f(
+        0,
+        "seed of data order, sampling and init; sampling is keyed on (step, prompt, sample)",
+        check=(lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
+    )
     checkpoint_every: int = _f(50, "save a checkpoint every N optimizer steps (0 = only at the end)", check=_nonneg)
     keep_last: int = _f(3, "checkpoints kept on disk", check=_pos)
     eval_max_problems: int = _f(0, "cap on end-of-run evaluation problems (0 = all)", check=_nonneg)
@@ -267,7 +276,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -11,6 +11,7 @@ Code problems (HumanEval/MBPP) have their own loaders in `rewards/code_problems.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class Problem:
     question: str
     answer: str
     meta: dict = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # where it was read ("FILE line N", "SOURCE row N"), for error messages
 
 
 def last_boxed(text: str) -> str | None:
@@ -134,11 +136,17 @@ def read_jsonl_objects(path, what: str = "JSONL file") -> Iterator[tuple[int, st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -195,6 +203,7 @@ def _unique_problems(entries, source: str, position_word: str, container: str, k
     seen: dict[str, int] = {}
     for position, where, record, default_id in entries:
         problem = problem_from_record(record, where, default_id=default_id, **keys)
+        problem = dataclasses.replace(problem, where=where)  # named by the checks before training
         if problem.id in seen:
             raise ValueError(f"{where}: duplicate problem id {problem.id!r} (first {position_word} {seen[problem.id]})")
         seen[problem.id] = position

@@ -461,6 +461,8 @@ def _run_demo(
     seeds = sizes.seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if not 0 <= seed <= 2**31 - 1 - seeds:
+        raise ValueError(f"--seed must be in [0, 2**31 - {seeds}) so that the {seeds} RL seeds fit, got {seed}")
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()
     torch.manual_seed(seed)

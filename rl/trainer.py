@@ -33,17 +33,20 @@ from pathlib import Path
 
 import torch
 
-from score.model import Engine, load_tokenizer
+from score.model import Engine
+from score.model.files import write_json
 
 from .config import RunConfig
 from .factories import load_problems, make_engine, make_reward, prompt_builder
 from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_star
 from .metrics import two_attempt_metrics
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
+from .preflight import check_budgets, check_finite, check_model_folder, check_out_dir, problems_that_fit
 from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
+from .run_record import RUN_RECORD, check_same_run, run_record
 from .schedule import DataOrder, attempts_at, lr_at, stage1_part, stage_of, step_seed
 
 
@@ -62,11 +65,28 @@ class StepTotals:
     logp_gap: float  # mean |trainer logp - sampler logp| over attempt tokens
 
 
+class RunFailed(RuntimeError):
+    """A run that ended without training anything (the CLI exits 1 with this one line)."""
+
+
+def _eval_budget_keys(cfg: RunConfig) -> dict:
+    a1, a2 = cfg.eval_budgets
+    return {"max_tokens_attempt1": a1, "max_tokens_attempt2": a2}
+
+
 class Trainer:
     """Owns the policy, the frozen reference, the engines and the optimizer of one run (of one rank
     of a torchrun job when `parallel` is an FSDP2)."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, parallel: Parallel | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        parallel: Parallel | None = None,
+        allow_config_change: bool = False,
+    ):
         if not cfg.model.path:
             raise ValueError("model.path is empty: point it at an HF-format model folder")
         if not cfg.data.train:
@@ -80,31 +100,74 @@ class Trainer:
         parallel.my_groups(cfg.optim.prompts_per_step)  # optim.prompts_per_step must split evenly
         self.cfg, self.parallel = cfg, parallel
         self.is_main = parallel.is_main
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = check_out_dir(out_dir)
         metrics_file = self.out_dir / "metrics.jsonl"  # checked before any model or worker is made
         if not resume and metrics_file.exists() and metrics_file.stat().st_size:
             raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
+        record = run_record(cfg)
+        if resume:
+            check_same_run(self.out_dir, record, allow_config_change)
+        # Everything the run reads is checked before the first model is built.
+        model_config, self.tokenizer = check_model_folder(cfg.model.path)
+        check_budgets(cfg, model_config)
+        self.builder = prompt_builder(cfg, self.tokenizer)
+        self.problems, skipped = problems_that_fit(
+            load_problems(cfg, cfg.data.train),
+            self.builder,
+            cfg,
+            model_config.max_position_embeddings,
+            f"data.train {cfg.data.train}",
+            skip=cfg.data.skip_too_long,
+        )
+        if cfg.data.eval:
+            problems_that_fit(
+                load_problems(cfg, cfg.data.eval),
+                self.builder,
+                dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **_eval_budget_keys(cfg))),
+                model_config.max_position_embeddings,
+                f"data.eval {cfg.data.eval}",
+                skip=False,
+            )
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
-        self.tokenizer = load_tokenizer(cfg.model.path)
         self.policy, self.reference = parallel.build_models(cfg)
+        bad = 0
+        try:
+            check_finite(self.policy, cfg.model.path)
+        except ValueError as e:
+            bad, message = 1, str(e)
+        if parallel.sum([bad])[0]:  # every rank stops, not only the one holding the bad shard
+            raise ValueError(message if bad else f"{cfg.model.path}: another rank's weights hold NaN or Inf values")
         self.policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.reference.set_activation_checkpointing(False)
-        self.builder = prompt_builder(cfg, self.tokenizer)
-        self.problems = load_problems(cfg, cfg.data.train)
         self.order = DataOrder(len(self.problems), cfg.optim.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
         self.engine = self.base_engine = None  # built at the first rollout (sharded: on gathered weights)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
-        self.step = parallel.resume(self.out_dir, self.policy, self.optimizer) if resume else 0
+        self.step = 0
+        if resume:
+            try:
+                self.step = parallel.resume(self.out_dir, self.policy, self.optimizer)
+            except FileNotFoundError as e:  # killed before its first checkpoint: start it again
+                if self.is_main:
+                    print(f"{e}; the run starts again from step 0", flush=True)
+        if self.is_main:
+            write_json(self.out_dir / RUN_RECORD, record)
+            if skipped:
+                write_json(self.out_dir / "skipped_problems.json", {"count": len(skipped), "ids": skipped})
+                print(
+                    f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out "
+                    f"(ids in {self.out_dir / 'skipped_problems.json'})",
+                    flush=True,
+                )
         self.anchor = None  # the model that ended the previous part of Stage I (score.attempts > 2)
         self._anchor_part = 1
         parallel.barrier()  # every rank has checked metrics.jsonl before rank 0 opens it
         self.reward = make_reward(cfg)  # its workers start once nothing above can fail
+        self._trained_steps = 0
         self.logger = (
             MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, resume_step=self.step if resume else None)
             if self.is_main
@@ -328,9 +391,11 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="SCoRe", unit="step", dynamic_ncols=True)
+        first = self.step
         try:
             while self.step < end:
                 metrics = self.train_step()
+                self._trained_steps += 1 - metrics["skipped"]
                 if self.logger is not None:
                     self.logger.log(self.step, metrics)
                 if bar is not None:
@@ -347,6 +412,11 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if end > first and not self._trained_steps:
+            raise RunFailed(
+                f"every one of the {end - first} steps was skipped (non-finite loss or gradient; see "
+                f"{self.out_dir / 'metrics.jsonl'}): no checkpoint or final/ is written"
+            )
         self.save()
         final = self.out_dir / "final"
         self.parallel.export(self.policy, final)
@@ -364,13 +434,20 @@ class Trainer:
         self.reward.close()
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, max_steps: int | None = None, resume: bool = False) -> Path:
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
+) -> Path:
     """`score train`: the whole run, then plots and (when data.eval is set) the greedy evaluation.
 
     Under torchrun every rank trains; then rank 0 alone plots and evaluates the exported `final/`
     policy while the other ranks exit (parallel/seam.py, `evaluation`)."""
     parallel = parallel_for_run(cfg)
-    trainer = Trainer(cfg, out_dir, resume=resume, parallel=parallel)
+    trainer = Trainer(cfg, out_dir, resume=resume, parallel=parallel, allow_config_change=allow_config_change)
     try:
         final = trainer.fit(max_steps)
         with parallel.evaluation(trainer, final) as parts:

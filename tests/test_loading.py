@@ -161,6 +161,7 @@ def test_unsupported_configs_are_refused(tmp_path, change, message):
         "vocab_size": 32,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
+        "max_position_embeddings": 64,
         **change,
     }
     (tmp_path / "config.json").write_text(json.dumps(config))

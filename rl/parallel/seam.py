@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from score.model import from_pretrained, load_tokenizer, save_pretrained
 from ..checkpoints import (
     export_consolidated,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_sharded,
     save_checkpoint,
@@ -140,10 +142,18 @@ class SingleProcess:
         return save_checkpoint(run_dir, step, policy, optimizer, state, keep_last=keep_last, tokenizer=tokenizer)
 
     def resume(self, run_dir, policy, optimizer):
-        """A plain run resumes from either format (a sharded checkpoint loads into the plain model)."""
-        plain = latest_checkpoint(run_dir, "plain")
-        if plain is not None:
-            return int(load_checkpoint(plain, policy, optimizer)["step"])
+        """A plain run resumes from either format (a sharded checkpoint loads into the plain model).
+        A checkpoint that cannot be read (corrupt, truncated) is reported and the next older one is
+        tried; a load that fails part-way is overwritten whole by the next."""
+        plain = list_checkpoints(run_dir, "plain")[::-1]
+        for i, path in enumerate(plain):
+            try:
+                return int(load_checkpoint(path, policy, optimizer)["step"])
+            except Exception as e:  # any reader's error: safetensors, JSON, a missing file
+                older = f"falling back to {plain[i + 1].name}" if i + 1 < len(plain) else "no older one is left"
+                print(f"--resume: checkpoint {path} cannot be read ({e}); {older}", file=sys.stderr, flush=True)
+        if plain:
+            raise ValueError(f"--resume: none of the {len(plain)} checkpoints under {plain[0].parent} can be read")
         sharded = latest_checkpoint(run_dir, "sharded")
         if sharded is not None:
             return int(load_sharded(sharded, policy, optimizer)["step"])
