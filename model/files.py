@@ -3,8 +3,9 @@
 Every writer goes through a temporary in the target's own folder (`.tmp-<name>-XXXXXXXX`, so the
 final rename never crosses a file system), fsyncs it, renames it over the target and fsyncs the
 folder, so a crash leaves the old version or the new one, never half of one. Folders (checkpoints)
-follow the same policy: an existing target is swapped out and removed only after the new one is in
-place. A temporary left by a killed writer is never mistaken for a result: readers skip dot names,
+follow the same policy: an existing target is exchanged with the new one in one atomic step (or,
+where the file system cannot, renamed aside and put back after a kill) and removed only after the
+new one is in place. A temporary left by a killed writer is never mistaken for a result: readers skip dot names,
 and `remove_stale_temporaries` clears them before the next write into that folder.
 """
 
@@ -91,20 +92,63 @@ def temp_folder(target) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-"))
 
 
+def exchange_paths(a, b) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the OS or
+    the file system cannot, and nothing was changed."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(error, os.strerror(error), os.fspath(a))
+
+
 def commit_folder(tmp, target) -> Path:
-    """fsync every file of `tmp`, then rename it to `target`. An existing `target` is renamed aside
-    first and deleted only once the new one is in place (one overwrite policy for every folder)."""
+    """fsync every file of `tmp`, then rename it to `target`. An existing `target` is exchanged with
+    the new folder in one atomic step and then deleted, so some complete copy is named `target` at
+    every moment. Where the file system cannot exchange, it is renamed aside first (a kill between
+    the two renames leaves it there, and `recover_set_aside` puts it back)."""
     tmp, target = Path(tmp), Path(target)
     fsync_tree(tmp)
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}old-{target.name}-"))
-        os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
+        if exchange_paths(tmp, target):
+            shutil.rmtree(tmp)  # now the old copy
+        else:
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}old-{target.name}-"))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
     else:
         os.replace(tmp, target)
     fsync_dir(target.parent)
     return target
+
+
+def recover_set_aside(folder) -> None:
+    """Put back a complete folder that commit_folder set aside when a kill stopped it before the new
+    copy landed (the old one is then the only complete copy); drop set-aside copies already replaced."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if not (child.name.startswith(f"{TEMP_PREFIX}old-") and child.is_dir()):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process (rank) got there first
+            for kept in child.iterdir():
+                if not (folder / kept.name).exists():
+                    os.replace(kept, folder / kept.name)
+        shutil.rmtree(child, ignore_errors=True)
+    fsync_dir(folder)
 
 
 @contextlib.contextmanager
@@ -125,6 +169,7 @@ def remove_stale_temporaries(folder) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
+    recover_set_aside(folder)
     for child in folder.iterdir():
         if child.name.startswith(TEMP_PREFIX):
             if child.is_dir():

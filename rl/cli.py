@@ -188,6 +188,7 @@ def _eval(args) -> int:
         self_refine_builders,
     )
     from .plots import plot_attempts, plot_scaling
+    from .preflight import check_finite, check_model_folder, check_out_dir
     from .scaling import inference_scaling, parse_budgets, scaling_table
 
     problems = load_problems(cfg, args.data)
@@ -201,13 +202,13 @@ def _eval(args) -> int:
         raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
-    builder = prompt_builder(cfg, load_tokenizer(args.model))
+    out = check_out_dir(args.out)
+    _, tokenizer = check_model_folder(args.model)
+    builder = prompt_builder(cfg, tokenizer)
     turns = self_refine_builders(cfg, builder) if args.self_refine else None
     device = pick_device(cfg.model.device)
     model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
+    check_finite(model, args.model)
     engine, reward = make_engine(cfg, model), make_reward(cfg)
     name = Path(args.model).name or "model"
     try:

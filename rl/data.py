@@ -29,7 +29,9 @@ class Problem:
     question: str
     answer: str
     meta: dict = field(default_factory=dict)
-    where: str = field(default="", compare=False)  # where it was read ("FILE line N", "SOURCE row N"), for error messages
+    where: str = field(
+        default="", compare=False
+    )  # where it was read ("FILE line N", "SOURCE row N"), for error messages
 
 
 def last_boxed(text: str) -> str | None:

@@ -32,6 +32,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -51,13 +52,14 @@ from score.model import (
     load_tokenizer,
     save_pretrained,
 )
-from score.model.files import write_jsonl
+from score.model.files import read_json_object, write_jsonl
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
 from .evaluate import evaluate, evaluate_self_refine, write_json, write_records
 from .factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from .metrics import format_table, seed_summary
+from .preflight import check_out_dir
 from .prompts import PromptBuilder
 from .sft import run_sft
 from .trainer import Trainer
@@ -455,14 +457,13 @@ def _run_demo(
     workers: int | None,
     progress: bool,
 ) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     seeds = sizes.seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if not 0 <= seed <= 2**31 - 1 - seeds:
         raise ValueError(f"--seed must be in [0, 2**31 - {seeds}) so that the {seeds} RL seeds fit, got {seed}")
+    out = claim_demo_folder(Path(out_dir), {"seed": seed, "quick": quick})
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -565,6 +566,29 @@ def _run_demo(
     )
     print(f"wall time {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results
+
+
+DEMO_RECORD = "demo.json"
+
+
+def claim_demo_folder(out: Path, identity: dict) -> Path:
+    """The demo's folder, checked before anything is written: a folder holding another demo (another
+    seed or size) or anything that is not a demo is refused; the same demo again replaces its runs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    record = out / DEMO_RECORD
+    if record.is_file():
+        held = read_json_object(record)
+        if {k: held.get(k) for k in identity} != identity:
+            raise FileExistsError(
+                f"{out} holds the demo of {held}, not {identity}; it is kept: choose a new --out for this one"
+            )
+        shutil.rmtree(out / "runs", ignore_errors=True)  # the same demo again: its runs start over
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no demo ({DEMO_RECORD}); choose a new --out")
+    check_out_dir(out)
+    write_json(record, identity)
+    return out
 
 
 def _run_dirs(jobs: list[dict]) -> dict[str, list[Path]]:

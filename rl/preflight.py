@@ -12,6 +12,7 @@ naming the file, line, key or problem, never hours later or on every resume.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -95,3 +96,15 @@ def problems_that_fit(problems, builder, cfg: RunConfig, max_model_len: int, wha
     if not kept:
         raise ValueError(f"{what}: none of {len(problems)} problems fits max_model_len = {max_model_len}")
     return [p for p, _ in kept], [p.id for p, _ in too_long]
+
+
+def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> None:
+    """data.eval, read and checked at the start of the run with the evaluation's budgets (not after it)."""
+    from .factories import load_problems
+
+    a1, a2 = cfg.eval_budgets
+    at_eval = dataclasses.replace(
+        cfg, rollout=dataclasses.replace(cfg.rollout, max_tokens_attempt1=a1, max_tokens_attempt2=a2)
+    )
+    problems = load_problems(cfg, cfg.data.eval)
+    problems_that_fit(problems, builder, at_eval, max_model_len, f"data.eval {cfg.data.eval}", skip=False)

@@ -32,13 +32,21 @@ from pathlib import Path
 
 import torch
 
-from score.model import from_pretrained, load_tokenizer, save_pretrained
+from score.model import from_pretrained, save_pretrained
 from score.model.files import write_jsonl
 
 from .config import RunConfig
 from .evaluate import write_json
 from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
 from .loss import attempt_logprobs, pack
+from .preflight import (
+    check_budgets,
+    check_eval_problems,
+    check_finite,
+    check_model_folder,
+    check_out_dir,
+    problems_that_fit,
+)
 from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
@@ -124,7 +132,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
         raise ValueError("model.path is empty: point it at an HF-format model folder")
     if not cfg.data.train:
         raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     for name in ("metrics.jsonl", "sft_data.json", "final"):
         if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
             raise FileExistsError(f"{out} already holds a run ({name}); use a new --out")
@@ -133,12 +141,22 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     torch.manual_seed(seed)
     device = pick_device(cfg.model.device)
     dtype = getattr(torch, cfg.model.dtype)
-    tokenizer = load_tokenizer(cfg.model.path)
+    model_config, tokenizer = check_model_folder(cfg.model.path)
+    check_budgets(cfg, model_config)
     builder = prompt_builder(cfg, tokenizer)
     problems = load_problems(cfg, cfg.data.train)
     if s.max_problems:
         problems = problems[: s.max_problems]
+    positions = model_config.max_position_embeddings
+    problems, skipped = problems_that_fit(
+        problems, builder, cfg, positions, f"data.train {cfg.data.train}", skip=cfg.data.skip_too_long
+    )
+    if skipped:
+        print(f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out", flush=True)
+    if cfg.data.eval:
+        check_eval_problems(cfg, builder, positions)
     base = from_pretrained(cfg.model.path, dtype=dtype, device=device).requires_grad_(False)
+    check_finite(base, cfg.model.path)
     reward = make_reward(cfg)
     logger = MetricsLogger(out)
     rounds, step, policy = [], 0, base

@@ -41,7 +41,14 @@ from .factories import load_problems, make_engine, make_reward, prompt_builder
 from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_star
 from .metrics import two_attempt_metrics
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
-from .preflight import check_budgets, check_finite, check_model_folder, check_out_dir, problems_that_fit
+from .preflight import (
+    check_budgets,
+    check_eval_problems,
+    check_finite,
+    check_model_folder,
+    check_out_dir,
+    problems_that_fit,
+)
 from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
@@ -67,11 +74,6 @@ class StepTotals:
 
 class RunFailed(RuntimeError):
     """A run that ended without training anything (the CLI exits 1 with this one line)."""
-
-
-def _eval_budget_keys(cfg: RunConfig) -> dict:
-    a1, a2 = cfg.eval_budgets
-    return {"max_tokens_attempt1": a1, "max_tokens_attempt2": a2}
 
 
 class Trainer:
@@ -120,14 +122,7 @@ class Trainer:
             skip=cfg.data.skip_too_long,
         )
         if cfg.data.eval:
-            problems_that_fit(
-                load_problems(cfg, cfg.data.eval),
-                self.builder,
-                dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **_eval_budget_keys(cfg))),
-                model_config.max_position_embeddings,
-                f"data.eval {cfg.data.eval}",
-                skip=False,
-            )
+            check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)

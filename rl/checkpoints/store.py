@@ -14,6 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
+from score.model.files import recover_set_aside
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 KINDS = {"plain": "", "sharded": ".dcp"}  # kind -> folder-name suffix
@@ -39,6 +41,7 @@ def list_checkpoints(run_dir, kind: str) -> list[Path]:
     suffix, root = _suffix(kind), checkpoints_root(run_dir)
     if not root.is_dir():
         return []
+    recover_set_aside(root)  # a re-save killed between its renames left the only complete copy aside
     found = []
     for child in root.iterdir():
         match = _NAME.match(child.name)
