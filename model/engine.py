@@ -24,6 +24,7 @@ call, CUDA graphs.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +206,7 @@ class Engine:
         self._last_decode = None
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
-        if use_tqdm:
+        if use_tqdm and sys.stderr.isatty():  # a bar redrawn into a log file is thousands of lines
             from tqdm import tqdm
 
             bar = tqdm(total=len(seqs), desc="generate", unit="seq")

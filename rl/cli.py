@@ -7,6 +7,7 @@
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
                 [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16 | --self-refine]
     score demo  --out DIR [--ablations] [--baselines] [--quick] [--seed N] [--seeds K] [--workers W]
+    score data math --train SRC --test SRC --math500 SRC --out DIR   # the paper's MATH splits
     score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
 Errors in the user's input (config, data, paths) and refusals of the machine (disk full, read-only
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
 
     ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
-    ev.add_argument("--model", required=True, help="HF-format model folder")
+    ev.add_argument("--model", required=True, help="HF-format model folder, or a Hub id ORG/NAME[@REVISION]")
     ev.add_argument("--data", required=True, help="problems (JSONL; 'humaneval' with reward.kind = code)")
     ev.add_argument("--out", required=True, help="folder for eval.jsonl and eval_metrics.json")
     ev.add_argument("--config", default=None, help="take prompt/reward/data-field settings from this run config")
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --scaling (default 0.7)")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed of --scaling")
 
+    for command in (train, sft, ev):
+        command.add_argument("--quiet", action="store_true", help="no progress output (= --set run.progress=false)")
+
     demo = sub.add_parser("demo", help="the embedded CPU demo: warm-up, base eval, SCoRe, eval, table")
     demo.add_argument("--out", required=True, help="demo folder (results.json, eval_*.jsonl, plots)")
     demo.add_argument(
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the paper's baselines: Self-Refine prompting, STaR and Pair-SFT (each with and without "
         "correct-to-correct data), the SFT ones with every seed",
     )
+    demo.add_argument("--quiet", action="store_true", help="no progress output, only the results")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in seconds, not the result")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task data and warm-up; RL seeds are SEED..")
     demo.add_argument("--seeds", type=int, default=None, help="RL seeds per method (default 3; --quick 2)")
@@ -114,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="RL runs at once, one process and one thread each (default: 2, or 1 on one core)",
     )
+
+    data = sub.add_parser("data", help="build a task's data files from your own copies of the datasets")
+    recipes = data.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    math = recipes.add_parser("math", help="the paper's MATH splits: train + test minus MATH500, and MATH500")
+    for flag, what in (("--train", "MATH train"), ("--test", "MATH test"), ("--math500", "MATH500")):
+        math.add_argument(flag, required=True, help=f"{what}: JSONL, Parquet, hf:NAME[@SPLIT] or a Hub dataset id")
+    math.add_argument("--out", required=True, help="folder for math_train.jsonl and math500.jsonl")
 
     convert = sub.add_parser("convert", help="convert a checkpoint from another format into an HF folder")
     formats = convert.add_subparsers(dest="format", metavar="FORMAT", required=True)
@@ -154,6 +166,9 @@ def _eval(args) -> int:
 
     if args.max_problems < 0:
         raise ValueError(f"--max-problems must be >= 0, got {args.max_problems}")
+    from score.model.hub import resolve_model_path
+
+    args.model = resolve_model_path(args.model)  # a folder, or the snapshot of a Hub id
     if not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model}: not a folder")
     if args.config:
@@ -276,7 +291,6 @@ def _sft(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    # Progress bars only on a terminal: in a log file every redraw would be a line.
     run_demo(
         args.out,
         ablations=args.ablations,
@@ -285,7 +299,21 @@ def _demo(args) -> int:
         seed=args.seed,
         seeds=args.seeds,
         workers=args.workers,
-        progress=sys.stderr.isatty(),
+        progress=not args.quiet,  # a bar on a terminal, a few lines in a log (rl/progress.py)
+    )
+    return 0
+
+
+def _data(args) -> int:
+    from .math_data import build_math_splits
+    from .preflight import check_out_dir
+
+    out = check_out_dir(args.out)
+    counts = build_math_splits(args.train, args.test, args.math500, out)
+    print(
+        f"MATH500: {counts['math500_found']} of {counts['math500']} found in the test set; training: "
+        f"{counts['train']} train + {counts['test'] - counts['math500_found']} test = {counts['training']} "
+        f"problems -> {out / 'math_train.jsonl'}, {out / 'math500.jsonl'}"
     )
     return 0
 
@@ -314,15 +342,19 @@ def main(argv=None) -> int:
             return launch(nproc, rest)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) and hasattr(args, "set"):
+        args.set = [*args.set, "run.progress=false"]
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"train": _train, "sft": _sft, "eval": _eval, "demo": _demo, "convert": _convert}[args.command]
+    handler = {"train": _train, "sft": _sft, "eval": _eval, "data": _data, "demo": _demo, "convert": _convert}[
+        args.command
+    ]
     from .trainer import RunFailed
 
     try:
         code = handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"score {args.command}: error: {e}", file=sys.stderr)
         code = 2
     except RunFailed as e:

@@ -41,7 +41,11 @@ _prob = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 @dataclass
 class ModelSection:
-    path: str = _f("", "HF-format model folder (config.json, safetensors, tokenizer files); required")
+    path: str = _f(
+        "",
+        "HF-format model folder (config.json, safetensors, tokenizer files), or a Hub id ORG/NAME[@REVISION] "
+        "resolved through the huggingface_hub cache (HF_HOME, HF_HUB_OFFLINE); required",
+    )
     dtype: Literal["float32", "bfloat16"] = _f(
         "float32",
         "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
@@ -59,8 +63,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = _f("", "training problems, JSONL; required")
-    eval: str = _f("", "held-out problems for the end-of-run evaluation, JSONL ('' = none)")
+    train: str = _f(
+        "",
+        "training problems: JSONL, a Parquet file or folder, hf:NAME[:CONFIG][@SPLIT] (datasets: a Hub name "
+        "or a save_to_disk folder), or builtin:arithmetic/train; required",
+    )
+    eval: str = _f("", "held-out problems for the end-of-run evaluation, same forms as data.train ('' = none)")
     question_key: str = _f("problem", "JSONL field holding the question")
     answer_key: str = _f("", "JSONL field holding the reference answer ('' = last \\boxed{} of solution_key)")
     solution_key: str = _f("solution", "JSONL field holding a worked solution (used when answer_key is '')")
@@ -224,6 +232,9 @@ class RunSection:
         check=_nonneg,
     )
     tensorboard: bool = _f(False, "also write TensorBoard events (needs the tensorboard package)")
+    wandb: bool = _f(False, "also log metrics, config and the eval table to Weights & Biases (the wandb extra)")
+    wandb_project: str = _f("score-rl", "Weights & Biases project")
+    wandb_name: str = _f("", "Weights & Biases run name ('' = the run folder's name)")
     plots: bool = _f(True, "write PNG plots of the run's metrics at the end")
     progress: bool = _f(True, "tqdm progress bars")
 

@@ -215,6 +215,27 @@ def _unique_problems(entries, source: str, position_word: str, container: str, k
     return problems
 
 
+def open_hf_dataset(name: str, config: str | None, split: str):
+    """One split through `datasets`: a dataset saved with `save_to_disk` (a folder), or a Hub name
+    (its cache, HF_DATASETS_OFFLINE). `datasets` is optional: without it, ImportError says how to get it."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            "hf: data needs the optional 'datasets' package (pip install 'score-rl[data]'); "
+            "alternatively export the split to JSONL or Parquet"
+        ) from e
+    saved = Path(name)
+    if saved.is_dir() and ((saved / "dataset_dict.json").is_file() or (saved / "state.json").is_file()):
+        dataset = datasets.load_from_disk(str(saved))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name}: no split {split!r} (splits: {', '.join(dataset)})")
+            dataset = dataset[split]
+        return dataset
+    return datasets.load_dataset(name, config, split=split)
+
+
 def load_hf_dataset(
     name: str,
     *,
@@ -229,14 +250,7 @@ def load_hf_dataset(
 
     `datasets` is an optional dependency: without it this raises ImportError saying how to install it.
     """
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(
-            "load_hf_dataset needs the optional 'datasets' package (pip install datasets); "
-            "alternatively export the split to JSONL and use load_jsonl"
-        ) from e
-    dataset = datasets.load_dataset(name, config, split=split)
+    dataset = open_hf_dataset(name, config, split)
     return problems_from_records(
         dataset,
         f"{name}[{split}]",
@@ -245,3 +259,51 @@ def load_hf_dataset(
         solution_key=solution_key,
         id_key=id_key,
     )
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of a source: the file itself, or a folder's `*.parquet` in name order."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"{path}: a folder with no .parquet files")
+    return files
+
+
+def load_parquet(
+    path: str | Path,
+    *,
+    question_key: str = "problem",
+    answer_key: str | None = None,
+    solution_key: str | None = "solution",
+    id_key: str | None = None,
+) -> list[Problem]:
+    """Problems from a Parquet file or a folder of them (`pyarrow`); errors name the file and 0-based row."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("Parquet data needs pyarrow (pip install 'score-rl[data]')") from e
+    keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
+    problems = []
+    for file in parquet_files(path):
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid and friends for a file that is not Parquet
+            raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+        problems += problems_from_records(rows, str(file), **keys)
+    seen: dict[str, str] = {}
+    for p in problems:
+        if p.id in seen:
+            raise ValueError(f"{p.where}: duplicate problem id {p.id!r} (first at {seen[p.id]})")
+        seen[p.id] = p.where
+    return problems
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """(name, config, split) of `hf:NAME[:CONFIG][@SPLIT]` (split defaults to train)."""
+    body = source.removeprefix("hf:")
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise ValueError(f"{source!r}: expected hf:NAME[:CONFIG][@SPLIT]")
+    return name, config or None, split or "train"

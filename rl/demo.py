@@ -60,6 +60,7 @@ from .evaluate import evaluate, evaluate_self_refine, write_json, write_records
 from .factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from .metrics import format_table, seed_summary
 from .preflight import check_out_dir
+from .progress import progress_bar
 from .prompts import PromptBuilder
 from .sft import run_sft
 from .trainer import Trainer
@@ -209,9 +210,7 @@ def warm_up(model: Transformer, builder: PromptBuilder, sizes: DemoSizes, seed: 
     opt = torch.optim.AdamW(model.parameters(), lr=sizes.warmup_lr, betas=(0.9, 0.98), weight_decay=0.0)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sizes.warmup_steps, desc="warm-up (supervised)", unit="step", dynamic_ncols=True)
+        bar = progress_bar(sizes.warmup_steps, "warm-up (supervised)", "step")
     loss_value = float("nan")
     for step in range(sizes.warmup_steps):
         ids, targets, mask, cu = [], [], [], [0]
@@ -372,9 +371,7 @@ def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
     on how many run at once); results in job order."""
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="RL runs", unit="run", dynamic_ncols=True)
+        bar = progress_bar(len(jobs), "runs", "run")
     results = [None] * len(jobs)
 
     def done(i, result):

@@ -3,13 +3,15 @@ device, prompt builder, problems, engine and reward."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from score.model import Engine
 
 from . import arithmetic_task
 from .config import RunConfig
-from .data import Problem, load_jsonl
+from .data import Problem, load_hf_dataset, load_jsonl, load_parquet, parse_hf_source
 from .prompts import (
     CODE_CORRECTION_INSTRUCTION,
     CRITIQUE_INSTRUCTION,
@@ -65,8 +67,9 @@ def self_refine_builders(cfg: RunConfig, builder: PromptBuilder) -> tuple[Prompt
 
 
 def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
-    """Problems of a data file for the run's reward kind (code: MBPP JSONL or 'humaneval'), or of a
-    built-in task (`builtin:arithmetic/train`, `builtin:arithmetic/eval`)."""
+    """Problems of a data source for the run's reward kind: JSONL, a Parquet file or folder,
+    `hf:NAME[:CONFIG][@SPLIT]` through `datasets` (a Hub name or a dataset saved to disk), code
+    (MBPP JSONL or 'humaneval'), or a built-in task (`builtin:arithmetic/train`, `.../eval`)."""
     if arithmetic_task.is_source(path):
         return arithmetic_task.load_source(path)
     if path.startswith("builtin:"):
@@ -81,6 +84,17 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
             out.append(Problem(id=str(p["task_id"]), question=question, answer="", meta={"code": p}))
         return out
     d = cfg.data
+    keys = dict(
+        question_key=d.question_key,
+        answer_key=d.answer_key or None,
+        solution_key=d.solution_key,
+        id_key=d.id_key or None,
+    )
+    if path.startswith("hf:"):
+        name, config, split = parse_hf_source(path)
+        return load_hf_dataset(name, config=config, split=split, **keys)
+    if path.endswith(".parquet") or (Path(path).is_dir() and any(Path(path).glob("*.parquet"))):
+        return load_parquet(path, **keys)
     return load_jsonl(
         path,
         question_key=d.question_key,

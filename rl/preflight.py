@@ -108,3 +108,12 @@ def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> None:
     )
     problems = load_problems(cfg, cfg.data.eval)
     problems_that_fit(problems, builder, at_eval, max_model_len, f"data.eval {cfg.data.eval}", skip=False)
+
+
+def check_wandb(cfg: RunConfig) -> None:
+    """run.wandb = true needs the wandb package; say so before any work."""
+    if cfg.run.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("run.wandb = true needs the wandb package: pip install 'score-rl[wandb]'") from None

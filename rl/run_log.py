@@ -9,7 +9,9 @@ back) because a skipped step's NaN loss is information.
 Resuming: `MetricsLogger(run_dir, resume_step=N)` drops lines of steps after N (written by the
 interrupted run after its last checkpoint), so the resumed run does not log those steps twice.
 TensorBoard (`tensorboard=True`) needs the `tensorboard` package; without it the logger raises
-ImportError saying so. It gets every finite numeric value as a scalar under the same name.
+ImportError saying so. It gets every finite numeric value as a scalar under the same name. Weights &
+Biases (`wandb={"project", "name", "config"}`) gets every value of every record at its step, and
+`summary()` the end-of-run evaluation.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -78,7 +81,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, *, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = False,
+        *,
+        resume_step: int | None = None,
+        wandb: dict | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -96,6 +106,9 @@ class MetricsLogger:
                     "metrics.jsonl is written either way"
                 ) from e
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._wandb = None
+        if wandb is not None:
+            self._wandb = _start_wandb(self.run_dir, resume=resume_step is not None, **wandb)
 
     def log(self, step: int, metrics: dict) -> dict:
         """Append one record (returned as written)."""
@@ -113,11 +126,22 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._writer.add_scalar(name, value, global_step=step)
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in flat.items() if v is not None}, step=step)
         return record
+
+    def summary(self, metrics: dict) -> None:
+        """End-of-run figures (the evaluation table): Weights & Biases' run summary, when it is on."""
+        if self._wandb is not None:
+            self._wandb.summary.update(flatten_metrics(metrics))
 
     def _truncate_after(self, resume_step: int) -> None:
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         write_jsonl(self.path, kept)
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
 
     def close(self) -> None:
         if not self._file.closed:
@@ -126,9 +150,31 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+WANDB_ID_FILE = "wandb_id"
+
+
+def _start_wandb(run_dir: Path, *, project: str, name: str, config: dict, resume: bool):
+    """A Weights & Biases run writing under `run_dir/wandb/`; a resumed run continues the same one
+    (its id is kept in `run_dir/wandb_id`). WANDB_MODE=offline works without a network."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    if resume and id_file.is_file():
+        run_id = id_file.read_text(encoding="utf-8").strip()
+    else:
+        run_id = secrets.token_hex(4)  # wandb ids: lowercase letters and digits
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+    return wandb.init(
+        project=project, name=name, config=config, dir=str(run_dir), id=run_id, resume="allow", reinit=True
+    )

@@ -34,6 +34,7 @@ import torch
 
 from score.model import from_pretrained, save_pretrained
 from score.model.files import write_jsonl
+from score.model.hub import resolve_model_path
 
 from .config import RunConfig
 from .evaluate import write_json
@@ -47,6 +48,7 @@ from .preflight import (
     check_out_dir,
     problems_that_fit,
 )
+from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
@@ -132,6 +134,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
         raise ValueError("model.path is empty: point it at an HF-format model folder")
     if not cfg.data.train:
         raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model_path(cfg.model.path)))
     out = check_out_dir(out_dir)
     for name in ("metrics.jsonl", "sft_data.json", "final"):
         if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
@@ -228,9 +231,7 @@ def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: 
     total, skipped = per_epoch * s.epochs, 0
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=f"sft round {round_index}", unit="step", dynamic_ncols=True)
+        bar = progress_bar(total, f"sft round {round_index}", "step")
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
     for local in range(total):
         epoch, b = divmod(local, per_epoch)

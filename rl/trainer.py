@@ -35,6 +35,7 @@ import torch
 
 from score.model import Engine
 from score.model.files import write_json
+from score.model.hub import resolve_model_path
 
 from .config import RunConfig
 from .factories import load_problems, make_engine, make_reward, prompt_builder
@@ -47,8 +48,10 @@ from .preflight import (
     check_finite,
     check_model_folder,
     check_out_dir,
+    check_wandb,
     problems_that_fit,
 )
+from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
@@ -72,6 +75,13 @@ class StepTotals:
     logp_gap: float  # mean |trainer logp - sampler logp| over attempt tokens
 
 
+def wandb_settings(cfg: RunConfig, out_dir: Path) -> dict | None:
+    """MetricsLogger's Weights & Biases settings of a run (None when run.wandb is off)."""
+    if not cfg.run.wandb:
+        return None
+    return {"project": cfg.run.wandb_project, "name": cfg.run.wandb_name or out_dir.name, "config": cfg.to_dict()}
+
+
 class RunFailed(RuntimeError):
     """A run that ended without training anything (the CLI exits 1 with this one line)."""
 
@@ -93,6 +103,8 @@ class Trainer:
             raise ValueError("model.path is empty: point it at an HF-format model folder")
         if not cfg.data.train:
             raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
+        requested = cfg.model.path  # a folder or a Hub id; the run uses (and records) its local snapshot
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model_path(requested)))
         if parallel is None:
             parallel = SingleProcess.for_run(cfg)
         if cfg.score.attempts > 2 and not isinstance(parallel, SingleProcess):
@@ -106,10 +118,11 @@ class Trainer:
         metrics_file = self.out_dir / "metrics.jsonl"  # checked before any model or worker is made
         if not resume and metrics_file.exists() and metrics_file.stat().st_size:
             raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
-        record = run_record(cfg)
+        record = run_record(cfg) | {"model": {"requested": requested, "path": cfg.model.path}}
         if resume:
             check_same_run(self.out_dir, record, allow_config_change)
         # Everything the run reads is checked before the first model is built.
+        check_wandb(cfg)
         model_config, self.tokenizer = check_model_folder(cfg.model.path)
         check_budgets(cfg, model_config)
         self.builder = prompt_builder(cfg, self.tokenizer)
@@ -164,7 +177,12 @@ class Trainer:
         self.reward = make_reward(cfg)  # its workers start once nothing above can fail
         self._trained_steps = 0
         self.logger = (
-            MetricsLogger(self.out_dir, tensorboard=cfg.run.tensorboard, resume_step=self.step if resume else None)
+            MetricsLogger(
+                self.out_dir,
+                tensorboard=cfg.run.tensorboard,
+                resume_step=self.step if resume else None,
+                wandb=wandb_settings(cfg, self.out_dir),
+            )
             if self.is_main
             else None
         )
@@ -383,9 +401,7 @@ class Trainer:
         end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
         bar = None
         if cfg.run.progress and end > self.step and self.is_main:
-            from tqdm import tqdm
-
-            bar = tqdm(total=end, initial=self.step, desc="SCoRe", unit="step", dynamic_ncols=True)
+            bar = progress_bar(end, "SCoRe", "step", initial=self.step)
         first = self.step
         try:
             while self.step < end:
@@ -447,14 +463,21 @@ def train(
         final = trainer.fit(max_steps)
         with parallel.evaluation(trainer, final) as parts:
             if parts is not None:
-                finish_run(cfg, trainer.out_dir, *parts)
+                finish_run(cfg, trainer.out_dir, *parts, logger=trainer.logger)
     finally:
         trainer.close()
     return final
 
 
 def finish_run(
-    cfg: RunConfig, out_dir: Path, engine: Engine, builder: PromptBuilder, reward, *, label: str = "SCoRe"
+    cfg: RunConfig,
+    out_dir: Path,
+    engine: Engine,
+    builder: PromptBuilder,
+    reward,
+    *,
+    label: str = "SCoRe",
+    logger: MetricsLogger | None = None,
 ) -> None:
     """Plots of metrics.jsonl and, when data.eval is set, the greedy two-attempt evaluation."""
     if cfg.run.plots:
@@ -478,4 +501,6 @@ def finish_run(
         )
         write_records(out_dir / "eval.jsonl", records)
         write_json(out_dir / "eval_metrics.json", metrics)
+        if logger is not None and not logger.closed:
+            logger.summary({"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         print(table({label: metrics}))

@@ -110,7 +110,7 @@ def test_hf_loader_without_datasets_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"pip install 'score-rl\[data\]'"):
         load_hf_dataset("some/math")
 
 

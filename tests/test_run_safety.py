@@ -319,6 +319,7 @@ def test_demo_never_overwrites_another_demo_or_a_foreign_folder(tmp_path, capsys
     assert "holds the demo of" in error_line(capsys)
     assert (out / "base" / "model.safetensors").read_bytes() == before
     assert main(["demo", "--quick", "--out", str(out), "--seeds", "1", "--workers", "1"]) == 0  # the same again
+    capsys.readouterr()
     foreign = tmp_path / "other"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
