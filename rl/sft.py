@@ -46,6 +46,7 @@ from .preflight import (
     check_finite,
     check_model_folder,
     check_out_dir,
+    check_wandb,
     problems_that_fit,
 )
 from .progress import progress_bar
@@ -53,6 +54,7 @@ from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
 from .run_log import MetricsLogger
 from .schedule import lr_schedule, step_seed
+from .trainer import wandb_settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     torch.manual_seed(seed)
     device = pick_device(cfg.model.device)
     dtype = getattr(torch, cfg.model.dtype)
+    check_wandb(cfg)
     model_config, tokenizer = check_model_folder(cfg.model.path)
     check_budgets(cfg, model_config)
     builder = prompt_builder(cfg, tokenizer)
@@ -161,7 +164,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     base = from_pretrained(cfg.model.path, dtype=dtype, device=device).requires_grad_(False)
     check_finite(base, cfg.model.path)
     reward = make_reward(cfg)
-    logger = MetricsLogger(out)
+    logger = MetricsLogger(out, wandb=wandb_settings(cfg, out))
     rounds, step, policy = [], 0, base
     try:
         for i in range(s.rounds):
@@ -191,7 +194,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
         if cfg.data.eval:
             from .trainer import finish_run
 
-            finish_run(cfg, out, make_engine(cfg, policy), builder, reward, label=f"SFT ({s.kind})")
+            finish_run(cfg, out, make_engine(cfg, policy), builder, reward, label=f"SFT ({s.kind})", logger=logger)
     finally:
         logger.close()
         reward.close()
