@@ -75,6 +75,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.high_water = 0  # blocks [0, high_water) have been handed out at least once
         self.full_blocks: dict[tuple, int] = {}  # (parent chain id, tokens) -> block id
         self.children: dict[int, set[int]] = {}  # parent chain id -> blocks continuing that chain
         self._chain_ids = count()
@@ -202,6 +203,9 @@ class BlockManager:
 
     def _take_free(self, parent: int) -> Block:
         block_id, _ = self.free.popitem(last=False)
+        # Never-used blocks sit in the free list in id order behind every used one, so the blocks
+        # ever handed out are exactly [0, high_water): the engine zeroes that range lazily.
+        self.high_water = max(self.high_water, block_id + 1)
         block = self.blocks[block_id]
         self._forget(block)
         block.ref_count = 1

@@ -126,11 +126,8 @@ class Engine:
                 f"({max_model_len}): a prompt is prefilled in one step"
             )
         self.backend = self._pick_backend(attention_backend)
-        with torch.inference_mode():
-            self.kv_cache = torch.zeros(
-                2, num_layers, num_blocks, block_size, kv_heads, head_dim, dtype=self.dtype, device=self.device
-            )
-            self._layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(num_layers)]
+        self._pool_shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self._allocate_pool()
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
@@ -145,6 +142,44 @@ class Engine:
     @property
     def num_blocks(self) -> int:
         return self.block_manager.num_blocks
+
+    def _allocate_pool(self) -> None:
+        """The KV pool, uninitialised: blocks are zeroed when first handed out (`_zero_new_blocks`),
+        so building an engine costs no pass over memory the cache may never use."""
+        with torch.inference_mode():
+            self.kv_cache = torch.empty(self._pool_shape, dtype=self.dtype, device=self.device)
+            self._layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self._pool_shape[1])]
+        self._zeroed_blocks = 0
+
+    def _zero_new_blocks(self) -> None:
+        """Zero the blocks handed out for the first time since the pool was allocated (attention
+        reads whole blocks, masking the unwritten tail: it must hold numbers, not garbage)."""
+        upto = self.block_manager.high_water
+        if upto > self._zeroed_blocks:
+            with torch.inference_mode():
+                self.kv_cache[:, :, self._zeroed_blocks : upto].zero_()
+            self._zeroed_blocks = upto
+
+    @property
+    def sleeping(self) -> bool:
+        return self.kv_cache is None
+
+    def sleep(self) -> None:
+        """Free the KV pool (e.g. while the trainer runs its backward pass); cached prefixes are
+        forgotten. `wake()` allocates it again; `generate` while asleep is an error."""
+        if self.sleeping:
+            return
+        self.block_manager.clear_cache()
+        self.block_manager.high_water = 0
+        self.kv_cache, self._layer_caches = None, []
+        self._workspace = DecodeWorkspace()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        """Allocate the KV pool again after `sleep()` (empty: no prefix is cached)."""
+        if self.sleeping:
+            self._allocate_pool()
 
     def _pick_backend(self, backend: str) -> str:
         if backend not in BACKENDS:
@@ -189,6 +224,8 @@ class Engine:
         the samples do not depend on the split."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if self.sleeping:
+            raise RuntimeError("the engine is asleep (its KV pool is freed): call wake() before generate")
         prompts = self._check_prompts(prompts)
         if seed_keys is None:
             seed_keys = list(range(len(prompts)))
@@ -276,6 +313,7 @@ class Engine:
         if not step.seqs:  # every running sequence was preempted; the next step re-admits them
             self.stats.preemptions = self.scheduler.num_preemptions
             return 0
+        self._zero_new_blocks()
         ctx, input_ids, positions, last_rows = self._prepare(step)
         hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
         if last_rows is not None:

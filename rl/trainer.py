@@ -8,7 +8,8 @@ One optimizer step:
    RLOO baseline and the global token-mean (loss.py: the denominator counts the whole step's tokens,
    so accumulation equals one big batch); backward;
 3. a non-finite loss or gradient norm skips the step (logged); else clip, AdamW step;
-4. `engine.clear_cache()` (cached K/V belong to the old weights); metrics JSONL; checkpoints.
+4. the engines' KV pools are freed for the backward pass (`sleep`, back at the next rollout) and
+   `engine.clear_cache()` (cached K/V belong to the old weights); metrics JSONL; checkpoints.
 
 Sampling seeds are keyed on (run seed, step) and the prompt/sample position, the learning rate
 and the data position on the step, so a resumed run equals an uninterrupted one bit for bit on CPU.
@@ -196,6 +197,9 @@ class Trainer:
                 self.engine = make_engine(self.cfg, self.policy)
             if base and self.base_engine is None:
                 self.base_engine = make_engine(self.cfg, self.reference)
+            for engine in (self.engine, self.base_engine if base else None):
+                if engine is not None and engine.sleeping:
+                    engine.wake()
             yield self.engine
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -208,6 +212,9 @@ class Trainer:
         part = stage1_part(step, cfg) if stage == 1 else 1
         self._update_anchor(part)
         trajectories, rollout = self._rollout(step, stage)
+        for engine in (self.engine, self.base_engine):  # the KV pools are not held through the backward
+            if engine is not None:
+                engine.sleep()
         totals = self._train(trajectories, stage, part)
         self.engine.clear_cache()
         self.step += 1

@@ -263,3 +263,44 @@ def test_bad_input_is_a_clear_error(model, prompts):
     # the engine is still usable after a rejected call
     ((out,),) = engine.generate([prompts[2]], SamplingParams(temperature=0, max_tokens=2))
     assert len(out.token_ids) == 2 and math.isfinite(out.logprobs[0])
+
+
+def test_an_uninitialised_pool_gives_the_same_results_as_a_zeroed_one(model, prompts):
+    """The pool is allocated empty and each block zeroed when first handed out: garbage (here NaN)
+    in never-used memory never reaches attention."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=5)
+    clean = Engine(model, block_size=4, num_blocks=2000, max_num_seqs=4)
+    poisoned = Engine(model, block_size=4, num_blocks=2000, max_num_seqs=4)
+    with torch.inference_mode():
+        clean.kv_cache.zero_()
+        poisoned.kv_cache.fill_(float("nan"))
+    for engine in (clean, poisoned):
+        assert engine.block_manager.high_water == 0
+    a, b = clean.generate(prompts, params), poisoned.generate(prompts, params)
+    for x, y in zip(a, b, strict=True):
+        assert [c.token_ids for c in x] == [c.token_ids for c in y]
+        assert [c.logprobs for c in x] == [c.logprobs for c in y]
+    used = poisoned.block_manager.high_water
+    assert 0 < used < 2000 and not torch.isnan(poisoned.kv_cache[:, :, :used]).any()
+    assert torch.isnan(poisoned.kv_cache[:, :, used:]).all()  # untouched memory stays untouched
+
+
+def test_sleep_frees_the_pool_and_wake_restores_an_empty_one(model, prompts):
+    engine = Engine(model, block_size=4, num_blocks=96, max_num_seqs=4)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    first = engine.generate(prompts, params)
+    engine.sleep()
+    assert engine.sleeping and engine.kv_cache is None
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts, params)
+    engine.wake()
+    reused_before = engine.stats.reused_tokens
+    with torch.inference_mode():
+        engine.kv_cache.fill_(float("nan"))  # the new pool is as uninitialised as a fresh one
+    again = engine.generate(prompts, params)
+    assert [o[0].token_ids for o in again] == [o[0].token_ids for o in first]
+    fresh = Engine(model, block_size=4, num_blocks=96, max_num_seqs=4)
+    fresh_out = fresh.generate(prompts, params)
+    assert [[c.logprobs for c in o] for o in again] == [[c.logprobs for c in o] for o in fresh_out]
+    # no prefix survived the sleep: this call reuses only what a fresh engine's would
+    assert engine.stats.reused_tokens - reused_before == fresh.stats.reused_tokens
