@@ -8,4 +8,6 @@ from .fused_linear_logprob import fused_linear_logprob
 from .kl_penalty import kl_penalty
 from .kv_store import store_kv
 from .paged_attention import PagedAttentionBuffers, PagedAttentionPlan, paged_attention, plan_paged_attention
+from .rms_norm import rms_norm
 from .score_loss import ScoreLossOutput, score_loss
+from .swiglu import swiglu

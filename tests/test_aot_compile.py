@@ -34,7 +34,13 @@ def aot_results():
 
 def test_every_kernel_module_is_covered(aot_results):
     modules = {r["module"] for r in aot_results}
-    for expected in ("score.kernels.fused_linear_logprob", "score.kernels.kl_penalty", "score.kernels.score_loss"):
+    for expected in (
+        "score.kernels.fused_linear_logprob",
+        "score.kernels.kl_penalty",
+        "score.kernels.rms_norm",
+        "score.kernels.score_loss",
+        "score.kernels.swiglu",
+    ):
         assert expected in modules
     for module in modules:
         assert {r["capability"] for r in aot_results if r["module"] == module} == {80, 90}
