@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from score.rl.cli import main  # noqa: E402
 from score.rl.demo import to_toml  # noqa: E402
-from tests.helpers.tiny_run import make_base, tiny_config, write_problems  # noqa: E402
+from tests.helpers.tiny_run import edit_json, make_base, tiny_config, write_problems  # noqa: E402
 
 
 def fresh(root: Path) -> tuple[Path, Path, Path]:
@@ -39,16 +39,6 @@ def fresh(root: Path) -> tuple[Path, Path, Path]:
     config = root / "run.toml"
     config.write_text(to_toml(cfg))
     return config, root / "base", root / "eval.jsonl"
-
-
-def edit_json(path: Path, **changes):
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
 
 
 def train(c, out, *extra):

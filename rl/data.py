@@ -261,6 +261,12 @@ def load_hf_dataset(
     )
 
 
+def is_parquet_source(source: str) -> bool:
+    """A `.parquet` file, or a folder holding some."""
+    path = Path(source)
+    return source.endswith(".parquet") or (path.is_dir() and any(path.glob("*.parquet")))
+
+
 def parquet_files(path: str | Path) -> list[Path]:
     """The Parquet files of a source: the file itself, or a folder's `*.parquet` in name order."""
     path = Path(path)

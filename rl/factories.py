@@ -3,15 +3,16 @@ device, prompt builder, problems, engine and reward."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import torch
 
 from score.model import Engine
+from score.model.hub import resolve_model_path
 
 from . import arithmetic_task
 from .config import RunConfig
-from .data import Problem, load_hf_dataset, load_jsonl, load_parquet, parse_hf_source
+from .data import Problem, is_parquet_source, load_hf_dataset, load_jsonl, load_parquet, parse_hf_source
 from .prompts import (
     CODE_CORRECTION_INSTRUCTION,
     CRITIQUE_INSTRUCTION,
@@ -22,6 +23,11 @@ from .prompts import (
     PromptBuilder,
 )
 from .rewards import BatchReward
+
+
+def with_local_model(cfg: RunConfig) -> RunConfig:
+    """The config with model.path a local folder: itself, or the Hub snapshot of an id (model/hub.py)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model_path(cfg.model.path)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,7 +99,7 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
     if path.startswith("hf:"):
         name, config, split = parse_hf_source(path)
         return load_hf_dataset(name, config=config, split=split, **keys)
-    if path.endswith(".parquet") or (Path(path).is_dir() and any(Path(path).glob("*.parquet"))):
+    if is_parquet_source(path):
         return load_parquet(path, **keys)
     return load_jsonl(
         path,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from score.model.files import write_jsonl
 
-from .data import open_hf_dataset, parquet_files, parse_hf_source, read_jsonl_objects
+from .data import is_parquet_source, open_hf_dataset, parquet_files, parse_hf_source, read_jsonl_objects
 
 FULL_MATH = {"train": 7500, "test": 5000, "math500": 500}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,7 +32,7 @@ def read_rows(source: str, split: str) -> list[dict]:
         name, config, named_split = parse_hf_source(source)
         dataset = open_hf_dataset(name, config, named_split if "@" in source else split)
         return [dict(row) for row in dataset]
-    if source.endswith(".parquet") or (path.is_dir() and any(path.glob("*.parquet"))):
+    if is_parquet_source(source):
         import pyarrow.parquet as pq
 
         return [row for file in parquet_files(path) for row in pq.read_table(file).to_pylist()]

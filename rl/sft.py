@@ -34,11 +34,10 @@ import torch
 
 from score.model import from_pretrained, save_pretrained
 from score.model.files import write_jsonl
-from score.model.hub import resolve_model_path
 
 from .config import RunConfig
 from .evaluate import write_json
-from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder
+from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder, with_local_model
 from .loss import attempt_logprobs, pack
 from .preflight import (
     check_budgets,
@@ -136,7 +135,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
         raise ValueError("model.path is empty: point it at an HF-format model folder")
     if not cfg.data.train:
         raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model_path(cfg.model.path)))
+    cfg = with_local_model(cfg)
     out = check_out_dir(out_dir)
     for name in ("metrics.jsonl", "sft_data.json", "final"):
         if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):

@@ -36,10 +36,9 @@ import torch
 
 from score.model import Engine
 from score.model.files import write_json
-from score.model.hub import resolve_model_path
 
 from .config import RunConfig
-from .factories import load_problems, make_engine, make_reward, prompt_builder
+from .factories import load_problems, make_engine, make_reward, prompt_builder, with_local_model
 from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_star
 from .metrics import two_attempt_metrics
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
@@ -105,7 +104,7 @@ class Trainer:
         if not cfg.data.train:
             raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
         requested = cfg.model.path  # a folder or a Hub id; the run uses (and records) its local snapshot
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=resolve_model_path(requested)))
+        cfg = with_local_model(cfg)
         if parallel is None:
             parallel = SingleProcess.for_run(cfg)
         if cfg.score.attempts > 2 and not isinstance(parallel, SingleProcess):

@@ -12,7 +12,7 @@ from score.model.files import commit_folder, temp_folder
 from score.rl.checkpoints import latest_checkpoint, list_checkpoints
 from score.rl.cli import main
 from score.rl.demo import to_toml
-from tests.helpers.tiny_run import make_base, tiny_config, write_problems
+from tests.helpers.tiny_run import edit_json, make_base, tiny_config, write_problems
 
 
 def setup_run(tmp_path, **overrides):
@@ -36,16 +36,6 @@ def error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one line, no traceback
     return err[0]
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
 
 
 # ---- 1. dead ends --------------------------------------------------------------------------

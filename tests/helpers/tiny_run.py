@@ -30,6 +30,17 @@ def write_problems(path: Path, n: int, split: str = "train", seed: int = 0) -> P
     return path
 
 
+def edit_json(path: Path, **changes):
+    """Rewrite a JSON file (a model's config.json) with keys set, or removed where the value is None."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
 def tiny_config(root: Path, **overrides):
     """A 2+2-step run on the tiny model: 2 prompts x 2 samples per step, short attempts."""
     if not (root / "base").exists():
