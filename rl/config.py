@@ -175,6 +175,12 @@ class OptimSection:
     prompts_per_micro_batch: int = _f(
         8, "prompts per forward/backward (gradient accumulation; a prompt's group is never split)", check=_pos
     )
+    tokens_per_micro_batch: int = _f(
+        0,
+        "when > 0: micro-batches of about this many packed tokens, whole prompt groups balanced across "
+        "micro-batches and ranks, instead of prompts_per_micro_batch (same gradient, fewer idle tokens)",
+        check=_nonneg,
+    )
 
 
 @dataclass

@@ -241,15 +241,6 @@ def micro_batch_loss(
     return out, logp, entropy
 
 
-def micro_batches(trajectories: list[Trajectory], groups_per_micro_batch: int) -> list[list[Trajectory]]:
-    """Consecutive whole groups (a prompt's k trajectories are never split)."""
-    by_group: dict[int, list[Trajectory]] = {}
-    for t in trajectories:
-        by_group.setdefault(t.group, []).append(t)
-    groups = list(by_group.values())
-    return [sum(groups[i : i + groups_per_micro_batch], []) for i in range(0, len(groups), groups_per_micro_batch)]
-
-
 def loss_denominator(trajectories: list[Trajectory], normalization: str, star: bool = False) -> float:
     """This rank's share of the step's loss normaliser: trajectories (sequence_mean) or attempt tokens
     (token_mean; with STaR only the trained tokens of attempts with reward 1)."""

@@ -18,7 +18,17 @@ from score.model.files import read_json_object
 from .config import RunConfig
 
 RUN_RECORD = "run.json"
-DISPLAY_ONLY = ("run.progress", "run.plots", "run.tensorboard", "run.checkpoint_every", "run.keep_last")
+# Keys a resumed run may change freely: they alter what is shown or saved, or how a step's gradient is
+# accumulated (micro-batching), never what the run computes.
+DISPLAY_ONLY = (
+    "run.progress",
+    "run.plots",
+    "run.tensorboard",
+    "run.checkpoint_every",
+    "run.keep_last",
+    "optim.prompts_per_micro_batch",
+    "optim.tokens_per_micro_batch",
+)
 
 
 def _sha256(path: Path) -> str:

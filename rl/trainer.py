@@ -39,8 +39,9 @@ from score.model.files import write_json
 
 from .config import RunConfig
 from .factories import load_problems, make_engine, make_reward, prompt_builder, with_local_model
-from .loss import loss_denominator, micro_batch_loss, micro_batches, pack, uses_star
+from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
+from .micro_batches import by_prompt_count, by_token_budget, groups_of
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .preflight import (
     check_budgets,
@@ -278,7 +279,7 @@ class Trainer:
         denominator = max(denominator, 1.0)  # a STaR step with no successful attempt trains nothing
         self.optimizer.zero_grad(set_to_none=True)
         loss, kls, rets, tokens, entropy_sum, gap_sum, n_active = 0.0, [], [], 0, 0.0, 0.0, 0
-        for chunk in micro_batches(trajectories, cfg.optim.prompts_per_micro_batch):
+        for chunk in self._micro_batches(trajectories):
             batch = pack(chunk, self.device)
             out, logp, entropy = micro_batch_loss(
                 self.policy, self.reference, batch, cfg, stage, denominator, par.autocast, part=part, anchor=self.anchor
@@ -313,6 +314,14 @@ class Trainer:
             entropy=entropy_sum / max(1, n_active),
             logp_gap=gap_sum / max(1, n_active),
         )
+
+    def _micro_batches(self, trajectories: list[Trajectory]) -> list[list[Trajectory]]:
+        """This rank's micro-batches: by prompt count, or by token budget over every rank's groups."""
+        o, par = self.cfg.optim, self.parallel
+        if not o.tokens_per_micro_batch:
+            return by_prompt_count(trajectories, o.prompts_per_micro_batch)
+        groups = par.gather(groups_of(trajectories))
+        return by_token_budget(groups, o.tokens_per_micro_batch, par.rank, par.world_size)
 
     def _metrics(
         self, trajectories: list[Trajectory], rollout: RolloutStats, stage: int, lr: float, totals: StepTotals

@@ -8,6 +8,7 @@ The ranks run tests/helpers/dist_worker.py under score.rl.parallel.launch (torch
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -230,11 +231,15 @@ def _trainer_config(root: Path):
     from score.rl.demo import to_toml
     from tests.helpers.tiny_run import tiny_config
 
-    # 4 prompts x 2 samples per step: 2 groups per rank, one group per micro-batch; half of the
-    # Stage II first attempts come from the base model (the reference's engine, gathered too).
+    # 4 prompts x 2 samples per step: 2 groups per rank; half of the Stage II first attempts come
+    # from the base model (the reference's engine, gathered too). One group per micro-batch: the
+    # plain run by prompt count, the ranks by a token budget below a group's size, so each rank
+    # trains the groups the balance hands it (exchanged between ranks), not the ones it sampled.
     cfg = tiny_config(root, optim__prompts_per_step=4, score__base_first_attempt_mix=0.5, run__keep_last=5)
     path = root / "run.toml"
-    path.write_text(to_toml(cfg))
+    by_tokens = copy.deepcopy(cfg)
+    by_tokens.optim.tokens_per_micro_batch = 30
+    path.write_text(to_toml(by_tokens))
     return cfg, path
 
 

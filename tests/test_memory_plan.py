@@ -116,6 +116,11 @@ def test_plan_for_a_run_config(tmp_path, capsys):
     one, two = (M.sizes_for_run(cfg, w, prompt_tokens=30) for w in (1, 2))
     assert one.max_model_len == 180 and one.micro_batch_tokens == 2 * 2 * 180
     assert (one.rollout_seqs, two.rollout_seqs) == (16, 8)  # each rank rolls out its share only
+    # a token budget: only a group (k x 180 tokens) longer than it passes it, never a rank's share
+    for budget, want in ((1000, 1000), (100, 2 * 180), (10**6, 8 * 2 * 180)):
+        cfg.optim.tokens_per_micro_batch = budget
+        assert M.sizes_for_run(cfg, 1, prompt_tokens=30).micro_batch_tokens == want
+    cfg.optim.tokens_per_micro_batch = 0
     config = tmp_path / "run.toml"
     config.write_text(to_toml(cfg))
     assert M.main(["--config", str(config), "--nproc", "1", "2", "--prompt-tokens", "30"]) == 0

@@ -10,7 +10,8 @@ import torch
 
 from score.model import from_pretrained
 from score.rl.data import Problem
-from score.rl.loss import loss_denominator, micro_batch_loss, micro_batches, pack
+from score.rl.loss import loss_denominator, micro_batch_loss, pack
+from score.rl.micro_batches import by_prompt_count
 from score.rl.rollout import Trajectory
 from score.rl.schedule import DataOrder, lr_at, stage_of
 from score.rl.trainer import Trainer
@@ -141,7 +142,7 @@ def test_pack_rows_targets_and_labels():
 def test_micro_batches_keep_groups_and_accumulate_to_the_full_batch(models):
     cfg, policy, reference = models
     trajs = hand_batch()
-    chunks = micro_batches(trajs, 1)
+    chunks = by_prompt_count(trajs, 1)
     assert [[t.group for t in c] for c in chunks] == [[0, 0, 0], [1, 1]]
     denominator = loss_denominator(trajs, "token_mean")
     grads = []

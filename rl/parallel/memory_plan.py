@@ -283,6 +283,14 @@ def print_plan(
     return plans
 
 
+def _micro_batch_tokens(optim, groups_per_rank: int, group_tokens: int) -> int:
+    """The most packed tokens one micro-batch can hold: a token budget is passed only by a single
+    group longer than it (rl/micro_batches.py)."""
+    if optim.tokens_per_micro_batch:
+        return min(max(optim.tokens_per_micro_batch, group_tokens), groups_per_rank * group_tokens)
+    return min(optim.prompts_per_micro_batch, groups_per_rank) * group_tokens
+
+
 def sizes_for_run(cfg, world_size: int, prompt_tokens: int, base: TrainingSizes = TrainingSizes()) -> TrainingSizes:
     """The sizes of a run config (score.rl.config.RunConfig) on `world_size` GPUs. `prompt_tokens`
     is an assumption about the longest rendered prompt plus the correction instruction (the data
@@ -294,7 +302,7 @@ def sizes_for_run(cfg, world_size: int, prompt_tokens: int, base: TrainingSizes 
     per_rank = -(-o.prompts_per_step // world_size)  # the trajectories one rank rolls out per step
     return dataclasses.replace(
         base,
-        micro_batch_tokens=min(o.prompts_per_micro_batch, per_rank) * k * seq_len,
+        micro_batch_tokens=_micro_batch_tokens(o, per_rank, k * seq_len),
         activation_checkpointing=cfg.model.activation_checkpointing,
         rollout_seqs=min(r.max_num_seqs, per_rank * k),
         max_model_len=seq_len,

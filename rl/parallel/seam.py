@@ -36,6 +36,8 @@ from . import distributed as D
 class Parallel(Protocol):
     device: torch.device
     is_main: bool
+    rank: int
+    world_size: int
 
     def build_models(self, cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(policy, frozen reference) from cfg.model.path, ready for the optimizer."""
@@ -95,6 +97,7 @@ class SingleProcess:
     """Everything in this process: plain modules, identity reductions, plain checkpoints."""
 
     is_main = True
+    rank, world_size = 0, 1
 
     def __init__(self, device: torch.device, *, autocast_bf16: bool = False):
         self.device = device
@@ -175,6 +178,7 @@ class FSDP2:
         self.env = env
         self.device = env.device
         self.is_main = env.is_main
+        self.rank, self.world_size = env.rank, env.world_size
 
     def build_models(self, cfg):
         # fp32 master weights (an lr of 5e-6 is below bf16's resolution); compute in model.dtype, or in
