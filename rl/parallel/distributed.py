@@ -6,7 +6,8 @@ on its share of the prompts. This module holds the pieces that make that trainer
 - `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from the torchrun environment and sets
   up the process group: NCCL with one GPU per rank when CUDA is present, gloo on CPU.
 - `shard_policy(model, env)` applies PyTorch's FSDP2 (`fully_shard`) to every decoder layer and then
-  to the root (embedding, final norm, output head). On GPU the mixed-precision policy computes in
+  to the root (embedding, final norm, output head); each layer prefetches its neighbour's all-gather
+  (the next in forward, the previous in backward). On GPU the mixed-precision policy computes in
   bf16 and reduces gradients in fp32; the sharded parameters themselves stay fp32 (AdamW's master
   weights: an lr of 5e-6 is below bf16's resolution, so bf16 master weights would not move).
   Gradients are SUMMED across ranks, never averaged: each rank's loss is divided by the GLOBAL
@@ -170,10 +171,24 @@ def _shard(model: nn.Module, env: DistEnv, mp_policy, offload_policy=None) -> nn
     # The root (embedding, final norm, head) stays gathered from forward to backward: backward needs
     # it again at once. Explicit, so that `unsharded` can restore exactly these settings.
     fully_shard(model, reshard_after_forward=False, **kw)
+    _prefetch_neighbours(model, list(layers))
     # The trainer calls `hidden_states` (not forward) and then uses `lm_head_weight`; registering
     # it makes FSDP all-gather the root's embedding/norm/head around that call as around forward.
     register_fsdp_forward_method(model, "hidden_states")
     return model
+
+
+def _prefetch_neighbours(root, layers: list) -> None:
+    """Each layer issues the next layer's all-gather before its own forward compute, and the
+    previous layer's before its backward; the root issues the first (forward) and last (backward)
+    layer's. The decoder runs its layers in one fixed order, the case explicit prefetch is for: the
+    collective is in flight while the CPU is still launching this layer's kernels, at the cost of
+    one more gathered layer alive at a time."""
+    root.set_modules_to_forward_prefetch(layers[:1])
+    root.set_modules_to_backward_prefetch(layers[-1:])
+    for i, layer in enumerate(layers):
+        layer.set_modules_to_forward_prefetch(layers[i + 1 : i + 2])
+        layer.set_modules_to_backward_prefetch(layers[i - 1 : i] if i else [])
 
 
 def shard_policy(model: nn.Module, env: DistEnv, *, compute_dtype: torch.dtype | None = None) -> nn.Module:

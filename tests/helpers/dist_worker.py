@@ -104,11 +104,23 @@ def _save_params(model, path) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, path)
 
 
+def _check_prefetch(model) -> None:
+    """Each layer prefetches its neighbours' all-gathers (FSDP2 keeps the lists in its module state)."""
+    state = [layer._get_fsdp_state() for layer in model.layers]
+    assert len(state) >= 2
+    for i, layer in enumerate(state):
+        assert layer._states_to_forward_prefetch == state[i + 1 : i + 2], i
+        assert layer._states_to_backward_prefetch == (state[i - 1 : i] if i else []), i
+    root = model._get_fsdp_state()
+    assert root._states_to_forward_prefetch == state[:1] and root._states_to_backward_prefetch == state[-1:]
+
+
 def run2(out: str, steps: int, save_at: int) -> None:
     from score.model import Engine, SamplingParams
 
     env = D.init_distributed("cpu")
     model = D.shard_policy(make_model(), env)
+    _check_prefetch(model)
     optimizer = make_optimizer(model)
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=5, ignore_eos=True)
     with D.unsharded(model):  # built while gathered: the engine takes the compute dtype from the weights
