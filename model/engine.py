@@ -34,7 +34,7 @@ from score.kernels.dispatch import interpreting
 
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
 from .block_manager import BlockManager
-from .sampling import SamplingParams, make_generator, sample, sample_seed
+from .sampling import SamplingParams, sample, sample_seed
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
@@ -215,13 +215,15 @@ class Engine:
         use_tqdm: bool = False,
         *,
         seed_keys: list[int] | None = None,
+        max_tokens: list[int] | None = None,
     ) -> list[list[Completion]]:
         """Outer list per prompt, inner list of `params.n` completions (sample order).
 
-        Sample j of prompt i draws from a generator seeded by (params.seed, seed_keys[i], j);
+        Sample j of prompt i draws from the seed of (params.seed, seed_keys[i], j);
         `seed_keys` defaults to the prompt positions. A caller that splits one batch over several
         calls (data-parallel ranks, base/policy engines) passes each prompt's global position, so
-        the samples do not depend on the split."""
+        the samples do not depend on the split. `max_tokens` (one per prompt) replaces
+        `params.max_tokens` prompt by prompt."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if self.sleeping:
@@ -231,15 +233,19 @@ class Engine:
             seed_keys = list(range(len(prompts)))
         elif len(seed_keys) != len(prompts) or not all(isinstance(k, int) and k >= 0 for k in seed_keys):
             raise ValueError(f"seed_keys must be {len(prompts)} ints >= 0 (one per prompt), got {seed_keys!r:.80}")
+        if max_tokens is None:
+            max_tokens = [params.max_tokens] * len(prompts)
+        elif len(max_tokens) != len(prompts) or not all(isinstance(m, int) and m >= 1 for m in max_tokens):
+            raise ValueError(f"max_tokens must be {len(prompts)} ints >= 1 (one per prompt), got {max_tokens!r:.80}")
         base_seed = params.seed
         if base_seed is None and not params.greedy:
             base_seed = int(torch.randint(0, 2**62, (1,)))  # follows torch.manual_seed
         seqs = []
         for i, prompt in enumerate(prompts):
             for j in range(params.n):
-                gen = None if params.greedy else make_generator(sample_seed(base_seed, seed_keys[i], j), self.device)
-                max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
-                seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=max_tokens, generator=gen))
+                seed = None if params.greedy else sample_seed(base_seed, seed_keys[i], j)
+                budget = min(max_tokens[i], self.max_model_len - len(prompt))
+                seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=budget, seed=seed))
         self._last_decode = None
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
@@ -315,6 +321,10 @@ class Engine:
             return 0
         self._zero_new_blocks()
         ctx, input_ids, positions, last_rows = self._prepare(step)
+        seeds = counters = None
+        if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
+            seeds = self._ints([seq.seed for seq in step.seqs], torch.long)
+            counters = self._ints([seq.num_output_tokens for seq in step.seqs], torch.long)
         hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
         if last_rows is not None:
             hidden = hidden[last_rows]
@@ -334,7 +344,7 @@ class Engine:
         else:
             logits = F.linear(hidden, self.model.lm_head_weight).float()
             workspace = None
-        tokens, logprobs = sample(logits, params, [seq.generator for seq in step.seqs], workspace)
+        tokens, logprobs = sample(logits, params, seeds, counters, workspace)
         self.block_manager.end_step()
         tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host transfer
 

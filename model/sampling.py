@@ -5,13 +5,14 @@ Reported logprobs are those of the sampling distribution BEFORE top-k/top-p trun
 greedy (temperature 0). This is what an RL trainer recomputes from the same weights, so the two
 agree up to numerics (truncation would put log(kept mass) into every ratio).
 
-Randomness: every sequence owns a `torch.Generator` seeded from (seed, prompt index, sample
-index) and draws exactly one uniform number per generated token; the token is where that number
-falls in the cumulative distribution (inverse-CDF sampling, cumulative sums in float64 so a
-32k-128k vocabulary loses no resolution). So a sequence's samples do not depend on which other
-sequences share its batch, nor on preemption, and the only per-sequence work is one scalar draw.
-Nothing here reads a tensor back to the host; the engine does one transfer per step for the
-whole batch.
+Randomness is counter-based: every sequence has a 63-bit seed (from seed, prompt key and sample
+index, `sample_seed`), and its t-th generated token uses the uniform number SplitMix64 gives for
+(seed, t) (`counter_uniforms`: a few int64 tensor ops for the whole batch, no generator objects,
+nothing per sequence). The token is where that number falls in the cumulative distribution
+(inverse-CDF sampling, cumulative sums in float64 so a 32k-128k vocabulary loses no resolution).
+So one pass samples the whole step, and a sequence's samples do not depend on which other
+sequences share its batch, nor on preemption. Nothing here reads a tensor back to the host; the
+engine does one transfer per step for the whole batch.
 """
 
 from __future__ import annotations
@@ -65,10 +66,30 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+# SplitMix64 (Steele, Lea & Flood 2014): output t of state `seed` is mix(seed + t * GAMMA). As int64
+# tensors: multiplication and addition wrap modulo 2**64 like the uint64 original, and the logical
+# right shifts are arithmetic shifts masked to the bits a logical shift keeps.
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _int64(value: int) -> int:
+    """The int64 whose two's-complement bits are the uint64 `value`."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform float64 numbers in [0, 1), 53 random bits each: SplitMix64's output number
+    `counters + 1` from state `seeds` (int64 [S] each), elementwise."""
+    z = seeds + (counters + 1) * _int64(_GAMMA)
+    z = (z ^ _shift_right(z, 30)) * _int64(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _int64(_MIX2)
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).double() * 2.0**-53
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -94,10 +115,12 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
-    generators: list[torch.Generator | None],
+    seeds: torch.Tensor | None,
+    counters: torch.Tensor | None,
     workspace: DecodeWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses generators[i].
+    """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses the
+    uniform number of (seeds[i], counters[i]) (int64 [S] on the logits' device; None for greedy).
 
     `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates; the
     same kernels write into it, so the numbers do not change.
@@ -107,6 +130,8 @@ def sample(
         tokens = logits.argmax(dim=-1)
         logprobs_all = torch.log_softmax(logits, dim=-1, out=_buffer(workspace, "logprobs", logits))
         return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+    if seeds is None or counters is None or seeds.shape != (logits.shape[0],) or counters.shape != seeds.shape:
+        raise ValueError(f"sampling {logits.shape[0]} rows needs int64 seeds and counters of shape [{logits.shape[0]}]")
     scaled = logits
     if params.temperature != 1.0:  # x / 1 == x exactly
         scaled = torch.div(logits, params.temperature, out=_buffer(workspace, "scaled", logits))
@@ -116,7 +141,7 @@ def sample(
     else:  # the float64 copy of the logprobs, exponentiated in place: logprobs_all.double().exp()
         weights = _buffer(workspace, "weights", logits, torch.float64).copy_(logprobs_all).exp_()
     cdf = weights.cumsum_(dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=gen, device=logits.device, dtype=torch.float64) for gen in generators])
+    uniform = counter_uniforms(seeds, counters)
     # the first index whose cumulative mass exceeds u * total: a token of zero mass is never picked
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tokens = tokens.clamp_(max=logits.shape[-1] - 1)

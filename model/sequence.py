@@ -13,8 +13,6 @@ from __future__ import annotations
 import enum
 from itertools import count
 
-import torch
-
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -32,7 +30,7 @@ class Sequence:
         prompt_index: int,
         sample_index: int,
         max_tokens: int,
-        generator: torch.Generator | None,
+        seed: int | None,
     ):
         self.seq_id = next(Sequence._ids)
         self.token_ids = list(token_ids)
@@ -40,7 +38,7 @@ class Sequence:
         self.prompt_index = prompt_index
         self.sample_index = sample_index
         self.max_tokens = max_tokens  # already capped by the engine's max_model_len
-        self.generator = generator  # None for greedy
+        self.seed = seed  # 63-bit sampling seed (sampling.sample_seed); None for greedy
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         self.status = SequenceStatus.WAITING

@@ -14,7 +14,7 @@ from score.model.sequence import Sequence
 
 
 def make_seq(tokens):
-    return Sequence(tokens, prompt_index=0, sample_index=0, max_tokens=10**9, generator=None)
+    return Sequence(tokens, prompt_index=0, sample_index=0, max_tokens=10**9, seed=None)
 
 
 class FakeCache:

@@ -157,7 +157,7 @@ def test_sampled_logprobs_are_untruncated_and_tokens_stay_in_the_kept_set(model,
 def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=gen) * 3
-    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    seeds = torch.arange(4)
     for top_k, top_p in ((3, 1.0), (0, 0.5), (10, 0.9)):
         kept = torch.isfinite(truncate_logits(logits, top_k, top_p))
         assert (kept.sum(-1) <= (top_k or 50)).all()
@@ -167,16 +167,15 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
             if top_p < 1:
                 assert p_sorted.sum() >= top_p - 1e-6 and p_sorted[:-1].sum() < top_p
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
-        for _ in range(50):
-            tokens, _ = sample(logits, params, gens)
+        for t in range(50):
+            tokens, _ = sample(logits, params, seeds, torch.full((4,), t))
             assert kept[torch.arange(4), tokens].all()
-    # unrestricted sampling follows the softmax (exponential race): frequencies within 4 sigma
+    # unrestricted sampling follows the softmax: frequencies within 4 sigma
     probs = torch.softmax(logits[0], -1)
     counts = torch.zeros(50)
     params = SamplingParams(temperature=1.0)
-    g = [torch.Generator().manual_seed(9)]
-    for _ in range(4000):
-        counts[sample(logits[:1], params, g)[0]] += 1
+    for t in range(4000):
+        counts[sample(logits[:1], params, torch.tensor([9]), torch.tensor([t]))[0]] += 1
     sigma = (4000 * probs * (1 - probs)).sqrt()
     assert ((counts - 4000 * probs).abs() <= 4 * sigma + 1).all()
 
@@ -196,12 +195,9 @@ def test_sampler_workspace_and_engine_rope_are_bit_identical():
             SamplingParams(temperature=0.6),
             SamplingParams(temperature=1.3, top_k=5, top_p=0.9),
         ):
-            seeds = torch.randint(0, 2**31, (rows,), generator=gen).tolist()
-
-            def make(params=params, seeds=seeds):
-                return [None if params.greedy else torch.Generator().manual_seed(s) for s in seeds]
-
-            plain, kept = sample(logits, params, make()), sample(logits, params, make(), workspace)
+            seeds = torch.randint(0, 2**62, (rows,), generator=gen)
+            counters = torch.randint(0, 100, (rows,), generator=gen)
+            plain, kept = sample(logits, params, seeds, counters), sample(logits, params, seeds, counters, workspace)
             assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for heads, dim in ((8, 64), (2, 24), (3, 128)):
@@ -304,3 +300,20 @@ def test_sleep_frees_the_pool_and_wake_restores_an_empty_one(model, prompts):
     assert [[c.logprobs for c in o] for o in again] == [[c.logprobs for c in o] for o in fresh_out]
     # no prefix survived the sleep: this call reuses only what a fresh engine's would
     assert engine.stats.reused_tokens - reused_before == fresh.stats.reused_tokens
+
+
+def test_max_tokens_per_prompt(model, prompts):
+    engine = Engine(model, block_size=4, num_blocks=256, max_model_len=128, max_num_seqs=8)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=50, ignore_eos=True, seed=0)
+    outs = engine.generate(prompts[:3], params, max_tokens=[1, 5, 9])
+    assert [[len(c.token_ids) for c in o] for o in outs] == [[1, 1], [5, 5], [9, 9]]
+    assert all(c.finish_reason == "length" for o in outs for c in o)
+    # the same samples as a call that gives every prompt the same budget, cut short
+    full = engine.generate(prompts[:3], params)
+    assert all(
+        c.token_ids == f.token_ids[: len(c.token_ids)]
+        for o, fo in zip(outs, full, strict=True)
+        for c, f in zip(o, fo, strict=True)
+    )
+    with pytest.raises(ValueError, match="max_tokens must be 3 ints >= 1"):
+        engine.generate(prompts[:3], params, max_tokens=[1, 0, 2])

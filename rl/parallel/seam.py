@@ -178,7 +178,14 @@ class FSDP2:
         self.env = env
         self.device = env.device
         self.is_main = env.is_main
-        self.rank, self.world_size = env.rank, env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
 
     def build_models(self, cfg):
         # fp32 master weights (an lr of 5e-6 is below bf16's resolution); compute in model.dtype, or in
