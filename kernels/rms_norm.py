@@ -31,7 +31,7 @@ from .dispatch import use_triton
 
 _BLOCK = 1024
 _BWD_PROGRAMS = 128
-_COMBOS = (  # (x dtype, weight dtype): the weight matches x, or stays fp32 (master weights)
+DTYPE_COMBOS = (  # (x dtype, weight dtype): the weight matches x, or stays fp32 (master weights)
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),
@@ -116,7 +116,7 @@ def _rms_norm_bwd(
 
 def _table():
     table = []
-    for x_dtype, w_dtype in _COMBOS:
+    for x_dtype, w_dtype in DTYPE_COMBOS:
         x, w = "*" + triton_type(x_dtype), "*" + triton_type(w_dtype)
         y = "*" + triton_type(torch.promote_types(x_dtype, w_dtype))
         for has_res in (0, 1):
@@ -237,7 +237,7 @@ def rms_norm(
     residual stream (None without a residual). Differentiable in x, weight and residual."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("rms_norm: x and weight must be torch.Tensors")
-    if (x.dtype, weight.dtype) not in _COMBOS:
+    if (x.dtype, weight.dtype) not in DTYPE_COMBOS:
         raise ValueError(
             f"rms_norm: (x, weight) dtypes {x.dtype}, {weight.dtype} not supported; supported: the same float "
             "dtype, or a bf16/fp16 x with an fp32 weight"

@@ -28,11 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from score.kernels import rms_norm, swiglu
+from score.kernels.dispatch import IMPLS, use_triton
+from score.kernels.rms_norm import DTYPE_COMBOS as RMS_NORM_DTYPES
+
 from .attention import causal_attention, check_backend
 from .config import ModelConfig
 
 # attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fused(kernels: str, x: torch.Tensor) -> bool:
+    """Whether this forward runs the Triton kernels of score.kernels (`Transformer.set_kernels`)."""
+    return kernels != "torch" and use_triton(kernels, x, "Transformer")
 
 
 class RMSNorm(nn.Module):
@@ -41,12 +50,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+        if fused(kernels, x) and (x.dtype, self.weight.dtype) in RMS_NORM_DTYPES:
+            return rms_norm(x, self.weight, self.eps, impl="triton")[0]
         # Normalise in fp32 and multiply by the weight after casting back, the order HF uses:
         # bf16 results then agree with HF checkpoints' reference outputs bit for bit.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_and_norm(
+        self, update: torch.Tensor, residual: torch.Tensor, kernels: str = "torch"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + update), residual + update): one kernel when fused (same dtypes)."""
+        if fused(kernels, update) and update.dtype == residual.dtype:
+            if (update.dtype, self.weight.dtype) in RMS_NORM_DTYPES:
+                return rms_norm(update, self.weight, self.eps, residual, impl="triton")
+        h = residual + update
+        return self(h, kernels), h
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -96,6 +117,7 @@ class AttentionInputs:
     max_seqlen: int | None = None
     attn: AttentionFn | None = None
     backend: str = "auto"
+    kernels: str = "auto"  # Transformer.set_kernels
 
 
 class Attention(nn.Module):
@@ -117,7 +139,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
         if inputs.attn is not None:
             q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
             out = inputs.attn(self.layer_idx, q, k, v)
@@ -142,7 +164,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+        if fused(kernels, x):
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), impl="triton"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -155,8 +179,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), inputs)
-        return x + self.mlp(self.mlp_norm(x))
+        kernels = inputs.kernels
+        y, x = self.mlp_norm.add_and_norm(self.attn(self.attn_norm(x, kernels), inputs), x, kernels)
+        return x + self.mlp(y, kernels)
 
 
 class Transformer(nn.Module):
@@ -166,6 +191,7 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer needs a ModelConfig, got {type(config).__name__}")
         self.config = config
         self.attention_backend = check_backend(attention_backend)
+        self.kernels = "auto"
         self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
@@ -201,6 +227,15 @@ class Transformer(nn.Module):
         """ "auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" or "flash"."""
         self.attention_backend = check_backend(backend)
 
+    def set_kernels(self, impl: str) -> None:
+        """Which implementation the norms, SwiGLU and RoPE run: "auto" (Triton kernels on CUDA
+        tensors, the torch ops elsewhere: CPU results are those of the plain ops, bit for bit),
+        "torch" (the plain ops everywhere) or "triton" (the kernels; on CPU only under
+        TRITON_INTERPRET=1, which tests use to run the CUDA path)."""
+        if impl not in IMPLS:
+            raise ValueError(f"kernels must be one of {IMPLS}, got {impl!r}")
+        self.kernels = impl
+
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits [..., V] in the model's dtype; same keyword arguments as `hidden_states`."""
         return F.linear(self.hidden_states(input_ids, **kwargs), self.lm_head_weight)
@@ -224,11 +259,11 @@ class Transformer(nn.Module):
         if attn is not None:  # engine mode: rotary tables in the form every layer uses as is
             half = sin.shape[-1] // 2
             cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
-        inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend)
+        inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
             x = checkpoint(layer, x, inputs, use_reentrant=False) if recompute else layer(x, inputs)
-        return self.norm(x)
+        return self.norm(x, self.kernels)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         device = positions.device
