@@ -337,6 +337,16 @@ def plan_paged_attention(
     return plan
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch path's math dtype: float64 for float64 input, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a same-dtype `.to` returns x unchanged but still costs a dispatch; a decode step makes many
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def paged_attention_torch(
     q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -349,7 +359,7 @@ def paged_attention_torch(
     num_seqs, max_ctx = plan.block_index.shape[0], plan.max_context_len
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
-    compute = torch.promote_types(q.dtype, torch.float32)
+    compute = _compute_dtype(q.dtype)
     num_gathered = plan.block_index.shape[1] * plan.block_size
     mask = plan.masks.get(compute)
     if mask is None:  # what SDPA computes from a boolean mask: where(visible, 0, -inf)
@@ -361,12 +371,12 @@ def paged_attention_torch(
         index = plan.block_index.view(-1)
         rows = plan.buffers.gathered(name, index.numel(), cache[0].numel(), cache)
         torch.index_select(cache.view(cache.shape[0], -1), 0, index, out=rows)
-        return rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2).to(compute)
+        return _cast(rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2), compute)
 
     decode = plan.max_q_len == 1 and n == num_seqs
     if decode and plan.decode_capacity:
         new_k, new_v = (None, None) if new_kv is None else new_kv
-        q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)  # see below
+        q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)  # see below
         out = F.scaled_dot_product_attention(
             q_grouped,
             _decode_keys(plan, k_cache, "k", new_k),
@@ -374,16 +384,16 @@ def paged_attention_torch(
             attn_mask=mask,
             scale=scale,
         )
-        return out.reshape(n, hq, d).to(q.dtype)
+        return _cast(out.reshape(n, hq, d), q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
         # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed;
         # the mask [S, 1, 1, T] broadcasts
-        q_grouped = q.view(num_seqs, hkv, hq // hkv, d).to(compute)
+        q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)
         out = F.scaled_dot_product_attention(
             q_grouped, gather(k_cache, "k"), gather(v_cache, "v"), attn_mask=mask, scale=scale
         )
-        return out.reshape(n, hq, d).to(q.dtype)
+        return _cast(out.reshape(n, hq, d), q.dtype)
     q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
     # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
     out = F.scaled_dot_product_attention(
@@ -422,7 +432,7 @@ def _decode_keys(
         if new is None:
             new = cache.view(-1, *rows[1:]).index_select(0, cache_rows)
         buf.view(-1, *rows[1:]).index_copy_(0, buffer_rows, new)
-    return buf[:, : plan.max_context_len].transpose(1, 2).to(torch.promote_types(cache.dtype, torch.float32))
+    return _cast(buf[:, : plan.max_context_len].transpose(1, 2), _compute_dtype(cache.dtype))
 
 
 def paged_attention_triton(
