@@ -7,9 +7,12 @@ over the global token count, backward, global-norm clip, AdamW step: what the tr
 rollout. Ours: the model under `shard_policy` on a world of 1 rank (gloo on CPU, NCCL on GPU; bf16
 compute with fp32 master weights and fp32 gradient reduction on GPU). Peer: the same model
 un-sharded in torch eager (fp32 weights, bf16 autocast on GPU), the single-GPU trainer's path.
-Both run in this process on the same batch, rounds interleaved. Reported: tokens/s of each, the
-ratio, and on GPU the MFU: model FLOPs (6 x matmul parameters per token + causal attention
-12 x layers x head_dim x heads x (mean causal context) per token) over the card's dense bf16 peak.
+A third run, the same FSDP2 model with `set_kernels("torch")`, is the step before the training
+kernels (the decoder's plain norm, SwiGLU, RoPE and padded-SDPA ops): on GPU it measures what the
+kernels bring; on CPU both use the plain ops. All run in this process on the same batch, rounds
+interleaved. Reported: tokens/s of each, the ratios, and on GPU the MFU: model FLOPs (6 x matmul
+parameters per token + causal attention 12 x layers x head_dim x heads x (mean causal context)
+per token) over the card's dense bf16 peak.
 
 Model: Qwen2.5-1.5B's shape with random weights on CUDA (issue 7's target: MFU >= 40% on one H100),
 a 2-layer toy on CPU (there it only proves the benchmark runs; the ratio measures FSDP's overhead).
@@ -85,8 +88,9 @@ def make_batch(device):
     return ids, cu, rows
 
 
-def training_phase(model, optimizer, batch, autocast) -> None:
+def training_phase(model, optimizer, batch, autocast, kernels="auto") -> None:
     ids, cu, rows = batch
+    model.set_kernels(kernels)
     optimizer.zero_grad(set_to_none=True)
     with autocast():
         hidden = model.hidden_states(ids, cu_seqlens=cu, max_seqlen=SEQ_LEN)
@@ -123,9 +127,12 @@ def setups():
     sharded.set_activation_checkpointing(CUDA)
     D.shard_policy(sharded, env)
     bf16 = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else contextlib.nullcontext
-    runs = {
-        "fsdp2": (sharded, torch.optim.AdamW(sharded.parameters(), lr=1e-5), contextlib.nullcontext),
-        "eager": (plain, torch.optim.AdamW(plain.parameters(), lr=1e-5), bf16),
+    sharded_adam = torch.optim.AdamW(sharded.parameters(), lr=1e-5)
+    plain.set_kernels("torch")
+    runs = {  # name: (model, optimizer, autocast, the model's kernels)
+        "fsdp2": (sharded, sharded_adam, contextlib.nullcontext, "auto"),
+        "fsdp2_plain_ops": (sharded, sharded_adam, contextlib.nullcontext, "torch"),  # before the kernels
+        "eager": (plain, torch.optim.AdamW(plain.parameters(), lr=1e-5), bf16, "torch"),
     }
     matmul_params = sum(p.numel() for name, p in plain.named_parameters() if p.dim() == 2 and "embed" not in name)
     matmul_params += plain.lm_head_weight.numel()  # the head's matmul (tied: the embedding)
@@ -140,20 +147,20 @@ def _sync():
 
 def test_training_phase_throughput(benchmark, setups):
     runs, batch, flops = setups
-    for model, optimizer, autocast in runs.values():  # warm-up: allocations, kernel autotuning
-        training_phase(model, optimizer, batch, autocast)
+    for model, optimizer, autocast, kernels in runs.values():  # warm-up: allocations, kernel compilation
+        training_phase(model, optimizer, batch, autocast, kernels)
     times = {name: [] for name in runs}
     order = list(runs)
     for r in range(ROUNDS):
         for name in order if r % 2 == 0 else order[::-1]:
-            model, optimizer, autocast = runs[name]
+            model, optimizer, autocast, kernels = runs[name]
             _sync()
             t0 = time.perf_counter()
-            training_phase(model, optimizer, batch, autocast)
+            training_phase(model, optimizer, batch, autocast, kernels)
             _sync()
             times[name].append(time.perf_counter() - t0)
-    model, optimizer, autocast = runs["fsdp2"]
-    benchmark.pedantic(training_phase, args=(model, optimizer, batch, autocast), rounds=1, iterations=1)
+    model, optimizer, autocast, kernels = runs["fsdp2"]
+    benchmark.pedantic(training_phase, args=(model, optimizer, batch, autocast, kernels), rounds=1, iterations=1)
     tokens = SEQS * SEQ_LEN
     peak = card_peak()
     info = {}
@@ -162,9 +169,10 @@ def test_training_phase_throughput(benchmark, setups):
         info[f"{name}_tokens_per_s"] = tokens / best
         if peak:
             info[f"{name}_mfu"] = flops / best / peak
-    info["fsdp2_over_eager_speed"] = statistics.median(
-        te / tf for tf, te in zip(times["fsdp2"], times["eager"], strict=True)
-    )
+    for before in ("eager", "fsdp2_plain_ops"):
+        info[f"fsdp2_over_{before}_speed"] = statistics.median(
+            tb / tf for tf, tb in zip(times["fsdp2"], times[before], strict=True)
+        )
     if CUDA:
         info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         info["card"] = torch.cuda.get_device_name()
