@@ -1,9 +1,13 @@
 """Causal self-attention backends for the decoder: dense batches and packed variable-length ones.
 
-Two backends, picked per call by `backend="auto"`:
+Three backends, picked per call by `backend="auto"`:
 - "flash": flash-attn's `flash_attn_func` / `flash_attn_varlen_func` (the `flash` extra). Used
   automatically for CUDA tensors in fp16/bf16 when flash-attn imports; it handles GQA and packed
   sequences natively.
+- "triton": score.kernels.varlen_attention, our FlashAttention-2 forward and backward over packed
+  sequences (a dense [B, T] batch is B packed sequences of T). Used automatically for CUDA tensors
+  when flash-attn is absent and the decoder's kernels are on (`Transformer.set_kernels`), head dims
+  up to 128. No padded row is computed.
 - "sdpa": `torch.nn.functional.scaled_dot_product_attention`, everywhere else. Packed sequences are
   scattered into a zero-padded [S, max_len] batch and run with `is_causal=True`: a real query at
   position t only sees keys 0..t of its own sequence, all real, so no padding mask is needed and
@@ -19,12 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from score.kernels.dispatch import use_triton
+from score.kernels.varlen_attention import MAX_HEAD_DIM, varlen_attention
+
 try:  # the `flash` extra; any failure to load it just means the SDPA path
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except (ImportError, OSError):  # OSError: a wheel built against another CUDA/torch
     flash_attn_func = flash_attn_varlen_func = None
 
-BACKENDS = ("auto", "sdpa", "flash")
+BACKENDS = ("auto", "sdpa", "flash", "triton")
 
 
 def flash_available() -> bool:
@@ -39,12 +46,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, kernels: str = "auto") -> str:
+    """The backend "auto" stands for, given q and the decoder's kernels setting ("auto", "triton",
+    "torch": see `Transformer.set_kernels`; "torch" keeps our Triton kernels out)."""
     check_backend(backend)
     if backend != "auto":
         return backend
     if flash_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         return "flash"
+    if kernels != "torch" and use_triton(kernels, q, "attention") and q.shape[-1] <= MAX_HEAD_DIM:
+        return "triton"
     return "sdpa"
 
 
@@ -57,14 +68,18 @@ def causal_attention(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     backend: str = "auto",
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Causal attention with grouped-query heads.
 
     Dense: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
     Packed: q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens int32 [S+1] -> [N, Hq, D]; attention stays
     inside each sequence. `max_seqlen` (longest sequence) saves a host sync when the caller knows it.
+    `kernels`: the decoder's kernels setting, which "auto" reads (`resolve_backend`).
     """
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, kernels)
+    if backend == "triton":
+        return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
     if cu_seqlens is None:
         if backend == "flash":
             return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
@@ -93,6 +108,17 @@ def causal_attention(
             causal=True,
         )
     return _packed_sdpa(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    if cu_seqlens is not None:
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scale, impl="triton")
+    b, t = q.shape[:2]  # a dense batch: B sequences of T, packed by a view
+    cu = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
+    out = varlen_attention(*(x.flatten(0, 1) for x in (q, k, v)), cu, t, causal=True, scale=scale, impl="triton")
+    return out.view(q.shape)
 
 
 def _packed_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from score.kernels import rms_norm, swiglu
 from score.kernels.dispatch import IMPLS, use_triton
 from score.kernels.rms_norm import DTYPE_COMBOS as RMS_NORM_DTYPES
+from score.kernels.rope import apply_rope as rope_kernel
 
 from .attention import causal_attention, check_backend
 from .config import ModelConfig
@@ -145,7 +146,7 @@ class Attention(nn.Module):
             q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
-            q, k = apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+            q, k = self._rope(q, k, inputs)
             out = causal_attention(
                 q,
                 k,
@@ -154,8 +155,23 @@ class Attention(nn.Module):
                 cu_seqlens=inputs.cu_seqlens,
                 max_seqlen=inputs.max_seqlen,
                 backend=inputs.backend,
+                kernels=inputs.kernels,
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _rope(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not fused(inputs.kernels, q):
+            return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
+        d = q.shape[-1]  # the kernel takes tokens flat: [N, H, D] with cos/sin [N, D]
+        q_rot, k_rot = rope_kernel(
+            q.reshape(-1, *q.shape[-2:]),
+            k.reshape(-1, *k.shape[-2:]),
+            inputs.cos.reshape(-1, d),
+            inputs.sin.reshape(-1, d),
+            impl="triton",
+        )
+        return q_rot.view(q.shape), k_rot.view(k.shape)
 
 
 class MLP(nn.Module):
@@ -225,11 +241,13 @@ class Transformer(nn.Module):
         self.activation_checkpointing = bool(enabled)
 
     def set_attention_backend(self, backend: str) -> None:
-        """ "auto" (flash-attn on CUDA when installed, else SDPA), "sdpa" or "flash"."""
+        """ "auto" (on CUDA flash-attn when installed, else our Triton varlen kernel when the kernels
+        are on, else SDPA), "sdpa", "flash" or "triton"."""
         self.attention_backend = check_backend(backend)
 
     def set_kernels(self, impl: str) -> None:
-        """Which implementation the norms, SwiGLU and RoPE run: "auto" (Triton kernels on CUDA
+        """Which implementation the norms, SwiGLU, RoPE and (backend "auto", no flash-attn) the
+        training attention run: "auto" (Triton kernels on CUDA
         tensors, the torch ops elsewhere: CPU results are those of the plain ops, bit for bit),
         "torch" (the plain ops everywhere) or "triton" (the kernels; on CPU only under
         TRITON_INTERPRET=1, which tests use to run the CUDA path)."""

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from score.kernels import fused_linear_logprob, kl_penalty, score_loss
 from score.kernels.kl_penalty import kl_value_and_grad_torch
@@ -160,3 +161,87 @@ def test_paged_attention_and_store(dtype, block_size, q_lens_of):
     )
     ref = dense_attention(q, keys, values, q_lens, ctx_lens, scale)
     assert rel_err(out, ref) <= (2e-5 if dtype == torch.float32 else 2e-2)
+
+
+def grads_against_float64(fn, fn64, inputs, gen):
+    """Outputs and input gradients of `fn` (CUDA, inputs' dtype) and `fn64` (float64 copies), with
+    one random upstream gradient per output: (pairs of (got, want))."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ups = [torch.randn(o.shape, generator=gen, device=CUDA).to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, ups)
+    leaves64 = [x.detach().double().requires_grad_() for x in inputs]
+    outs64 = fn64(*leaves64)
+    outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
+    grads64 = torch.autograd.grad(outs64, leaves64, [u.double() for u in ups])
+    return list(zip(outs + grads, outs64 + grads64, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_with_residual_and_swiglu(dtype):
+    from score.kernels import rms_norm, swiglu
+
+    gen = torch.Generator(device=CUDA).manual_seed(6)
+    x, res = (torch.randn(4096, 1536, generator=gen, device=CUDA).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(1536, generator=gen, device=CUDA)).to(dtype)
+
+    def norm64(x, w, res):
+        h = x + res
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w, h
+
+    pairs = grads_against_float64(lambda x, w, r: rms_norm(x, w, 1e-6, r, impl="triton"), norm64, (x, w, res), gen)
+    gate, up = (torch.randn(4096, 8960, generator=gen, device=CUDA).to(dtype) for _ in range(2))
+    pairs += grads_against_float64(
+        lambda g, u: swiglu(g, u, impl="triton"), lambda g, u: F.silu(g) * u, (gate, up), gen
+    )
+    for got, want in pairs:
+        assert rel_err(got, want) <= TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope(dtype):
+    from score.kernels import apply_rope
+
+    gen = torch.Generator(device=CUDA).manual_seed(7)
+    n, hq, hkv, d = 4096, 12, 2, 128
+    q = torch.randn(n, hq, d, generator=gen, device=CUDA).to(dtype)
+    k = torch.randn(n, hkv, d, generator=gen, device=CUDA).to(dtype)
+    freqs = torch.arange(n, device=CUDA)[:, None].float() / 10000 ** (torch.arange(0, d, 2, device=CUDA) / d)
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rope64(q, k):
+        def rot(x):
+            x1, x2 = x.chunk(2, -1)
+            return x * cos.double()[:, None] + torch.cat((-x2, x1), -1) * sin.double()[:, None]
+
+        return rot(q), rot(k)
+
+    for got, want in grads_against_float64(lambda q, k: apply_rope(q, k, cos, sin, impl="triton"), rope64, (q, k), gen):
+        assert rel_err(got, want) <= TOL[dtype] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_attention(dtype, head_dim):
+    from score.kernels import varlen_attention
+
+    gen = torch.Generator(device=CUDA).manual_seed(head_dim)
+    lengths, hq, hkv = [700, 1, 129, 1024, 63], 8, 2
+    n = sum(lengths)
+    q = torch.randn(n, hq, head_dim, generator=gen, device=CUDA).to(dtype)
+    k, v = (torch.randn(n, hkv, head_dim, generator=gen, device=CUDA).to(dtype) for _ in range(2))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=CUDA)
+
+    def attention64(q, k, v):
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            ks, vs = ks.repeat_interleave(hq // hkv, 0), vs.repeat_interleave(hq // hkv, 0)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
+        return torch.cat(outs)
+
+    fn = lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), impl="triton")  # noqa: E731
+    for got, want in grads_against_float64(fn, attention64, (q, k, v), gen):
+        assert rel_err(got, want) <= (2e-5 if dtype == torch.float32 else 2e-2)
