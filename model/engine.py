@@ -34,6 +34,7 @@ from score.kernels.dispatch import interpreting
 
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
 from .block_manager import BlockManager
+from .decode_step import DecodeStep, captures_graphs, check_batch_sizes, graph_batch_sizes
 from .sampling import SamplingParams, sample, sample_seed
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -86,9 +87,16 @@ class Engine:
         max_num_batched_tokens: int | None = None,
         kv_cache_memory_fraction: float = 0.5,
         attention_backend: str = "auto",
+        decode_batch_sizes: list[int] | None = None,
+        enforce_eager: bool = False,
     ):
         """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
-        `kv_cache_memory_fraction` of the free device memory (host RAM on CPU)."""
+        `kv_cache_memory_fraction` of the free device memory (host RAM on CPU).
+
+        Decode steps run from preallocated buffers, padded up to one of `decode_batch_sizes`
+        (model/decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
+        `enforce_eager`. Default sizes: 1, 2, 4, 8, then every 16 up to `max_num_seqs` where graphs
+        run; elsewhere no padding."""
         cfg = model.config
         weight = model.lm_head_weight
         self.model, self.device, self.dtype = model, weight.device, weight.dtype
@@ -126,6 +134,13 @@ class Engine:
                 f"({max_model_len}): a prompt is prefilled in one step"
             )
         self.backend = self._pick_backend(attention_backend)
+        self._use_graphs = not enforce_eager and captures_graphs(model, self.device)
+        if decode_batch_sizes is not None:
+            self._decode_batch_sizes = check_batch_sizes(decode_batch_sizes, max_num_seqs)
+        elif self._use_graphs:
+            self._decode_batch_sizes = graph_batch_sizes(max_num_seqs)
+        else:
+            self._decode_batch_sizes = None
         self._pool_shape = (2, num_layers, num_blocks, block_size, kv_heads, head_dim)
         self._allocate_pool()
         self.block_manager = BlockManager(num_blocks, block_size)
@@ -138,6 +153,7 @@ class Engine:
         self._lm_head_t = None  # CPU: the LM head weight transposed, during generate
         self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
         self._last_decode: list | None = None  # the sequences of the previous step when it decoded
+        self._decode: DecodeStep | None = None  # built at the first decode step after (re)allocation
 
     @property
     def num_blocks(self) -> int:
@@ -173,6 +189,7 @@ class Engine:
         self.block_manager.high_water = 0
         self.kv_cache, self._layer_caches = None, []
         self._workspace = DecodeWorkspace()
+        self._decode = None  # its buffers and graphs, which point into the freed pool
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -247,6 +264,8 @@ class Engine:
                 budget = min(max_tokens[i], self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=budget, seed=seed))
         self._last_decode = None
+        if self._decode is not None and self._use_graphs:
+            self._decode.forget_graphs_if_weights_moved()
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
         if use_tqdm and sys.stderr.isatty():  # a bar redrawn into a log file is thousands of lines
@@ -320,38 +339,21 @@ class Engine:
             self.stats.preemptions = self.scheduler.num_preemptions
             return 0
         self._zero_new_blocks()
-        ctx, input_ids, positions, last_rows = self._prepare(step)
-        seeds = counters = None
-        if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
-            seeds = self._ints([seq.seed for seq in step.seqs], torch.long)
-            counters = self._ints([seq.num_output_tokens for seq in step.seqs], torch.long)
-        hidden = self.model.hidden_states(input_ids, positions=positions, attn=ctx)
-        if last_rows is not None:
-            hidden = hidden[last_rows]
-        if self.device.type == "cpu":
-            # CPU BLAS multiplies [M, D] x [D, V] faster than against the [V, D] weight for
-            # decode-sized M, so the LM head gets a transposed copy, taken once per generate call
-            # (the trainer updates weights between calls) and after the model's forward (under
-            # FSDP2 the root's weights are plain tensors only then). The logits and the sampler's
-            # [S, V] intermediates go into buffers kept across steps: fresh multi-MB tensors cost
-            # page faults on every step (same kernels, same numbers).
-            if self._lm_head_t is None:
-                self._lm_head_t = self.model.lm_head_weight.t().contiguous()
-            shape = (hidden.shape[0], self._lm_head_t.shape[1])
-            out = self._workspace.vocab_buffer("logits", shape, self.dtype, self.device)
-            logits = torch.mm(hidden, self._lm_head_t, out=out).float()
-            workspace = self._workspace
+        if step.is_prefill:
+            self._last_decode = None
+            tokens, logprobs = self._prefill(step, params)
         else:
-            logits = F.linear(hidden, self.model.lm_head_weight).float()
-            workspace = None
-        tokens, logprobs = sample(logits, params, seeds, counters, workspace)
+            last, self._last_decode = self._last_decode, list(step.seqs)
+            # the torch attention path keeps each layer's gathered K/V between steps of one batch
+            continues = last is not None and len(last) == len(step.seqs)
+            continues = continues and all(a is b for a, b in zip(last, step.seqs, strict=True))
+            tokens, logprobs = self._decode_step().run(step.seqs, params, continues)
         self.block_manager.end_step()
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host transfer
 
         stats = self.stats
         if step.is_prefill:
             stats.prefill_steps += 1
-            stats.prefilled_tokens += int(input_ids.numel())
+            stats.prefilled_tokens += sum(len(seq) - seq.num_cached_tokens for seq in step.seqs)
             stats.reused_tokens += step.num_reused_tokens
         else:
             stats.decode_steps += 1
@@ -371,13 +373,13 @@ class Engine:
             finished += 1
         return finished
 
-    def _prepare(self, step: ScheduledStep):
-        """Packed inputs and the attention context of one step (all host lists -> one copy each)."""
+    def _prefill(self, step: ScheduledStep, params: SamplingParams) -> tuple[list[int], list[float]]:
+        """Run a prefill step eagerly (packed prompts of any lengths) and sample each one's first
+        token: (tokens, logprobs), one host transfer each."""
         bs = self.block_size
         input_ids, positions, slots, q_lens = [], [], [], []
         for seq in step.seqs:
-            start = seq.num_cached_tokens if step.is_prefill else len(seq) - 1
-            table = seq.block_table
+            start, table = seq.num_cached_tokens, seq.block_table
             input_ids.extend(seq.token_ids[start:])
             positions.extend(range(start, len(seq)))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, len(seq)))
@@ -395,15 +397,6 @@ class Engine:
                 src_rows.extend(range(c.src * bs, c.src * bs + c.rows))
                 dst_rows.extend(range(c.dst * bs, c.dst * bs + c.rows))
             copy_src, copy_dst = self._ints(src_rows, torch.long), self._ints(dst_rows, torch.long)
-        max_q_len = max(q_lens)
-        # the torch path keeps each layer's gathered K/V between decode steps of the same batch
-        last, self._last_decode = self._last_decode, None if step.is_prefill else list(step.seqs)
-        continues = (
-            not step.is_prefill
-            and last is not None
-            and len(last) == len(step.seqs)
-            and all(a is b for a, b in zip(last, step.seqs, strict=True))
-        )
         ctx = AttentionContext(
             self.kv_cache,
             backend=self.backend,
@@ -411,16 +404,58 @@ class Engine:
             block_tables=self._ints(tables, torch.int32),
             context_lens=self._ints(context_lens, torch.int32),
             cu_seqlens_q=self._ints(cu, torch.int32),
-            max_q_len=max_q_len,
+            max_q_len=max(q_lens),
             max_context_len=max(context_lens),
             copy_src=copy_src,
             copy_dst=copy_dst,
             workspace=self._workspace,
-            continues_decode=continues,
+            continues_decode=False,
             layer_caches=self._layer_caches,
         )
-        last_rows = None if max_q_len == 1 else self._ints(cu[1:], torch.long) - 1
-        return ctx, self._ints(input_ids, torch.long), self._ints(positions, torch.long), last_rows
+        ids, pos = self._ints(input_ids, torch.long), self._ints(positions, torch.long)
+        hidden = self.model.hidden_states(ids, positions=pos, attn=ctx)
+        if max(q_lens) > 1:
+            hidden = hidden[self._ints(cu[1:], torch.long) - 1]
+        seeds = counters = None
+        if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
+            seeds = self._ints([seq.seed for seq in step.seqs], torch.long)
+            counters = self._ints([seq.num_output_tokens for seq in step.seqs], torch.long)
+        workspace = self._workspace if self.device.type == "cpu" else None
+        tokens, logprobs = sample(self._logits(hidden), params, seeds, counters, workspace)
+        return tokens.tolist(), logprobs.tolist()
+
+    def _decode_step(self) -> DecodeStep:
+        if self._decode is None:
+            self._decode = DecodeStep(
+                self.model,
+                kv_cache=self.kv_cache,
+                layer_caches=self._layer_caches,
+                backend=self.backend,
+                block_size=self.block_size,
+                max_model_len=self.max_model_len,
+                max_num_seqs=self.scheduler.max_num_seqs,
+                batch_sizes=self._decode_batch_sizes,
+                use_graphs=self._use_graphs,
+                workspace=self._workspace,
+                logits=self._logits,
+            )
+        return self._decode
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [S, V] of final hidden states [S, D]."""
+        if self.device.type != "cpu":
+            return F.linear(hidden, self.model.lm_head_weight).float()
+        # CPU BLAS multiplies [M, D] x [D, V] faster than against the [V, D] weight for
+        # decode-sized M, so the LM head gets a transposed copy, taken once per generate call
+        # (the trainer updates weights between calls) and after the model's forward (under
+        # FSDP2 the root's weights are plain tensors only then). The logits and the sampler's
+        # [S, V] intermediates go into buffers kept across steps: fresh multi-MB tensors cost
+        # page faults on every step (same kernels, same numbers).
+        if self._lm_head_t is None:
+            self._lm_head_t = self.model.lm_head_weight.t().contiguous()
+        shape = (hidden.shape[0], self._lm_head_t.shape[1])
+        out = self._workspace.vocab_buffer("logits", shape, self.dtype, self.device)
+        return torch.mm(hidden, self._lm_head_t, out=out).float()
 
     def _ints(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)

@@ -1,0 +1,223 @@
+"""The engine's decode step as one function of preallocated buffers; on CUDA, CUDA graphs of it.
+
+A decode step feeds every running sequence's last token through the model and samples the next.
+Its inputs go into buffers allocated once, the batch padded up to a bucket size: token ids,
+positions, sampler seeds and counters in one int64 buffer; KV slots, context lengths and block
+tables in one int32 buffer. A step is then two host-to-device copies, one call of `_compute`
+(which reads only those buffers) and one device-to-host copy of the sampled ids and logprobs.
+
+On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) at first use and
+replayed: one launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's
+(1, 2, 4, 8, then every 16 up to `max_num_seqs`); the graphs share one memory pool. On the CPU it
+runs eagerly on the unpadded batch: without graphs padding buys nothing.
+
+Padding rows repeat row 0 with KV slot -1 (never stored): they compute finite numbers that are
+dropped. A graph bakes in what the host decided at capture: the addresses of the KV pool and of
+the weights (the graphs are dropped when either moves), the block-table width and the
+attention's context bound (the longest sequence the engine admits), the sampling settings.
+Models under FSDP2 are never captured: their forward gathers weights with collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .attention_context import AttentionContext
+from .sampling import SamplingParams, sample
+from .sequence import Sequence
+from .workspace import DecodeWorkspace
+
+_LONG_ROWS = ("input_ids", "positions", "seeds", "counters")
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """nano-vllm's CUDA graph batch sizes, 1, 2, 4, 8, 16, 32, 48, ..., capped at `max_num_seqs`."""
+    sizes = [1, 2, 4, 8, *range(16, max_num_seqs + 16, 16)]
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+def check_batch_sizes(sizes, max_num_seqs: int) -> list[int]:
+    """`sizes` as a sorted list, or a ValueError naming what is wrong with it."""
+    if (
+        not isinstance(sizes, (list, tuple))
+        or not sizes
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes)
+    ):
+        raise ValueError(f"decode_batch_sizes must be a non-empty list of ints >= 1, got {sizes!r:.80}")
+    sizes = sorted(set(sizes))
+    if sizes[-1] < max_num_seqs:
+        raise ValueError(
+            f"decode_batch_sizes must reach max_num_seqs={max_num_seqs} (a decode step pads up to one of "
+            f"them), the largest is {sizes[-1]}"
+        )
+    return sizes
+
+
+def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether decode steps of `model` can be CUDA graphs: CUDA, and no FSDP2 module inside."""
+    if device.type != "cuda":
+        return False
+    fsdp_module = getattr(torch.distributed.fsdp, "FSDPModule", None) if torch.distributed.is_available() else None
+    return fsdp_module is None or not any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+class DecodeStep:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        kv_cache: torch.Tensor,
+        layer_caches: list,
+        backend: str,
+        block_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        batch_sizes: list[int] | None,
+        use_graphs: bool,
+        workspace: DecodeWorkspace,
+        logits: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        """`logits(hidden [S, D]) -> fp32 [S, V]` is the engine's LM head (CPU: its transposed
+        copy into kept buffers). `batch_sizes`: the buckets, the largest >= max_num_seqs (None: no
+        padding; graphs need buckets)."""
+        if use_graphs and batch_sizes is None:
+            raise ValueError("CUDA graphs of the decode step need batch sizes to pad to")
+        self.model, self.kv_cache, self.layer_caches = model, kv_cache, layer_caches
+        self.backend, self.block_size, self.max_model_len = backend, block_size, max_model_len
+        self.batch_sizes, self.use_graphs = batch_sizes, use_graphs
+        self.workspace, self.logits = workspace, logits
+        device = kv_cache.device
+        self.width = -(-max_model_len // block_size)  # block-table columns of the longest sequence
+        rows = max_num_seqs if batch_sizes is None else batch_sizes[-1]
+        self._longs = torch.zeros(len(_LONG_ROWS) * rows, dtype=torch.long, device=device)
+        self._ints = torch.zeros(rows * (2 + self.width), dtype=torch.int32, device=device)
+        self._cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one query per row
+        pinned = device.type == "cuda"
+        self._host_longs = torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=pinned)
+        self._host_ints = torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=pinned)
+        self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pinned)
+        self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=pinned)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._weights_key: tuple | None = None
+        self.num_captures = 0
+
+    def bucket(self, num_seqs: int) -> int:
+        """The batch size a step of `num_seqs` sequences runs at: the smallest bucket that fits
+        (no buckets: `num_seqs` itself)."""
+        if self.batch_sizes is None:
+            return num_seqs
+        return next(b for b in self.batch_sizes if b >= num_seqs)
+
+    def forget_graphs_if_weights_moved(self) -> None:
+        """Drop the graphs when a weight's storage has moved since they were captured (a graph
+        reads the addresses it was captured with)."""
+        key = tuple(p.data_ptr() for p in self.model.parameters())
+        if key != self._weights_key:
+            self._graphs.clear()
+            self._weights_key = key
+
+    def run(self, seqs: list[Sequence], params: SamplingParams, continues: bool) -> tuple[list[int], list[float]]:
+        """Sampled token and its logprob for each of `seqs` (each decoding its last token)."""
+        n = len(seqs)
+        b = self.bucket(n)
+        width = self.width if self.use_graphs else max(len(s.block_table) for s in seqs)
+        self._fill(seqs, b, width, params)
+        if self.use_graphs:
+            key = (b, params.temperature, params.top_k, params.top_p)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(b, width, params)
+            graph, tokens, logprobs = self._graphs[key]
+            graph.replay()
+        else:
+            longest = max(len(s) for s in seqs)
+            tokens, logprobs = self._compute(b, width, params, longest, continues)
+        if tokens.device.type == "cpu":
+            return tokens[:n].tolist(), logprobs[:n].tolist()
+        self._host_tokens[:n].copy_(tokens[:n], non_blocking=True)
+        self._host_logprobs[:n].copy_(logprobs[:n], non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # the step's one wait for the device
+        return self._host_tokens[:n].tolist(), self._host_logprobs[:n].tolist()
+
+    def _fill(self, seqs: list[Sequence], b: int, width: int, params: SamplingParams) -> None:
+        """Write the step's inputs for `b` rows (padding rows repeat row 0, slot -1) and copy them
+        to the device buffers: one copy per buffer."""
+        bs = self.block_size
+        ids, positions, seeds, counters, slots, lengths, tables = [], [], [], [], [], [], []
+        for seq in seqs:
+            pos = len(seq) - 1
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            seeds.append(0 if seq.seed is None else seq.seed)
+            counters.append(seq.num_output_tokens)
+            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            lengths.append(len(seq))
+            tables.extend(seq.block_table)
+            tables.extend([0] * (width - len(seq.block_table)))
+        pad = b - len(seqs)
+        for column in (ids, positions, seeds, counters, lengths):
+            column.extend([column[0]] * pad)
+        slots.extend([-1] * pad)
+        tables.extend(tables[:width] * pad)
+        longs = torch.tensor([*ids, *positions, *seeds, *counters], dtype=torch.long)
+        ints = torch.tensor([*slots, *lengths, *tables], dtype=torch.int32)
+        if self._longs.device.type == "cpu":
+            self._longs[: longs.numel()].copy_(longs)
+            self._ints[: ints.numel()].copy_(ints)
+            return
+        self._host_longs[: longs.numel()].copy_(longs)
+        self._host_ints[: ints.numel()].copy_(ints)
+        self._longs[: longs.numel()].copy_(self._host_longs[: longs.numel()], non_blocking=True)
+        self._ints[: ints.numel()].copy_(self._host_ints[: ints.numel()], non_blocking=True)
+
+    def _views(self, b: int, width: int) -> dict[str, torch.Tensor]:
+        longs = self._longs[: len(_LONG_ROWS) * b].view(len(_LONG_ROWS), b)
+        views = dict(zip(_LONG_ROWS, longs, strict=True))
+        views["slots"] = self._ints[:b]
+        views["context_lens"] = self._ints[b : 2 * b]
+        views["block_tables"] = self._ints[2 * b : 2 * b + b * width].view(b, width)
+        return views
+
+    def _compute(
+        self, b: int, width: int, params: SamplingParams, max_context_len: int, continues: bool | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [b], logprobs [b]) from the buffers alone: what a CUDA graph captures."""
+        v = self._views(b, width)
+        ctx = AttentionContext(
+            self.kv_cache,
+            backend=self.backend,
+            slot_mapping=v["slots"],
+            block_tables=v["block_tables"],
+            context_lens=v["context_lens"],
+            cu_seqlens_q=self._cu_seqlens[: b + 1],
+            max_q_len=1,
+            max_context_len=max_context_len,
+            copy_src=None,  # decode steps copy no blocks (copy-on-write happens at admission)
+            copy_dst=None,
+            workspace=self.workspace,
+            continues_decode=continues,
+            layer_caches=self.layer_caches,
+        )
+        hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx)
+        seeds, counters = (None, None) if params.greedy else (v["seeds"], v["counters"])
+        workspace = self.workspace if hidden.device.type == "cpu" else None
+        return sample(self.logits(hidden), params, seeds, counters, workspace)
+
+    def _capture(self, b: int, width: int, params: SamplingParams):
+        """A CUDA graph of `_compute` at batch size `b`, after one eager run on a side stream (Triton
+        compiles, cuBLAS picks its workspace: nothing may allocate for the first time in capture).
+        Both runs compute from the current step's buffers, so the KV rows they store are the same."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._compute(b, width, params, self.max_model_len, None)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            tokens, logprobs = self._compute(b, width, params, self.max_model_len, None)
+        self.num_captures += 1
+        return graph, tokens, logprobs

@@ -1,0 +1,164 @@
+"""The static decode step (model/decode_step.py): a batch padded up to its bucket gives the same
+tokens and logprobs as the unpadded eager step, for every bucket size, block sizes 1 and 16, with
+preemption, greedy and sampled, the torch and (interpreted) Triton attention; CUDA graphs of it
+equal eager CUDA steps (run where CUDA is present)."""
+
+import pytest
+import torch
+
+from score.model import Engine, ModelConfig, SamplingParams, Transformer
+from score.model.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
+
+VOCAB = 97
+BUCKETS = [1, 2, 4, 8, 16]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        architecture="Qwen3ForCausalLM",
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=VOCAB - 1,
+    )
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    gen = torch.Generator().manual_seed(4)
+    lengths = [3, 17, 1, 9, 30, 5, 12, 2, 21, 7, 16, 4, 11]  # 13 prompts: buckets 16 down to 1 as they finish
+    return [torch.randint(0, VOCAB - 1, (n,), generator=gen).tolist() for n in lengths]
+
+
+def run(model, prompts, params, max_tokens=None, **engine_kw):
+    engine = Engine(model, max_model_len=96, max_num_seqs=16, **engine_kw)
+    used = []
+    bucket = DecodeStep.bucket
+
+    def recording(self, n):
+        used.append(bucket(self, n))
+        return used[-1]
+
+    DecodeStep.bucket = recording
+    try:
+        outs = engine.generate(prompts, params, max_tokens=max_tokens)
+    finally:
+        DecodeStep.bucket = bucket
+    return outs, engine, set(used)
+
+
+def assert_same(got, want):
+    for got_out, want_out in zip(got, want, strict=True):
+        for g, w in zip(got_out, want_out, strict=True):
+            assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+            assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=12, seed=7),
+    ],
+    ids=["greedy", "sampled"],
+)
+def test_padded_buckets_equal_the_unpadded_step(model, prompts, block_size, params):
+    # every prompt stops at its own length, so the running batch shrinks through every bucket
+    max_tokens = [2 + i for i in range(len(prompts))]
+    want, _, exact = run(model, prompts, params, max_tokens, block_size=block_size, num_blocks=4096 // block_size)
+    got, engine, used = run(
+        model,
+        prompts,
+        params,
+        max_tokens,
+        block_size=block_size,
+        num_blocks=4096 // block_size,
+        decode_batch_sizes=BUCKETS,
+    )
+    assert_same(got, want)
+    assert used == set(BUCKETS) and len(exact) > len(BUCKETS)  # padded to each bucket; unpadded not
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_padded_buckets_with_preemption(model, prompts, block_size):
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=40, seed=11, ignore_eos=True)
+    num_blocks = (96 + 16) // block_size + 2  # room for about one long sequence: preemptions
+    want, eager, _ = run(model, prompts, params, block_size=block_size, num_blocks=num_blocks)
+    got, padded, _ = run(
+        model, prompts, params, block_size=block_size, num_blocks=num_blocks, decode_batch_sizes=[3, 5, 16]
+    )
+    assert_same(got, want)
+    assert padded.stats.preemptions > 0 and padded.stats.preemptions == eager.stats.preemptions
+
+
+def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, prompts):
+    params = SamplingParams(temperature=0, max_tokens=4)
+    kw = dict(block_size=16, num_blocks=64, attention_backend="triton")
+    want, _, _ = run(model, prompts[:5], params, **kw)
+    got, _, used = run(model, prompts[:5], params, decode_batch_sizes=[8, 16], **kw)
+    assert_same(got, want)
+    assert used == {8}
+
+
+def test_sleep_drops_the_step_buffers_and_wake_rebuilds_them(model, prompts):
+    params = SamplingParams(temperature=0, max_tokens=6)
+    engine = Engine(model, max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=512, decode_batch_sizes=BUCKETS)
+    first = engine.generate(prompts, params)
+    step = engine._decode
+    assert step is not None and step.kv_cache is engine.kv_cache
+    engine.sleep()
+    assert engine._decode is None
+    engine.wake()
+    again = engine.generate(prompts, params)
+    assert engine._decode is not step and engine._decode.kv_cache is engine.kv_cache
+    assert_same(again, first)
+
+
+def test_batch_sizes():
+    assert graph_batch_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+    assert graph_batch_sizes(5) == [1, 2, 4, 5]
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert check_batch_sizes((16, 1, 4, 4), 16) == [1, 4, 16]
+    with pytest.raises(ValueError, match="must reach max_num_seqs=32"):
+        check_batch_sizes([1, 16], 32)
+    with pytest.raises(ValueError, match="list of ints >= 1"):
+        check_batch_sizes([0, 16], 16)
+
+
+def test_engine_names_bad_batch_sizes(model):
+    with pytest.raises(ValueError, match="decode_batch_sizes must reach max_num_seqs=256"):
+        Engine(model, max_model_len=96, num_blocks=64, decode_batch_sizes=[1, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_equal_eager_cuda_steps(model, prompts):
+    cuda_model = Transformer(model.config).to("cuda").eval()
+    cuda_model.load_state_dict(model.state_dict())
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_tokens=16, seed=5)
+    max_tokens = [4 + i for i in range(len(prompts))]
+    graphs = Engine(cuda_model, max_model_len=96, num_blocks=512)
+    got = graphs.generate(prompts, params, max_tokens=max_tokens)
+    eager = Engine(cuda_model, max_model_len=96, num_blocks=512, enforce_eager=True)
+    want = eager.generate(prompts, params, max_tokens=max_tokens)
+    assert_same(got, want)
+    captured = graphs._decode.num_captures
+    assert captured > 0 and eager._decode.num_captures == 0
+    again = graphs.generate(prompts, params, max_tokens=max_tokens)  # replays: nothing captured anew
+    assert_same(again, want)
+    assert graphs._decode.num_captures == captured
+    with torch.no_grad():  # weights replaced by new storage: the graphs are dropped and recaptured
+        for p in cuda_model.parameters():
+            p.data = p.data.clone()
+    assert_same(graphs.generate(prompts, params, max_tokens=max_tokens), want)
+    assert graphs._decode.num_captures > captured
