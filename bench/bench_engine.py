@@ -274,10 +274,9 @@ def test_nano_vllm_workload(benchmark, models, request):
     lengths = torch.randint(NANO_MIN, NANO_MAX + 1, (NANO_SEQS, 2), generator=rng).tolist()
     prompts = [torch.randint(0, CONFIG["vocab_size"], (p,), generator=rng).tolist() for p, _ in lengths]
     max_len = 2 * NANO_MAX + 1
-    engine = Engine(ours, block_size=16, max_model_len=max_len, max_num_seqs=NANO_SEQS)
     generated = sum(out for _, out in lengths)
 
-    def run():
+    def run(engine):
         engine.clear_cache()
         params = SamplingParams(temperature=0.6, ignore_eos=True, seed=1)
         with torch.inference_mode():
@@ -285,16 +284,29 @@ def test_nano_vllm_workload(benchmark, models, request):
         sync()
         assert sum(len(o[0].token_ids) for o in outs) == generated
 
+    def engine(**kw):
+        return Engine(ours, block_size=16, max_model_len=max_len, max_num_seqs=NANO_SEQS, **kw)
+
+    graphs = engine()
     if CUDA:
-        run()  # compile and warm outside the timed round
+        run(graphs)  # compile, capture and warm outside the timed round
     start = time.perf_counter()
-    benchmark.pedantic(run, rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.pedantic(run, args=(graphs,), rounds=1, warmup_rounds=0, iterations=1)
     seconds = time.perf_counter() - start
     info = {"tokens_per_s": generated / seconds, "generated_tokens": generated, "sequences": NANO_SEQS}
+    line = f"{info['tokens_per_s']:.0f} generated tok/s"
+    if CUDA:  # the same engine without CUDA graphs, in the same run
+        eager = engine(enforce_eager=True)
+        run(eager)
+        start = time.perf_counter()
+        run(eager)
+        info["eager_tokens_per_s"] = generated / (time.perf_counter() - start)
+        info["graph_speedup"] = info["tokens_per_s"] / info["eager_tokens_per_s"]
+        line += f" (CUDA graphs; eager {info['eager_tokens_per_s']:.0f}, x{info['graph_speedup']:.2f})"
+        del eager
     benchmark.extra_info.update(info)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(
-            f"\nnano-vllm workload, {DEVICE} {DTYPE}, {NANO_SEQS} seqs, lengths {NANO_MIN}..{NANO_MAX}: "
-            f"{info['tokens_per_s']:.0f} generated tok/s"
+            f"\nnano-vllm workload, {DEVICE} {DTYPE}, {NANO_SEQS} seqs, lengths {NANO_MIN}..{NANO_MAX}: {line}"
         )

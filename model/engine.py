@@ -12,13 +12,14 @@ change: cached K/V belong to the weights that computed them. `engine.stats` coun
 (computed) and reused prompt tokens.
 
 A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
-forward) or a decode batch (one token per running sequence, one forward), then samples one token
-per sequence (one device->host transfer per step). Completions include the stop token that ended
-them (EOS or a `stop_token_ids` member; finish_reason "stop"); otherwise they end at max_tokens
-or max_model_len (finish_reason "length").
+forward, eager) or a decode batch (one token per running sequence: model/decode_step.py, from
+preallocated buffers, a CUDA graph per batch bucket on CUDA), then samples one token per sequence
+in one batched pass (one device->host transfer per step). Completions include the stop token
+that ended them (EOS or a `stop_token_ids` member; finish_reason "stop"); otherwise they end at
+max_tokens or max_model_len (finish_reason "length").
 
 Not done: chunked prefill, speculative decoding, streaming, per-request SamplingParams within one
-call, CUDA graphs.
+call, scheduling step N+1 on the host while step N runs (the host waits for each step's tokens).
 """
 
 from __future__ import annotations
