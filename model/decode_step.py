@@ -101,7 +101,7 @@ class DecodeStep:
         self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=pinned)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
-        self._weights_key: tuple | None = None
+        self._weights_key = self._weight_addresses()
         self.num_captures = 0
 
     def bucket(self, num_seqs: int) -> int:
@@ -114,10 +114,13 @@ class DecodeStep:
     def forget_graphs_if_weights_moved(self) -> None:
         """Drop the graphs when a weight's storage has moved since they were captured (a graph
         reads the addresses it was captured with)."""
-        key = tuple(p.data_ptr() for p in self.model.parameters())
+        key = self._weight_addresses()
         if key != self._weights_key:
             self._graphs.clear()
             self._weights_key = key
+
+    def _weight_addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.parameters())
 
     def run(self, seqs: list[Sequence], params: SamplingParams, continues: bool) -> tuple[list[int], list[float]]:
         """Sampled token and its logprob for each of `seqs` (each decoding its last token)."""
