@@ -116,12 +116,13 @@ class AttentionInputs:
     """What every layer's attention needs besides its own activations (one per forward)."""
 
     cos: torch.Tensor
-    sin: torch.Tensor  # engine mode: [N, 1, D] cos and signed sin for `apply_rope_signed`
+    sin: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     attn: AttentionFn | None = None
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
+    signed_sin: bool = False  # cos/sin in `apply_rope_signed`'s form (engine mode without the kernels)
 
 
 class Attention(nn.Module):
@@ -145,7 +146,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
         if inputs.attn is not None:
-            q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
+            if inputs.signed_sin:
+                q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
+            else:
+                q, k = self._rope(q, k, inputs)
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
             q, k = self._rope(q, k, inputs)
@@ -277,10 +281,13 @@ class Transformer(nn.Module):
         positions, max_seqlen = self._check_inputs(input_ids, positions, cu_seqlens, attn, max_seqlen)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
-        if attn is not None:  # engine mode: rotary tables in the form every layer uses as is
+        signed = attn is not None and not fused(self.kernels, x)
+        if signed:  # engine mode, plain ops: rotary tables in the form every layer uses as is
             half = sin.shape[-1] // 2
             cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
-        inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels)
+        inputs = AttentionInputs(
+            cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels, signed_sin=signed
+        )
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
             x = checkpoint(layer, x, inputs, use_reentrant=False) if recompute else layer(x, inputs)

@@ -103,10 +103,16 @@ def test_padded_buckets_with_preemption(model, prompts, block_size):
 
 
 def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, prompts):
+    """The CUDA path on CPU: Triton attention and KV store, and the decoder's kernels (norms,
+    SwiGLU, RoPE of q and k in one launch) against the plain ops, unpadded."""
     params = SamplingParams(temperature=0, max_tokens=4)
-    kw = dict(block_size=16, num_blocks=64, attention_backend="triton")
-    want, _, _ = run(model, prompts[:5], params, **kw)
-    got, _, used = run(model, prompts[:5], params, decode_batch_sizes=[8, 16], **kw)
+    want, _, _ = run(model, prompts[:5], params, block_size=16, num_blocks=64)
+    model.set_kernels("triton")
+    try:
+        kw = dict(block_size=16, num_blocks=64, attention_backend="triton", decode_batch_sizes=[8, 16])
+        got, _, used = run(model, prompts[:5], params, **kw)
+    finally:
+        model.set_kernels("auto")
     assert_same(got, want)
     assert used == {8}
 
