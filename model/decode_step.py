@@ -59,8 +59,11 @@ def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
     """Whether decode steps of `model` can be CUDA graphs: CUDA, and no FSDP2 module inside."""
     if device.type != "cuda":
         return False
-    fsdp_module = getattr(torch.distributed.fsdp, "FSDPModule", None) if torch.distributed.is_available() else None
-    return fsdp_module is None or not any(isinstance(m, fsdp_module) for m in model.modules())
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed: no FSDP2 either
+        return True
+    return not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class DecodeStep:
@@ -127,7 +130,7 @@ class DecodeStep:
         n = len(seqs)
         b = self.bucket(n)
         width = self.width if self.use_graphs else max(len(s.block_table) for s in seqs)
-        self._fill(seqs, b, width, params)
+        self._fill(seqs, b, width)
         if self.use_graphs:
             key = (b, params.temperature, params.top_k, params.top_p)
             if key not in self._graphs:
@@ -144,7 +147,7 @@ class DecodeStep:
         torch.cuda.current_stream().synchronize()  # the step's one wait for the device
         return self._host_tokens[:n].tolist(), self._host_logprobs[:n].tolist()
 
-    def _fill(self, seqs: list[Sequence], b: int, width: int, params: SamplingParams) -> None:
+    def _fill(self, seqs: list[Sequence], b: int, width: int) -> None:
         """Write the step's inputs for `b` rows (padding rows repeat row 0, slot -1) and copy them
         to the device buffers: one copy per buffer."""
         bs = self.block_size

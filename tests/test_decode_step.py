@@ -168,3 +168,17 @@ def test_cuda_graphs_equal_eager_cuda_steps(model, prompts):
             p.data = p.data.clone()
     assert_same(graphs.generate(prompts, params, max_tokens=max_tokens), want)
     assert graphs._decode.num_captures > captured
+
+
+def test_graphs_only_on_cuda_and_never_under_fsdp2():
+    from torch.distributed.fsdp import FSDPModule
+
+    from score.model.decode_step import captures_graphs
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert not captures_graphs(plain, torch.device("cpu"))
+    assert captures_graphs(plain, torch.device("cuda"))  # decided from the module tree; nothing allocated
+    sharded = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    # what fully_shard does to a module's class (it needs a process group to do the rest)
+    sharded[0].__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
+    assert not captures_graphs(sharded, torch.device("cuda"))
