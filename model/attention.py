@@ -78,9 +78,12 @@ def causal_attention(
     `kernels`: the decoder's kernels setting, which "auto" reads (`resolve_backend`).
     """
     backend = resolve_backend(backend, q, kernels)
-    if backend == "triton":
-        return _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
     if cu_seqlens is None:
+        if backend == "triton":  # B sequences of T, packed by a view
+            b, t = q.shape[:2]
+            cu = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
+            out = varlen_attention(*(x.flatten(0, 1) for x in (q, k, v)), cu, t, scale=scale, impl="triton")
+            return out.view(q.shape)
         if backend == "flash":
             return flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
         out = F.scaled_dot_product_attention(
@@ -107,18 +110,9 @@ def causal_attention(
             softmax_scale=scale,
             causal=True,
         )
+    if backend == "triton":
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, impl="triton")
     return _packed_sdpa(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-def _triton_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
-    if cu_seqlens is not None:
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scale, impl="triton")
-    b, t = q.shape[:2]  # a dense batch: B sequences of T, packed by a view
-    cu = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
-    out = varlen_attention(*(x.flatten(0, 1) for x in (q, k, v)), cu, t, causal=True, scale=scale, impl="triton")
-    return out.view(q.shape)
 
 
 def _packed_sdpa(q, k, v, cu_seqlens, max_seqlen, scale):

@@ -97,11 +97,11 @@ class DecodeStep:
         self._longs = torch.zeros(len(_LONG_ROWS) * rows, dtype=torch.long, device=device)
         self._ints = torch.zeros(rows * (2 + self.width), dtype=torch.int32, device=device)
         self._cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one query per row
-        pinned = device.type == "cuda"
-        self._host_longs = torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=pinned)
-        self._host_ints = torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=pinned)
-        self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pinned)
-        self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=pinned)
+        if device.type == "cuda":  # pinned staging, for asynchronous copies both ways
+            self._host_longs = torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=True)
+            self._host_ints = torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=True)
+            self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=True)
+            self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=True)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
         self._weights_key = self._weight_addresses()

@@ -145,14 +145,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
+        q, k = self._rope(q, k, inputs)
         if inputs.attn is not None:
-            if inputs.signed_sin:
-                q, k = apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
-            else:
-                q, k = self._rope(q, k, inputs)
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
-            q, k = self._rope(q, k, inputs)
             out = causal_attention(
                 q,
                 k,
@@ -167,6 +163,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def _rope(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs.signed_sin:
+            return apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
         if not fused(inputs.kernels, q):
             return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         d = q.shape[-1]  # the kernel takes tokens flat: [N, H, D] with cos/sin [N, D]
