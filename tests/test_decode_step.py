@@ -6,8 +6,9 @@ equal eager CUDA steps (run where CUDA is present)."""
 import pytest
 import torch
 
-from score.model import Engine, ModelConfig, SamplingParams, Transformer
+from score.model import Engine, SamplingParams, Transformer
 from score.model.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
+from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 97
 BUCKETS = [1, 2, 4, 8, 16]
@@ -15,21 +16,7 @@ BUCKETS = [1, 2, 4, 8, 16]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(3)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        architecture="Qwen3ForCausalLM",
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        eos_token_id=VOCAB - 1,
-    )
-    return Transformer(cfg).eval()
+    return tiny_decoder(seed=3, vocab_size=VOCAB, architecture="Qwen3ForCausalLM")
 
 
 @pytest.fixture(scope="module")

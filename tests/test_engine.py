@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from score.model import Completion, Engine, ModelConfig, SamplingParams, Transformer
+from score.model import Completion, Engine, SamplingParams
 from score.model.sampling import sample, truncate_logits
 from score.model.workspace import DecodeWorkspace
+from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 131
 PROMPT_LENGTHS = [1, 2, 7, 15, 16, 17, 33, 64, 99, 100]
@@ -20,21 +21,7 @@ PROMPT_LENGTHS = [1, 2, 7, 15, 16, 17, 33, 64, 99, 100]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        architecture="Qwen2ForCausalLM",
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        eos_token_id=VOCAB - 1,
-    )
-    return Transformer(cfg).eval()
+    return tiny_decoder(seed=0, vocab_size=VOCAB, hidden_size=48, intermediate_size=96, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

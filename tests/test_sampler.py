@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from score.model import Engine, ModelConfig, SamplingParams, Transformer
+from score.model import Engine, SamplingParams
 from score.model.sampling import counter_uniforms, sample, truncate_logits
+from tests.helpers.model_fixtures import tiny_decoder
 
 MASK = (1 << 64) - 1
 
@@ -82,21 +83,8 @@ def test_sampling_without_seeds_is_refused():
 
 @pytest.fixture(scope="module")
 def engine():
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        architecture="Qwen2ForCausalLM",
-        tie_word_embeddings=True,
-        initializer_range=0.1,
-        eos_token_id=96,
-    )
-    return Engine(Transformer(cfg).eval(), block_size=4, num_blocks=512, max_model_len=64, max_num_seqs=64)
+    model = tiny_decoder(seed=0, initializer_range=0.1)
+    return Engine(model, block_size=4, num_blocks=512, max_model_len=64, max_num_seqs=64)
 
 
 def test_a_sequence_samples_the_same_alone_or_in_a_batch_of_64(engine):

@@ -262,3 +262,25 @@ def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool =
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [tok.token_to_id(t) for t in spec["generation_eos"]]}, f)
     return path
+
+
+def tiny_decoder(*, seed: int, vocab_size: int = 97, **overrides):
+    """A tiny random-weight decoder in eval mode, for engine and sampler tests: 2 layers, 4 q and 2
+    KV heads, tied embeddings, 128 positions, EOS the last token id; `overrides` replace any field."""
+    from score.model import ModelConfig, Transformer
+
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        architecture="Qwen2ForCausalLM",
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        eos_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**fields, **overrides})).eval()
