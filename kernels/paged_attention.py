@@ -237,15 +237,18 @@ class PagedAttentionBuffers:
 
     A fresh multi-MB tensor per layer costs more in page faults than the copy that fills it, so
     the K and V gathers write into grown-on-demand storage. Decode steps of one batch also keep
-    each layer's gathered keys and values (see `plan_paged_attention`).
+    each layer's gathered keys and values, and the step's mask (see `plan_paged_attention`).
     """
 
     def __init__(self):
         self._gathered: dict[str, torch.Tensor] = {}  # "k" / "v" -> flat storage
         # (sequences, token capacity) the kept decode buffers were made for, None before any decode
         self.decode_shape: tuple[int, int] | None = None
-        # ("k" | "v", that layer's cache data_ptr) -> [sequences, capacity, Hkv, D]
+        # ("k" | "v", that layer's cache data_ptr) -> [sequences, Hkv, capacity, D]
         self.decode_keys: dict[tuple[str, int], torch.Tensor] = {}
+        # compute dtype -> [sequences, capacity] additive mask (0 where a key is visible, -inf past it)
+        self.decode_masks: dict[torch.dtype, torch.Tensor] = {}
+        self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> ([S, 1], [1, Hkv]) aranges
 
     def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised [rows, row_size] tensor of `like`'s dtype and device for gather `name`."""
@@ -255,23 +258,41 @@ class PagedAttentionBuffers:
             buf = self._gathered[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(rows, row_size)
 
+    def start_decode(self, num_seqs: int, capacity: int) -> None:
+        """Size the kept decode buffers for a new batch (their contents are refilled)."""
+        self.decode_shape = (num_seqs, capacity)
+        self.decode_masks.clear()
+        self._index.clear()
+
+    def decode_index(self, positions: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, ...]:
+        """`index_put_` indices of each sequence's key at `positions` [S, 1] in a [S, Hkv, capacity, D]
+        buffer, for every KV head."""
+        parts = self._index.get(kv_heads)
+        if parts is None:
+            device = positions.device
+            parts = self._index[kv_heads] = (
+                torch.arange(positions.shape[0], device=device)[:, None],
+                torch.arange(kv_heads, device=device)[None, :],
+            )
+        return parts[0], parts[1], positions
+
 
 @dataclass
 class PagedAttentionPlan:
     """Per-step gather indices and masks for the torch path, shared by every layer."""
 
     block_index: torch.Tensor  # [S, ceil(T / block_size)] int64: the blocks holding keys 0..T-1
-    visible: torch.Tensor  # [S, 1, max_q, T] bool: query i of sequence s may see key t
-    query_index: tuple[torch.Tensor, torch.Tensor]  # packed row -> (sequence, i)
+    visible: torch.Tensor | None  # [S, 1, max_q, T] bool: query i of sequence s may see key t
+    query_index: tuple[torch.Tensor, torch.Tensor] | None  # packed row -> (sequence, i)
     max_q_len: int
     max_context_len: int
     block_size: int
     buffers: PagedAttentionBuffers
-    # decode with a persistent per-layer key buffer (see `plan_paged_attention`): its token capacity,
-    # and when this step continues the previous one, each new key's (buffer row, cache row), int64
-    # rows of the buffer viewed as [S * capacity, Hkv, D] and of the cache as [blocks * block_size, Hkv, D]
+    # decode with persistent per-layer key buffers (see `plan_paged_attention`): their token
+    # capacity, and when this step continues the previous one, each sequence's new key position
+    # [S, 1] int64 (then `visible` and `query_index` are not built: the kept mask is extended instead)
     decode_capacity: int = 0
-    extend: tuple[torch.Tensor, torch.Tensor] | None = None
+    extend: torch.Tensor | None = None
     # `visible` as the additive float mask SDPA makes of a boolean one, per compute dtype: built on
     # the first layer's call instead of inside every layer's SDPA (same values, same kernel)
     masks: dict = field(default_factory=dict)
@@ -292,9 +313,10 @@ def plan_paged_attention(
     `buffers`: storage kept by the caller across steps (default: fresh, for this step's layers).
     `continues_decode` (a caller that keeps `buffers` across steps, e.g. the engine): None keeps
     the plain per-layer gather. Otherwise decode steps keep every layer's gathered keys and values
-    in `buffers`, and True promises that this step decodes exactly the sequences of the
-    previous step, in the same order, each one token further, with its older K/V untouched: then
-    only the new token's K/V are copied into the buffers instead of gathering every key again.
+    and the mask in `buffers`, and True promises that this step decodes exactly the sequences of
+    the previous step, in the same order, each one token further, with its older K/V untouched:
+    then only the new token's K/V are copied into the buffers and its mask entry opened, instead of
+    gathering every key and building the mask again.
     """
     device = block_tables.device
     num_seqs = context_lens.numel()
@@ -304,36 +326,30 @@ def plan_paged_attention(
             f"block_tables has {block_tables.shape[1]} columns, context length "
             f"{max_context_len} needs {needed_blocks} blocks of {block_size}"
         )
+    buffers = PagedAttentionBuffers() if buffers is None else buffers
+    block_index = block_tables[:, :needed_blocks].long()
+    n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
+    decode = continues_decode is not None and max_q_len == 1 and n == num_seqs
+    state = buffers.decode_shape
+    if decode and continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
+        positions = (context_lens.long() - 1)[:, None]
+        return PagedAttentionPlan(
+            block_index, None, None, 1, max_context_len, block_size, buffers, state[1], extend=positions
+        )
     pos = torch.arange(max_context_len, device=device)
     ctx = context_lens.long()
     cu = cu_seqlens_q.long()
     q_lens = cu[1:] - cu[:-1]
     q_pos = (ctx - q_lens)[:, None] + torch.arange(max_q_len, device=device)  # [S, max_q]
     visible = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < ctx[:, None, None])
-    n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
     plan = PagedAttentionPlan(
-        block_tables[:, :needed_blocks].long(),
-        visible[:, None],
-        (seq_of_row, row_in_seq),
-        max_q_len,
-        max_context_len,
-        block_size,
-        PagedAttentionBuffers() if buffers is None else buffers,
+        block_index, visible[:, None], (seq_of_row, row_in_seq), max_q_len, max_context_len, block_size, buffers
     )
-    if continues_decode is None or max_q_len != 1 or n != num_seqs:
-        return plan
-    state = plan.buffers.decode_shape
-    if continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
-        new_pos = ctx - 1
-        new_rows = plan.block_index.gather(1, (new_pos // block_size)[:, None]).squeeze(1) * block_size
-        buffer_rows = torch.arange(num_seqs, device=device) * state[1] + new_pos
-        plan.extend = (buffer_rows, new_rows + new_pos % block_size)
-        plan.decode_capacity = state[1]
-    else:  # room for 256 more tokens before the next full gather
+    if decode:  # a fresh batch: room for 256 more tokens before the next full gather
         plan.decode_capacity = (needed_blocks + -(-256 // block_size)) * block_size
-        plan.buffers.decode_shape = (num_seqs, plan.decode_capacity)
+        buffers.start_decode(num_seqs, plan.decode_capacity)
     return plan
 
 
@@ -360,39 +376,29 @@ def paged_attention_torch(
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     compute = _compute_dtype(q.dtype)
-    num_gathered = plan.block_index.shape[1] * plan.block_size
+    decode = plan.max_q_len == 1 and n == num_seqs
     mask = plan.masks.get(compute)
-    if mask is None:  # what SDPA computes from a boolean mask: where(visible, 0, -inf)
-        mask = plan.masks[compute] = torch.zeros(plan.visible.shape, dtype=compute, device=q.device).masked_fill_(
-            plan.visible.logical_not(), float("-inf")
-        )
+    if mask is None:
+        mask = plan.masks[compute] = (_decode_mask if plan.decode_capacity else _mask)(plan, compute)
 
     def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
+        num_gathered = plan.block_index.shape[1] * plan.block_size
         index = plan.block_index.view(-1)
         rows = plan.buffers.gathered(name, index.numel(), cache[0].numel(), cache)
         torch.index_select(cache.view(cache.shape[0], -1), 0, index, out=rows)
         return _cast(rows.view(num_seqs, num_gathered, hkv, d)[:, :max_ctx].transpose(1, 2), compute)
 
-    decode = plan.max_q_len == 1 and n == num_seqs
-    if decode and plan.decode_capacity:
-        new_k, new_v = (None, None) if new_kv is None else new_kv
-        q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)  # see below
-        out = F.scaled_dot_product_attention(
-            q_grouped,
-            _decode_keys(plan, k_cache, "k", new_k),
-            _decode_keys(plan, v_cache, "v", new_v),
-            attn_mask=mask,
-            scale=scale,
-        )
-        return _cast(out.reshape(n, hq, d), q.dtype)
     if decode:
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
         # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed;
         # the mask [S, 1, 1, T] broadcasts
         q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)
-        out = F.scaled_dot_product_attention(
-            q_grouped, gather(k_cache, "k"), gather(v_cache, "v"), attn_mask=mask, scale=scale
-        )
+        if plan.decode_capacity:
+            new_k, new_v = (None, None) if new_kv is None else new_kv
+            keys, values = _decode_keys(plan, k_cache, "k", new_k), _decode_keys(plan, v_cache, "v", new_v)
+        else:
+            keys, values = gather(k_cache, "k"), gather(v_cache, "v")
+        out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale)
         return _cast(out.reshape(n, hq, d), q.dtype)
     q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
     # key 0 is visible to every row (padded query rows see the whole context): no row is all masked
@@ -407,32 +413,52 @@ def paged_attention_torch(
     return out.transpose(1, 2)[plan.query_index].to(q.dtype)  # [S, max_q, Hq, D] -> packed rows
 
 
+def _mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
+    """What SDPA computes from the boolean mask: where(visible, 0, -inf)."""
+    zeros = torch.zeros(plan.visible.shape, dtype=dtype, device=plan.visible.device)
+    return zeros.masked_fill_(plan.visible.logical_not(), float("-inf"))
+
+
+def _decode_mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
+    """`_mask` of a decode step [S, 1, 1, T] from the kept [S, capacity] one: built whole for a fresh
+    batch, else extended by each sequence's new key."""
+    kept = plan.buffers.decode_masks.get(dtype)
+    if plan.extend is None:
+        num_seqs, capacity = plan.buffers.decode_shape
+        kept = torch.full((num_seqs, capacity), float("-inf"), dtype=dtype, device=plan.block_index.device)
+        kept[:, : plan.max_context_len].masked_fill_(plan.visible.view(num_seqs, -1), 0.0)
+        plan.buffers.decode_masks[dtype] = kept
+    else:
+        kept.scatter_(1, plan.extend, 0.0)
+    return kept[:, None, None, : plan.max_context_len]
+
+
 def _decode_keys(
     plan: PagedAttentionPlan, cache: torch.Tensor, name: str, new: torch.Tensor | None = None
 ) -> torch.Tensor:
     """[S, Hkv, T, D]: every sequence's keys (or values) from this layer's persistent buffer.
 
     Positions past a sequence's length hold zeros or older finite keys; the mask hides them.
-    `new` [S, Hkv, D]: the rows a continuing step adds (else they are read from the cache).
+    `new` [S, Hkv, D]: the keys a continuing step adds (else they are read from the cache).
     """
     num_seqs, capacity, block_size = plan.block_index.shape[0], plan.decode_capacity, plan.block_size
-    rows = cache.shape[1:]  # [block_size, Hkv, D]
+    hkv, d = cache.shape[2:]
     key = (name, cache.data_ptr())  # one buffer per layer and K/V
     buf = plan.buffers.decode_keys.get(key)
     if plan.extend is None:
-        shape = (num_seqs, capacity, *rows[1:])
+        shape = (num_seqs, hkv, capacity, d)
         if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
             buf = plan.buffers.decode_keys[key] = cache.new_zeros(shape)
-        num_blocks = plan.block_index.shape[1]
-        buf.view(num_seqs, capacity // block_size, -1)[:, :num_blocks] = cache.view(cache.shape[0], -1)[
-            plan.block_index
-        ]
+        num_keys = plan.block_index.shape[1] * block_size
+        gathered = cache.view(cache.shape[0], -1)[plan.block_index].view(num_seqs, num_keys, hkv, d)
+        buf[:, :, :num_keys] = gathered.transpose(1, 2)
     else:
-        buffer_rows, cache_rows = plan.extend
         if new is None:
-            new = cache.view(-1, *rows[1:]).index_select(0, cache_rows)
-        buf.view(-1, *rows[1:]).index_copy_(0, buffer_rows, new)
-    return _cast(buf[:, : plan.max_context_len].transpose(1, 2), _compute_dtype(cache.dtype))
+            positions = plan.extend[:, 0]
+            blocks = plan.block_index.gather(1, (positions // block_size)[:, None]).squeeze(1)
+            new = cache.view(-1, hkv, d).index_select(0, blocks * block_size + positions % block_size)
+        buf.index_put_(plan.buffers.decode_index(plan.extend, hkv), new)
+    return _cast(buf[:, :, : plan.max_context_len], _compute_dtype(cache.dtype))
 
 
 def paged_attention_triton(

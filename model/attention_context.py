@@ -34,6 +34,16 @@ def flash_varlen_with_block_table():
     return flash_attn_varlen_func
 
 
+def layer_views(kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer: (k_cache, v_cache) [num_blocks, block_size, Hkv, D] and the same two as rows
+    [num_blocks * block_size, Hkv, D] (what a store indexes), taken once per pool, not per step."""
+    views = []
+    for i in range(kv_cache.shape[1]):
+        k, v = kv_cache[0, i], kv_cache[1, i]
+        views.append((k, v, k.flatten(0, 1), v.flatten(0, 1)))
+    return views
+
+
 class AttentionContext:
     def __init__(
         self,
@@ -53,8 +63,7 @@ class AttentionContext:
         layer_caches: list | None = None,
     ):
         """`workspace` (optional): buffers the torch path keeps across steps. `layer_caches`
-        (optional): `[(kv_cache[0, i], kv_cache[1, i]) for every layer i]`, views an engine takes
-        once instead of once per step and layer."""
+        (optional): `layer_views(kv_cache)`, which an engine takes once instead of once per step."""
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
         self.layer_caches = layer_caches
         self.backend = backend
@@ -93,13 +102,14 @@ class AttentionContext:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.layer_caches is not None:
-            k_cache, v_cache = self.layer_caches[layer_idx]
+            k_cache, v_cache, k_rows, v_rows = self.layer_caches[layer_idx]
         else:
             k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
+            k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
         if self.backend == "torch":
-            return self._torch_attention(q, k, v, k_cache, v_cache)
+            return self._torch_attention(q, k, v, k_cache, v_cache, k_rows, v_rows)
         store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
-        self._copy_on_write(k_cache, v_cache)
+        self._copy_on_write(k_rows, v_rows)
         if self.backend == "flash":
             return self.flash(
                 q,
@@ -126,7 +136,7 @@ class AttentionContext:
             impl="triton",
         )
 
-    def _torch_attention(self, q, k, v, k_cache, v_cache) -> torch.Tensor:
+    def _torch_attention(self, q, k, v, k_cache, v_cache, k_rows, v_rows) -> torch.Tensor:
         if not self._checked:
             check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
             check_paged_attention(
@@ -143,18 +153,15 @@ class AttentionContext:
         if self._store_rows is None:
             store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="torch")
         else:
-            rows = k_cache.shape[2:]
-            k_cache.view(-1, *rows).index_copy_(0, self._store_rows, k)
-            v_cache.view(-1, *rows).index_copy_(0, self._store_rows, v)
-        self._copy_on_write(k_cache, v_cache)
+            k_rows.index_copy_(0, self._store_rows, k)
+            v_rows.index_copy_(0, self._store_rows, v)
+        self._copy_on_write(k_rows, v_rows)
         # a decode step's new k/v are exactly its last-position rows unless a copy could have
         # overwritten them (no copies: the attention reuses them instead of reading the cache back)
         new_kv = (k, v) if self.copy_src is None and self._store_rows is not None else None
         return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv)
 
-    def _copy_on_write(self, k_cache, v_cache) -> None:
+    def _copy_on_write(self, k_rows, v_rows) -> None:
         if self.copy_src is not None:
-            rows = k_cache.shape[2:]
-            for cache in (k_cache, v_cache):
-                flat = cache.view(-1, *rows)
-                flat[self.copy_dst] = flat[self.copy_src]
+            for rows in (k_rows, v_rows):
+                rows[self.copy_dst] = rows[self.copy_src]

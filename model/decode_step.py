@@ -21,6 +21,7 @@ Models under FSDP2 are never captured: their forward gathers weights with collec
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .attention_context import AttentionContext
 from .sampling import SamplingParams, sample
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
+
+if TYPE_CHECKING:
+    from .fused_qkv import FusedQKV
 
 _LONG_ROWS = ("input_ids", "positions", "seeds", "counters")
 
@@ -55,15 +59,18 @@ def check_batch_sizes(sizes, max_num_seqs: int) -> list[int]:
     return sizes
 
 
-def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
-    """Whether decode steps of `model` can be CUDA graphs: CUDA, and no FSDP2 module inside."""
-    if device.type != "cuda":
-        return False
+def fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` holds an FSDP2 module (its weights are whole only inside its forward)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed: no FSDP2 either
-        return True
-    return not any(isinstance(m, FSDPModule) for m in model.modules())
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether decode steps of `model` can be CUDA graphs: CUDA, and no FSDP2 module inside."""
+    return device.type == "cuda" and not fsdp2_sharded(model)
 
 
 class DecodeStep:
@@ -81,16 +88,17 @@ class DecodeStep:
         use_graphs: bool,
         workspace: DecodeWorkspace,
         logits: Callable[[torch.Tensor], torch.Tensor],
+        fused_qkv: FusedQKV | None = None,
     ):
         """`logits(hidden [S, D]) -> fp32 [S, V]` is the engine's LM head (CPU: its transposed
         copy into kept buffers). `batch_sizes`: the buckets, the largest >= max_num_seqs (None: no
-        padding; graphs need buckets)."""
+        padding; graphs need buckets). `fused_qkv`: the engine's stacked q|k|v weights, if any."""
         if use_graphs and batch_sizes is None:
             raise ValueError("CUDA graphs of the decode step need batch sizes to pad to")
         self.model, self.kv_cache, self.layer_caches = model, kv_cache, layer_caches
         self.backend, self.block_size, self.max_model_len = backend, block_size, max_model_len
         self.batch_sizes, self.use_graphs = batch_sizes, use_graphs
-        self.workspace, self.logits = workspace, logits
+        self.workspace, self.logits, self.fused_qkv = workspace, logits, fused_qkv
         device = kv_cache.device
         self.width = -(-max_model_len // block_size)  # block-table columns of the longest sequence
         rows = max_num_seqs if batch_sizes is None else batch_sizes[-1]
@@ -206,7 +214,7 @@ class DecodeStep:
             continues_decode=continues,
             layer_caches=self.layer_caches,
         )
-        hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx)
+        hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
         seeds, counters = (None, None) if params.greedy else (v["seeds"], v["counters"])
         workspace = self.workspace if hidden.device.type == "cpu" else None
         return sample(self.logits(hidden), params, seeds, counters, workspace)

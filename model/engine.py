@@ -14,9 +14,10 @@ change: cached K/V belong to the weights that computed them. `engine.stats` coun
 A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
 forward, eager) or a decode batch (one token per running sequence: model/decode_step.py, from
 preallocated buffers, a CUDA graph per batch bucket on CUDA), then samples one token per sequence
-in one batched pass (one device->host transfer per step). Completions include the stop token
-that ended them (EOS or a `stop_token_ids` member; finish_reason "stop"); otherwise they end at
-max_tokens or max_model_len (finish_reason "length").
+in one batched pass (one device->host transfer per step). The forward projects q, k and v with
+one stacked matrix per layer (model/fused_qkv.py), copied from the model at every generate call.
+Completions include the stop token that ended them (EOS or a `stop_token_ids` member;
+finish_reason "stop"); otherwise they end at max_tokens or max_model_len (finish_reason "length").
 
 Not done: chunked prefill, speculative decoding, streaming, per-request SamplingParams within one
 call, scheduling step N+1 on the host while step N runs (the host waits for each step's tokens).
@@ -33,9 +34,10 @@ import torch.nn.functional as F
 
 from score.kernels.dispatch import interpreting
 
-from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table
+from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
 from .decode_step import DecodeStep, captures_graphs, check_batch_sizes, graph_batch_sizes
+from .fused_qkv import FusedQKV
 from .sampling import SamplingParams, sample, sample_seed
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence
@@ -117,6 +119,7 @@ class Engine:
         num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * weight.element_size()
         blocks_per_seq = -(-max_model_len // block_size)
+        self._fused_qkv = FusedQKV.of(model)  # before the pool is sized from the free memory
         needed = blocks_per_seq + 1  # + one spare: a copy-on-write source stays pinned for a step
         if num_blocks is None:
             budget = int(_free_memory(self.device) * kv_cache_memory_fraction) // block_bytes
@@ -165,7 +168,7 @@ class Engine:
         so building an engine costs no pass over memory the cache may never use."""
         with torch.inference_mode():
             self.kv_cache = torch.empty(self._pool_shape, dtype=self.dtype, device=self.device)
-            self._layer_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(self._pool_shape[1])]
+            self._layer_caches = layer_views(self.kv_cache)
         self._zeroed_blocks = 0
 
     def _zero_new_blocks(self) -> None:
@@ -182,13 +185,14 @@ class Engine:
         return self.kv_cache is None
 
     def sleep(self) -> None:
-        """Free the KV pool (e.g. while the trainer runs its backward pass); cached prefixes are
-        forgotten. `wake()` allocates it again; `generate` while asleep is an error."""
+        """Free the KV pool and the stacked q|k|v weights (e.g. while the trainer runs its backward
+        pass); cached prefixes are forgotten. `wake()` allocates them again; `generate` while asleep
+        is an error."""
         if self.sleeping:
             return
         self.block_manager.clear_cache()
         self.block_manager.high_water = 0
-        self.kv_cache, self._layer_caches = None, []
+        self.kv_cache, self._layer_caches, self._fused_qkv = None, [], None
         self._workspace = DecodeWorkspace()
         self._decode = None  # its buffers and graphs, which point into the freed pool
         if self.device.type == "cuda":
@@ -197,6 +201,7 @@ class Engine:
     def wake(self) -> None:
         """Allocate the KV pool again after `sleep()` (empty: no prefix is cached)."""
         if self.sleeping:
+            self._fused_qkv = FusedQKV.of(self.model)
             self._allocate_pool()
 
     def _pick_backend(self, backend: str) -> str:
@@ -265,6 +270,8 @@ class Engine:
                 budget = min(max_tokens[i], self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=budget, seed=seed))
         self._last_decode = None
+        if self._fused_qkv is not None:  # the trainer updates the weights between calls
+            self._fused_qkv.refresh()
         if self._decode is not None and self._use_graphs:
             self._decode.forget_graphs_if_weights_moved()
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -414,7 +421,7 @@ class Engine:
             layer_caches=self._layer_caches,
         )
         ids, pos = self._ints(input_ids, torch.long), self._ints(positions, torch.long)
-        hidden = self.model.hidden_states(ids, positions=pos, attn=ctx)
+        hidden = self.model.hidden_states(ids, positions=pos, attn=ctx, fused_qkv=self._fused_qkv)
         if max(q_lens) > 1:
             hidden = hidden[self._ints(cu[1:], torch.long) - 1]
         seeds = counters = None
@@ -439,6 +446,7 @@ class Engine:
                 use_graphs=self._use_graphs,
                 workspace=self._workspace,
                 logits=self._logits,
+                fused_qkv=self._fused_qkv,
             )
         return self._decode
 

@@ -11,7 +11,8 @@ Notable features
     packed  input_ids [N] + cu_seqlens [S+1]: several sequences back to back, no padding, attention
             never crosses a boundary (training);
     engine  input_ids [N] + positions [N] + attn(layer_idx, q, k, v): the caller owns the KV cache
-            and runs attention itself; the model knows nothing about caches (rollouts).
+            and runs attention itself; the model knows nothing about caches (rollouts). The engine
+            may also pass stacked copies of the q/k/v weights (`fused_qkv`): one GEMM per layer.
 - Per-layer activation checkpointing for training.
 
 Not done here: KV caches, sampling (the engine), loading (loading.py), attention kernels
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ from score.kernels.rope import apply_rope as rope_kernel
 
 from .attention import causal_attention, check_backend
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .fused_qkv import FusedQKV
 
 # attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -123,6 +128,7 @@ class AttentionInputs:
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
     signed_sin: bool = False  # cos/sin in `apply_rope_signed`'s form (engine mode without the kernels)
+    fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
 
 
 class Attention(nn.Module):
@@ -140,12 +146,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
-        q, k = self._rope(q, k, inputs)
+        q, k, v = self._qkv(x, inputs)
         if inputs.attn is not None:
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
@@ -160,6 +161,25 @@ class Attention(nn.Module):
                 kernels=inputs.kernels,
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
+
+    def _qkv(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE, and v [..., Hkv, D]."""
+        lead, hq, hkv, d = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim
+        if inputs.fused_qkv is None:
+            q = self.q_proj(x).view(*lead, hq, d)
+            k = self.k_proj(x).view(*lead, hkv, d)
+            v = self.v_proj(x).view(*lead, hkv, d)
+        else:
+            qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(*lead, hq + 2 * hkv, d)
+            if inputs.signed_sin and self.q_norm is None:  # q and k side by side: rotated in one pass
+                qk, v = qkv.split((hq + hkv, hkv), dim=-2)
+                q, k = apply_rope_signed(qk, inputs.cos, inputs.sin).split((hq, hkv), dim=-2)
+                return q, k, v
+            q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
+        q, k = self._rope(q, k, inputs)
+        return q, k, v
 
     @staticmethod
     def _rope(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +291,17 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         attn: AttentionFn | None = None,
         max_seqlen: int | None = None,
+        fused_qkv: FusedQKV | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states: [B, T, D] for dense input, [N, D] for packed or engine input.
 
         `max_seqlen` (packed only, optional) is the longest sequence; giving it skips a host sync.
+        `fused_qkv` (engine mode without autograd): stacked copies of the q/k/v weights to project
+        with instead of the three parameters (model/fused_qkv.py).
         """
         positions, max_seqlen = self._check_inputs(input_ids, positions, cu_seqlens, attn, max_seqlen)
+        if fused_qkv is not None and (attn is None or torch.is_grad_enabled()):
+            raise ValueError("fused_qkv is for engine mode (attn=...) without autograd: it holds copies of the weights")
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         signed = attn is not None and not fused(self.kernels, x)
@@ -284,7 +309,7 @@ class Transformer(nn.Module):
             half = sin.shape[-1] // 2
             cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
         inputs = AttentionInputs(
-            cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels, signed_sin=signed
+            cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels, signed, fused_qkv
         )
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
