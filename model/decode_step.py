@@ -105,11 +105,16 @@ class DecodeStep:
         self._longs = torch.zeros(len(_LONG_ROWS) * rows, dtype=torch.long, device=device)
         self._ints = torch.zeros(rows * (2 + self.width), dtype=torch.int32, device=device)
         self._cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one query per row
+        self._host_longs, self._host_ints = self._longs, self._ints  # on the CPU: the buffers themselves
         if device.type == "cuda":  # pinned staging, for asynchronous copies both ways
             self._host_longs = torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=True)
             self._host_ints = torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=True)
             self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=True)
             self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=True)
+        # numpy views of the host buffers: a step's inputs are written from Python lists without
+        # a torch op (a decode step on the CPU is hundreds of small ops; these need none)
+        self._host_longs_np, self._host_ints_np = self._host_longs.numpy(), self._host_ints.numpy()
+        self._views_of: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
         self._weights_key = self._weight_addresses()
@@ -175,23 +180,23 @@ class DecodeStep:
             column.extend([column[0]] * pad)
         slots.extend([-1] * pad)
         tables.extend(tables[:width] * pad)
-        longs = torch.tensor([*ids, *positions, *seeds, *counters], dtype=torch.long)
-        ints = torch.tensor([*slots, *lengths, *tables], dtype=torch.int32)
-        if self._longs.device.type == "cpu":
-            self._longs[: longs.numel()].copy_(longs)
-            self._ints[: ints.numel()].copy_(ints)
-            return
-        self._host_longs[: longs.numel()].copy_(longs)
-        self._host_ints[: ints.numel()].copy_(ints)
-        self._longs[: longs.numel()].copy_(self._host_longs[: longs.numel()], non_blocking=True)
-        self._ints[: ints.numel()].copy_(self._host_ints[: ints.numel()], non_blocking=True)
+        num_longs, num_ints = len(_LONG_ROWS) * b, b * (2 + width)
+        self._host_longs_np[:num_longs] = [*ids, *positions, *seeds, *counters]
+        self._host_ints_np[:num_ints] = [*slots, *lengths, *tables]
+        if self._longs.device.type == "cuda":
+            self._longs[:num_longs].copy_(self._host_longs[:num_longs], non_blocking=True)
+            self._ints[:num_ints].copy_(self._host_ints[:num_ints], non_blocking=True)
 
     def _views(self, b: int, width: int) -> dict[str, torch.Tensor]:
-        longs = self._longs[: len(_LONG_ROWS) * b].view(len(_LONG_ROWS), b)
-        views = dict(zip(_LONG_ROWS, longs, strict=True))
-        views["slots"] = self._ints[:b]
-        views["context_lens"] = self._ints[b : 2 * b]
-        views["block_tables"] = self._ints[2 * b : 2 * b + b * width].view(b, width)
+        """The step's inputs as views of the buffers, made once per (rows, block-table width)."""
+        views = self._views_of.get((b, width))
+        if views is None:
+            longs = self._longs[: len(_LONG_ROWS) * b].view(len(_LONG_ROWS), b)
+            views = self._views_of[b, width] = dict(zip(_LONG_ROWS, longs, strict=True))
+            views["slots"] = self._ints[:b]
+            views["context_lens"] = self._ints[b : 2 * b]
+            views["block_tables"] = self._ints[2 * b : 2 * b + b * width].view(b, width)
+            views["cu_seqlens_q"] = self._cu_seqlens[: b + 1]
         return views
 
     def _compute(
@@ -205,7 +210,7 @@ class DecodeStep:
             slot_mapping=v["slots"],
             block_tables=v["block_tables"],
             context_lens=v["context_lens"],
-            cu_seqlens_q=self._cu_seqlens[: b + 1],
+            cu_seqlens_q=v["cu_seqlens_q"],
             max_q_len=1,
             max_context_len=max_context_len,
             copy_src=None,  # decode steps copy no blocks (copy-on-write happens at admission)
