@@ -114,7 +114,10 @@ class DecodeStep:
         # numpy views of the host buffers: a step's inputs are written from Python lists without
         # a torch op (a decode step on the CPU is hundreds of small ops; these need none)
         self._host_longs_np, self._host_ints_np = self._host_longs.numpy(), self._host_ints.numpy()
-        self._views_of: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._table_start = 2 * rows  # slots and context lengths first, then the block-table rows
+        self._host_tables_np = self._host_ints_np[self._table_start :]
+        self._table_lengths = [0] * rows  # the table entries written in each row for its sequence
+        self._views_of: dict[int, dict[str, torch.Tensor]] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
         self._weights_key = self._weight_addresses()
@@ -139,20 +142,20 @@ class DecodeStep:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
     def run(self, seqs: list[Sequence], params: SamplingParams, continues: bool) -> tuple[list[int], list[float]]:
-        """Sampled token and its logprob for each of `seqs` (each decoding its last token)."""
+        """Sampled token and its logprob for each of `seqs` (each decoding its last token).
+        `continues`: these are the previous step's sequences, in its order, each one token further."""
         n = len(seqs)
         b = self.bucket(n)
-        width = self.width if self.use_graphs else max(len(s.block_table) for s in seqs)
-        self._fill(seqs, b, width)
+        self._fill(seqs, b, continues)
         if self.use_graphs:
             key = (b, params.temperature, params.top_k, params.top_p)
             if key not in self._graphs:
-                self._graphs[key] = self._capture(b, width, params)
+                self._graphs[key] = self._capture(b, params)
             graph, tokens, logprobs = self._graphs[key]
             graph.replay()
         else:
             longest = max(len(s) for s in seqs)
-            tokens, logprobs = self._compute(b, width, params, longest, continues)
+            tokens, logprobs = self._compute(b, params, longest, continues)
         if tokens.device.type == "cpu":
             return tokens[:n].tolist(), logprobs[:n].tolist()
         self._host_tokens[:n].copy_(tokens[:n], non_blocking=True)
@@ -160,50 +163,59 @@ class DecodeStep:
         torch.cuda.current_stream().synchronize()  # the step's one wait for the device
         return self._host_tokens[:n].tolist(), self._host_logprobs[:n].tolist()
 
-    def _fill(self, seqs: list[Sequence], b: int, width: int) -> None:
-        """Write the step's inputs for `b` rows (padding rows repeat row 0, slot -1) and copy them
-        to the device buffers: one copy per buffer."""
-        bs = self.block_size
-        ids, positions, seeds, counters, slots, lengths, tables = [], [], [], [], [], [], []
-        for seq in seqs:
-            pos = len(seq) - 1
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            seeds.append(0 if seq.seed is None else seq.seed)
-            counters.append(seq.num_output_tokens)
-            slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            lengths.append(len(seq))
-            tables.extend(seq.block_table)
-            tables.extend([0] * (width - len(seq.block_table)))
-        pad = b - len(seqs)
+    def _fill(self, seqs: list[Sequence], b: int, continues: bool) -> None:
+        """Write the step's inputs for `b` rows (padding rows repeat row 0 with slot -1) and copy
+        them to the device buffers, one copy per buffer.
+
+        Block tables sit at fixed rows of `self.width` columns. A continuing step writes only the
+        entries its sequences gained (a block every `block_size` tokens) instead of every table:
+        at hundreds of sequences the tables are most of a step's host work. Columns past a
+        sequence's blocks and the padding rows' tables hold stale but valid block ids, never read
+        for their own sequence (its context length bounds what attention reads)."""
+        bs, n = self.block_size, len(seqs)
+        lengths = [len(seq) for seq in seqs]
+        positions = [length - 1 for length in lengths]
+        ids = [seq.token_ids[-1] for seq in seqs]
+        seeds = [0 if seq.seed is None else seq.seed for seq in seqs]
+        counters = [length - seq.num_prompt_tokens for seq, length in zip(seqs, lengths, strict=True)]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]
+        pad = b - n
         for column in (ids, positions, seeds, counters, lengths):
             column.extend([column[0]] * pad)
         slots.extend([-1] * pad)
-        tables.extend(tables[:width] * pad)
-        num_longs, num_ints = len(_LONG_ROWS) * b, b * (2 + width)
-        self._host_longs_np[:num_longs] = [*ids, *positions, *seeds, *counters]
-        self._host_ints_np[:num_ints] = [*slots, *lengths, *tables]
+        self._host_longs_np[: len(_LONG_ROWS) * b] = [*ids, *positions, *seeds, *counters]
+        self._host_ints_np[: 2 * b] = [*slots, *lengths]
+        tables, written, width = self._host_tables_np, self._table_lengths, self.width
+        if not continues:
+            written[:] = [0] * len(written)
+        for row, seq in enumerate(seqs):
+            table, have = seq.block_table, written[row]
+            if len(table) != have:
+                tables[row * width + have : row * width + len(table)] = table[have:]
+                written[row] = len(table)
         if self._longs.device.type == "cuda":
-            self._longs[:num_longs].copy_(self._host_longs[:num_longs], non_blocking=True)
-            self._ints[:num_ints].copy_(self._host_ints[:num_ints], non_blocking=True)
+            self._longs[: len(_LONG_ROWS) * b].copy_(self._host_longs[: len(_LONG_ROWS) * b], non_blocking=True)
+            used = self._table_start + b * width
+            self._ints[:used].copy_(self._host_ints[:used], non_blocking=True)
 
-    def _views(self, b: int, width: int) -> dict[str, torch.Tensor]:
-        """The step's inputs as views of the buffers, made once per (rows, block-table width)."""
-        views = self._views_of.get((b, width))
+    def _views(self, b: int) -> dict[str, torch.Tensor]:
+        """The step's inputs as views of the buffers, made once per row count."""
+        views = self._views_of.get(b)
         if views is None:
             longs = self._longs[: len(_LONG_ROWS) * b].view(len(_LONG_ROWS), b)
-            views = self._views_of[b, width] = dict(zip(_LONG_ROWS, longs, strict=True))
+            views = self._views_of[b] = dict(zip(_LONG_ROWS, longs, strict=True))
             views["slots"] = self._ints[:b]
             views["context_lens"] = self._ints[b : 2 * b]
-            views["block_tables"] = self._ints[2 * b : 2 * b + b * width].view(b, width)
+            start = self._table_start
+            views["block_tables"] = self._ints[start : start + b * self.width].view(b, self.width)
             views["cu_seqlens_q"] = self._cu_seqlens[: b + 1]
         return views
 
     def _compute(
-        self, b: int, width: int, params: SamplingParams, max_context_len: int, continues: bool | None
+        self, b: int, params: SamplingParams, max_context_len: int, continues: bool | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [b], logprobs [b]) from the buffers alone: what a CUDA graph captures."""
-        v = self._views(b, width)
+        v = self._views(b)
         ctx = AttentionContext(
             self.kv_cache,
             backend=self.backend,
@@ -224,19 +236,19 @@ class DecodeStep:
         workspace = self.workspace if hidden.device.type == "cpu" else None
         return sample(self.logits(hidden), params, seeds, counters, workspace)
 
-    def _capture(self, b: int, width: int, params: SamplingParams):
+    def _capture(self, b: int, params: SamplingParams):
         """A CUDA graph of `_compute` at batch size `b`, after one eager run on a side stream (Triton
         compiles, cuBLAS picks its workspace: nothing may allocate for the first time in capture).
         Both runs compute from the current step's buffers, so the KV rows they store are the same."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._compute(b, width, params, self.max_model_len, None)
+            self._compute(b, params, self.max_model_len, None)
         torch.cuda.current_stream().wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            tokens, logprobs = self._compute(b, width, params, self.max_model_len, None)
+            tokens, logprobs = self._compute(b, params, self.max_model_len, None)
         self.num_captures += 1
         return graph, tokens, logprobs

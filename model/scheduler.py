@@ -78,6 +78,14 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledStep:
         bm = self.block_manager
+        # A sequence needs a fresh block when its last token starts one. When the free list holds
+        # one for each, nobody is preempted: every running sequence decodes, in order (the loop
+        # below would do the same, with checks per sequence that cost host time at large batches).
+        bs = bm.block_size
+        if sum((len(seq) - 1) % bs == 0 for seq in self.running) <= bm.num_free_blocks:
+            for seq in self.running:
+                bm.append_slot(seq)
+            return ScheduledStep(list(self.running), False)
         scheduled = []
         while self.running:
             seq = self.running.popleft()

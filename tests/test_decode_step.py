@@ -104,6 +104,30 @@ def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, 
     assert used == {8}
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_block_table_rows_hold_every_sequences_blocks_after_each_step(model, prompts, block_size):
+    """Continuing steps write only the blocks a table gained: the rows must still hold each running
+    sequence's whole table, through block boundaries, finishes and preemptions (a small pool)."""
+    fill, checked = DecodeStep._fill, []
+
+    def checking(self, seqs, b, continues):
+        fill(self, seqs, b, continues)
+        rows = self._host_tables_np.reshape(-1, self.width)
+        for row, seq in enumerate(seqs):
+            assert rows[row, : len(seq.block_table)].tolist() == seq.block_table
+        checked.append(continues)
+
+    DecodeStep._fill = checking
+    try:
+        params = SamplingParams(temperature=1.0, max_tokens=14, seed=3)
+        max_tokens = [14 - i % 9 for i in range(len(prompts))]  # sequences finish at different steps
+        engine = Engine(model, max_model_len=48, max_num_seqs=16, block_size=block_size, num_blocks=60 // block_size)
+        engine.generate(prompts, params, max_tokens=max_tokens)
+    finally:
+        DecodeStep._fill = fill
+    assert engine.stats.preemptions > 0 and True in checked and False in checked
+
+
 def test_sleep_drops_the_step_buffers_and_wake_rebuilds_them(model, prompts):
     params = SamplingParams(temperature=0, max_tokens=6)
     engine = Engine(model, max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=512, decode_batch_sizes=BUCKETS)
