@@ -293,6 +293,7 @@ class PagedAttentionPlan:
     # [S, 1] int64 (then `visible` and `query_index` are not built: the kept mask is extended instead)
     decode_capacity: int = 0
     extend: torch.Tensor | None = None
+    new_key_rows: torch.Tensor | None = None  # their cache rows, when read back (`_new_key_rows`)
     # `visible` as the additive float mask SDPA makes of a boolean one, per compute dtype: built on
     # the first layer's call instead of inside every layer's SDPA (same values, same kernel)
     masks: dict = field(default_factory=dict)
@@ -433,6 +434,15 @@ def _decode_mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
     return kept[:, None, None, : plan.max_context_len]
 
 
+def _new_key_rows(plan: PagedAttentionPlan) -> torch.Tensor:
+    """Cache rows [S] (block * block_size + offset) of a continuing step's new keys, once per step."""
+    if plan.new_key_rows is None:
+        positions, block_size = plan.extend[:, 0], plan.block_size
+        blocks = plan.block_index.gather(1, (positions // block_size)[:, None]).squeeze(1)
+        plan.new_key_rows = blocks * block_size + positions % block_size
+    return plan.new_key_rows
+
+
 def _decode_keys(
     plan: PagedAttentionPlan, cache: torch.Tensor, name: str, new: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -454,9 +464,7 @@ def _decode_keys(
         buf[:, :, :num_keys] = gathered.transpose(1, 2)
     else:
         if new is None:
-            positions = plan.extend[:, 0]
-            blocks = plan.block_index.gather(1, (positions // block_size)[:, None]).squeeze(1)
-            new = cache.view(-1, hkv, d).index_select(0, blocks * block_size + positions % block_size)
+            new = cache.view(-1, hkv, d).index_select(0, _new_key_rows(plan))
         buf.index_put_(plan.buffers.decode_index(plan.extend, hkv), new)
     return _cast(buf[:, :, : plan.max_context_len], _compute_dtype(cache.dtype))
 
