@@ -10,6 +10,7 @@ from .kv_store import store_kv
 from .paged_attention import PagedAttentionBuffers, PagedAttentionPlan, paged_attention, plan_paged_attention
 from .rms_norm import rms_norm
 from .rope import apply_rope
+from .rope_kv_store import rope_store_kv
 from .score_loss import ScoreLossOutput, score_loss
 from .swiglu import swiglu
 from .varlen_attention import varlen_attention

@@ -68,9 +68,10 @@ def _rotate_heads(
 ):
     heads = head0 + tl.arange(0, BLOCK_H)
     head_ok = heads < H
-    # token is int64: N x H x D may pass 2**31 even though one token's heads never do
+    # token is int64: N x H x D may pass 2**31 even though one token's heads never do.
+    # out_ptr is the token's contiguous [H, D] output row (a row of q_out, or a KV cache slot)
     x_row = x_ptr + token * stride_n + heads[:, None] * stride_h
-    out_row = out_ptr + token * (H * 2 * HALF) + heads[:, None] * (2 * HALF)
+    out_row = out_ptr + heads[:, None] * (2 * HALF)
     cs_row = token * (2 * HALF)
     for d0 in range(0, HALF, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -118,7 +119,7 @@ def _rope_kernel(
     if block < q_blocks:
         _rotate_heads(
             q_ptr,
-            q_out_ptr,
+            q_out_ptr + token * (Hq * 2 * HALF),
             cos_ptr,
             sin_ptr,
             token,
@@ -134,7 +135,7 @@ def _rope_kernel(
     else:
         _rotate_heads(
             k_ptr,
-            k_out_ptr,
+            k_out_ptr + token * (Hkv * 2 * HALF),
             cos_ptr,
             sin_ptr,
             token,
@@ -249,36 +250,37 @@ def apply_rope_torch(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def _check(q, k, cos, sin):
+def check_rope(q, k, cos, sin, op: str = "apply_rope") -> None:
+    """The argument checks of `apply_rope` (and of ops that rotate inside, named `op` in the errors)."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"apply_rope: q and k must be 3-D [N, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"{op}: q and k must be 3-D [N, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"apply_rope: q and k must have the same N and D, got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"{op}: q and k must have the same N and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     n, _, d = q.shape
     if d % 2:
-        raise ValueError(f"apply_rope: head dim D must be even, got {d}")
+        raise ValueError(f"{op}: head dim D must be even, got {d}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.shape != (n, d):
-            raise ValueError(f"apply_rope: {name} must be [N, D] = [{n}, {d}], got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be [N, D] = [{n}, {d}], got {tuple(t.shape)}")
     dtypes = {t.dtype for t in (q, k, cos, sin)}
     if len(dtypes) != 1:
         raise ValueError(
-            f"apply_rope: q, k, cos and sin must share one dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
+            f"{op}: q, k, cos and sin must share one dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
         )
     if q.dtype not in _DTYPES:
-        raise ValueError(f"apply_rope: dtype must be float32, bfloat16 or float16, got {q.dtype}")
+        raise ValueError(f"{op}: dtype must be float32, bfloat16 or float16, got {q.dtype}")
     for name, t in (("k", k), ("cos", cos), ("sin", sin)):
         if t.device != q.device:
-            raise ValueError(f"apply_rope: {name} is on {t.device}, q on {q.device}")
+            raise ValueError(f"{op}: {name} is on {t.device}, q on {q.device}")
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, impl: str = "auto"):
     """(q_rot, k_rot): rotate-half RoPE of q [N, Hq, D] and k [N, Hkv, D] with per-token cos, sin
     [N, D], all one dtype (fp32, bf16, fp16). Differentiable in q and k; cos and sin take no gradient."""
-    _check(q, k, cos, sin)
+    check_rope(q, k, cos, sin)
     if not use_triton(impl, q, "apply_rope"):
         return apply_rope_torch(q, k, cos, sin)
     return _RoPE.apply(q, k, cos, sin)

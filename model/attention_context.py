@@ -1,12 +1,14 @@
 """The per-step attention context the engine hands to the model as `attn=`.
 
 `model.hidden_states(input_ids [N], positions=[N], attn=ctx)` calls `ctx(layer_idx, q, k, v)` in
-every layer with the new tokens' q [N, Hq, D] and k/v [N, Hkv, D] (after q/k-norm and RoPE). The
-context (1) stores k/v into the layer's cache blocks through `slot_mapping`, (2) runs this step's
+every layer with the new tokens' q [N, Hq, D] and k/v [N, Hkv, D] (after q/k-norm). The context
+(1) stores k/v into the layer's cache blocks through `slot_mapping`, (2) runs this step's
 copy-on-write row copies — after the store, because a copy source may be a block filled in this
 very step by another sequence of the batch — and (3) returns paged attention of q over each
 sequence's blocks. All step metadata (block tables, lengths, gather plan) is built once per
-step, not per layer.
+step, not per layer. On the kernel backends the context `applies_rope`: the model hands over q
+and k before RoPE with rope=(cos, sin), and one launch rotates q and k and stores k and v
+(kernels/rope_kv_store.py); on the torch backend q and k arrive rotated.
 
 Backends: "triton" (our kernel, CUDA), "torch" (reference, CPU), "flash" (flash-attn's
 `flash_attn_varlen_func` with a block table; needs fp16/bf16 on CUDA and block_size % 256 == 0).
@@ -19,6 +21,7 @@ import torch
 from score.kernels import paged_attention, plan_paged_attention, store_kv
 from score.kernels.kv_store import check_store_kv
 from score.kernels.paged_attention import check_paged_attention, paged_attention_torch
+from score.kernels.rope_kv_store import rope_store_kv
 
 from .workspace import DecodeWorkspace
 
@@ -100,15 +103,31 @@ class AttentionContext:
             self.flash = flash_varlen_with_block_table()
             self.cu_seqlens_k = torch.nn.functional.pad(context_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
-    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    @property
+    def applies_rope(self) -> bool:
+        return self.backend != "torch"
+
+    def __call__(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         if self.layer_caches is not None:
             k_cache, v_cache, k_rows, v_rows = self.layer_caches[layer_idx]
         else:
             k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
             k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
         if self.backend == "torch":
+            if rope is not None:
+                raise ValueError("the torch backend takes q and k after RoPE (it does not apply_rope)")
             return self._torch_attention(q, k, v, k_cache, v_cache, k_rows, v_rows)
-        store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
+        if rope is None:
+            store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
+        else:
+            q = rope_store_kv(q, k, v, *rope, k_cache, v_cache, self.slot_mapping, impl="triton")
         self._copy_on_write(k_rows, v_rows)
         if self.backend == "flash":
             return self.flash(

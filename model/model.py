@@ -41,7 +41,9 @@ from .config import ModelConfig
 if TYPE_CHECKING:
     from .fused_qkv import FusedQKV
 
-# attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D]
+# attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D], q and k after RoPE. An
+# attn with `applies_rope` true takes them before RoPE, with rope=(cos, sin) [N, D], and rotates
+# them inside its KV store (the engine's kernel path: model/attention_context.py)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -129,6 +131,7 @@ class AttentionInputs:
     kernels: str = "auto"  # Transformer.set_kernels
     signed_sin: bool = False  # cos/sin in `apply_rope_signed`'s form (engine mode without the kernels)
     fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
+    rope_in_attn: bool = False  # `attn` rotates q and k itself (see AttentionFn)
 
 
 class Attention(nn.Module):
@@ -147,7 +150,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
         q, k, v = self._qkv(x, inputs)
-        if inputs.attn is not None:
+        if inputs.rope_in_attn:
+            out = inputs.attn(self.layer_idx, q, k, v, rope=(inputs.cos, inputs.sin))
+        elif inputs.attn is not None:
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
             out = causal_attention(
@@ -163,7 +168,8 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
 
     def _qkv(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE, and v [..., Hkv, D]."""
+        """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE (unless the attention applies
+        it), and v [..., Hkv, D]."""
         lead, hq, hkv, d = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim
         if inputs.fused_qkv is None:
             q = self.q_proj(x).view(*lead, hq, d)
@@ -178,7 +184,8 @@ class Attention(nn.Module):
             q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
         if self.q_norm is not None:
             q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
-        q, k = self._rope(q, k, inputs)
+        if not inputs.rope_in_attn:
+            q, k = self._rope(q, k, inputs)
         return q, k, v
 
     @staticmethod
@@ -305,11 +312,21 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         signed = attn is not None and not fused(self.kernels, x)
+        rope_in_attn = attn is not None and not signed and getattr(attn, "applies_rope", False)
         if signed:  # engine mode, plain ops: rotary tables in the form every layer uses as is
             half = sin.shape[-1] // 2
             cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
         inputs = AttentionInputs(
-            cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels, signed, fused_qkv
+            cos,
+            sin,
+            cu_seqlens,
+            max_seqlen,
+            attn,
+            self.attention_backend,
+            self.kernels,
+            signed_sin=signed,
+            fused_qkv=fused_qkv,
+            rope_in_attn=rope_in_attn,
         )
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:

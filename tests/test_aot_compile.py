@@ -39,6 +39,7 @@ def test_every_kernel_module_is_covered(aot_results):
         "score.kernels.kl_penalty",
         "score.kernels.rms_norm",
         "score.kernels.rope",
+        "score.kernels.rope_kv_store",
         "score.kernels.score_loss",
         "score.kernels.swiglu",
         "score.kernels.varlen_attention",

@@ -6,7 +6,8 @@ equal eager CUDA steps (run where CUDA is present)."""
 import pytest
 import torch
 
-from score.model import Engine, SamplingParams, Transformer
+from score.kernels.rope_kv_store import rope_store_kv
+from score.model import Engine, SamplingParams, Transformer, attention_context
 from score.model.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
 from tests.helpers.model_fixtures import tiny_decoder
 
@@ -89,11 +90,18 @@ def test_padded_buckets_with_preemption(model, prompts, block_size):
     assert padded.stats.preemptions > 0 and padded.stats.preemptions == eager.stats.preemptions
 
 
-def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, prompts):
-    """The CUDA path on CPU: Triton attention and KV store, and the decoder's kernels (norms,
-    SwiGLU, RoPE of q and k in one launch) against the plain ops, unpadded."""
+def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, prompts, monkeypatch):
+    """The CUDA path on CPU: Triton attention, the decoder's kernels (norms, SwiGLU) and RoPE inside
+    the KV store (one launch per layer and step) against the plain ops, unpadded."""
     params = SamplingParams(temperature=0, max_tokens=4)
     want, _, _ = run(model, prompts[:5], params, block_size=16, num_blocks=64)
+    launches = []
+
+    def counting(*args, **kw):
+        launches.append(args[0].shape[0])
+        return rope_store_kv(*args, **kw)
+
+    monkeypatch.setattr(attention_context, "rope_store_kv", counting)
     model.set_kernels("triton")
     try:
         kw = dict(block_size=16, num_blocks=64, attention_backend="triton", decode_batch_sizes=[8, 16])
@@ -102,6 +110,8 @@ def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, 
         model.set_kernels("auto")
     assert_same(got, want)
     assert used == {8}
+    # one prefill and three decode steps (the last token needs no forward), every layer
+    assert len(launches) == 4 * model.config.num_hidden_layers and launches[-1] == 8
 
 
 @pytest.mark.parametrize("block_size", [1, 4])

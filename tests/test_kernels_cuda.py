@@ -224,6 +224,32 @@ def test_rope(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_store_kv_equals_rope_then_store(dtype, head_dim):
+    """The fused launch is bit for bit `apply_rope` then `store_kv` (Qwen2.5-0.5B's heads, a slice
+    of a fused projection, 256 decode tokens into shuffled slots of a 16-token-block cache)."""
+    from score.kernels import apply_rope
+    from score.kernels.rope_kv_store import rope_store_kv
+
+    gen = torch.Generator(device=CUDA).manual_seed(head_dim)
+    n, hq, hkv, block_size, num_blocks = 256, 14, 2, 16, 64
+    qkv = torch.randn(n, hq + 2 * hkv, head_dim, generator=gen, device=CUDA).to(dtype)
+    q, k, v = qkv.split((hq, hkv, hkv), dim=1)
+    positions = torch.randint(0, 4096, (n,), generator=gen, device=CUDA).float()
+    freqs = positions[:, None] / 10000 ** (torch.arange(0, head_dim, 2, device=CUDA).float() / head_dim)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device=CUDA)[:n].to(torch.int32)
+    k_cache = torch.randn(num_blocks, block_size, hkv, head_dim, generator=gen, device=CUDA).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, head_dim, generator=gen, device=CUDA).to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q, k_rot = apply_rope(q, k, cos, sin, impl="triton")
+    store_kv(k_rot, v, want_k, want_v, slots, impl="triton")
+    got_q = rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots, impl="triton")
+    assert torch.equal(got_q, want_q) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_varlen_attention(dtype, head_dim):
     from score.kernels import varlen_attention
 
