@@ -161,6 +161,14 @@ class BlockManager:
             seq.block_table.append(self._take_free(parent).block_id)
         self._add_tokens(self.blocks[seq.block_table[-1]], [seq.token_ids[-1]])
 
+    def reserve_pending_slot(self, seq: Sequence) -> None:
+        """Room for the K/V of a token one past the sequence's last, not known yet: the input of a
+        decode step launched before the host reads the step that samples it. `append_slot`
+        records the token once it is known (and then takes no new block)."""
+        if len(seq) + 1 > len(seq.block_table) * self.block_size:
+            parent = self.blocks[seq.block_table[-1]].chain_id if seq.block_table else ROOT
+            seq.block_table.append(self._take_free(parent).block_id)
+
     def free_sequence(self, seq: Sequence) -> None:
         """Release the sequence's blocks tail first; their content stays reusable until evicted."""
         for block_id in reversed(seq.block_table):

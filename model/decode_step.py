@@ -6,6 +6,13 @@ positions, sampler seeds and counters in one int64 buffer; KV slots, context len
 tables in one int32 buffer. A step is then two host-to-device copies, one call of `_compute`
 (which reads only those buffers) and one device-to-host copy of the sampled ids and logprobs.
 
+`launch` starts a step and `collect` reads its tokens, so that the engine can schedule and start
+step N+1 while step N runs (`Engine(async_scheduling=...)`). A step launched `after` another takes
+its input ids from that step's sampled ids on the device (one gather), before the host has seen
+them; its sequences' last tokens are then the pending ones, one past `len(seq)`. On CUDA the host
+staging buffers come in two sets used in turn, so that filling step N+1's inputs never overwrites
+step N's before their copy to the device has run, nor its sampled ids before they are read.
+
 On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) at first use and
 replayed: one launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's
 (1, 2, 4, 8, then every 16 up to `max_num_seqs`); the graphs share one memory pool. On the CPU it
@@ -21,6 +28,7 @@ Models under FSDP2 are never captured: their forward gathers weights with collec
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +41,7 @@ from .workspace import DecodeWorkspace
 if TYPE_CHECKING:
     from .fused_qkv import FusedQKV
 
-_LONG_ROWS = ("input_ids", "positions", "seeds", "counters")
+_LONG_ROWS = ("input_ids", "positions", "seeds", "counters", "source_rows")
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -66,6 +74,37 @@ def fsdp2_sharded(model: torch.nn.Module) -> bool:
     except ImportError:  # a torch built without distributed: no FSDP2 either
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+class _Staging:
+    """One set of host buffers a step's inputs are written into (on the CPU: the device buffers
+    themselves), with what its block-table rows hold, and (CUDA) pinned room for its results."""
+
+    def __init__(self, longs: torch.Tensor, ints: torch.Tensor, table_start: int, rows: int, pinned: bool):
+        self.longs, self.ints = longs, ints
+        # numpy views: a step's inputs are written from Python lists without a torch op (a
+        # decode step on the CPU is hundreds of small ops; these need none)
+        self.longs_np, self.ints_np = longs.numpy(), ints.numpy()
+        self.tables_np = self.ints_np[table_start:]
+        # per row: the block-table list last written there and how many of its entries (a list
+        # object is a sequence's table from its admission to its release: the engine only appends)
+        self.tables: list[list[int] | None] = [None] * rows
+        self.table_lengths = [0] * rows
+        self.tokens = self.logprobs = None
+        if pinned:
+            self.tokens = torch.zeros(rows, dtype=torch.long, pin_memory=True)
+            self.logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=True)
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step started by `DecodeStep.launch`; `DecodeStep.collect` gives its results."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [bucket] sampled ids on the device (a later step's input ids)
+    results: tuple[list[int], list[float]] | None  # the CPU's (synchronous) tokens and logprobs
+    staging: _Staging
+    done: torch.cuda.Event | None  # CUDA: recorded after the copy of the results to the host
 
 
 def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
@@ -105,18 +144,21 @@ class DecodeStep:
         self._longs = torch.zeros(len(_LONG_ROWS) * rows, dtype=torch.long, device=device)
         self._ints = torch.zeros(rows * (2 + self.width), dtype=torch.int32, device=device)
         self._cu_seqlens = torch.arange(rows + 1, dtype=torch.int32, device=device)  # one query per row
-        self._host_longs, self._host_ints = self._longs, self._ints  # on the CPU: the buffers themselves
-        if device.type == "cuda":  # pinned staging, for asynchronous copies both ways
-            self._host_longs = torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=True)
-            self._host_ints = torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=True)
-            self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=True)
-            self._host_logprobs = torch.zeros(rows, dtype=torch.float32, pin_memory=True)
-        # numpy views of the host buffers: a step's inputs are written from Python lists without
-        # a torch op (a decode step on the CPU is hundreds of small ops; these need none)
-        self._host_longs_np, self._host_ints_np = self._host_longs.numpy(), self._host_ints.numpy()
         self._table_start = 2 * rows  # slots and context lengths first, then the block-table rows
-        self._host_tables_np = self._host_ints_np[self._table_start :]
-        self._table_lengths = [0] * rows  # the table entries written in each row for its sequence
+        if device.type == "cuda":  # pinned staging, for asynchronous copies both ways, in turn
+            self._stagings = [
+                _Staging(
+                    torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=True),
+                    torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=True),
+                    self._table_start,
+                    rows,
+                    pinned=True,
+                )
+                for _ in range(2)
+            ]
+        else:
+            self._stagings = [_Staging(self._longs, self._ints, self._table_start, rows, pinned=False)]
+        self._turn = 0
         self._views_of: dict[int, dict[str, torch.Tensor]] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
@@ -144,9 +186,22 @@ class DecodeStep:
     def run(self, seqs: list[Sequence], params: SamplingParams, continues: bool) -> tuple[list[int], list[float]]:
         """Sampled token and its logprob for each of `seqs` (each decoding its last token).
         `continues`: these are the previous step's sequences, in its order, each one token further."""
+        return self.collect(self.launch(seqs, params, continues))
+
+    def launch(
+        self, seqs: list[Sequence], params: SamplingParams, continues: bool, after: LaunchedStep | None = None
+    ) -> LaunchedStep:
+        """Start the step of `seqs` (on CUDA it runs while the host goes on). `after`: the step
+        before, not collected yet, whose sampled ids are these sequences' pending last tokens
+        (every one of `seqs` must be in it)."""
         n = len(seqs)
         b = self.bucket(n)
-        self._fill(seqs, b, continues)
+        staging = self._stagings[self._turn]
+        self._turn = (self._turn + 1) % len(self._stagings)
+        self._fill(staging, seqs, b, after)
+        if after is not None:  # the pending tokens, gathered on the device from the step before
+            v = self._views(b)
+            torch.index_select(after.tokens, 0, v["source_rows"], out=v["input_ids"])
         if self.use_graphs:
             key = (b, params.temperature, params.top_k, params.top_p)
             if key not in self._graphs:
@@ -154,49 +209,66 @@ class DecodeStep:
             graph, tokens, logprobs = self._graphs[key]
             graph.replay()
         else:
-            longest = max(len(s) for s in seqs)
+            longest = max(len(s) for s in seqs) + (after is not None)
             tokens, logprobs = self._compute(b, params, longest, continues)
         if tokens.device.type == "cpu":
-            return tokens[:n].tolist(), logprobs[:n].tolist()
-        self._host_tokens[:n].copy_(tokens[:n], non_blocking=True)
-        self._host_logprobs[:n].copy_(logprobs[:n], non_blocking=True)
-        torch.cuda.current_stream().synchronize()  # the step's one wait for the device
-        return self._host_tokens[:n].tolist(), self._host_logprobs[:n].tolist()
+            return LaunchedStep(seqs, tokens, (tokens[:n].tolist(), logprobs[:n].tolist()), staging, None)
+        staging.tokens[:n].copy_(tokens[:n], non_blocking=True)
+        staging.logprobs[:n].copy_(logprobs[:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(seqs, tokens, None, staging, done)
 
-    def _fill(self, seqs: list[Sequence], b: int, continues: bool) -> None:
-        """Write the step's inputs for `b` rows (padding rows repeat row 0 with slot -1) and copy
-        them to the device buffers, one copy per buffer.
+    def collect(self, step: LaunchedStep) -> tuple[list[int], list[float]]:
+        """(tokens, logprobs) of a launched step, one per sequence; on CUDA the wait for it."""
+        if step.results is not None:
+            return step.results
+        step.done.synchronize()  # this step only: a step launched after it may still be running
+        n = len(step.seqs)
+        return step.staging.tokens[:n].tolist(), step.staging.logprobs[:n].tolist()
 
-        Block tables sit at fixed rows of `self.width` columns. A continuing step writes only the
-        entries its sequences gained (a block every `block_size` tokens) instead of every table:
-        at hundreds of sequences the tables are most of a step's host work. Columns past a
-        sequence's blocks and the padding rows' tables hold stale but valid block ids, never read
-        for their own sequence (its context length bounds what attention reads)."""
-        bs, n = self.block_size, len(seqs)
-        lengths = [len(seq) for seq in seqs]
+    def _fill(self, staging: _Staging, seqs: list[Sequence], b: int, after: LaunchedStep | None) -> None:
+        """Write the step's inputs for `b` rows (padding rows repeat row 0 with slot -1) into
+        `staging` and copy them to the device buffers, one copy per buffer. `after`: the step whose
+        sampled ids are the pending last tokens (their rows in it go into `source_rows`).
+
+        Block tables sit at fixed rows of `self.width` columns. A row that holds the same table as
+        when this staging was last written gets only the entries it gained (a block every
+        `block_size` tokens) instead of the whole table: at hundreds of sequences the tables are
+        most of a step's host work. Columns past a sequence's blocks and the padding rows' tables hold
+        stale but valid block ids, never read for their own sequence (its context length bounds
+        what attention reads)."""
+        bs, n, pending = self.block_size, len(seqs), int(after is not None)
+        lengths = [len(seq) + pending for seq in seqs]
         positions = [length - 1 for length in lengths]
-        ids = [seq.token_ids[-1] for seq in seqs]
+        if after is None:
+            ids, sources = [seq.token_ids[-1] for seq in seqs], [0] * n
+        else:
+            row_of = {id(seq): row for row, seq in enumerate(after.seqs)}
+            ids, sources = [0] * n, [row_of[id(seq)] for seq in seqs]
         seeds = [0 if seq.seed is None else seq.seed for seq in seqs]
         counters = [length - seq.num_prompt_tokens for seq, length in zip(seqs, lengths, strict=True)]
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]
         pad = b - n
-        for column in (ids, positions, seeds, counters, lengths):
+        for column in (ids, positions, seeds, counters, lengths, sources):
             column.extend([column[0]] * pad)
         slots.extend([-1] * pad)
-        self._host_longs_np[: len(_LONG_ROWS) * b] = [*ids, *positions, *seeds, *counters]
-        self._host_ints_np[: 2 * b] = [*slots, *lengths]
-        tables, written, width = self._host_tables_np, self._table_lengths, self.width
-        if not continues:
-            written[:] = [0] * len(written)
+        staging.longs_np[: len(_LONG_ROWS) * b] = [*ids, *positions, *seeds, *counters, *sources]
+        staging.ints_np[: 2 * b] = [*slots, *lengths]
+        tables, held, written, width = staging.tables_np, staging.tables, staging.table_lengths, self.width
         for row, seq in enumerate(seqs):
-            table, have = seq.block_table, written[row]
+            table = seq.block_table
+            if held[row] is table:
+                have = written[row]
+            else:
+                held[row], have = table, 0
             if len(table) != have:
                 tables[row * width + have : row * width + len(table)] = table[have:]
                 written[row] = len(table)
         if self._longs.device.type == "cuda":
-            self._longs[: len(_LONG_ROWS) * b].copy_(self._host_longs[: len(_LONG_ROWS) * b], non_blocking=True)
+            self._longs[: len(_LONG_ROWS) * b].copy_(staging.longs[: len(_LONG_ROWS) * b], non_blocking=True)
             used = self._table_start + b * width
-            self._ints[:used].copy_(self._host_ints[:used], non_blocking=True)
+            self._ints[:used].copy_(staging.ints[:used], non_blocking=True)
 
     def _views(self, b: int) -> dict[str, torch.Tensor]:
         """The step's inputs as views of the buffers, made once per row count."""

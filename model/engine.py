@@ -14,13 +14,18 @@ change: cached K/V belong to the weights that computed them. `engine.stats` coun
 A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
 forward, eager) or a decode batch (one token per running sequence: model/decode_step.py, from
 preallocated buffers, a CUDA graph per batch bucket on CUDA), then samples one token per sequence
-in one batched pass (one device->host transfer per step). The forward projects q, k and v with
-one stacked matrix per layer (model/fused_qkv.py), copied from the model at every generate call.
+in one batched pass (one device->host transfer per step). With async scheduling (on CUDA by
+default) the host launches decode step N+1 before it reads step N's tokens: N+1 takes them as
+input on the device, and the host's stop checks, bookkeeping and the next step's inputs run while
+the device computes. A sequence that step N stops has then run one step too many; that token is
+dropped (`stats.discarded_tokens`). Prefill, preemption and admission wait for the tokens.
+The forward projects q, k and v with one stacked matrix per layer (model/fused_qkv.py), copied
+from the model at every generate call.
 Completions include the stop token that ended them (EOS or a `stop_token_ids` member;
 finish_reason "stop"); otherwise they end at max_tokens or max_model_len (finish_reason "length").
 
 Not done: chunked prefill, speculative decoding, streaming, per-request SamplingParams within one
-call, scheduling step N+1 on the host while step N runs (the host waits for each step's tokens).
+call.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from score.kernels.dispatch import interpreting
 
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
-from .decode_step import DecodeStep, captures_graphs, check_batch_sizes, graph_batch_sizes
+from .decode_step import DecodeStep, LaunchedStep, captures_graphs, check_batch_sizes, graph_batch_sizes
 from .fused_qkv import FusedQKV
 from .sampling import SamplingParams, sample, sample_seed
 from .scheduler import ScheduledStep, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .workspace import DecodeWorkspace
 
 
@@ -61,6 +66,7 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     preemptions: int = 0
+    discarded_tokens: int = 0  # sampled for sequences already stopped (async scheduling runs ahead)
 
     @property
     def hit_rate(self) -> float:
@@ -92,6 +98,7 @@ class Engine:
         attention_backend: str = "auto",
         decode_batch_sizes: list[int] | None = None,
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ):
         """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
         `kv_cache_memory_fraction` of the free device memory (host RAM on CPU).
@@ -99,7 +106,8 @@ class Engine:
         Decode steps run from preallocated buffers, padded up to one of `decode_batch_sizes`
         (model/decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
         `enforce_eager`. Default sizes: 1, 2, 4, 8, then every 16 up to `max_num_seqs` where graphs
-        run; elsewhere no padding."""
+        run; elsewhere no padding. `async_scheduling` (default: on CUDA, where the device runs
+        behind the host) launches each decode step before reading the previous one's tokens."""
         cfg = model.config
         weight = model.lm_head_weight
         self.model, self.device, self.dtype = model, weight.device, weight.dtype
@@ -139,6 +147,9 @@ class Engine:
             )
         self.backend = self._pick_backend(attention_backend)
         self._use_graphs = not enforce_eager and captures_graphs(model, self.device)
+        if async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be None, True or False, got {async_scheduling!r}")
+        self._async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
         if decode_batch_sizes is not None:
             self._decode_batch_sizes = check_batch_sizes(decode_batch_sizes, max_num_seqs)
         elif self._use_graphs:
@@ -158,6 +169,7 @@ class Engine:
         self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
         self._last_decode: list | None = None  # the sequences of the previous step when it decoded
         self._decode: DecodeStep | None = None  # built at the first decode step after (re)allocation
+        self._in_flight: LaunchedStep | None = None  # a decode step launched, its tokens not read yet
 
     @property
     def num_blocks(self) -> int:
@@ -291,7 +303,7 @@ class Engine:
             flush = torch.set_flush_denormal(True)  # False where the CPU lacks the mode
         try:
             with torch.inference_mode():
-                while self.scheduler.has_work():
+                while self.scheduler.has_work() or self._in_flight is not None:
                     finished = self._step(params, stop_ids)
                     if bar is not None:
                         bar.update(finished)
@@ -340,35 +352,61 @@ class Engine:
         sched.waiting.clear()
         self.block_manager.end_step()
         self._last_decode = None
+        self._in_flight = None
 
     def _step(self, params: SamplingParams, stop_ids: frozenset) -> int:
+        """One engine step; how many sequences it finished."""
+        if self._in_flight is not None:  # launch the next decode step, then read the one running
+            running = self._in_flight
+            ahead = self.scheduler.schedule_ahead(running.seqs)
+            self._in_flight = None if ahead is None else self._launch_decode(ahead, params, after=running)
+            return self._collect_decode(running, stop_ids)
         step = self.scheduler.schedule()
+        self.stats.preemptions = self.scheduler.num_preemptions
         if not step.seqs:  # every running sequence was preempted; the next step re-admits them
-            self.stats.preemptions = self.scheduler.num_preemptions
             return 0
+        if not step.is_prefill:
+            launched = self._launch_decode(step.seqs, params)
+            if self._async_scheduling:
+                self._in_flight = launched
+                return 0
+            return self._collect_decode(launched, stop_ids)
         self._zero_new_blocks()
-        if step.is_prefill:
-            self._last_decode = None
-            tokens, logprobs = self._prefill(step, params)
-        else:
-            last, self._last_decode = self._last_decode, list(step.seqs)
-            # the torch attention path keeps each layer's gathered K/V between steps of one batch
-            continues = last is not None and len(last) == len(step.seqs)
-            continues = continues and all(a is b for a, b in zip(last, step.seqs, strict=True))
-            tokens, logprobs = self._decode_step().run(step.seqs, params, continues)
+        self._last_decode = None
+        tokens, logprobs = self._prefill(step, params)
         self.block_manager.end_step()
-
         stats = self.stats
-        if step.is_prefill:
-            stats.prefill_steps += 1
-            stats.prefilled_tokens += sum(len(seq) - seq.num_cached_tokens for seq in step.seqs)
-            stats.reused_tokens += step.num_reused_tokens
-        else:
-            stats.decode_steps += 1
-        stats.generated_tokens += len(tokens)
-        stats.preemptions = self.scheduler.num_preemptions
-        finished = 0
-        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
+        stats.prefill_steps += 1
+        stats.prefilled_tokens += sum(len(seq) - seq.num_cached_tokens for seq in step.seqs)
+        stats.reused_tokens += step.num_reused_tokens
+        return self._record(step.seqs, tokens, logprobs, stop_ids, pending=frozenset())
+
+    def _launch_decode(self, seqs: list[Sequence], params: SamplingParams, after: LaunchedStep | None = None):
+        self._zero_new_blocks()
+        last, self._last_decode = self._last_decode, list(seqs)
+        # the torch attention path keeps each layer's gathered K/V between steps of one batch
+        continues = last is not None and len(last) == len(seqs)
+        continues = continues and all(a is b for a, b in zip(last, seqs, strict=True))
+        launched = self._decode_step().launch(seqs, params, continues, after)
+        self.block_manager.end_step()
+        self.stats.decode_steps += 1
+        return launched
+
+    def _collect_decode(self, launched: LaunchedStep, stop_ids: frozenset) -> int:
+        tokens, logprobs = self._decode.collect(launched)
+        # the step launched since (if any) takes these tokens as input: they go into its blocks now
+        pending = frozenset() if self._in_flight is None else frozenset(map(id, self._in_flight.seqs))
+        return self._record(launched.seqs, tokens, logprobs, stop_ids, pending)
+
+    def _record(self, seqs, tokens, logprobs, stop_ids: frozenset, pending: frozenset) -> int:
+        """Append each sequence's sampled token and finish those it ends; how many finished.
+        `pending`: ids of the sequences whose token is the input of a step launched since."""
+        stats, finished = self.stats, 0
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            if seq.status is SequenceStatus.FINISHED:  # stopped by the step before this one
+                stats.discarded_tokens += 1
+                continue
+            stats.generated_tokens += 1
             seq.num_cached_tokens = len(seq)
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
@@ -377,6 +415,8 @@ class Engine:
             elif seq.num_output_tokens >= seq.max_tokens:
                 self.scheduler.finish(seq, "length")
             else:
+                if id(seq) in pending:
+                    self.block_manager.append_slot(seq)
                 continue
             finished += 1
         return finished

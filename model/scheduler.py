@@ -101,6 +101,25 @@ class Scheduler:
         self.running.extend(scheduled)
         return ScheduledStep(scheduled, False)
 
+    def schedule_ahead(self, seqs: list[Sequence]) -> list[Sequence] | None:
+        """The decode step to launch after the step of `seqs` while that one runs, before its tokens
+        are known: those of `seqs` still running whose coming token cannot end them by length,
+        each given room for that token. None when the step must wait for the tokens instead: a
+        waiting sequence could be admitted (prefill goes first), or the pool lacks a block for
+        one of them (the plain schedule may preempt). A sequence that the coming token stops runs
+        one step more than it needs; its token is dropped."""
+        bm = self.block_manager
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            if bm.can_allocate(bm.plan(self.waiting[0].token_ids)):
+                return None
+        ahead = [s for s in seqs if s.status is SequenceStatus.RUNNING and s.num_output_tokens + 1 < s.max_tokens]
+        bs = bm.block_size
+        if not ahead or sum(len(s) + 1 > len(s.block_table) * bs for s in ahead) > bm.num_free_blocks:
+            return None
+        for seq in ahead:
+            bm.reserve_pending_slot(seq)
+        return ahead
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_sequence(seq)
         seq.status = SequenceStatus.WAITING

@@ -120,12 +120,13 @@ def test_block_table_rows_hold_every_sequences_blocks_after_each_step(model, pro
     sequence's whole table, through block boundaries, finishes and preemptions (a small pool)."""
     fill, checked = DecodeStep._fill, []
 
-    def checking(self, seqs, b, continues):
-        fill(self, seqs, b, continues)
-        rows = self._host_tables_np.reshape(-1, self.width)
+    def checking(self, staging, seqs, b, after):
+        incremental = [staging.tables[row] is seq.block_table for row, seq in enumerate(seqs)]
+        fill(self, staging, seqs, b, after)
+        rows = staging.tables_np.reshape(-1, self.width)
         for row, seq in enumerate(seqs):
             assert rows[row, : len(seq.block_table)].tolist() == seq.block_table
-        checked.append(continues)
+        checked.append(all(incremental))
 
     DecodeStep._fill = checking
     try:
