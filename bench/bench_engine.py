@@ -295,15 +295,20 @@ def test_nano_vllm_workload(benchmark, models, request):
     seconds = time.perf_counter() - start
     info = {"tokens_per_s": generated / seconds, "generated_tokens": generated, "sequences": NANO_SEQS}
     line = f"{info['tokens_per_s']:.0f} generated tok/s"
-    if CUDA:  # the same engine without CUDA graphs, in the same run
-        eager = engine(enforce_eager=True)
-        run(eager)
-        start = time.perf_counter()
-        run(eager)
-        info["eager_tokens_per_s"] = generated / (time.perf_counter() - start)
+    if CUDA:  # the same engine without async scheduling, and without CUDA graphs, in the same run
+        for name, kw in (("plain_schedule", dict(async_scheduling=False)), ("eager", dict(enforce_eager=True))):
+            peer = engine(**kw)
+            run(peer)
+            start = time.perf_counter()
+            run(peer)
+            info[f"{name}_tokens_per_s"] = generated / (time.perf_counter() - start)
+            del peer
+        info["async_speedup"] = info["tokens_per_s"] / info["plain_schedule_tokens_per_s"]
         info["graph_speedup"] = info["tokens_per_s"] / info["eager_tokens_per_s"]
-        line += f" (CUDA graphs; eager {info['eager_tokens_per_s']:.0f}, x{info['graph_speedup']:.2f})"
-        del eager
+        line += (
+            f" (CUDA graphs, async scheduling; plain schedule {info['plain_schedule_tokens_per_s']:.0f},"
+            f" x{info['async_speedup']:.2f}; eager {info['eager_tokens_per_s']:.0f}, x{info['graph_speedup']:.2f})"
+        )
     benchmark.extra_info.update(info)
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:

@@ -7,7 +7,7 @@
 # Installs the package without dependencies (the lent machine has no network and its own torch and
 # triton), then runs, each under its own time limit so that one hang cannot eat the rest: the CUDA
 # tests, the engine benchmark (two-attempt vs transformers, nano-vllm's workload with and without
-# CUDA graphs, decode bandwidth), the training kernels against eager, the FSDP2 training phase (MFU)
+# async scheduling and CUDA graphs, decode bandwidth), the training kernels against eager, the FSDP2 training phase (MFU)
 # and the per-op GPU profile. Record what it prints in bench/RESULTS.md with the card and the date.
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -41,7 +41,7 @@ check() {  # check NAME SECONDS COMMAND...: run it under a limit, log to $out/NA
 }
 
 check cuda_tests 120 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_cuda.py tests/test_decode_step.py tests/test_fused_qkv.py
+    tests/test_kernels_cuda.py tests/test_decode_step.py tests/test_fused_qkv.py tests/test_async_scheduling.py
 check bench_engine 150 python3 -m pytest bench/bench_engine.py --benchmark-only -q -s -p no:cacheprovider
 check bench_training_kernels 90 python3 -m pytest bench/bench_training_kernels.py --benchmark-only -q -s \
     -p no:cacheprovider

@@ -183,17 +183,13 @@ class DecodeStep:
     def _weight_addresses(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.model.parameters())
 
-    def run(self, seqs: list[Sequence], params: SamplingParams, continues: bool) -> tuple[list[int], list[float]]:
-        """Sampled token and its logprob for each of `seqs` (each decoding its last token).
-        `continues`: these are the previous step's sequences, in its order, each one token further."""
-        return self.collect(self.launch(seqs, params, continues))
-
     def launch(
         self, seqs: list[Sequence], params: SamplingParams, continues: bool, after: LaunchedStep | None = None
     ) -> LaunchedStep:
-        """Start the step of `seqs` (on CUDA it runs while the host goes on). `after`: the step
-        before, not collected yet, whose sampled ids are these sequences' pending last tokens
-        (every one of `seqs` must be in it)."""
+        """Start the step of `seqs`, each decoding its last token (on CUDA it runs while the host
+        goes on). `continues`: these are the previous step's sequences, in its order, each one
+        token further. `after`: the step before, not collected yet, whose sampled ids are these
+        sequences' pending last tokens (every one of `seqs` must be in it)."""
         n = len(seqs)
         b = self.bucket(n)
         staging = self._stagings[self._turn]
