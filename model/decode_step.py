@@ -239,6 +239,8 @@ class DecodeStep:
         positions = [length - 1 for length in lengths]
         if after is None:
             ids, sources = [seq.token_ids[-1] for seq in seqs], [0] * n
+        elif len(after.seqs) == n and all(a is s for a, s in zip(after.seqs, seqs, strict=True)):
+            ids, sources = [0] * n, list(range(n))
         else:
             row_of = {id(seq): row for row, seq in enumerate(after.seqs)}
             ids, sources = [0] * n, [row_of[id(seq)] for seq in seqs]

@@ -379,7 +379,7 @@ class Engine:
         stats.prefill_steps += 1
         stats.prefilled_tokens += sum(len(seq) - seq.num_cached_tokens for seq in step.seqs)
         stats.reused_tokens += step.num_reused_tokens
-        return self._record(step.seqs, tokens, logprobs, stop_ids, pending=frozenset())
+        return self._record(step.seqs, tokens, logprobs, stop_ids)
 
     def _launch_decode(self, seqs: list[Sequence], params: SamplingParams, after: LaunchedStep | None = None):
         self._zero_new_blocks()
@@ -394,13 +394,15 @@ class Engine:
 
     def _collect_decode(self, launched: LaunchedStep, stop_ids: frozenset) -> int:
         tokens, logprobs = self._decode.collect(launched)
-        # the step launched since (if any) takes these tokens as input: they go into its blocks now
-        pending = frozenset() if self._in_flight is None else frozenset(map(id, self._in_flight.seqs))
-        return self._record(launched.seqs, tokens, logprobs, stop_ids, pending)
+        finished = self._record(launched.seqs, tokens, logprobs, stop_ids)
+        if self._in_flight is not None:  # its input is these tokens: they go into its blocks now
+            for seq in self._in_flight.seqs:
+                if seq.status is SequenceStatus.RUNNING:
+                    self.block_manager.append_slot(seq)
+        return finished
 
-    def _record(self, seqs, tokens, logprobs, stop_ids: frozenset, pending: frozenset) -> int:
-        """Append each sequence's sampled token and finish those it ends; how many finished.
-        `pending`: ids of the sequences whose token is the input of a step launched since."""
+    def _record(self, seqs, tokens, logprobs, stop_ids: frozenset) -> int:
+        """Append each sequence's sampled token and finish those it ends; how many finished."""
         stats, finished = self.stats, 0
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             if seq.status is SequenceStatus.FINISHED:  # stopped by the step before this one
@@ -415,8 +417,6 @@ class Engine:
             elif seq.num_output_tokens >= seq.max_tokens:
                 self.scheduler.finish(seq, "length")
             else:
-                if id(seq) in pending:
-                    self.block_manager.append_slot(seq)
                 continue
             finished += 1
         return finished

@@ -114,9 +114,10 @@ class Scheduler:
                 return None
         ahead = [s for s in seqs if s.status is SequenceStatus.RUNNING and s.num_output_tokens + 1 < s.max_tokens]
         bs = bm.block_size
-        if not ahead or sum(len(s) + 1 > len(s.block_table) * bs for s in ahead) > bm.num_free_blocks:
+        starting = [s for s in ahead if len(s) + 1 > len(s.block_table) * bs]  # the pending token opens a block
+        if not ahead or len(starting) > bm.num_free_blocks:
             return None
-        for seq in ahead:
+        for seq in starting:
             bm.reserve_pending_slot(seq)
         return ahead
 
