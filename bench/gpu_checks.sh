@@ -2,13 +2,15 @@
 # Every GPU check of the engine and training-kernel work in one run, sized for one call of a lent
 # GPU (the device tool: one command of at most 10 minutes, about 15 minutes of device time):
 #
-#     bash bench/gpu_checks.sh          # logs under $OUT (default ./gpu_out), one per check
+#     bash bench/gpu_checks.sh                    # every check; logs under $OUT (default ./gpu_out)
+#     bash bench/gpu_checks.sh cuda_tests sweep   # only the checks named (to split over two calls)
 #
 # Installs the package without dependencies (the lent machine has no network and its own torch and
 # triton), then runs, each under its own time limit so that one hang cannot eat the rest: the CUDA
 # tests, the engine benchmark (two-attempt vs transformers, nano-vllm's workload with and without
-# async scheduling and CUDA graphs, decode bandwidth), the training kernels against eager, the FSDP2 training phase (MFU)
-# and the per-op GPU profile. Record what it prints in bench/RESULTS.md with the card and the date.
+# async scheduling and CUDA graphs, decode bandwidth), the training kernels against eager, the
+# FSDP2 training phase (MFU), the per-op GPU profile and the fused log-prob tile sweep at
+# D = 4,096. Record what it prints in bench/RESULTS.md with the card and the date.
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -30,9 +32,13 @@ fi
 cat "$out/device.txt"
 
 failed=0
+wanted=" $* "
 check() {  # check NAME SECONDS COMMAND...: run it under a limit, log to $out/NAME.log, show the end
     local name=$1 limit=$2
     shift 2
+    if [ -n "${wanted// /}" ] && [[ "$wanted" != *" $name "* ]]; then
+        return 0  # not among the checks named on the command line
+    fi
     echo "== $name (limit ${limit} s)"
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
@@ -47,4 +53,5 @@ check bench_training_kernels 90 python3 -m pytest bench/bench_training_kernels.p
     -p no:cacheprovider
 check bench_fsdp_train 90 python3 -m pytest bench/bench_fsdp_train.py --benchmark-only -q -s -p no:cacheprovider
 check profile_gpu_steps 60 python3 bench/profile_gpu_steps.py
+check sweep 90 python3 bench/sweep_fused_logprob_tiles.py
 exit $failed

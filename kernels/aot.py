@@ -19,8 +19,12 @@ Convention (every `score.kernels` module with Triton kernels follows it):
   `GPUTarget("cuda", 80, 32)` and `GPUTarget("cuda", 90, 32)` and checking shared memory against
   the per-block limit of A100 (sm_80) and H100 (sm_90).
 
-Triton still specialises some runtime values when launching (integers equal to 1, divisibility
-by 16 as alignment hints); those are hints on the same configuration, not new configurations.
+Triton specialises some runtime values when launching (integers equal to 1, divisibility by 16
+as alignment hints): hints on the same configuration, not new configurations, but they change
+the code. Without the alignment hint Triton does not pipeline a loop's loads, so the variant a
+GPU runs on torch tensors (16-byte aligned, sizes mostly multiples of 16) holds num_stages
+buffers in shared memory where the unhinted one holds one. Each launch is therefore compiled
+twice per target: with no hints, and with the hint on every pointer and integer (`aligned_attrs`).
 
 Not done here: autotuning. A table entry is one fixed configuration chosen by hand; adding an
 entry makes the test compile it too.
@@ -130,8 +134,19 @@ def discover_launches() -> dict[str, list[Launch]]:
     return tables
 
 
-def compile_launch(cfg: Launch, capability: int):
-    """Compile one launch for `cuda` at `capability` (80, 90); returns triton's CompiledKernel."""
+def aligned_attrs(cfg: Launch) -> dict:
+    """Triton's divisibility-by-16 hint on every pointer and integer argument of `cfg`: what a
+    launch gets from tensors allocated by torch and sizes that are multiples of 16, the common
+    case on a GPU. Only with it does Triton pipeline a loop's loads (asynchronous copies into
+    multi-stage shared memory buffers), so it is the variant that needs the most shared memory."""
+    names = list(cfg.signature)
+    hinted = [n for n, t in cfg.signature.items() if t.startswith("*") or t in ("i32", "i64")]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+
+
+def compile_launch(cfg: Launch, capability: int, aligned: bool = False):
+    """Compile one launch for `cuda` at `capability` (80, 90), with no alignment hints or (`aligned`)
+    with `aligned_attrs`; returns triton's CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -142,7 +157,8 @@ def compile_launch(cfg: Launch, capability: int):
             f"{cfg.name}: kernel is {type(fn).__name__}, not a JITFunction; AOT compilation needs "
             "TRITON_INTERPRET unset when the module is imported"
         )
-    src = ASTSource(fn=fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs))
+    attrs = aligned_attrs(cfg) if aligned else None
+    src = ASTSource(fn=fn, signature=dict(cfg.signature), constexprs=dict(cfg.constexprs), attrs=attrs)
     return triton.compile(
         src,
         target=GPUTarget("cuda", capability, 32),
@@ -150,13 +166,13 @@ def compile_launch(cfg: Launch, capability: int):
     )
 
 
-def _check_one(task: tuple[str, int, int]) -> dict:
-    module, index, cap = task
+def _check_one(task: tuple[str, int, int, bool]) -> dict:
+    module, index, cap, aligned = task
     cfg = importlib.import_module(module).aot_launches()[index]
     started = time.time()
-    entry = {"module": module, "launch": cfg.name, "capability": cap}
+    entry = {"module": module, "launch": cfg.name, "capability": cap, "aligned": aligned}
     try:
-        compiled = compile_launch(cfg, cap)
+        compiled = compile_launch(cfg, cap, aligned)
         entry.update(
             ok=True,
             shared=int(compiled.metadata.shared),
@@ -171,7 +187,8 @@ def _check_one(task: tuple[str, int, int]) -> dict:
 
 
 def check_all(capabilities=AOT_TARGETS, workers: int | None = None) -> list[dict]:
-    """Compile every discovered launch for each capability; one result dict per (launch, target).
+    """Compile every discovered launch for each capability, without and with the alignment hints;
+    one result dict per (launch, target, variant).
 
     Compilation (mostly ptxas) is CPU-bound, so it runs in `workers` forked processes (default:
     one per CPU core); Triton's on-disk cache makes repeated runs fast.
@@ -180,10 +197,11 @@ def check_all(capabilities=AOT_TARGETS, workers: int | None = None) -> list[dict
     from concurrent.futures import ProcessPoolExecutor
 
     tasks = [
-        (module, i, cap)
+        (module, i, cap, aligned)
         for module, table in discover_launches().items()
         for i in range(len(table))
         for cap in capabilities
+        for aligned in (False, True)
     ]
     workers = workers or os.cpu_count() or 1
     if workers == 1:

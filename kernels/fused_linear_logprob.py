@@ -218,9 +218,10 @@ _BLOCKS = {
 }
 
 
-def _launch_table(kernel, pointer_types, scalar_types) -> list[Launch]:
+def _launch_table(kernel, pointer_types, scalar_types, blocks_of: dict = _BLOCKS) -> list[Launch]:
+    """One launch of `kernel` per dtype of `blocks_of` (dtype -> block shape, warps and stages)."""
     table = []
-    for dtype, blocks in _BLOCKS.items():
+    for dtype, blocks in blocks_of.items():
         t = triton_type(dtype)
         sig = {}
         for name, kind in pointer_types:
@@ -237,7 +238,7 @@ def _launch_table(kernel, pointer_types, scalar_types) -> list[Launch]:
     return table
 
 
-_FWD_TABLE = _launch_table(
+_FWD_ARGS = (
     _logprob_fwd_kernel,
     [
         ("hidden_ptr", "x"),
@@ -258,7 +259,7 @@ _FWD_TABLE = _launch_table(
         vocab_per_split="i32",
     ),
 )
-_BWD_TABLE = _launch_table(
+_BWD_ARGS = (
     _logprob_bwd_kernel,
     [
         ("hidden_ptr", "x"),
@@ -281,6 +282,15 @@ _BWD_TABLE = _launch_table(
         inv_temperature="fp32",
     ),
 )
+_FWD_TABLE = _launch_table(*_FWD_ARGS)
+_BWD_TABLE = _launch_table(*_BWD_ARGS)
+
+
+def launches_with_blocks(dtype: torch.dtype, blocks: dict) -> tuple[Launch, Launch]:
+    """(forward, backward) launches of `dtype` with other block shapes than the table's: what
+    bench/sweep_fused_logprob_tiles.py times to choose the table's entries."""
+    table = {dtype: blocks}
+    return _launch_table(*_FWD_ARGS, blocks_of=table)[0], _launch_table(*_BWD_ARGS, blocks_of=table)[0]
 
 
 def aot_launches() -> list[Launch]:
@@ -301,10 +311,10 @@ def _num_programs_wanted(device: torch.device) -> int:
     return 4  # interpreter: still splits the vocab so the merge is exercised
 
 
-def _forward_triton(hidden, weight, targets, inv_temperature):
+def _forward_triton(hidden, weight, targets, inv_temperature, cfg: Launch | None = None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    cfg = _cfg(_FWD_TABLE, hidden.dtype)
+    cfg = cfg or _cfg(_FWD_TABLE, hidden.dtype)
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     token_blocks = triton.cdiv(n, bm)
     vocab_tiles = triton.cdiv(vocab, bn)
@@ -361,10 +371,12 @@ def _chunks(n: int, vocab: int, granule: int = 256) -> tuple[int, int]:
     return tok, min(voc, triton.cdiv(vocab, granule) * granule)
 
 
-def _backward_triton(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature, need_hidden, need_weight):
+def _backward_triton(
+    hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_temperature, need_hidden, need_weight, cfg=None
+):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    cfg = _cfg(_BWD_TABLE, hidden.dtype)
+    cfg = cfg or _cfg(_BWD_TABLE, hidden.dtype)
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tok, voc = _chunks(n, vocab, granule=bn)
     grad_hidden = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else None

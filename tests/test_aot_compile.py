@@ -47,10 +47,15 @@ def test_every_kernel_module_is_covered(aot_results):
         assert expected in modules
     for module in modules:
         assert {r["capability"] for r in aot_results if r["module"] == module} == {80, 90}
+    # every launch, every target, without and with the alignment hints GPU tensors get
+    variants = {(r["module"], r["launch"], r["capability"], r["aligned"]) for r in aot_results}
+    assert variants == {(m, n, c, a) for m, n, c, _ in variants for a in (False, True)}
 
 
 def test_every_launch_compiles_to_ptx_and_cubin(aot_results):
-    failed = [f"{r['launch']} sm_{r['capability']}: {r['error']}" for r in aot_results if not r["ok"]]
+    failed = [
+        f"{r['launch']} sm_{r['capability']} aligned={r['aligned']}: {r['error']}" for r in aot_results if not r["ok"]
+    ]
     assert not failed, "\n".join(failed)
     for r in aot_results:
         assert r["has_ptx"] and r["has_cubin"], r["launch"]
@@ -60,3 +65,16 @@ def test_shared_memory_within_device_limit(aot_results):
     for r in aot_results:
         assert r["shared_limit"] == SHARED_MEMORY_LIMIT[r["capability"]]
         assert 0 <= r["shared"] <= r["shared_limit"], f"{r['launch']} sm_{r['capability']} uses {r['shared']} B"
+
+
+def test_the_aligned_variant_pipelines_its_loads(aot_results):
+    """With the alignment hints a multi-stage GEMM loop keeps more than one stage of tiles in shared
+    memory (if Triton stopped reading the hints, both variants would be the same code)."""
+    shared = {}  # (launch, target, aligned) -> sizes (the bf16 and fp16 launches share a name)
+    for r in aot_results:
+        if r["module"] == "score.kernels.fused_linear_logprob" and r["launch"].endswith("w8s3]"):
+            shared.setdefault((r["launch"], r["capability"], r["aligned"]), []).append(r["shared"])
+    assert len(shared) == 2 * 2 * 2  # the forward and backward kernel, two targets, two variants
+    for (launch, capability, aligned), sizes in shared.items():
+        if aligned:
+            assert min(sizes) > max(shared[launch, capability, False]), (launch, capability)
