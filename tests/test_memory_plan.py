@@ -127,3 +127,25 @@ def test_plan_for_a_run_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 GPU(s): " in out and "2 GPU(s): " in out and "KV pool 8 seqs x 180 tokens" in out
     assert sum(line.startswith(f"| {cfg.model.path} |") for line in out.splitlines()) == 2
+
+
+def test_the_engines_memory_is_held_for_the_rollout_only():
+    """The trainer puts its engines to sleep before the backward pass: the KV pool and the stacked
+    q/k/v copy count in the rollout phase, beside the gathered weights, not in the resident part."""
+    cfg = M.MODELS["Qwen2.5-0.5B"]
+    counts = M.param_counts(cfg)
+    # 24 layers of q (896 x 896), k and v (128 x 896 each), all with biases
+    assert counts.qkv == 24 * (896 * (896 + 2 * 128) + 896 + 2 * 128)
+    one, two = M.plan(cfg, 1), M.plan(cfg, 2)
+    b = one.bytes
+    assert one.resident == b["policy"] + b["grads"] + b["adam"] + b["reference"]
+    assert one.rollout_extra == b["gathered_for_rollout"] + b["kv_cache"] + b["qkv_copies"]
+    assert one.peak == one.resident + max(one.rollout_extra, one.train_extra)
+    assert b["qkv_copies"] == 2 * counts.qkv and two.bytes["qkv_copies"] == 0  # FSDP2's engines keep none
+    # base-model rollouts: the reference is gathered too, and its engine has its own pool and copy
+    mixed = M.plan(cfg, 1, M.TrainingSizes(reference_rollouts=True)).bytes
+    for part in ("gathered_for_rollout", "kv_cache", "qkv_copies"):
+        assert mixed[part] == 2 * b[part]
+    # the KV that fits is what the rollout phase leaves, per engine
+    rest = one.usable - one.resident - b["gathered_for_rollout"] - b["qkv_copies"]
+    assert one.kv_tokens_that_fit == rest // b["kv_per_token"]

@@ -4,12 +4,14 @@ What is counted (P = parameters, W = GPUs, b = bytes of the compute dtype: 2 for
 - resident, sharded over W (rl/parallel/distributed.py):
     policy master weights fp32 4P/W, gradients fp32 4P/W, AdamW exp_avg + exp_avg_sq fp32 8P/W,
     reference model (frozen, stored in the compute dtype) bP/W (0 with CPU offload);
-- the engine's KV pool: 2 (K and V) x layers x kv_heads x head_dim x b per token, for
-  `rollout_seqs` sequences of `max_model_len` tokens (an upper bound: prefix sharing between the k
-  samples of a prompt only lowers it). score.model.Engine allocates its pool once and keeps it, so it
-  is resident during training too;
-- rollout phase: the policy all-gathered for generation, bP (distributed.unsharded), plus the
-  reference's bP when a share of attempt-1 samples comes from the base model;
+- rollout phase: the policy all-gathered for generation, bP (distributed.unsharded), and the
+  engine's KV pool: 2 (K and V) x layers x kv_heads x head_dim x b per token, for `rollout_seqs`
+  sequences of `max_model_len` tokens (an upper bound: prefix sharing between the k samples of a
+  prompt only lowers it); in one process (not under FSDP2) also the engine's stacked copy of the
+  q/k/v weights, b per q/k/v parameter (model/fused_qkv.py). When a share of attempt-1 samples
+  comes from the base model, the reference is gathered too and its engine has a pool and a copy of
+  its own. The trainer puts the engines to sleep before the backward pass (`Engine.sleep` frees
+  the pool and the copy), so none of this is held during training;
 - training phase, the larger of the two phases' extras:
     FSDP working set: the root (embedding, final norm, head) stays gathered through forward and
     backward, two layers are gathered at a time (the current one + the prefetched next one), each with
@@ -129,6 +131,7 @@ class ParamCounts:
     total: int
     root: int  # embedding, final norm, untied head: FSDP's root unit
     layer: int  # one decoder layer
+    qkv: int  # the q, k and v projections of every layer (weights and biases)
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -141,7 +144,13 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         model = Transformer(cfg)
     total = sum(p.numel() for p in model.parameters())
     layer = sum(p.numel() for p in model.layers[0].parameters())
-    return ParamCounts(total, total - layer * len(model.layers), layer)
+    qkv = sum(
+        p.numel()
+        for block in model.layers
+        for proj in ("q_proj", "k_proj", "v_proj")
+        for p in getattr(block.attn, proj).parameters()
+    )
+    return ParamCounts(total, total - layer * len(model.layers), layer, qkv)
 
 
 def activation_bytes_per_token(cfg: ModelConfig, b: int) -> int:
@@ -172,11 +181,12 @@ class MemoryPlan:
     @property
     def resident(self) -> int:
         b = self.bytes
-        return b["policy"] + b["grads"] + b["adam"] + b["reference"] + b["kv_cache"]
+        return b["policy"] + b["grads"] + b["adam"] + b["reference"]
 
     @property
     def rollout_extra(self) -> int:
-        return self.bytes["gathered_for_rollout"]
+        b = self.bytes
+        return b["gathered_for_rollout"] + b["kv_cache"] + b["qkv_copies"]
 
     @property
     def train_extra(self) -> int:
@@ -193,9 +203,11 @@ class MemoryPlan:
 
     @property
     def kv_tokens_that_fit(self) -> int:
-        """KV-cache tokens the rest of the usable memory holds (0 when the rest does not fit)."""
-        rest = self.usable - (self.peak - self.bytes["kv_cache"])
-        return max(0, rest // self.bytes["kv_per_token"])
+        """KV-cache tokens per engine that the rest of the usable memory holds during the rollout
+        phase (0 when the rest does not fit)."""
+        b = self.bytes
+        rest = self.usable - self.resident - b["gathered_for_rollout"] - b["qkv_copies"]
+        return max(0, rest // (b["kv_per_token"] * b["engines"]))
 
 
 def plan(cfg: ModelConfig, world_size: int, sizes: TrainingSizes = TrainingSizes(), name: str = "model") -> MemoryPlan:
@@ -224,14 +236,17 @@ def plan(cfg: ModelConfig, world_size: int, sizes: TrainingSizes = TrainingSizes
     loss_head = n * (4 * d + 3 * b * d) + b * v * d + tiles
     layer_backward = n * ((per_layer if sizes.activation_checkpointing else 0) + 3 * b * cfg.intermediate_size)
     gathered_layer = counts.layer * b
+    engines = 2 if sizes.reference_rollouts else 1
     parts = {
         "policy": sharded(4),
         "grads": sharded(4),
         "adam": sharded(8),
         "reference": 0 if sizes.reference_offload else sharded(b),
-        "kv_cache": sizes.rollout_seqs * sizes.max_model_len * kv_per_token,
+        "engines": engines,
+        "kv_cache": engines * sizes.rollout_seqs * sizes.max_model_len * kv_per_token,
         "kv_per_token": kv_per_token,
-        "gathered_for_rollout": p * b * (2 if sizes.reference_rollouts else 1),
+        "qkv_copies": engines * counts.qkv * b if world_size == 1 else 0,  # FSDP2's engines keep none
+        "gathered_for_rollout": p * b * engines,
         # root gathered + its gradient; two layers gathered + gradients; one fp32 reduce-scatter input
         "fsdp_working_set": 2 * counts.root * b + 2 * 2 * gathered_layer + 4 * counts.layer,
         "activations": stored,
@@ -248,15 +263,16 @@ def _gib(x: int) -> str:
 def format_plans(plans: list[MemoryPlan]) -> str:
     """A markdown table: one row per (model, GPUs), GiB per GPU."""
     head = (
-        "| model | params | GPUs | weights fp32 | grads fp32 | AdamW | reference | KV pool | "
-        "rollout: +gathered | train: +FSDP+saved+bwd | peak | fits | KV tokens that fit |"
+        "| model | params | GPUs | weights fp32 | grads fp32 | AdamW | reference | "
+        "rollout: +gathered+KV pool+q/k/v copy | train: +FSDP+saved+bwd | peak | fits | KV tokens that fit |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 12]
     for m in plans:
         b = m.bytes
         lines.append(
             f"| {m.name} | {m.params / 1e9:.2f}B | {m.world_size} | {_gib(b['policy'])} | {_gib(b['grads'])} | "
-            f"{_gib(b['adam'])} | {_gib(b['reference'])} | {_gib(b['kv_cache'])} | {_gib(m.rollout_extra)} | "
+            f"{_gib(b['adam'])} | {_gib(b['reference'])} | "
+            f"{_gib(b['gathered_for_rollout'])}+{_gib(b['kv_cache'])}+{_gib(b['qkv_copies'])} | "
             f"{_gib(b['fsdp_working_set'])}+{_gib(b['activations'])}+{_gib(b['backward_peak'])} | {_gib(m.peak)} | "
             f"{'yes' if m.fits else 'NO'} | {m.kv_tokens_that_fit:,} |"
         )
