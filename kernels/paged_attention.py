@@ -246,8 +246,9 @@ class PagedAttentionBuffers:
         self.decode_shape: tuple[int, int] | None = None
         # ("k" | "v", that layer's cache data_ptr) -> [sequences, Hkv, capacity, D]
         self.decode_keys: dict[tuple[str, int], torch.Tensor] = {}
-        # compute dtype -> [sequences, capacity] additive mask (0 where a key is visible, -inf past it)
-        self.decode_masks: dict[torch.dtype, torch.Tensor] = {}
+        # compute dtype -> [sequences, capacity] additive mask (0 where a key is visible, -inf past
+        # it) and the same as [sequences, 1, 1, capacity], the shape SDPA takes
+        self.decode_masks: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> ([S, 1], [1, Hkv]) aranges
 
     def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -423,15 +424,15 @@ def _mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
 def _decode_mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
     """`_mask` of a decode step [S, 1, 1, T] from the kept [S, capacity] one: built whole for a fresh
     batch, else extended by each sequence's new key."""
-    kept = plan.buffers.decode_masks.get(dtype)
     if plan.extend is None:
         num_seqs, capacity = plan.buffers.decode_shape
         kept = torch.full((num_seqs, capacity), float("-inf"), dtype=dtype, device=plan.block_index.device)
         kept[:, : plan.max_context_len].masked_fill_(plan.visible.view(num_seqs, -1), 0.0)
-        plan.buffers.decode_masks[dtype] = kept
+        plan.buffers.decode_masks[dtype] = kept, kept[:, None, None]
     else:
+        kept = plan.buffers.decode_masks[dtype][0]
         kept.scatter_(1, plan.extend, 0.0)
-    return kept[:, None, None, : plan.max_context_len]
+    return plan.buffers.decode_masks[dtype][1][..., : plan.max_context_len]
 
 
 def _new_key_rows(plan: PagedAttentionPlan) -> torch.Tensor:

@@ -208,7 +208,9 @@ class DecodeStep:
             longest = max(len(s) for s in seqs) + (after is not None)
             tokens, logprobs = self._compute(b, params, longest, continues)
         if tokens.device.type == "cpu":
-            return LaunchedStep(seqs, tokens, (tokens[:n].tolist(), logprobs[:n].tolist()), staging, None)
+            if n < b:
+                tokens, logprobs = tokens[:n], logprobs[:n]
+            return LaunchedStep(seqs, tokens, (tokens.tolist(), logprobs.tolist()), staging, None)
         staging.tokens[:n].copy_(tokens[:n], non_blocking=True)
         staging.logprobs[:n].copy_(logprobs[:n], non_blocking=True)
         done = torch.cuda.Event()

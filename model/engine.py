@@ -504,7 +504,8 @@ class Engine:
             self._lm_head_t = self.model.lm_head_weight.t().contiguous()
         shape = (hidden.shape[0], self._lm_head_t.shape[1])
         out = self._workspace.vocab_buffer("logits", shape, self.dtype, self.device)
-        return torch.mm(hidden, self._lm_head_t, out=out).float()
+        logits = torch.mm(hidden, self._lm_head_t, out=out)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _ints(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)

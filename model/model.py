@@ -249,6 +249,7 @@ class Transformer(nn.Module):
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._signs: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> `_rope_sign`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -310,12 +311,13 @@ class Transformer(nn.Module):
         if fused_qkv is not None and (attn is None or torch.is_grad_enabled()):
             raise ValueError("fused_qkv is for engine mode (attn=...) without autograd: it holds copies of the weights")
         x = self.embed_tokens(input_ids)
-        cos, sin = self._rope(positions, x.dtype)
         signed = attn is not None and not fused(self.kernels, x)
         rope_in_attn = attn is not None and not signed and getattr(attn, "applies_rope", False)
-        if signed:  # engine mode, plain ops: rotary tables in the form every layer uses as is
-            half = sin.shape[-1] // 2
-            cos, sin = cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
+        if signed:  # engine mode, plain ops: [N, 1, D] rotary tables in the form every layer uses as is
+            cos, sin = self._rope(positions[:, None], x.dtype)
+            sin = sin * self._rope_sign(sin)  # the first half negated: (-a) == a * -1 exactly
+        else:
+            cos, sin = self._rope(positions, x.dtype)
         inputs = AttentionInputs(
             cos,
             sin,
@@ -339,7 +341,17 @@ class Transformer(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.config).to(device)
         freqs = positions[..., None].float() * self._inv_freq[device]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
+
+    def _rope_sign(self, like: torch.Tensor) -> torch.Tensor:
+        """[D] of -1 then +1 (halves), `like`'s dtype and device: `apply_rope_signed`'s sin is sin times it."""
+        key = (like.device, like.dtype)
+        if key not in self._signs:
+            half = like.shape[-1] // 2
+            sign = torch.ones(2 * half, dtype=like.dtype, device=like.device)
+            self._signs[key] = sign.index_fill_(0, torch.arange(half, device=like.device), -1.0)
+        return self._signs[key]
 
     def _check_inputs(self, input_ids, positions, cu_seqlens, attn, max_seqlen):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

@@ -125,7 +125,7 @@ def sample(
     `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates; the
     same kernels write into it, so the numbers do not change.
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float32 else logits.float()
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         logprobs_all = torch.log_softmax(logits, dim=-1, out=_buffer(workspace, "logprobs", logits))
