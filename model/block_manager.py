@@ -154,18 +154,23 @@ class BlockManager:
         seq.num_cached_tokens = plan.num_cached_tokens
         return copy
 
+    def opens_block(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether holding `num_tokens` tokens takes the sequence one block more than it has."""
+        return num_tokens > len(seq.block_table) * self.block_size
+
     def append_slot(self, seq: Sequence) -> None:
         """Record the sequence's last token (input of the coming decode step) in its blocks."""
-        if len(seq) > len(seq.block_table) * self.block_size:
-            parent = self.blocks[seq.block_table[-1]].chain_id if seq.block_table else ROOT
-            seq.block_table.append(self._take_free(parent).block_id)
+        self._make_room(seq, len(seq))
         self._add_tokens(self.blocks[seq.block_table[-1]], [seq.token_ids[-1]])
 
     def reserve_pending_slot(self, seq: Sequence) -> None:
         """Room for the K/V of a token one past the sequence's last, not known yet: the input of a
         decode step launched before the host reads the step that samples it. `append_slot`
         records the token once it is known (and then takes no new block)."""
-        if len(seq) + 1 > len(seq.block_table) * self.block_size:
+        self._make_room(seq, len(seq) + 1)
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> None:
+        if self.opens_block(seq, num_tokens):
             parent = self.blocks[seq.block_table[-1]].chain_id if seq.block_table else ROOT
             seq.block_table.append(self._take_free(parent).block_id)
 

@@ -194,7 +194,7 @@ class DecodeStep:
         b = self.bucket(n)
         staging = self._stagings[self._turn]
         self._turn = (self._turn + 1) % len(self._stagings)
-        self._fill(staging, seqs, b, after)
+        longest = self._fill(staging, seqs, b, after, continues)
         if after is not None:  # the pending tokens, gathered on the device from the step before
             v = self._views(b)
             torch.index_select(after.tokens, 0, v["source_rows"], out=v["input_ids"])
@@ -205,7 +205,6 @@ class DecodeStep:
             graph, tokens, logprobs = self._graphs[key]
             graph.replay()
         else:
-            longest = max(len(s) for s in seqs) + (after is not None)
             tokens, logprobs = self._compute(b, params, longest, continues)
         if tokens.device.type == "cpu":
             if n < b:
@@ -225,10 +224,13 @@ class DecodeStep:
         n = len(step.seqs)
         return step.staging.tokens[:n].tolist(), step.staging.logprobs[:n].tolist()
 
-    def _fill(self, staging: _Staging, seqs: list[Sequence], b: int, after: LaunchedStep | None) -> None:
+    def _fill(
+        self, staging: _Staging, seqs: list[Sequence], b: int, after: LaunchedStep | None, continues: bool
+    ) -> int:
         """Write the step's inputs for `b` rows (padding rows repeat row 0 with slot -1) into
-        `staging` and copy them to the device buffers, one copy per buffer. `after`: the step whose
-        sampled ids are the pending last tokens (their rows in it go into `source_rows`).
+        `staging` and copy them to the device buffers, one copy per buffer; the longest context
+        length. `after`: the step whose sampled ids are the pending last tokens (their rows in it
+        go into `source_rows`; with `continues`, `after` is the previous step, row for row).
 
         Block tables sit at fixed rows of `self.width` columns. A row that holds the same table as
         when this staging was last written gets only the entries it gained (a block every
@@ -241,7 +243,7 @@ class DecodeStep:
         positions = [length - 1 for length in lengths]
         if after is None:
             ids, sources = [seq.token_ids[-1] for seq in seqs], [0] * n
-        elif len(after.seqs) == n and all(a is s for a, s in zip(after.seqs, seqs, strict=True)):
+        elif continues:
             ids, sources = [0] * n, list(range(n))
         else:
             row_of = {id(seq): row for row, seq in enumerate(after.seqs)}
@@ -269,6 +271,7 @@ class DecodeStep:
             self._longs[: len(_LONG_ROWS) * b].copy_(staging.longs[: len(_LONG_ROWS) * b], non_blocking=True)
             used = self._table_start + b * width
             self._ints[:used].copy_(staging.ints[:used], non_blocking=True)
+        return max(lengths[:n])
 
     def _views(self, b: int) -> dict[str, torch.Tensor]:
         """The step's inputs as views of the buffers, made once per row count."""

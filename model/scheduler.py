@@ -113,8 +113,7 @@ class Scheduler:
             if bm.can_allocate(bm.plan(self.waiting[0].token_ids)):
                 return None
         ahead = [s for s in seqs if s.status is SequenceStatus.RUNNING and s.num_output_tokens + 1 < s.max_tokens]
-        bs = bm.block_size
-        starting = [s for s in ahead if len(s) + 1 > len(s.block_table) * bs]  # the pending token opens a block
+        starting = [s for s in ahead if bm.opens_block(s, len(s) + 1)]  # the pending token opens a block
         if not ahead or len(starting) > bm.num_free_blocks:
             return None
         for seq in starting:

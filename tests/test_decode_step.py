@@ -120,13 +120,14 @@ def test_block_table_rows_hold_every_sequences_blocks_after_each_step(model, pro
     sequence's whole table, through block boundaries, finishes and preemptions (a small pool)."""
     fill, checked = DecodeStep._fill, []
 
-    def checking(self, staging, seqs, b, after):
+    def checking(self, staging, seqs, b, after, continues):
         incremental = [staging.tables[row] is seq.block_table for row, seq in enumerate(seqs)]
-        fill(self, staging, seqs, b, after)
+        longest = fill(self, staging, seqs, b, after, continues)
         rows = staging.tables_np.reshape(-1, self.width)
         for row, seq in enumerate(seqs):
             assert rows[row, : len(seq.block_table)].tolist() == seq.block_table
         checked.append(all(incremental))
+        return longest
 
     DecodeStep._fill = checking
     try:
