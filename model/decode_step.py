@@ -2,9 +2,10 @@
 
 A decode step feeds every running sequence's last token through the model and samples the next.
 Its inputs go into buffers allocated once, the batch padded up to a bucket size: token ids,
-positions, sampler seeds and counters in one int64 buffer; KV slots, context lengths and block
-tables in one int32 buffer. A step is then two host-to-device copies, one call of `_compute`
-(which reads only those buffers) and one device-to-host copy of the sampled ids and logprobs.
+positions, sampler states and KV slots as cache rows in one int64 buffer; KV slots, context
+lengths and block tables in one int32 buffer (what the kernels read). A step is then two
+host-to-device copies, one call of `_compute` (which reads only those buffers) and one
+device-to-host copy of the sampled ids and logprobs.
 
 `launch` starts a step and `collect` reads its tokens, so that the engine can schedule and start
 step N+1 while step N runs (`Engine(async_scheduling=...)`). A step launched `after` another takes
@@ -34,14 +35,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .attention_context import AttentionContext
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, sampler_state
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
 
 if TYPE_CHECKING:
     from .fused_qkv import FusedQKV
 
-_LONG_ROWS = ("input_ids", "positions", "seeds", "counters", "source_rows")
+_LONG_ROWS = ("input_ids", "positions", "sampler_states", "store_rows", "source_rows")
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -207,9 +208,7 @@ class DecodeStep:
         else:
             tokens, logprobs = self._compute(b, params, longest, continues)
         if tokens.device.type == "cpu":
-            if n < b:
-                tokens, logprobs = tokens[:n], logprobs[:n]
-            return LaunchedStep(seqs, tokens, (tokens.tolist(), logprobs.tolist()), staging, None)
+            return LaunchedStep(seqs, tokens, self.workspace.to_lists(tokens, logprobs, n), staging, None)
         staging.tokens[:n].copy_(tokens[:n], non_blocking=True)
         staging.logprobs[:n].copy_(logprobs[:n], non_blocking=True)
         done = torch.cuda.Event()
@@ -248,14 +247,16 @@ class DecodeStep:
         else:
             row_of = {id(seq): row for row, seq in enumerate(after.seqs)}
             ids, sources = [0] * n, [row_of[id(seq)] for seq in seqs]
-        seeds = [0 if seq.seed is None else seq.seed for seq in seqs]
-        counters = [length - seq.num_prompt_tokens for seq, length in zip(seqs, lengths, strict=True)]
+        states = [
+            sampler_state(0 if seq.seed is None else seq.seed, length - seq.num_prompt_tokens)
+            for seq, length in zip(seqs, lengths, strict=True)
+        ]
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]
         pad = b - n
-        for column in (ids, positions, seeds, counters, lengths, sources):
+        for column in (ids, positions, states, lengths, sources):
             column.extend([column[0]] * pad)
         slots.extend([-1] * pad)
-        staging.longs_np[: len(_LONG_ROWS) * b] = [*ids, *positions, *seeds, *counters, *sources]
+        staging.longs_np[: len(_LONG_ROWS) * b] = [*ids, *positions, *states, *slots, *sources]
         staging.ints_np[: 2 * b] = [*slots, *lengths]
         tables, held, written, width = staging.tables_np, staging.tables, staging.table_lengths, self.width
         for row, seq in enumerate(seqs):
@@ -307,9 +308,9 @@ class DecodeStep:
             layer_caches=self.layer_caches,
         )
         hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
-        seeds, counters = (None, None) if params.greedy else (v["seeds"], v["counters"])
+        states = None if params.greedy else v["sampler_states"]
         workspace = self.workspace if hidden.device.type == "cpu" else None
-        return sample(self.logits(hidden), params, seeds, counters, workspace)
+        return sample(self.logits(hidden), params, states, workspace)
 
     def _capture(self, b: int, params: SamplingParams):
         """A CUDA graph of `_compute` at batch size `b`, after one eager run on a side stream (Triton

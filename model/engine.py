@@ -43,7 +43,7 @@ from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_blo
 from .block_manager import BlockManager
 from .decode_step import DecodeStep, LaunchedStep, captures_graphs, check_batch_sizes, graph_batch_sizes
 from .fused_qkv import FusedQKV
-from .sampling import SamplingParams, sample, sample_seed
+from .sampling import SamplingParams, sample, sample_seed, sampler_state
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence, SequenceStatus
 from .workspace import DecodeWorkspace
@@ -464,13 +464,14 @@ class Engine:
         hidden = self.model.hidden_states(ids, positions=pos, attn=ctx, fused_qkv=self._fused_qkv)
         if max(q_lens) > 1:
             hidden = hidden[self._ints(cu[1:], torch.long) - 1]
-        seeds = counters = None
+        states = None
         if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
-            seeds = self._ints([seq.seed for seq in step.seqs], torch.long)
-            counters = self._ints([seq.num_output_tokens for seq in step.seqs], torch.long)
-        workspace = self._workspace if self.device.type == "cpu" else None
-        tokens, logprobs = sample(self._logits(hidden), params, seeds, counters, workspace)
-        return tokens.tolist(), logprobs.tolist()
+            states = self._ints([sampler_state(seq.seed, seq.num_output_tokens) for seq in step.seqs], torch.long)
+        if self.device.type != "cpu":
+            tokens, logprobs = sample(self._logits(hidden), params, states)
+            return tokens.tolist(), logprobs.tolist()
+        tokens, logprobs = sample(self._logits(hidden), params, states, self._workspace)
+        return self._workspace.to_lists(tokens, logprobs, len(step.seqs))
 
     def _decode_step(self) -> DecodeStep:
         if self._decode is None:

@@ -82,14 +82,29 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def sampler_state(seed: int, counter: int) -> int:
+    """The SplitMix64 state whose mix is output number `counter + 1` of `seed`, as the int64 a
+    tensor holds it: what `sample` takes per row (the host knows seeds and counters, so a step's
+    states are written with its other inputs instead of computed by three more tensor ops)."""
+    return _int64((seed + (counter + 1) * _GAMMA) % (1 << 64))
+
+
+def sampler_states(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`sampler_state` elementwise for int64 tensors [S] (the additions wrap modulo 2**64)."""
+    return seeds + (counters + 1) * _int64(_GAMMA)
+
+
+def _mix53(states: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output for each state, its top 53 bits as a non-negative int64."""
+    z = (states ^ _shift_right(states, 30)) * _int64(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _int64(_MIX2)
+    return _shift_right(z ^ _shift_right(z, 31), 11)
+
+
 def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Uniform float64 numbers in [0, 1), 53 random bits each: SplitMix64's output number
     `counters + 1` from state `seeds` (int64 [S] each), elementwise."""
-    z = seeds + (counters + 1) * _int64(_GAMMA)
-    z = (z ^ _shift_right(z, 30)) * _int64(_MIX1)
-    z = (z ^ _shift_right(z, 27)) * _int64(_MIX2)
-    z = z ^ _shift_right(z, 31)
-    return _shift_right(z, 11).double() * 2.0**-53
+    return _mix53(sampler_states(seeds, counters)).double() * 2.0**-53
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -115,23 +130,27 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
-    seeds: torch.Tensor | None,
-    counters: torch.Tensor | None,
+    states: torch.Tensor | None,
     workspace: DecodeWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [S] (int64) and their logprobs [S] (fp32) from fp32 logits [S, V]; row i uses the
-    uniform number of (seeds[i], counters[i]) (int64 [S] on the logits' device; None for greedy).
+    uniform number of `states[i]` (int64 [S] or [S, 1] on the logits' device, `sampler_state`;
+    None for greedy).
 
-    `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates; the
-    same kernels write into it, so the numbers do not change.
+    `workspace` (optional, kept by the caller across calls) holds the [S, V] intermediates and the
+    results; the same kernels write into it, so the numbers do not change. The results are then
+    its buffers, valid until the next call.
     """
     logits = logits if logits.dtype == torch.float32 else logits.float()
+    rows = logits.shape[0]
+    tokens, logprobs = _results(workspace, rows, logits.device)  # [S, 1] each
     if params.greedy:
-        tokens = logits.argmax(dim=-1)
+        torch.argmax(logits, dim=-1, keepdim=True, out=tokens)
         logprobs_all = torch.log_softmax(logits, dim=-1, out=_buffer(workspace, "logprobs", logits))
-        return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
-    if seeds is None or counters is None or seeds.shape != (logits.shape[0],) or counters.shape != seeds.shape:
-        raise ValueError(f"sampling {logits.shape[0]} rows needs int64 seeds and counters of shape [{logits.shape[0]}]")
+        torch.gather(logprobs_all, -1, tokens, out=logprobs)
+        return _flat(workspace, tokens), _flat(workspace, logprobs)
+    if states is None or states.shape not in ((rows,), (rows, 1)) or states.dtype != torch.int64:
+        raise ValueError(f"sampling {rows} rows needs int64 sampler states of shape [{rows}]")
     scaled = logits
     if params.temperature != 1.0:  # x / 1 == x exactly
         scaled = torch.div(logits, params.temperature, out=_buffer(workspace, "scaled", logits))
@@ -141,11 +160,25 @@ def sample(
     else:  # the float64 copy of the logprobs, exponentiated in place: logprobs_all.double().exp()
         weights = _buffer(workspace, "weights", logits, torch.float64).copy_(logprobs_all).exp_()
     cdf = weights.cumsum_(dim=-1)
-    uniform = counter_uniforms(seeds, counters)
-    # the first index whose cumulative mass exceeds u * total: a token of zero mass is never picked
-    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
-    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+    # the first index whose cumulative mass exceeds u * total, u = bits * 2**-53: a token of zero
+    # mass is never picked. bits * (total * 2**-53) is the same product rounded once (a power of
+    # two scales exactly), and the int64 bits promote to float64 inside the multiply.
+    bits = _mix53(states if states.dim() == 2 else states[:, None])
+    torch.searchsorted(cdf, bits * (cdf[:, -1:] * 2.0**-53), right=True, out=tokens)
+    tokens.clamp_(max=logits.shape[-1] - 1)
+    torch.gather(logprobs_all, -1, tokens, out=logprobs)
+    return _flat(workspace, tokens), _flat(workspace, logprobs)
+
+
+def _results(workspace: DecodeWorkspace | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if workspace is not None:
+        return workspace.sample_results(rows, device)
+    return torch.empty(rows, 1, dtype=torch.long, device=device), torch.empty(rows, 1, device=device)
+
+
+def _flat(workspace: DecodeWorkspace | None, column: torch.Tensor) -> torch.Tensor:
+    """[S] view of a [S, 1] result (the workspace's own, kept with it: no op per step)."""
+    return column.view(-1) if workspace is None else workspace.flat(column)
 
 
 def _buffer(

@@ -8,6 +8,10 @@ Two kinds, released at different times:
   the end of each generate call, because S x V floats are large and the trainer runs between calls;
 * the torch attention path's gathers and decode keys (`attention`), sized by the batch's context
   and kept for the engine's life.
+
+The sampler's results ([S] tokens and logprobs) live here too, with views that read them without
+a dispatched op: the [S] form of the [S, 1] columns the kernels write, and numpy views for the
+host's copy (`tolist` on a tensor dispatches two ops).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ class DecodeWorkspace:
         # (name, shape) -> the view handed out last: a step of the same shape gets it again instead
         # of slicing and viewing the storage anew (two dispatched ops per buffer and step)
         self._views: dict[tuple, torch.Tensor] = {}
+        # (rows, device) -> ([S, 1] tokens, [S, 1] logprobs); the [S] view and numpy view of each
+        self._results: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat: dict[int, tuple[torch.Tensor, object]] = {}  # id(column) -> ([S] view, numpy of it)
 
     def vocab_buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of `shape` for the [S, V] intermediate `name`: the kept one when
@@ -46,3 +53,28 @@ class DecodeWorkspace:
         """Release every [S, V] buffer (the attention buffers stay)."""
         self._vocab.clear()
         self._views.clear()
+
+    def sample_results(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept [rows, 1] int64 tokens and fp32 logprobs for the sampler to write into."""
+        key = (rows, torch.device(device))
+        if key not in self._results:
+            columns = (torch.empty(rows, 1, dtype=torch.long, device=device), torch.empty(rows, 1, device=device))
+            for column in columns:
+                flat = column.view(-1)
+                self._flat[id(column)] = (flat, flat.numpy() if flat.device.type == "cpu" else None)
+            self._results[key] = columns
+        return self._results[key]
+
+    def flat(self, column: torch.Tensor) -> torch.Tensor:
+        """The [S] view of a `sample_results` column."""
+        return self._flat[id(column)][0]
+
+    def to_lists(self, tokens: torch.Tensor, logprobs: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
+        """The first `n` of the sampler's [S] tokens and logprobs as Python lists: through the kept
+        numpy views when these are the workspace's CPU results, else with `tolist`."""
+        columns = self._results.get((tokens.shape[0], tokens.device))
+        if columns is not None and tokens.device.type == "cpu":
+            (flat_tokens, tokens_np), (flat_logprobs, logprobs_np) = (self._flat[id(c)] for c in columns)
+            if tokens is flat_tokens and logprobs is flat_logprobs:
+                return tokens_np[:n].tolist(), logprobs_np[:n].tolist()
+        return tokens[:n].tolist(), logprobs[:n].tolist()

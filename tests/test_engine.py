@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from score.model import Completion, Engine, SamplingParams
-from score.model.sampling import sample, truncate_logits
+from score.model.sampling import sample, sampler_states, truncate_logits
 from score.model.workspace import DecodeWorkspace
 from tests.helpers.model_fixtures import tiny_decoder
 
@@ -155,14 +155,14 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
                 assert p_sorted.sum() >= top_p - 1e-6 and p_sorted[:-1].sum() < top_p
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
         for t in range(50):
-            tokens, _ = sample(logits, params, seeds, torch.full((4,), t))
+            tokens, _ = sample(logits, params, sampler_states(seeds, torch.full((4,), t)))
             assert kept[torch.arange(4), tokens].all()
     # unrestricted sampling follows the softmax: frequencies within 4 sigma
     probs = torch.softmax(logits[0], -1)
     counts = torch.zeros(50)
     params = SamplingParams(temperature=1.0)
     for t in range(4000):
-        counts[sample(logits[:1], params, torch.tensor([9]), torch.tensor([t]))[0]] += 1
+        counts[sample(logits[:1], params, sampler_states(torch.tensor([9]), torch.tensor([t])))[0]] += 1
     sigma = (4000 * probs * (1 - probs)).sqrt()
     assert ((counts - 4000 * probs).abs() <= 4 * sigma + 1).all()
 
@@ -184,7 +184,8 @@ def test_sampler_workspace_and_engine_rope_are_bit_identical():
         ):
             seeds = torch.randint(0, 2**62, (rows,), generator=gen)
             counters = torch.randint(0, 100, (rows,), generator=gen)
-            plain, kept = sample(logits, params, seeds, counters), sample(logits, params, seeds, counters, workspace)
+            states = sampler_states(seeds, counters)
+            plain, kept = sample(logits, params, states), sample(logits, params, states, workspace)
             assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for heads, dim in ((8, 64), (2, 24), (3, 128)):

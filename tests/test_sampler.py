@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.sampling import counter_uniforms, sample, truncate_logits
+from score.model.sampling import counter_uniforms, sample, sampler_state, sampler_states, truncate_logits
 from tests.helpers.model_fixtures import tiny_decoder
 
 MASK = (1 << 64) - 1
@@ -36,6 +36,21 @@ def test_counter_uniforms_are_splitmix64_bit_for_bit():
     assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
 
 
+def test_sampler_states_from_the_host_equal_the_tensor_ones_and_pick_by_the_uniforms():
+    """The host-side state (what the engine writes per row) is the tensor one; the sampler picks
+    the first token whose cumulative mass exceeds counter_uniforms(seed, counter) times the total."""
+    rng = random.Random(1)
+    seeds = [0, (1 << 63) - 1] + [rng.randrange(1 << 63) for _ in range(200)]
+    counters = [0, (1 << 31) - 1] + [rng.randrange(1 << 20) for _ in range(200)]
+    host = torch.tensor([sampler_state(s, t) for s, t in zip(seeds, counters, strict=True)])
+    assert torch.equal(host, sampler_states(torch.tensor(seeds), torch.tensor(counters)))
+    logits = torch.randn(len(seeds), 300, generator=torch.Generator().manual_seed(4)) * 3
+    tokens, _ = sample(logits, SamplingParams(temperature=1.0), host[:, None])
+    cdf = logits.log_softmax(-1).double().exp().cumsum(-1)
+    target = counter_uniforms(torch.tensor(seeds), torch.tensor(counters))[:, None] * cdf[:, -1:]
+    assert torch.equal(tokens, torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=299))
+
+
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic over categories expected >= 5 times (rarer ones pooled), and its dof."""
     n = float(counts.sum())
@@ -56,7 +71,8 @@ def test_frequencies_follow_the_truncated_softmax(temperature, top_k, top_p):
     draws = 20_000
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     # one row per draw: the same logits under 20k counters of one seed, sampled in one pass
-    tokens, logprobs = sample(logits.expand(draws, -1), params, torch.full((draws,), 1234), torch.arange(draws))
+    states = sampler_states(torch.full((draws,), 1234), torch.arange(draws))
+    tokens, logprobs = sample(logits.expand(draws, -1), params, states)
     probs = torch.softmax(truncate_logits(logits.double() / temperature, top_k, top_p)[0], -1)
     counts = torch.bincount(tokens, minlength=40)
     assert (counts[probs == 0] == 0).all()  # nothing outside the top-k / nucleus
@@ -71,14 +87,16 @@ def test_frequencies_follow_the_truncated_softmax(temperature, top_k, top_p):
 
 def test_greedy_is_argmax_with_plain_logprobs():
     logits = torch.randn(9, 77, generator=torch.Generator().manual_seed(2)) * 3
-    tokens, logprobs = sample(logits, SamplingParams(temperature=0), None, None)
+    tokens, logprobs = sample(logits, SamplingParams(temperature=0), None)
     assert torch.equal(tokens, logits.argmax(-1))
     torch.testing.assert_close(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0], atol=1e-6, rtol=0)
 
 
 def test_sampling_without_seeds_is_refused():
-    with pytest.raises(ValueError, match="needs int64 seeds and counters of shape \\[3\\]"):
-        sample(torch.zeros(3, 5), SamplingParams(temperature=1.0), None, None)
+    with pytest.raises(ValueError, match="needs int64 sampler states of shape \\[3\\]"):
+        sample(torch.zeros(3, 5), SamplingParams(temperature=1.0), None)
+    with pytest.raises(ValueError, match="needs int64 sampler states of shape \\[3\\]"):
+        sample(torch.zeros(3, 5), SamplingParams(temperature=1.0), torch.zeros(3, 2, dtype=torch.long))
 
 
 @pytest.fixture(scope="module")
