@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -244,12 +245,15 @@ class PagedAttentionBuffers:
         self._gathered: dict[str, torch.Tensor] = {}  # "k" / "v" -> flat storage
         # (sequences, token capacity) the kept decode buffers were made for, None before any decode
         self.decode_shape: tuple[int, int] | None = None
-        # ("k" | "v", that layer's cache data_ptr) -> [sequences, Hkv, capacity, D]
-        self.decode_keys: dict[tuple[str, int], torch.Tensor] = {}
+        # every layer's kept keys and values in one tensor [layers, sequences, 2 Hkv, capacity, D]
+        # (a layer's K heads then its V heads), and its per-layer views
+        self.decode_kv: torch.Tensor | None = None
+        self.decode_kv_layers: tuple[torch.Tensor, ...] = ()
         # compute dtype -> [sequences, capacity] additive mask (0 where a key is visible, -inf past
         # it) and the same as [sequences, 1, 1, capacity], the shape SDPA takes
         self.decode_masks: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> ([S, 1], [1, Hkv]) aranges
+        self.kv_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # a caller's constant store indices
 
     def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised [rows, row_size] tensor of `like`'s dtype and device for gather `name`."""
@@ -264,6 +268,17 @@ class PagedAttentionBuffers:
         self.decode_shape = (num_seqs, capacity)
         self.decode_masks.clear()
         self._index.clear()
+
+    def kept_kv(self, num_layers: int, heads: int, head_dim: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per layer, the kept [sequences, heads, capacity, head_dim] keys|values of a decode batch
+        (zeros when made, stale but finite after: the mask hides what a sequence has not stored)."""
+        num_seqs, capacity = self.decode_shape
+        shape = (num_layers, num_seqs, heads, capacity, head_dim)
+        kept = self.decode_kv
+        if kept is None or kept.shape != shape or kept.dtype != like.dtype or kept.device != like.device:
+            self.decode_kv = like.new_zeros(shape)
+            self.decode_kv_layers = self.decode_kv.unbind(0)
+        return self.decode_kv_layers
 
     def decode_index(self, positions: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, ...]:
         """`index_put_` indices of each sequence's key at `positions` [S, 1] in a [S, Hkv, capacity, D]
@@ -282,7 +297,7 @@ class PagedAttentionBuffers:
 class PagedAttentionPlan:
     """Per-step gather indices and masks for the torch path, shared by every layer."""
 
-    block_index: torch.Tensor  # [S, ceil(T / block_size)] int64: the blocks holding keys 0..T-1
+    block_tables: torch.Tensor  # [S, >= ceil(T / block_size)] int32, as the caller gave them
     visible: torch.Tensor | None  # [S, 1, max_q, T] bool: query i of sequence s may see key t
     query_index: tuple[torch.Tensor, torch.Tensor] | None  # packed row -> (sequence, i)
     max_q_len: int
@@ -295,9 +310,27 @@ class PagedAttentionPlan:
     decode_capacity: int = 0
     extend: torch.Tensor | None = None
     new_key_rows: torch.Tensor | None = None  # their cache rows, when read back (`_new_key_rows`)
+    num_layers: int = 1  # the layers whose decode keys are kept (a call names its `layer`)
+    # this step's [S, Hkv, T, D] views of every layer's kept keys and of its values, taken once
+    kept_views: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
     # `visible` as the additive float mask SDPA makes of a boolean one, per compute dtype: built on
     # the first layer's call instead of inside every layer's SDPA (same values, same kernel)
     masks: dict = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks per sequence holding keys 0..T-1."""
+        return -(-self.max_context_len // self.block_size)
+
+    @cached_property
+    def block_index(self) -> torch.Tensor:
+        """[S, num_blocks] int64 block ids (made when a gather needs them: a continuing decode
+        step reads none)."""
+        return self.block_tables[:, : self.num_blocks].long()
 
 
 def plan_paged_attention(
@@ -309,6 +342,9 @@ def plan_paged_attention(
     max_context_len: int,
     buffers: PagedAttentionBuffers | None = None,
     continues_decode: bool | None = None,
+    num_tokens: int | None = None,
+    decode_positions: torch.Tensor | None = None,
+    num_layers: int = 1,
 ) -> PagedAttentionPlan:
     """Build the torch path's gather plan once per step (`max_*` are host ints: no device sync).
 
@@ -319,6 +355,11 @@ def plan_paged_attention(
     the previous step, in the same order, each one token further, with its older K/V untouched:
     then only the new token's K/V are copied into the buffers and its mask entry opened, instead of
     gathering every key and building the mask again.
+
+    `num_tokens` (optional, a host int) is the number of query rows, `cu_seqlens_q[-1]`, and
+    `decode_positions` (optional, int64 [S, 1]) each sequence's new key position `context_lens - 1`
+    of a decode step: a caller that knows them saves the ops (and on CUDA the sync) of reading them.
+    `num_layers`: how many layers' keys a decode batch keeps (`paged_attention_torch`'s `layer`).
     """
     device = block_tables.device
     num_seqs = context_lens.numel()
@@ -329,14 +370,24 @@ def plan_paged_attention(
             f"{max_context_len} needs {needed_blocks} blocks of {block_size}"
         )
     buffers = PagedAttentionBuffers() if buffers is None else buffers
-    block_index = block_tables[:, :needed_blocks].long()
-    n = int(cu_seqlens_q[-1]) if cu_seqlens_q.device.type == "cpu" else None
+    n = num_tokens
+    if n is None and cu_seqlens_q.device.type == "cpu":
+        n = int(cu_seqlens_q[-1])
     decode = continues_decode is not None and max_q_len == 1 and n == num_seqs
     state = buffers.decode_shape
     if decode and continues_decode and state is not None and state[0] == num_seqs and max_context_len <= state[1]:
-        positions = (context_lens.long() - 1)[:, None]
+        positions = (context_lens.long() - 1)[:, None] if decode_positions is None else decode_positions
         return PagedAttentionPlan(
-            block_index, None, None, 1, max_context_len, block_size, buffers, state[1], extend=positions
+            block_tables,
+            None,
+            None,
+            1,
+            max_context_len,
+            block_size,
+            buffers,
+            state[1],
+            extend=positions,
+            num_layers=num_layers,
         )
     pos = torch.arange(max_context_len, device=device)
     ctx = context_lens.long()
@@ -347,7 +398,14 @@ def plan_paged_attention(
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=n)
     row_in_seq = torch.arange(seq_of_row.numel(), device=device) - cu[seq_of_row]
     plan = PagedAttentionPlan(
-        block_index, visible[:, None], (seq_of_row, row_in_seq), max_q_len, max_context_len, block_size, buffers
+        block_tables,
+        visible[:, None],
+        (seq_of_row, row_in_seq),
+        max_q_len,
+        max_context_len,
+        block_size,
+        buffers,
+        num_layers=num_layers,
     )
     if decode:  # a fresh batch: room for 256 more tokens before the next full gather
         plan.decode_capacity = (needed_blocks + -(-256 // block_size)) * block_size
@@ -366,15 +424,23 @@ def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def paged_attention_torch(
-    q, k_cache, v_cache, plan: PagedAttentionPlan, scale: float, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    q,
+    k_cache,
+    v_cache,
+    plan: PagedAttentionPlan,
+    scale: float,
+    new_kv: torch.Tensor | None = None,
+    layer: int = 0,
 ) -> torch.Tensor:
     """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input.
 
-    `new_kv` (decode only, optional): this step's k, v [S, Hkv, D], exactly what was just stored at
-    each sequence's last position; a continuing decode step copies them into the kept buffers
+    A decode step of a plan that keeps keys returns [S, Hq * D] (the heads flat), else [N, Hq, D].
+    `layer` (< plan.num_layers): whose kept keys a decode step reads. `new_kv` (decode only,
+    optional): this step's k|v [S, 2 Hkv, D] (K heads, then V heads), exactly what was just stored
+    at each sequence's last position; a continuing decode step copies them into the kept buffers
     instead of reading them back out of the cache.
     """
-    num_seqs, max_ctx = plan.block_index.shape[0], plan.max_context_len
+    num_seqs, max_ctx = plan.num_seqs, plan.max_context_len
     n, hq, d = q.shape
     hkv = k_cache.shape[2]
     compute = _compute_dtype(q.dtype)
@@ -384,7 +450,7 @@ def paged_attention_torch(
         mask = plan.masks[compute] = (_decode_mask if plan.decode_capacity else _mask)(plan, compute)
 
     def gather(cache, name):  # whole blocks (row copies), one gather per step and layer: [S, Hkv, T, D]
-        num_gathered = plan.block_index.shape[1] * plan.block_size
+        num_gathered = plan.num_blocks * plan.block_size
         index = plan.block_index.view(-1)
         rows = plan.buffers.gathered(name, index.numel(), cache[0].numel(), cache)
         torch.index_select(cache.view(cache.shape[0], -1), 0, index, out=rows)
@@ -396,10 +462,11 @@ def paged_attention_torch(
         # the mask [S, 1, 1, T] broadcasts
         q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)
         if plan.decode_capacity:
-            new_k, new_v = (None, None) if new_kv is None else new_kv
-            keys, values = _decode_keys(plan, k_cache, "k", new_k), _decode_keys(plan, v_cache, "v", new_v)
-        else:
-            keys, values = gather(k_cache, "k"), gather(v_cache, "v")
+            keys, values = _kept_keys(plan, layer, k_cache, v_cache, new_kv)
+            keys, values = _cast(keys, compute), _cast(values, compute)
+            out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale)
+            return _cast(out.view(n, hq * d), q.dtype)
+        keys, values = gather(k_cache, "k"), gather(v_cache, "v")
         out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale)
         return _cast(out.reshape(n, hq, d), q.dtype)
     q_pad = q.new_zeros(num_seqs, plan.max_q_len, hq, d).index_put(plan.query_index, q)
@@ -426,7 +493,7 @@ def _decode_mask(plan: PagedAttentionPlan, dtype: torch.dtype) -> torch.Tensor:
     batch, else extended by each sequence's new key."""
     if plan.extend is None:
         num_seqs, capacity = plan.buffers.decode_shape
-        kept = torch.full((num_seqs, capacity), float("-inf"), dtype=dtype, device=plan.block_index.device)
+        kept = torch.full((num_seqs, capacity), float("-inf"), dtype=dtype, device=plan.block_tables.device)
         kept[:, : plan.max_context_len].masked_fill_(plan.visible.view(num_seqs, -1), 0.0)
         plan.buffers.decode_masks[dtype] = kept, kept[:, None, None]
     else:
@@ -444,30 +511,35 @@ def _new_key_rows(plan: PagedAttentionPlan) -> torch.Tensor:
     return plan.new_key_rows
 
 
-def _decode_keys(
-    plan: PagedAttentionPlan, cache: torch.Tensor, name: str, new: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[S, Hkv, T, D]: every sequence's keys (or values) from this layer's persistent buffer.
+def _kept_keys(
+    plan: PagedAttentionPlan, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor, new: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[S, Hkv, T, D] keys and values of `layer` from the kept buffers, this step's added first.
 
-    Positions past a sequence's length hold zeros or older finite keys; the mask hides them.
-    `new` [S, Hkv, D]: the keys a continuing step adds (else they are read from the cache).
+    Positions past a sequence's length hold zeros or older finite keys; the mask hides them. A fresh
+    batch gathers each layer's keys from the cache; a continuing step adds its new k|v ([S, 2 Hkv,
+    D], `new`, else read from the cache) with one index_put_. The views of all layers are taken on
+    the step's first call: slices of one tensor, they see what later layers store.
     """
-    num_seqs, capacity, block_size = plan.block_index.shape[0], plan.decode_capacity, plan.block_size
-    hkv, d = cache.shape[2:]
-    key = (name, cache.data_ptr())  # one buffer per layer and K/V
-    buf = plan.buffers.decode_keys.get(key)
+    if not 0 <= layer < plan.num_layers:
+        raise ValueError(f"layer {layer} is outside the plan's {plan.num_layers} kept layers")
+    num_seqs, block_size = plan.num_seqs, plan.block_size
+    hkv, d = k_cache.shape[2:]
+    kept = plan.buffers.kept_kv(plan.num_layers, 2 * hkv, d, k_cache)[layer]
     if plan.extend is None:
-        shape = (num_seqs, hkv, capacity, d)
-        if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
-            buf = plan.buffers.decode_keys[key] = cache.new_zeros(shape)
-        num_keys = plan.block_index.shape[1] * block_size
-        gathered = cache.view(cache.shape[0], -1)[plan.block_index].view(num_seqs, num_keys, hkv, d)
-        buf[:, :, :num_keys] = gathered.transpose(1, 2)
+        num_keys = plan.num_blocks * block_size
+        for heads, cache in ((slice(0, hkv), k_cache), (slice(hkv, 2 * hkv), v_cache)):
+            gathered = cache.view(cache.shape[0], -1)[plan.block_index].view(num_seqs, num_keys, hkv, d)
+            kept[:, heads, :num_keys] = gathered.transpose(1, 2)
     else:
         if new is None:
-            new = cache.view(-1, hkv, d).index_select(0, _new_key_rows(plan))
-        buf.index_put_(plan.buffers.decode_index(plan.extend, hkv), new)
-    return _cast(buf[:, :, : plan.max_context_len], _compute_dtype(cache.dtype))
+            rows = _new_key_rows(plan)
+            new = torch.cat((k_cache.view(-1, hkv, d)[rows], v_cache.view(-1, hkv, d)[rows]), dim=1)
+        kept.index_put_(plan.buffers.decode_index(plan.extend, 2 * hkv), new)
+    if plan.kept_views is None:
+        keys, values = plan.buffers.decode_kv.narrow(3, 0, plan.max_context_len).split(hkv, dim=2)
+        plan.kept_views = keys.unbind(0), values.unbind(0)
+    return plan.kept_views[0][layer], plan.kept_views[1][layer]
 
 
 def paged_attention_triton(
@@ -555,7 +627,7 @@ def paged_attention(
         plan = plan_paged_attention(
             block_tables, context_lens, cu_seqlens_q, k_cache.shape[1], max_q_len, max_context_len
         )
-    return paged_attention_torch(q, k_cache, v_cache, plan, scale)
+    return paged_attention_torch(q, k_cache, v_cache, plan, scale).view(q.shape)  # heads flat after a kept decode
 
 
 def aot_launches() -> list[Launch]:

@@ -38,12 +38,13 @@ def flash_varlen_with_block_table():
 
 
 def layer_views(kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """Per layer: (k_cache, v_cache) [num_blocks, block_size, Hkv, D] and the same two as rows
-    [num_blocks * block_size, Hkv, D] (what a store indexes), taken once per pool, not per step."""
+    """Per layer: (k_cache, v_cache) [num_blocks, block_size, Hkv, D], the same two as rows
+    [num_blocks * block_size, Hkv, D] (what a store indexes) and both as [2, rows, Hkv, D] (what
+    one store of k|v indexes), taken once per pool, not per step."""
     views = []
     for i in range(kv_cache.shape[1]):
         k, v = kv_cache[0, i], kv_cache[1, i]
-        views.append((k, v, k.flatten(0, 1), v.flatten(0, 1)))
+        views.append((k, v, k.flatten(0, 1), v.flatten(0, 1), kv_cache[:, i].flatten(1, 2)))
     return views
 
 
@@ -64,9 +65,14 @@ class AttentionContext:
         workspace: DecodeWorkspace | None = None,
         continues_decode: bool | None = None,
         layer_caches: list | None = None,
+        store_rows: torch.Tensor | None = None,
+        decode_positions: torch.Tensor | None = None,
     ):
         """`workspace` (optional): buffers the torch path keeps across steps. `layer_caches`
-        (optional): `layer_views(kv_cache)`, which an engine takes once instead of once per step."""
+        (optional): `layer_views(kv_cache)`, which an engine takes once instead of once per step.
+        A caller that knows them from the host (the decode step) may give, for the torch path,
+        `store_rows`, `slot_mapping` as int64 with no skipped (negative) slot, and for a decode
+        step `decode_positions`, int64 [S, 1] = context_lens - 1: their ops are then saved."""
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
         self.layer_caches = layer_caches
         self.backend = backend
@@ -90,13 +96,19 @@ class AttentionContext:
                 max_context_len,
                 buffers,
                 continues_decode,
+                num_tokens=None if store_rows is None else store_rows.shape[0],
+                decode_positions=decode_positions,
+                num_layers=kv_cache.shape[1],
             )
             # The torch path is the CPU one, where a step's many small per-layer ops show: the
             # stores' int64 rows are converted once per step and the arguments checked on the
             # first layer's call only (every layer of a step has the same shapes). Negative
             # (skipped) slots, which the engine never makes, take store_kv's filtering path.
-            rows = slot_mapping.long()
-            self._store_rows = rows if bool((rows >= 0).all()) else None
+            if store_rows is None:
+                rows = slot_mapping.long()
+                store_rows = rows if bool((rows >= 0).all()) else None
+            self._store_rows = store_rows
+            self._kv_store_index = None  # `attend_kv`'s index_put_ indices, made on its first call
             self._checked = False
         self.cu_seqlens_k = self.flash = None
         if backend == "flash":
@@ -115,15 +127,17 @@ class AttentionContext:
         v: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if self.layer_caches is not None:
-            k_cache, v_cache, k_rows, v_rows = self.layer_caches[layer_idx]
-        else:
-            k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
-            k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+        k_cache, v_cache, k_rows, v_rows, _ = self._caches(layer_idx)
         if self.backend == "torch":
             if rope is not None:
                 raise ValueError("the torch backend takes q and k after RoPE (it does not apply_rope)")
-            return self._torch_attention(q, k, v, k_cache, v_cache, k_rows, v_rows)
+            self._check(q, k, v, k_cache, v_cache)
+            if self._store_rows is None:
+                store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="torch")
+            else:
+                k_rows.index_copy_(0, self._store_rows, k)
+                v_rows.index_copy_(0, self._store_rows, v)
+            return self._torch_attention(layer_idx, q, None, k_cache, v_cache, k_rows, v_rows)
         if rope is None:
             store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
         else:
@@ -155,30 +169,63 @@ class AttentionContext:
             impl="triton",
         )
 
-    def _torch_attention(self, q, k, v, k_cache, v_cache, k_rows, v_rows) -> torch.Tensor:
+    def attend_kv(self, layer_idx: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """`self(layer_idx, q, k, v)` with k and v side by side, kv [N, 2 Hkv, D] (K heads, then V
+        heads; the model's engine path on plain ops hands them over so): on the torch path one
+        index_put_ stores both into the cache, and a decode step adds both to its kept keys at once.
+        Returns [N, Hq, D], or [N, Hq * D] (heads flat) after a decode step with kept keys."""
+        hkv = kv.shape[1] // 2
+        if self.backend != "torch" or self._store_rows is None:
+            return self(layer_idx, q, *kv.split(hkv, dim=1))
+        k_cache, v_cache, k_rows, v_rows, kv_rows = self._caches(layer_idx)
         if not self._checked:
-            check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-            check_paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                self.block_tables,
-                self.context_lens,
-                self.cu_seqlens_q,
-                self.max_q_len,
-                self.max_context_len,
-            )
-            self._checked = True
-        if self._store_rows is None:
-            store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="torch")
-        else:
-            k_rows.index_copy_(0, self._store_rows, k)
-            v_rows.index_copy_(0, self._store_rows, v)
+            self._check(q, *kv.split(hkv, dim=1), k_cache, v_cache)
+            half, head = self._kv_heads(hkv, kv.device)
+            self._kv_store_index = (half, self._store_rows[:, None], head)
+        kv_rows.index_put_(self._kv_store_index, kv)
+        return self._torch_attention(layer_idx, q, kv, k_cache, v_cache, k_rows, v_rows)
+
+    def _kv_heads(self, hkv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, 2 Hkv] indices of a k|v row's heads into a layer's [2, rows, Hkv, D] cache (K or V,
+        head), kept in the workspace when there is one (they depend only on Hkv)."""
+        kept = None if self.plan is None else self.plan.buffers.kv_heads
+        if kept is None or kept[0].shape[1] != 2 * hkv or kept[0].device != device:
+            half = torch.arange(2, device=device).repeat_interleave(hkv)[None]
+            kept = half, torch.arange(hkv, device=device).repeat(2)[None]
+            if self.plan is not None:
+                self.plan.buffers.kv_heads = kept
+        return kept
+
+    def _caches(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        if self.layer_caches is not None:
+            return self.layer_caches[layer_idx]
+        k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
+        return k_cache, v_cache, k_cache.flatten(0, 1), v_cache.flatten(0, 1), self.kv_cache[:, layer_idx].flatten(1, 2)
+
+    def _check(self, q, k, v, k_cache, v_cache) -> None:
+        if self._checked:
+            return
+        check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        check_paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            self.block_tables,
+            self.context_lens,
+            self.cu_seqlens_q,
+            self.max_q_len,
+            self.max_context_len,
+        )
+        self._checked = True
+
+    def _torch_attention(self, layer_idx, q, kv, k_cache, v_cache, k_rows, v_rows) -> torch.Tensor:
+        """The torch path after this layer's store: copy-on-write, then paged attention. `kv` (or
+        None) is what was stored, for a decode step to reuse instead of reading it back."""
         self._copy_on_write(k_rows, v_rows)
         # a decode step's new k/v are exactly its last-position rows unless a copy could have
         # overwritten them (no copies: the attention reuses them instead of reading the cache back)
-        new_kv = (k, v) if self.copy_src is None and self._store_rows is not None else None
-        return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv)
+        new_kv = kv if self.copy_src is None and self._store_rows is not None else None
+        return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv, layer=layer_idx)
 
     def _copy_on_write(self, k_rows, v_rows) -> None:
         if self.copy_src is not None:

@@ -285,6 +285,8 @@ class DecodeStep:
             start = self._table_start
             views["block_tables"] = self._ints[start : start + b * self.width].view(b, self.width)
             views["cu_seqlens_q"] = self._cu_seqlens[: b + 1]
+            views["new_key_positions"] = views["positions"].view(b, 1)
+            views["sampler_states"] = views["sampler_states"].view(b, 1)  # the [S, 1] the sampler uses
         return views
 
     def _compute(
@@ -306,6 +308,9 @@ class DecodeStep:
             workspace=self.workspace,
             continues_decode=continues,
             layer_caches=self.layer_caches,
+            # no padding rows (slot -1) without buckets: every store row is a real one
+            store_rows=v["store_rows"] if self.batch_sizes is None else None,
+            decode_positions=v["new_key_positions"],
         )
         hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
         states = None if params.greedy else v["sampler_states"]

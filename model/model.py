@@ -112,9 +112,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` with rotate_half's negation moved into sin, bit for bit: (-a) * b == a * (-b)
-    in IEEE arithmetic. x [N, H, D]; cos, signed_sin [N, 1, D] (`signed_sin` = sin with its first
-    half negated), built once per forward: two fewer ops per call, for the engine's decode where
-    a step is many small ops. Engine mode only (it runs without autograd; training keeps HF's form)."""
+    in IEEE arithmetic. x [N, H, D]; cos, signed_sin [N, H, D] or [N, 1, D] (`signed_sin` = sin
+    with its first half negated), built once per forward: two fewer ops per call, for the engine's
+    decode where a step is many small ops. Engine mode only (no autograd; training keeps HF's form).
+    A head whose rows are angle 0 (cos 1, sin 0) comes out unchanged: x * 1 + r * 0 == x."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin  # roll: the halves swapped
 
 
@@ -129,7 +130,9 @@ class AttentionInputs:
     attn: AttentionFn | None = None
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
-    signed_sin: bool = False  # cos/sin in `apply_rope_signed`'s form (engine mode without the kernels)
+    # engine mode without the kernels: cos/sin [N, Hq + 2 Hkv, D] in `apply_rope_signed`'s form, one
+    # row per head of the stacked q|k|v, v's at angle 0 (`Transformer._engine_rope`)
+    signed_sin: bool = False
     fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
     rope_in_attn: bool = False  # `attn` rotates q and k itself (see AttentionFn)
 
@@ -149,6 +152,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
+        if inputs.signed_sin:
+            out = self._engine_attention(x, inputs)
+            return self.o_proj(out if out.dim() == 2 else out.reshape(*lead, self.n_heads * self.head_dim))
         q, k, v = self._qkv(x, inputs)
         if inputs.rope_in_attn:
             out = inputs.attn(self.layer_idx, q, k, v, rope=(inputs.cos, inputs.sin))
@@ -167,6 +173,25 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
 
+    def _engine_attention(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Engine mode on plain ops: q, k and v as one [N, Hq + 2 Hkv, D] tensor, rotated in one pass
+        (v's rows of the tables are angle 0), handed over as q and k|v side by side to an attention
+        that takes them so (`attend_kv`: one store of k|v per layer), else as q, k, v."""
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if inputs.fused_qkv is None:
+            projs = ((self.q_proj, hq), (self.k_proj, hkv), (self.v_proj, hkv))
+            qkv = torch.cat([proj(x).view(-1, heads, d) for proj, heads in projs], dim=-2)
+        else:
+            qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(-1, hq + 2 * hkv, d)
+        if self.q_norm is not None:
+            q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
+            qkv = torch.cat((self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels), v), dim=-2)
+        q, kv = apply_rope_signed(qkv, inputs.cos, inputs.sin).split((hq, 2 * hkv), dim=-2)
+        attend_kv = getattr(inputs.attn, "attend_kv", None)
+        if attend_kv is not None:
+            return attend_kv(self.layer_idx, q, kv)
+        return inputs.attn(self.layer_idx, q, *kv.split(hkv, dim=-2))
+
     def _qkv(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE (unless the attention applies
         it), and v [..., Hkv, D]."""
@@ -177,10 +202,6 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(*lead, hkv, d)
         else:
             qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(*lead, hq + 2 * hkv, d)
-            if inputs.signed_sin and self.q_norm is None:  # q and k side by side: rotated in one pass
-                qk, v = qkv.split((hq + hkv, hkv), dim=-2)
-                q, k = apply_rope_signed(qk, inputs.cos, inputs.sin).split((hq, hkv), dim=-2)
-                return q, k, v
             q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
         if self.q_norm is not None:
             q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
@@ -190,8 +211,6 @@ class Attention(nn.Module):
 
     @staticmethod
     def _rope(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs.signed_sin:
-            return apply_rope_signed(q, inputs.cos, inputs.sin), apply_rope_signed(k, inputs.cos, inputs.sin)
         if not fused(inputs.kernels, q):
             return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
         d = q.shape[-1]  # the kernel takes tokens flat: [N, H, D] with cos/sin [N, D]
@@ -249,7 +268,7 @@ class Transformer(nn.Module):
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self._signs: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> `_rope_sign`
+        self._engine_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `_engine_rope`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -313,9 +332,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         signed = attn is not None and not fused(self.kernels, x)
         rope_in_attn = attn is not None and not signed and getattr(attn, "applies_rope", False)
-        if signed:  # engine mode, plain ops: [N, 1, D] rotary tables in the form every layer uses as is
-            cos, sin = self._rope(positions[:, None], x.dtype)
-            sin = sin * self._rope_sign(sin)  # the first half negated: (-a) == a * -1 exactly
+        if signed:
+            cos, sin = self._engine_rope(positions, x.dtype)
         else:
             cos, sin = self._rope(positions, x.dtype)
         inputs = AttentionInputs(
@@ -344,14 +362,27 @@ class Transformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
-    def _rope_sign(self, like: torch.Tensor) -> torch.Tensor:
-        """[D] of -1 then +1 (halves), `like`'s dtype and device: `apply_rope_signed`'s sin is sin times it."""
-        key = (like.device, like.dtype)
-        if key not in self._signs:
-            half = like.shape[-1] // 2
-            sign = torch.ones(2 * half, dtype=like.dtype, device=like.device)
-            self._signs[key] = sign.index_fill_(0, torch.arange(half, device=like.device), -1.0)
-        return self._signs[key]
+    def _engine_rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Engine mode on plain ops: the rotary tables [N, Hq + 2 Hkv, D] every layer uses as they are,
+        in `apply_rope_signed`'s form (sin's first half negated: (-a) == a * -1 exactly), one row per
+        head of the stacked q|k|v with v's at angle 0: cos 1 and sin 0 leave v as it is. The same
+        fp32 products of position and frequency as `_rope`, so q's and k's rows equal its tables."""
+        key = (positions.device, dtype)
+        if key not in self._engine_freqs:
+            cfg, half = self.config, self.config.head_dim // 2
+            inv_freq = rope_inv_freq(cfg).to(positions.device)
+            rotated = cfg.num_attention_heads + cfg.num_key_value_heads
+            freqs = inv_freq.new_zeros(rotated + cfg.num_key_value_heads, 2 * half)
+            freqs[:rotated] = torch.cat((inv_freq, inv_freq))
+            sign = torch.ones(2 * half, dtype=dtype, device=positions.device)
+            sign[:half] = -1.0
+            self._engine_freqs[key] = freqs, sign
+        freqs, sign = self._engine_freqs[key]
+        angles = positions.view(-1, 1, 1) * freqs  # int64 positions promote to fp32, as .float() makes them
+        cos, sin = angles.cos(), angles.sin()
+        if dtype != torch.float32:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin * sign
 
     def _check_inputs(self, input_ids, positions, cu_seqlens, attn, max_seqlen):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
