@@ -254,6 +254,7 @@ class PagedAttentionBuffers:
         self.decode_masks: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> ([S, 1], [1, Hkv]) aranges
         self.kv_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # a caller's constant store indices
+        self._columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its [S, 1, 1] view)
 
     def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised [rows, row_size] tensor of `like`'s dtype and device for gather `name`."""
@@ -280,17 +281,29 @@ class PagedAttentionBuffers:
             self.decode_kv_layers = self.decode_kv.unbind(0)
         return self.decode_kv_layers
 
+    def column(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` [S] or [S, 1] as [S, 1, 1] (index_put_ indices broadcast so), kept for the last
+        few tensors: a caller that reuses its buffers step after step (the engine's decode step)
+        gets the same view again without an op."""
+        kept = self._columns.get(id(values))
+        if kept is None or kept[0] is not values:
+            if len(self._columns) >= 8:
+                self._columns.pop(next(iter(self._columns)))
+            kept = self._columns[id(values)] = values, values.view(-1, 1, 1)
+        return kept[1]
+
     def decode_index(self, positions: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, ...]:
-        """`index_put_` indices of each sequence's key at `positions` [S, 1] in a [S, Hkv, capacity, D]
-        buffer, for every KV head."""
+        """`index_put_` indices of each sequence's new k|v [S, Hkv, 2, D] at `positions` [S, 1] in a
+        kept [S, 2 Hkv, capacity, D] buffer (K heads, then V heads)."""
         parts = self._index.get(kv_heads)
         if parts is None:
             device = positions.device
+            heads = torch.arange(kv_heads, device=device).view(1, kv_heads, 1)
             parts = self._index[kv_heads] = (
-                torch.arange(positions.shape[0], device=device)[:, None],
-                torch.arange(kv_heads, device=device)[None, :],
+                torch.arange(positions.shape[0], device=device).view(-1, 1, 1),
+                heads + kv_heads * torch.arange(2, device=device).view(1, 1, 2),
             )
-        return parts[0], parts[1], positions
+        return parts[0], parts[1], self.column(positions)
 
 
 @dataclass
@@ -313,6 +326,7 @@ class PagedAttentionPlan:
     num_layers: int = 1  # the layers whose decode keys are kept (a call names its `layer`)
     # this step's [S, Hkv, T, D] views of every layer's kept keys and of its values, taken once
     kept_views: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+    kept_index: tuple[torch.Tensor, ...] | None = None  # `decode_index` of this step
     # `visible` as the additive float mask SDPA makes of a boolean one, per compute dtype: built on
     # the first layer's call instead of inside every layer's SDPA (same values, same kernel)
     masks: dict = field(default_factory=dict)
@@ -434,17 +448,20 @@ def paged_attention_torch(
 ) -> torch.Tensor:
     """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input.
 
-    A decode step of a plan that keeps keys returns [S, Hq * D] (the heads flat), else [N, Hq, D].
-    `layer` (< plan.num_layers): whose kept keys a decode step reads. `new_kv` (decode only,
-    optional): this step's k|v [S, 2 Hkv, D] (K heads, then V heads), exactly what was just stored
-    at each sequence's last position; a continuing decode step copies them into the kept buffers
-    instead of reading them back out of the cache.
+    q [N, Hq, D] returns [N, Hq, D]. A decode step of a plan that keeps keys also takes q already
+    grouped per KV head, [S, Hkv, group, D], and then returns [S, Hkv, group, D] (SDPA's own
+    output). `layer` (< plan.num_layers): whose kept keys a decode step reads. `new_kv` (decode
+    only, optional): this step's k|v [S, Hkv, 2, D], exactly what was just stored at each
+    sequence's last position; a continuing decode step copies them into the kept buffers instead
+    of reading them back out of the cache.
     """
     num_seqs, max_ctx = plan.num_seqs, plan.max_context_len
-    n, hq, d = q.shape
-    hkv = k_cache.shape[2]
+    n, d, hkv = q.shape[0], q.shape[-1], k_cache.shape[2]
+    hq = q.shape[1] * q.shape[2] if q.dim() == 4 else q.shape[1]
     compute = _compute_dtype(q.dtype)
     decode = plan.max_q_len == 1 and n == num_seqs
+    if q.dim() == 4 and not (decode and plan.decode_capacity and q.shape[1] == hkv):
+        raise ValueError(f"q grouped per KV head ({tuple(q.shape)}) is for decode steps that keep their keys")
     mask = plan.masks.get(compute)
     if mask is None:
         mask = plan.masks[compute] = (_decode_mask if plan.decode_capacity else _mask)(plan, compute)
@@ -460,12 +477,12 @@ def paged_attention_torch(
         # the query heads sharing a KV head become that head's query rows ([S, Hkv, group, D]):
         # SDPA's CPU kernel runs one q row per (sequence, head) far below its multi-row speed;
         # the mask [S, 1, 1, T] broadcasts
-        q_grouped = _cast(q.view(num_seqs, hkv, hq // hkv, d), compute)
+        q_grouped = _cast(q if q.dim() == 4 else q.view(num_seqs, hkv, hq // hkv, d), compute)
         if plan.decode_capacity:
             keys, values = _kept_keys(plan, layer, k_cache, v_cache, new_kv)
             keys, values = _cast(keys, compute), _cast(values, compute)
-            out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale)
-            return _cast(out.view(n, hq * d), q.dtype)
+            out = _cast(F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale), q.dtype)
+            return out if q.dim() == 4 else out.view(n, hq, d)
         keys, values = gather(k_cache, "k"), gather(v_cache, "v")
         out = F.scaled_dot_product_attention(q_grouped, keys, values, attn_mask=mask, scale=scale)
         return _cast(out.reshape(n, hq, d), q.dtype)
@@ -517,7 +534,7 @@ def _kept_keys(
     """[S, Hkv, T, D] keys and values of `layer` from the kept buffers, this step's added first.
 
     Positions past a sequence's length hold zeros or older finite keys; the mask hides them. A fresh
-    batch gathers each layer's keys from the cache; a continuing step adds its new k|v ([S, 2 Hkv,
+    batch gathers each layer's keys from the cache; a continuing step adds its new k|v ([S, Hkv, 2,
     D], `new`, else read from the cache) with one index_put_. The views of all layers are taken on
     the step's first call: slices of one tensor, they see what later layers store.
     """
@@ -534,8 +551,10 @@ def _kept_keys(
     else:
         if new is None:
             rows = _new_key_rows(plan)
-            new = torch.cat((k_cache.view(-1, hkv, d)[rows], v_cache.view(-1, hkv, d)[rows]), dim=1)
-        kept.index_put_(plan.buffers.decode_index(plan.extend, 2 * hkv), new)
+            new = torch.stack((k_cache.view(-1, hkv, d)[rows], v_cache.view(-1, hkv, d)[rows]), dim=2)
+        if plan.kept_index is None:
+            plan.kept_index = plan.buffers.decode_index(plan.extend, hkv)
+        kept.index_put_(plan.kept_index, new)
     if plan.kept_views is None:
         keys, values = plan.buffers.decode_kv.narrow(3, 0, plan.max_context_len).split(hkv, dim=2)
         plan.kept_views = keys.unbind(0), values.unbind(0)

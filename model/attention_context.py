@@ -67,12 +67,15 @@ class AttentionContext:
         layer_caches: list | None = None,
         store_rows: torch.Tensor | None = None,
         decode_positions: torch.Tensor | None = None,
+        checked: bool = False,
     ):
         """`workspace` (optional): buffers the torch path keeps across steps. `layer_caches`
         (optional): `layer_views(kv_cache)`, which an engine takes once instead of once per step.
         A caller that knows them from the host (the decode step) may give, for the torch path,
         `store_rows`, `slot_mapping` as int64 with no skipped (negative) slot, and for a decode
-        step `decode_positions`, int64 [S, 1] = context_lens - 1: their ops are then saved."""
+        step `decode_positions`, int64 [S, 1] = context_lens - 1: their ops are then saved.
+        `checked`: the caller vouches that the arguments are consistent (a decode step over its own
+        buffers, checked on the first step of each batch size): the torch path skips its checks."""
         self.kv_cache = kv_cache  # [2, layers, num_blocks, block_size, Hkv, D]
         self.layer_caches = layer_caches
         self.backend = backend
@@ -109,7 +112,7 @@ class AttentionContext:
                 store_rows = rows if bool((rows >= 0).all()) else None
             self._store_rows = store_rows
             self._kv_store_index = None  # `attend_kv`'s index_put_ indices, made on its first call
-            self._checked = False
+            self._checked = checked
         self.cu_seqlens_k = self.flash = None
         if backend == "flash":
             self.flash = flash_varlen_with_block_table()
@@ -137,7 +140,7 @@ class AttentionContext:
             else:
                 k_rows.index_copy_(0, self._store_rows, k)
                 v_rows.index_copy_(0, self._store_rows, v)
-            return self._torch_attention(layer_idx, q, None, k_cache, v_cache, k_rows, v_rows)
+            return self._torch_attention(layer_idx, q, None, k_cache, v_cache, k_rows, v_rows).view(q.shape)
         if rope is None:
             store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
         else:
@@ -170,28 +173,31 @@ class AttentionContext:
         )
 
     def attend_kv(self, layer_idx: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """`self(layer_idx, q, k, v)` with k and v side by side, kv [N, 2 Hkv, D] (K heads, then V
-        heads; the model's engine path on plain ops hands them over so): on the torch path one
-        index_put_ stores both into the cache, and a decode step adds both to its kept keys at once.
-        Returns [N, Hq, D], or [N, Hq * D] (heads flat) after a decode step with kept keys."""
-        hkv = kv.shape[1] // 2
+        """`self(layer_idx, q, k, v)` for the model's engine path on plain ops, which hands over q
+        [N, Hkv, group, D] and k|v [N, Hkv, 2, D] as views of one tensor: on the torch path one
+        index_put_ stores k and v into the cache, a decode step adds both to its kept keys at once
+        and runs on the grouped q as it is. Returns [N, Hq, D], or [S, Hkv, group, D] after a
+        decode step with kept keys."""
         if self.backend != "torch" or self._store_rows is None:
-            return self(layer_idx, q, *kv.split(hkv, dim=1))
+            return self(layer_idx, q.flatten(1, 2), *kv.unbind(2))
         k_cache, v_cache, k_rows, v_rows, kv_rows = self._caches(layer_idx)
-        if not self._checked:
-            self._check(q, *kv.split(hkv, dim=1), k_cache, v_cache)
-            half, head = self._kv_heads(hkv, kv.device)
-            self._kv_store_index = (half, self._store_rows[:, None], head)
+        if self._kv_store_index is None:
+            if not self._checked:
+                self._check(q.flatten(1, 2), *kv.unbind(2), k_cache, v_cache)
+            half, head = self._kv_heads(kv.shape[1], kv.device)
+            self._kv_store_index = (half, self.plan.buffers.column(self._store_rows), head)
         kv_rows.index_put_(self._kv_store_index, kv)
+        plan = self.plan
+        if not (plan.decode_capacity and plan.max_q_len == 1 and q.shape[0] == plan.num_seqs):
+            q = q.flatten(1, 2)  # the grouped q is for a decode step with kept keys
         return self._torch_attention(layer_idx, q, kv, k_cache, v_cache, k_rows, v_rows)
 
     def _kv_heads(self, hkv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, 2 Hkv] indices of a k|v row's heads into a layer's [2, rows, Hkv, D] cache (K or V,
-        head), kept in the workspace when there is one (they depend only on Hkv)."""
+        """(K or V [1, 1, 2], head [1, Hkv, 1]): where a [N, Hkv, 2, D] k|v goes in a layer's
+        [2, rows, Hkv, D] cache, kept in the workspace when there is one (they depend only on Hkv)."""
         kept = None if self.plan is None else self.plan.buffers.kv_heads
-        if kept is None or kept[0].shape[1] != 2 * hkv or kept[0].device != device:
-            half = torch.arange(2, device=device).repeat_interleave(hkv)[None]
-            kept = half, torch.arange(hkv, device=device).repeat(2)[None]
+        if kept is None or kept[1].shape[1] != hkv or kept[1].device != device:
+            kept = torch.arange(2, device=device).view(1, 1, 2), torch.arange(hkv, device=device).view(1, hkv, 1)
             if self.plan is not None:
                 self.plan.buffers.kv_heads = kept
         return kept
@@ -203,7 +209,7 @@ class AttentionContext:
         return k_cache, v_cache, k_cache.flatten(0, 1), v_cache.flatten(0, 1), self.kv_cache[:, layer_idx].flatten(1, 2)
 
     def _check(self, q, k, v, k_cache, v_cache) -> None:
-        if self._checked:
+        if self._checked:  # once per step, or never when the caller vouches for the arguments
             return
         check_store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         check_paged_attention(

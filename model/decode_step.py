@@ -161,6 +161,7 @@ class DecodeStep:
             self._stagings = [_Staging(self._longs, self._ints, self._table_start, rows, pinned=False)]
         self._turn = 0
         self._views_of: dict[int, dict[str, torch.Tensor]] = {}
+        self._checked_sizes: set[int] = set()  # batch sizes whose attention arguments were checked
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
         self._weights_key = self._weight_addresses()
@@ -311,7 +312,9 @@ class DecodeStep:
             # no padding rows (slot -1) without buckets: every store row is a real one
             store_rows=v["store_rows"] if self.batch_sizes is None else None,
             decode_positions=v["new_key_positions"],
+            checked=b in self._checked_sizes,  # the same buffers, pool and model as that first step's
         )
+        self._checked_sizes.add(b)
         hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
         states = None if params.greedy else v["sampler_states"]
         workspace = self.workspace if hidden.device.type == "cpu" else None

@@ -12,6 +12,10 @@ updates the weights between calls), and the tensors keep their addresses, so CUD
 against them stay valid. gate|up is not stacked: those two matrices are 42 % of Qwen2.5-0.5B and 47 % of
 Llama-3-8B, so a second copy would cost far more memory than one GEMM fewer per layer saves.
 
+The rows come in one of two head orders, for the path the model's forward takes: q|k|v as they
+stack for the kernels (their RoPE-and-store reads q, k, v as strided slices), grouped per KV head
+for the plain ops (`grouped_head_order`). A forward of the other path reorders the heads first.
+
 A model sharded by FSDP2 gets no copies (`FusedQKV.of` returns None): its weights are whole only
 inside its own forward.
 """
@@ -23,19 +27,45 @@ import torch
 from .decode_step import fsdp2_sharded
 
 
+def grouped_head_order(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The heads of a stacked q|k|v (q heads, then k, then v) in the grouped layout: per KV head h,
+    the q heads that share it, then k head h, then v head h ([Hkv, group + 2] row-major)."""
+    group = num_heads // num_kv_heads
+    order = [
+        [*range(h * group, (h + 1) * group), num_heads + h, num_heads + num_kv_heads + h] for h in range(num_kv_heads)
+    ]
+    return torch.tensor(order).flatten()
+
+
 class FusedQKV:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, grouped: bool):
+        """`grouped`: rows in `grouped_head_order` (the plain-ops engine path views one GEMM's output
+        as [N, Hkv, group + 2, D]: per KV head its query group, k and v, no op in between), else
+        q|k|v as the three matrices stack (what the kernels' RoPE-and-store takes)."""
+        cfg = model.config
+        self.grouped = grouped
+        self.head_dim = cfg.head_dim
+        order = grouped_head_order(cfg.num_attention_heads, cfg.num_key_value_heads)
+        device = model.embed_tokens.weight.device
+        # heads.index_select(this) puts heads of this layout in the other one (a forward of the path
+        # the copies were not made for)
+        self.to_other_layout = (torch.argsort(order) if grouped else order).to(device)
+        self._order = order.to(device) if grouped else None
         self._sources = [(layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj) for layer in model.layers]
         with torch.no_grad():
-            self.weights = [torch.cat([p.weight for p in projs]) for projs in self._sources]
+            self.weights = [self._stack([p.weight for p in projs]) for projs in self._sources]
             self.biases = [
-                None if projs[0].bias is None else torch.cat([p.bias for p in projs]) for projs in self._sources
+                None if projs[0].bias is None else self._stack([p.bias for p in projs]) for projs in self._sources
             ]
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> FusedQKV | None:
-        """The copies for `model`, or None when it is sharded by FSDP2."""
-        return None if fsdp2_sharded(model) else cls(model)
+        """The copies for `model` in the layout of the path its forward takes (the kernels' on CUDA
+        unless `set_kernels("torch")`, the plain ops' elsewhere), or None when it is sharded by FSDP2."""
+        if fsdp2_sharded(model):
+            return None
+        kernels, device = model.kernels, model.embed_tokens.weight.device
+        return cls(model, grouped=kernels == "torch" or (kernels == "auto" and device.type != "cuda"))
 
     def __getitem__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [(Hq + 2 Hkv) D, d], bias or None) of layer `layer_idx`."""
@@ -45,6 +75,13 @@ class FusedQKV:
         """Copy the model's current q/k/v weights (and biases) into the stacked tensors, in place."""
         with torch.no_grad():
             for projs, weight, bias in zip(self._sources, self.weights, self.biases, strict=True):
-                torch.cat([p.weight for p in projs], out=weight)
+                self._stack([p.weight for p in projs], out=weight)
                 if bias is not None:
-                    torch.cat([p.bias for p in projs], out=bias)
+                    self._stack([p.bias for p in projs], out=bias)
+
+    def _stack(self, parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._order is None:
+            return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+        heads = torch.cat(parts).unflatten(0, (-1, self.head_dim))  # [heads, D, ...]
+        grouped = heads.index_select(0, self._order)
+        return grouped.flatten(0, 1) if out is None else out.copy_(grouped.flatten(0, 1))

@@ -112,7 +112,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` with rotate_half's negation moved into sin, bit for bit: (-a) * b == a * (-b)
-    in IEEE arithmetic. x [N, H, D]; cos, signed_sin [N, H, D] or [N, 1, D] (`signed_sin` = sin
+    in IEEE arithmetic. x [..., D]; cos, signed_sin broadcasting to it (`signed_sin` = sin
     with its first half negated), built once per forward: two fewer ops per call, for the engine's
     decode where a step is many small ops. Engine mode only (no autograd; training keeps HF's form).
     A head whose rows are angle 0 (cos 1, sin 0) comes out unchanged: x * 1 + r * 0 == x."""
@@ -130,8 +130,8 @@ class AttentionInputs:
     attn: AttentionFn | None = None
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
-    # engine mode without the kernels: cos/sin [N, Hq + 2 Hkv, D] in `apply_rope_signed`'s form, one
-    # row per head of the stacked q|k|v, v's at angle 0 (`Transformer._engine_rope`)
+    # engine mode without the kernels: cos/sin [N, Hkv, group + 2, D] in `apply_rope_signed`'s form,
+    # one row per head of the grouped q|k|v, v's at angle 0 (`Transformer._engine_rope`)
     signed_sin: bool = False
     fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
     rope_in_attn: bool = False  # `attn` rotates q and k itself (see AttentionFn)
@@ -149,12 +149,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self._o_grouped: tuple[torch.Tensor, torch.Tensor] | None = None  # `_grouped_o_weight`
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
         if inputs.signed_sin:
             out = self._engine_attention(x, inputs)
-            return self.o_proj(out if out.dim() == 2 else out.reshape(*lead, self.n_heads * self.head_dim))
+            if out.dim() == 4 and self.o_proj.bias is None:  # a decode step's [S, Hkv, group, D]
+                # contracted with the weight viewed the same way: tensordot flattens both into the
+                # GEMM the reshape and o_proj would run, in one dispatched op instead of two
+                return torch.tensordot(out, self._grouped_o_weight(), dims=([1, 2, 3], [1, 2, 3]))
+            return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
         q, k, v = self._qkv(x, inputs)
         if inputs.rope_in_attn:
             out = inputs.attn(self.layer_idx, q, k, v, rope=(inputs.cos, inputs.sin))
@@ -173,24 +178,36 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
 
+    def _grouped_o_weight(self) -> torch.Tensor:
+        """o_proj's weight viewed as [d, Hkv, group, D], kept while it is the same tensor and storage."""
+        weight, kept = self.o_proj.weight, self._o_grouped
+        if kept is None or kept[0] is not weight or kept[1].data_ptr() != weight.data_ptr():
+            kept = self._o_grouped = weight, weight.view(weight.shape[0], self.n_kv_heads, -1, self.head_dim)
+        return kept[1]
+
     def _engine_attention(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """Engine mode on plain ops: q, k and v as one [N, Hq + 2 Hkv, D] tensor, rotated in one pass
-        (v's rows of the tables are angle 0), handed over as q and k|v side by side to an attention
-        that takes them so (`attend_kv`: one store of k|v per layer), else as q, k, v."""
+        """Engine mode on plain ops: q, k and v as one [N, Hkv, group + 2, D] tensor (per KV head its
+        query group, k and v: `grouped_head_order`), rotated in one pass (v's rows of the tables are
+        angle 0), handed to an attention that takes q [N, Hkv, group, D] and k|v [N, Hkv, 2, D] as
+        they are (`attend_kv`), else as q [N, Hq, D], k and v [N, Hkv, D]."""
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        if inputs.fused_qkv is None:
-            projs = ((self.q_proj, hq), (self.k_proj, hkv), (self.v_proj, hkv))
-            qkv = torch.cat([proj(x).view(-1, heads, d) for proj, heads in projs], dim=-2)
+        group, fused_qkv = hq // hkv, inputs.fused_qkv
+        if fused_qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qkv = torch.cat((q.view(-1, hkv, group, d), k.view(-1, hkv, 1, d), v.view(-1, hkv, 1, d)), dim=2)
         else:
-            qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(-1, hq + 2 * hkv, d)
+            qkv = F.linear(x, *fused_qkv[self.layer_idx])
+            if not fused_qkv.grouped:  # copies made for the kernels' path
+                qkv = qkv.view(-1, hq + 2 * hkv, d).index_select(1, fused_qkv.to_other_layout)
+            qkv = qkv.view(-1, hkv, group + 2, d)
         if self.q_norm is not None:
-            q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
-            qkv = torch.cat((self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels), v), dim=-2)
-        q, kv = apply_rope_signed(qkv, inputs.cos, inputs.sin).split((hq, 2 * hkv), dim=-2)
+            q, k, v = qkv.split((group, 1, 1), dim=2)
+            qkv = torch.cat((self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels), v), dim=2)
+        q, kv = apply_rope_signed(qkv, inputs.cos, inputs.sin).split((group, 2), dim=2)
         attend_kv = getattr(inputs.attn, "attend_kv", None)
         if attend_kv is not None:
             return attend_kv(self.layer_idx, q, kv)
-        return inputs.attn(self.layer_idx, q, *kv.split(hkv, dim=-2))
+        return inputs.attn(self.layer_idx, q.reshape(-1, hq, d), *kv.unbind(2))
 
     def _qkv(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE (unless the attention applies
@@ -202,6 +219,8 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(*lead, hkv, d)
         else:
             qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(*lead, hq + 2 * hkv, d)
+            if inputs.fused_qkv.grouped:  # copies made for the plain-ops path
+                qkv = qkv.index_select(-2, inputs.fused_qkv.to_other_layout)
             q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
         if self.q_norm is not None:
             q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
@@ -363,22 +382,23 @@ class Transformer(nn.Module):
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def _engine_rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Engine mode on plain ops: the rotary tables [N, Hq + 2 Hkv, D] every layer uses as they are,
-        in `apply_rope_signed`'s form (sin's first half negated: (-a) == a * -1 exactly), one row per
-        head of the stacked q|k|v with v's at angle 0: cos 1 and sin 0 leave v as it is. The same
-        fp32 products of position and frequency as `_rope`, so q's and k's rows equal its tables."""
+        """Engine mode on plain ops: the rotary tables [N, Hkv, group + 2, D] every layer uses as they
+        are, in `apply_rope_signed`'s form (sin's first half negated: (-a) == a * -1 exactly), one
+        row per head of the grouped q|k|v (`Attention._engine_attention`) with v's at angle 0: cos 1
+        and sin 0 leave v as it is. The same fp32 products of position and frequency as `_rope`, so
+        q's and k's rows equal its tables."""
         key = (positions.device, dtype)
         if key not in self._engine_freqs:
             cfg, half = self.config, self.config.head_dim // 2
             inv_freq = rope_inv_freq(cfg).to(positions.device)
-            rotated = cfg.num_attention_heads + cfg.num_key_value_heads
-            freqs = inv_freq.new_zeros(rotated + cfg.num_key_value_heads, 2 * half)
-            freqs[:rotated] = torch.cat((inv_freq, inv_freq))
+            group = cfg.num_attention_heads // cfg.num_key_value_heads
+            freqs = inv_freq.new_zeros(cfg.num_key_value_heads, group + 2, 2 * half)
+            freqs[:, : group + 1] = torch.cat((inv_freq, inv_freq))
             sign = torch.ones(2 * half, dtype=dtype, device=positions.device)
             sign[:half] = -1.0
             self._engine_freqs[key] = freqs, sign
         freqs, sign = self._engine_freqs[key]
-        angles = positions.view(-1, 1, 1) * freqs  # int64 positions promote to fp32, as .float() makes them
+        angles = positions.view(-1, 1, 1, 1) * freqs  # int64 positions promote to fp32, as .float() makes them
         cos, sin = angles.cos(), angles.sin()
         if dtype != torch.float32:
             cos, sin = cos.to(dtype), sin.to(dtype)

@@ -1,6 +1,6 @@
-"""The engine's attention context on the torch path: handing k and v over side by side
-(`attend_kv`, the model's engine path on plain ops) stores and attends exactly as handing them over
-apart, through a prefill, a fresh decode batch and continuing decode steps, for every layer."""
+"""The engine's attention context on the torch path: handing q grouped per KV head and k|v side by
+side (`attend_kv`, the model's engine path on plain ops) stores and attends exactly as handing them
+over apart, through a prefill, a fresh decode batch and continuing decode steps, for every layer."""
 
 import pytest
 import torch
@@ -51,11 +51,12 @@ def test_attend_kv_equals_the_separate_call(store_rows):
             contexts(p, w, lengths, q_lens, continues, store_rows) for p, w in zip(pools, workspaces, strict=True)
         )
         for layer in range(LAYERS):
-            q = torch.randn(n, HQ, D, generator=gen)
-            kv = torch.randn(n, 2 * HKV, D, generator=gen)
-            want = apart(layer, q, kv[:, :HKV], kv[:, HKV:])
+            # what the model hands over: views of one [N, Hkv, group + 2, D] tensor
+            qkv = torch.randn(n, HKV, HQ // HKV + 2, D, generator=gen)
+            q, kv = qkv.split((HQ // HKV, 2), dim=2)
+            want = apart(layer, q.reshape(n, HQ, D), kv[:, :, 0], kv[:, :, 1])
             got = side_by_side.attend_kv(layer, q, kv)
-            assert torch.equal(got.view(want.shape), want)
+            assert torch.equal(got.reshape(want.shape), want)
         assert torch.equal(pools[0], pools[1])
 
 

@@ -52,6 +52,17 @@ def test_stacked_projections_equal_the_three(family, kernels):
     assert fused is not None and (fused.biases[0] is None) == (not cfg.attention_bias)
     assert fused[0][0].shape == ((cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim, 32)
     torch.testing.assert_close(engine_mode_hidden(model, fused), engine_mode_hidden(model, None), rtol=1e-6, atol=1e-6)
+    assert fused.grouped == (kernels == "torch")  # the head order of the path this forward takes
+    other = FusedQKV(model, grouped=not fused.grouped)  # the other order: its heads are reordered first
+    torch.testing.assert_close(engine_mode_hidden(model, other), engine_mode_hidden(model, fused), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_head_order_puts_each_query_group_before_its_k_and_v():
+    from score.model.fused_qkv import grouped_head_order
+
+    # 6 q heads sharing 2 KV heads (groups of 3): q0 q1 q2 k0 v0 | q3 q4 q5 k1 v1
+    assert grouped_head_order(6, 2).tolist() == [0, 1, 2, 6, 8, 3, 4, 5, 7, 9]
+    assert grouped_head_order(4, 4).tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
 
 
 def greedy(engine, prompts):
