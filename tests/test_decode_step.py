@@ -205,3 +205,29 @@ def test_graphs_only_on_cuda_and_never_under_fsdp2():
     # what fully_shard does to a module's class (it needs a process group to do the rest)
     sharded[0].__class__ = type("FSDPLinear", (FSDPModule, torch.nn.Linear), {})
     assert not captures_graphs(sharded, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0)])
+def test_a_cpu_decode_step_of_eight_layers_dispatches_at_most_200_ops_and_samples_once(params):
+    """Top-level aten ops (those Python dispatches) per decode step of 16 sequences through an
+    8-layer Qwen2-shaped model: (ops of prefill + 1 + n steps - ops of prefill + 1) / n. The count
+    does not depend on the sizes, so a small model stands for the benchmark's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_decoder(seed=4, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    ids = torch.randint(0, 97, (16, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    engine = Engine(model, block_size=16, max_model_len=128, max_num_seqs=16)
+
+    def counts(tokens):
+        engine.clear_cache()
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(
+                ids, SamplingParams(**{**vars(params), "max_tokens": tokens, "ignore_eos": True, "seed": 0})
+            )
+        names = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        return len(names), names.count("aten::log_softmax")
+
+    counts(2)  # warm: the kept buffers and views
+    (base, base_passes), (ops, passes), n = counts(2), counts(10), 8
+    assert (ops - base) / n <= 200
+    assert passes - base_passes == n  # one sampling pass per step for the whole batch
