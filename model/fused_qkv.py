@@ -1,4 +1,5 @@
-"""The engine's copies of every layer's q, k and v projections, stacked into one matrix per layer.
+"""The engine's copies of every layer's q, k and v projections, stacked into one matrix per layer
+(and views of its o_proj weights in the grouped layout of a decode step's attention output).
 
 With them a rollout forward runs one [(Hq + 2 Hkv) D, d] GEMM per layer where the model's own
 forward runs three, and (engine mode, plain ops) rotates q and k in one pass, since they sit side
@@ -52,11 +53,14 @@ class FusedQKV:
         self.to_other_layout = (torch.argsort(order) if grouped else order).to(device)
         self._order = order.to(device) if grouped else None
         self._sources = [(layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj) for layer in model.layers]
+        self._o_projs = [layer.attn.o_proj for layer in model.layers]
+        self._o_shape = (cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim)
         with torch.no_grad():
             self.weights = [self._stack([p.weight for p in projs]) for projs in self._sources]
             self.biases = [
                 None if projs[0].bias is None else self._stack([p.bias for p in projs]) for projs in self._sources
             ]
+        self.grouped_o_weights = self._grouped_o_weights()
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> FusedQKV | None:
@@ -78,6 +82,14 @@ class FusedQKV:
                 self._stack([p.weight for p in projs], out=weight)
                 if bias is not None:
                     self._stack([p.bias for p in projs], out=bias)
+        self.grouped_o_weights = self._grouped_o_weights()
+
+    def _grouped_o_weights(self) -> list[torch.Tensor]:
+        """Per layer, o_proj's weight viewed as [d, Hkv, group, D], the layout of a decode step's
+        attention output (views, not copies: taken again at every refresh, since the model may
+        have replaced a weight; outside inference mode, so that the optimizer may update it)."""
+        with torch.inference_mode(False):
+            return [proj.weight.detach().view(-1, *self._o_shape) for proj in self._o_projs]
 
     def _stack(self, parts: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         if self._order is None:

@@ -149,16 +149,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self._o_grouped: tuple[torch.Tensor, torch.Tensor] | None = None  # `_grouped_o_weight`
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
         if inputs.signed_sin:
             out = self._engine_attention(x, inputs)
-            if out.dim() == 4 and self.o_proj.bias is None:  # a decode step's [S, Hkv, group, D]
-                # contracted with the weight viewed the same way: tensordot flattens both into the
-                # GEMM the reshape and o_proj would run, in one dispatched op instead of two
-                return torch.tensordot(out, self._grouped_o_weight(), dims=([1, 2, 3], [1, 2, 3]))
+            if out.dim() == 4 and inputs.fused_qkv is not None and self.o_proj.bias is None:
+                # a decode step's [S, Hkv, group, D] contracted with the weight viewed the same way:
+                # tensordot flattens both into the GEMM the reshape and o_proj would run, in one
+                # dispatched op instead of two
+                weight = inputs.fused_qkv.grouped_o_weights[self.layer_idx]
+                return torch.tensordot(out, weight, dims=([1, 2, 3], [1, 2, 3]))
             return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
         q, k, v = self._qkv(x, inputs)
         if inputs.rope_in_attn:
@@ -177,13 +178,6 @@ class Attention(nn.Module):
                 kernels=inputs.kernels,
             )
         return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
-
-    def _grouped_o_weight(self) -> torch.Tensor:
-        """o_proj's weight viewed as [d, Hkv, group, D], kept while it is the same tensor and storage."""
-        weight, kept = self.o_proj.weight, self._o_grouped
-        if kept is None or kept[0] is not weight or kept[1].data_ptr() != weight.data_ptr():
-            kept = self._o_grouped = weight, weight.view(weight.shape[0], self.n_kv_heads, -1, self.head_dim)
-        return kept[1]
 
     def _engine_attention(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """Engine mode on plain ops: q, k and v as one [N, Hkv, group + 2, D] tensor (per KV head its
