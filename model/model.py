@@ -130,7 +130,7 @@ class AttentionInputs:
     attn: AttentionFn | None = None
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
-    # engine mode without the kernels: cos/sin [N, Hkv, group + 2, D] in `apply_rope_signed`'s form,
+    # engine mode without the kernels: cos/sin [N, 1, group + 2, D] in `apply_rope_signed`'s form,
     # one row per head of the grouped q|k|v, v's at angle 0 (`Transformer._engine_rope`)
     signed_sin: bool = False
     fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
@@ -376,17 +376,18 @@ class Transformer(nn.Module):
         return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
     def _engine_rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Engine mode on plain ops: the rotary tables [N, Hkv, group + 2, D] every layer uses as they
-        are, in `apply_rope_signed`'s form (sin's first half negated: (-a) == a * -1 exactly), one
-        row per head of the grouped q|k|v (`Attention._engine_attention`) with v's at angle 0: cos 1
-        and sin 0 leave v as it is. The same fp32 products of position and frequency as `_rope`, so
-        q's and k's rows equal its tables."""
+        """Engine mode on plain ops: the rotary tables [N, 1, group + 2, D] every layer uses as they
+        are (broadcast over the KV heads), in `apply_rope_signed`'s form (sin's first half negated:
+        (-a) == a * -1 exactly), one row per head of a KV head's group in the grouped q|k|v
+        (`Attention._engine_attention`), v's at angle 0: cos 1 and sin 0 leave v as it is. The same
+        fp32 products of position and frequency as `_rope`, so q's and k's rows equal its tables."""
         key = (positions.device, dtype)
         if key not in self._engine_freqs:
             cfg, half = self.config, self.config.head_dim // 2
             inv_freq = rope_inv_freq(cfg).to(positions.device)
             group = cfg.num_attention_heads // cfg.num_key_value_heads
-            freqs = inv_freq.new_zeros(cfg.num_key_value_heads, group + 2, 2 * half)
+            # one KV head's rows, broadcast over the others: [1, group + 2, D], not [Hkv, group + 2, D]
+            freqs = inv_freq.new_zeros(1, group + 2, 2 * half)
             freqs[:, : group + 1] = torch.cat((inv_freq, inv_freq))
             sign = torch.ones(2 * half, dtype=dtype, device=positions.device)
             sign[:half] = -1.0
