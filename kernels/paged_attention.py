@@ -252,8 +252,8 @@ class PagedAttentionBuffers:
         # compute dtype -> [sequences, capacity] additive mask (0 where a key is visible, -inf past
         # it) and the same as [sequences, 1, 1, capacity], the shape SDPA takes
         self.decode_masks: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> ([S, 1], [1, Hkv]) aranges
-        self.kv_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # a caller's constant store indices
+        self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Hkv -> `decode_index`'s constant parts
+        self._kv_heads: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (Hkv, device) -> `kv_heads`
         self._columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, its [S, 1, 1] view)
 
     def gathered(self, name: str, rows: int, row_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -292,16 +292,25 @@ class PagedAttentionBuffers:
             kept = self._columns[id(values)] = values, values.view(-1, 1, 1)
         return kept[1]
 
+    def kv_heads(self, kv_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K or V [1, 1, 2], head [1, Hkv, 1]): the index_put_ indices, broadcast with a row index
+        [N, 1, 1], of every element of a k|v [N, Hkv, 2, D] in a [2, rows, Hkv, D] layer cache."""
+        key = (kv_heads, torch.device(device))
+        if key not in self._kv_heads:
+            arange = torch.arange(max(2, kv_heads), device=device)
+            self._kv_heads[key] = arange[:2].view(1, 1, 2), arange[:kv_heads].view(1, kv_heads, 1)
+        return self._kv_heads[key]
+
     def decode_index(self, positions: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, ...]:
         """`index_put_` indices of each sequence's new k|v [S, Hkv, 2, D] at `positions` [S, 1] in a
         kept [S, 2 Hkv, capacity, D] buffer (K heads, then V heads)."""
         parts = self._index.get(kv_heads)
         if parts is None:
             device = positions.device
-            heads = torch.arange(kv_heads, device=device).view(1, kv_heads, 1)
+            half, head = self.kv_heads(kv_heads, device)
             parts = self._index[kv_heads] = (
                 torch.arange(positions.shape[0], device=device).view(-1, 1, 1),
-                heads + kv_heads * torch.arange(2, device=device).view(1, 1, 2),
+                head + kv_heads * half,
             )
         return parts[0], parts[1], self.column(positions)
 
@@ -448,20 +457,23 @@ def paged_attention_torch(
 ) -> torch.Tensor:
     """Reference paged attention (see module docstring); math in fp32, or float64 for float64 input.
 
-    q [N, Hq, D] returns [N, Hq, D]. A decode step of a plan that keeps keys also takes q already
-    grouped per KV head, [S, Hkv, group, D], and then returns [S, Hkv, group, D] (SDPA's own
-    output). `layer` (< plan.num_layers): whose kept keys a decode step reads. `new_kv` (decode
-    only, optional): this step's k|v [S, Hkv, 2, D], exactly what was just stored at each
-    sequence's last position; a continuing decode step copies them into the kept buffers instead
-    of reading them back out of the cache.
+    q [N, Hq, D] returns [N, Hq, D]; q grouped per KV head, [N, Hkv, group, D], is taken too, and
+    a decode step of a plan that keeps keys then returns [S, Hkv, group, D] (SDPA's own output).
+    `layer` (< plan.num_layers): whose kept keys a decode step reads. `new_kv` (decode only,
+    optional): this step's k|v [S, Hkv, 2, D], exactly what was just stored at each sequence's
+    last position; a continuing decode step copies them into the kept buffers instead of reading
+    them back out of the cache.
     """
     num_seqs, max_ctx = plan.num_seqs, plan.max_context_len
     n, d, hkv = q.shape[0], q.shape[-1], k_cache.shape[2]
+    decode = plan.max_q_len == 1 and n == num_seqs
+    if q.dim() == 4:
+        if q.shape[1] != hkv:
+            raise ValueError(f"q grouped per KV head must be [N, {hkv}, group, D], got {tuple(q.shape)}")
+        if not (decode and plan.decode_capacity):  # only SDPA over the kept keys takes it as it is
+            q = q.flatten(1, 2)
     hq = q.shape[1] * q.shape[2] if q.dim() == 4 else q.shape[1]
     compute = _compute_dtype(q.dtype)
-    decode = plan.max_q_len == 1 and n == num_seqs
-    if q.dim() == 4 and not (decode and plan.decode_capacity and q.shape[1] == hkv):
-        raise ValueError(f"q grouped per KV head ({tuple(q.shape)}) is for decode steps that keep their keys")
     mask = plan.masks.get(compute)
     if mask is None:
         mask = plan.masks[compute] = (_decode_mask if plan.decode_capacity else _mask)(plan, compute)
@@ -646,7 +658,7 @@ def paged_attention(
         plan = plan_paged_attention(
             block_tables, context_lens, cu_seqlens_q, k_cache.shape[1], max_q_len, max_context_len
         )
-    return paged_attention_torch(q, k_cache, v_cache, plan, scale).view(q.shape)  # heads flat after a kept decode
+    return paged_attention_torch(q, k_cache, v_cache, plan, scale)
 
 
 def aot_launches() -> list[Launch]:

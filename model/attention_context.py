@@ -140,7 +140,7 @@ class AttentionContext:
             else:
                 k_rows.index_copy_(0, self._store_rows, k)
                 v_rows.index_copy_(0, self._store_rows, v)
-            return self._torch_attention(layer_idx, q, None, k_cache, v_cache, k_rows, v_rows).view(q.shape)
+            return self._torch_attention(layer_idx, q, None, k_cache, v_cache, k_rows, v_rows)
         if rope is None:
             store_kv(k, v, k_cache, v_cache, self.slot_mapping, impl="triton")
         else:
@@ -184,23 +184,10 @@ class AttentionContext:
         if self._kv_store_index is None:
             if not self._checked:
                 self._check(q.flatten(1, 2), *kv.unbind(2), k_cache, v_cache)
-            half, head = self._kv_heads(kv.shape[1], kv.device)
+            half, head = self.plan.buffers.kv_heads(kv.shape[1], kv.device)
             self._kv_store_index = (half, self.plan.buffers.column(self._store_rows), head)
         kv_rows.index_put_(self._kv_store_index, kv)
-        plan = self.plan
-        if not (plan.decode_capacity and plan.max_q_len == 1 and q.shape[0] == plan.num_seqs):
-            q = q.flatten(1, 2)  # the grouped q is for a decode step with kept keys
         return self._torch_attention(layer_idx, q, kv, k_cache, v_cache, k_rows, v_rows)
-
-    def _kv_heads(self, hkv: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K or V [1, 1, 2], head [1, Hkv, 1]): where a [N, Hkv, 2, D] k|v goes in a layer's
-        [2, rows, Hkv, D] cache, kept in the workspace when there is one (they depend only on Hkv)."""
-        kept = None if self.plan is None else self.plan.buffers.kv_heads
-        if kept is None or kept[1].shape[1] != hkv or kept[1].device != device:
-            kept = torch.arange(2, device=device).view(1, 1, 2), torch.arange(hkv, device=device).view(1, hkv, 1)
-            if self.plan is not None:
-                self.plan.buffers.kv_heads = kept
-        return kept
 
     def _caches(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
         if self.layer_caches is not None:

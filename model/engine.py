@@ -467,10 +467,8 @@ class Engine:
         states = None
         if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
             states = self._ints([sampler_state(seq.seed, seq.num_output_tokens) for seq in step.seqs], torch.long)
-        if self.device.type != "cpu":
-            tokens, logprobs = sample(self._logits(hidden), params, states)
-            return tokens.tolist(), logprobs.tolist()
-        tokens, logprobs = sample(self._logits(hidden), params, states, self._workspace)
+        workspace = self._workspace if self.device.type == "cpu" else None
+        tokens, logprobs = sample(self._logits(hidden), params, states, workspace)
         return self._workspace.to_lists(tokens, logprobs, len(step.seqs))
 
     def _decode_step(self) -> DecodeStep:

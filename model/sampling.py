@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .workspace import DecodeWorkspace
+from .workspace import DecodeWorkspace, SampleResults
 
 
 @dataclass(frozen=True)
@@ -143,12 +143,13 @@ def sample(
     """
     logits = logits if logits.dtype == torch.float32 else logits.float()
     rows = logits.shape[0]
-    tokens, logprobs = _results(workspace, rows, logits.device)  # [S, 1] each
+    results = SampleResults(rows, logits.device) if workspace is None else workspace.sample_results(rows, logits.device)
+    tokens, logprobs = results.token_column, results.logprob_column  # [S, 1] each
     if params.greedy:
         torch.argmax(logits, dim=-1, keepdim=True, out=tokens)
         logprobs_all = torch.log_softmax(logits, dim=-1, out=_buffer(workspace, "logprobs", logits))
         torch.gather(logprobs_all, -1, tokens, out=logprobs)
-        return _flat(workspace, tokens), _flat(workspace, logprobs)
+        return results.tokens, results.logprobs
     if states is None or states.shape not in ((rows,), (rows, 1)) or states.dtype != torch.int64:
         raise ValueError(f"sampling {rows} rows needs int64 sampler states of shape [{rows}]")
     scaled = logits
@@ -167,18 +168,7 @@ def sample(
     torch.searchsorted(cdf, bits * (cdf[:, -1:] * 2.0**-53), right=True, out=tokens)
     tokens.clamp_(max=logits.shape[-1] - 1)
     torch.gather(logprobs_all, -1, tokens, out=logprobs)
-    return _flat(workspace, tokens), _flat(workspace, logprobs)
-
-
-def _results(workspace: DecodeWorkspace | None, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if workspace is not None:
-        return workspace.sample_results(rows, device)
-    return torch.empty(rows, 1, dtype=torch.long, device=device), torch.empty(rows, 1, device=device)
-
-
-def _flat(workspace: DecodeWorkspace | None, column: torch.Tensor) -> torch.Tensor:
-    """[S] view of a [S, 1] result (the workspace's own, kept with it: no op per step)."""
-    return column.view(-1) if workspace is None else workspace.flat(column)
+    return results.tokens, results.logprobs
 
 
 def _buffer(

@@ -30,9 +30,7 @@ class DecodeWorkspace:
         # (name, shape) -> the view handed out last: a step of the same shape gets it again instead
         # of slicing and viewing the storage anew (two dispatched ops per buffer and step)
         self._views: dict[tuple, torch.Tensor] = {}
-        # (rows, device) -> ([S, 1] tokens, [S, 1] logprobs); the [S] view and numpy view of each
-        self._results: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._flat: dict[int, tuple[torch.Tensor, object]] = {}  # id(column) -> ([S] view, numpy of it)
+        self._results: dict[tuple, SampleResults] = {}  # (rows, device) -> the sampler's kept outputs
 
     def vocab_buffer(self, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of `shape` for the [S, V] intermediate `name`: the kept one when
@@ -54,27 +52,30 @@ class DecodeWorkspace:
         self._vocab.clear()
         self._views.clear()
 
-    def sample_results(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept [rows, 1] int64 tokens and fp32 logprobs for the sampler to write into."""
+    def sample_results(self, rows: int, device: torch.device) -> SampleResults:
+        """Kept results of a `rows`-row sampling pass on `device`, for the sampler to write into."""
         key = (rows, torch.device(device))
         if key not in self._results:
-            columns = (torch.empty(rows, 1, dtype=torch.long, device=device), torch.empty(rows, 1, device=device))
-            for column in columns:
-                flat = column.view(-1)
-                self._flat[id(column)] = (flat, flat.numpy() if flat.device.type == "cpu" else None)
-            self._results[key] = columns
+            self._results[key] = SampleResults(rows, torch.device(device))
         return self._results[key]
-
-    def flat(self, column: torch.Tensor) -> torch.Tensor:
-        """The [S] view of a `sample_results` column."""
-        return self._flat[id(column)][0]
 
     def to_lists(self, tokens: torch.Tensor, logprobs: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
         """The first `n` of the sampler's [S] tokens and logprobs as Python lists: through the kept
         numpy views when these are the workspace's CPU results, else with `tolist`."""
-        columns = self._results.get((tokens.shape[0], tokens.device))
-        if columns is not None and tokens.device.type == "cpu":
-            (flat_tokens, tokens_np), (flat_logprobs, logprobs_np) = (self._flat[id(c)] for c in columns)
-            if tokens is flat_tokens and logprobs is flat_logprobs:
-                return tokens_np[:n].tolist(), logprobs_np[:n].tolist()
+        kept = self._results.get((tokens.shape[0], tokens.device))
+        if kept is not None and kept.tokens_np is not None and kept.tokens is tokens and kept.logprobs is logprobs:
+            return kept.tokens_np[:n].tolist(), kept.logprobs_np[:n].tolist()
         return tokens[:n].tolist(), logprobs[:n].tolist()
+
+
+class SampleResults:
+    """A sampling pass's outputs: the [S, 1] columns its kernels write (`out=`), their [S] views
+    (what `sample` returns) and, on the CPU, numpy views of those for the host's copy."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.token_column = torch.empty(rows, 1, dtype=torch.long, device=device)
+        self.logprob_column = torch.empty(rows, 1, device=device)
+        self.tokens, self.logprobs = self.token_column.view(-1), self.logprob_column.view(-1)
+        cpu = device.type == "cpu"
+        self.tokens_np = self.tokens.numpy() if cpu else None
+        self.logprobs_np = self.logprobs.numpy() if cpu else None
