@@ -1,10 +1,10 @@
 """The memory plan's numbers against memory measured on CPU, and the printed table.
 
 tests/helpers/memory_probe.py runs in a fresh process with glibc told to mmap every allocation of 64 KiB
-or more and to give freed memory back at once, so RSS follows the live tensors: each component's
-RSS growth is compared with the plan (compute dtype fp32 = 4 bytes on CPU, one rank, so FSDP's
-gathered working set is not part of the measurement; 2-rank sharding itself is tested in
-test_distributed.py).
+or more and to give freed memory back at once, so anonymous RSS follows the live tensors (file-backed
+pages, the libraries' code, come and go as the kernel reclaims them): each component's growth is
+compared with the plan (compute dtype fp32 = 4 bytes on CPU, one rank, so FSDP's gathered working
+set is not part of the measurement; 2-rank sharding itself is tested in test_distributed.py).
 
 Tolerances: weights, gradients, AdamW state and the reference within 5% (they are exact byte
 counts plus allocator rounding); the activation peak of a forward+backward within 15% (the plan

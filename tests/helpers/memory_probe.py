@@ -1,9 +1,10 @@
 """Measures the memory the plan predicts, in a fresh process (run by tests/test_memory_plan.py).
 
-Prints one JSON object of RSS growth in bytes: `policy` (building the fp32 model), `grads` (first
-backward, gradients kept), `adam` (first AdamW step: exp_avg, exp_avg_sq), `reference` (a frozen
-copy), `activations` (the rise of peak RSS during one forward+backward of `tokens` tokens with every
-buffer above already allocated), for ModelConfig(**json.loads(argv[1])) and argv[2] tokens.
+Prints one JSON object of growth in anonymous resident memory (RSS less file-backed pages), in
+bytes: `policy` (building the fp32 model), `grads` (first backward, gradients kept), `adam` (first
+AdamW step: exp_avg, exp_avg_sq), `reference` (a frozen copy), `activations` (the rise of its
+peak during one forward+backward of `tokens` tokens with every buffer above already allocated),
+for ModelConfig(**json.loads(argv[1])) and argv[2] tokens.
 """
 
 import gc
@@ -18,12 +19,31 @@ from score.kernels import fused_linear_logprob
 from score.model import ModelConfig, Transformer
 
 
+def _status() -> dict[str, int]:
+    """Linux's /proc/self/status memory lines in bytes ({} elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            lines = [line.split() for line in f if line.startswith(("VmHWM", "RssAnon", "RssFile", "RssShmem"))]
+    except OSError:
+        return {}
+    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in lines}
+
+
 def rss() -> int:
+    """Anonymous resident memory, where the tensors live. Not file-backed pages: the kernel may
+    drop the libraries' cold pages at any time and fault them back in when code runs again, and
+    those swings (hundreds of MiB of libtorch) are no tensor's."""
     gc.collect()
-    return psutil.Process().memory_info().rss
+    status = _status()
+    return status["RssAnon"] if "RssAnon" in status else psutil.Process().memory_info().rss
 
 
 def peak_rss() -> int:
+    """A lower bound of the anonymous memory at the peak of RSS: the peak minus the file-backed
+    pages resident now (during a step those only come back in, so at the peak there were no more)."""
+    status = _status()
+    if {"VmHWM", "RssFile"} <= status.keys():
+        return status["VmHWM"] - status["RssFile"] - status.get("RssShmem", 0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
