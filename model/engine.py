@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from score.kernels.dispatch import interpreting
 
+from . import onednn
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
 from .decode_step import DecodeStep, LaunchedStep, captures_graphs, check_batch_sizes, graph_batch_sizes
@@ -493,6 +494,8 @@ class Engine:
         """fp32 logits [S, V] of final hidden states [S, D]."""
         if self.device.type != "cpu":
             return F.linear(hidden, self.model.lm_head_weight).float()
+        if onednn.usable(hidden):
+            return onednn.linear(hidden, self.model.lm_head_weight)
         # CPU BLAS multiplies [M, D] x [D, V] faster than against the [V, D] weight for
         # decode-sized M, so the LM head gets a transposed copy, taken once per generate call
         # (the trainer updates weights between calls) and after the model's forward (under

@@ -35,6 +35,7 @@ from score.kernels.dispatch import IMPLS, use_triton
 from score.kernels.rms_norm import DTYPE_COMBOS as RMS_NORM_DTYPES
 from score.kernels.rope import apply_rope as rope_kernel
 
+from . import onednn
 from .attention import causal_attention, check_backend
 from .config import ModelConfig
 
@@ -135,6 +136,8 @@ class AttentionInputs:
     signed_sin: bool = False
     fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
     rope_in_attn: bool = False  # `attn` rotates q and k itself (see AttentionFn)
+    # engine mode on the CPU: the GEMMs through oneDNN, each with the op after it (model/onednn.py)
+    onednn: bool = False
 
 
 class Attention(nn.Module):
@@ -150,10 +153,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's output projection, plus `residual` when given (oneDNN engine mode only)."""
         lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
         if inputs.signed_sin:
             out = self._engine_attention(x, inputs)
+            if inputs.onednn:
+                out = out.reshape(-1, self.n_heads * self.head_dim)
+                return onednn.linear_add(out, self.o_proj.weight, residual, self.o_proj.bias)
             if out.dim() == 4 and inputs.fused_qkv is not None and self.o_proj.bias is None:
                 # a decode step's [S, Hkv, group, D] contracted with the weight viewed the same way:
                 # tensordot flattens both into the GEMM the reshape and o_proj would run, in one
@@ -186,11 +193,12 @@ class Attention(nn.Module):
         they are (`attend_kv`), else as q [N, Hq, D], k and v [N, Hkv, D]."""
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         group, fused_qkv = hq // hkv, inputs.fused_qkv
+        linear = onednn.linear if inputs.onednn else F.linear
         if fused_qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
             qkv = torch.cat((q.view(-1, hkv, group, d), k.view(-1, hkv, 1, d), v.view(-1, hkv, 1, d)), dim=2)
         else:
-            qkv = F.linear(x, *fused_qkv[self.layer_idx])
+            qkv = linear(x, *fused_qkv[self.layer_idx])
             if not fused_qkv.grouped:  # copies made for the kernels' path
                 qkv = qkv.view(-1, hq + 2 * hkv, d).index_select(1, fused_qkv.to_other_layout)
             qkv = qkv.view(-1, hkv, group + 2, d)
@@ -249,6 +257,11 @@ class MLP(nn.Module):
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), impl="triton"))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def onednn_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate(x)) * up(x)) in three oneDNN GEMMs, each with its epilogue."""
+        gate = onednn.linear_silu(x, self.gate_proj.weight)
+        return onednn.linear_add(onednn.linear_mul(x, self.up_proj.weight, gate), self.down_proj.weight, residual)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -260,6 +273,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         kernels = inputs.kernels
+        if inputs.onednn:  # each residual add rides on the GEMM before it
+            h = self.attn(self.attn_norm(x, kernels), inputs, residual=x)
+            return self.mlp.onednn_forward(self.mlp_norm(h, kernels), residual=h)
         y, x = self.mlp_norm.add_and_norm(self.attn(self.attn_norm(x, kernels), inputs), x, kernels)
         return x + self.mlp(y, kernels)
 
@@ -360,6 +376,7 @@ class Transformer(nn.Module):
             signed_sin=signed,
             fused_qkv=fused_qkv,
             rope_in_attn=rope_in_attn,
+            onednn=signed and onednn.usable(x),
         )
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
