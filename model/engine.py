@@ -166,7 +166,7 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
-        self._lm_head_t = None  # CPU: the LM head weight transposed, during generate
+        self._lm_head_t = None  # CPU without oneDNN: the LM head weight transposed, during generate
         self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
         self._last_decode: list | None = None  # the sequences of the previous step when it decoded
         self._decode: DecodeStep | None = None  # built at the first decode step after (re)allocation
