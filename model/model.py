@@ -13,6 +13,8 @@ Notable features
     engine  input_ids [N] + positions [N] + attn(layer_idx, q, k, v): the caller owns the KV cache
             and runs attention itself; the model knows nothing about caches (rollouts). The engine
             may also pass stacked copies of the q/k/v weights (`fused_qkv`): one GEMM per layer.
+            On fp32 CPU tensors without autograd its GEMMs go through oneDNN, each with the op
+            after it fused in (onednn.py).
 - Per-layer activation checkpointing for training.
 
 Not done here: KV caches, sampling (the engine), loading (loading.py), attention kernels
