@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.attention import causal_attention
 from score.model.fused_qkv import FusedQKV
-from tests.helpers.model_fixtures import tiny_decoder
+from tests.helpers.model_fixtures import engine_mode_hidden, randomise_biases, tiny_decoder
 
 VOCAB = 89
 FAMILIES = {
@@ -17,29 +16,6 @@ FAMILIES = {
     "llama_no_bias": dict(architecture="LlamaForCausalLM", tie_word_embeddings=False),
     "qwen3_qk_norm": dict(architecture="Qwen3ForCausalLM", head_dim=16),
 }
-
-
-def randomise_biases(model):
-    with torch.no_grad():  # zero at init: random ones check that the stacked bias lines up
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def engine_mode_hidden(model, fused_qkv):
-    gen = torch.Generator().manual_seed(1)
-    lengths = [5, 9, 2]
-    ids = torch.randint(0, VOCAB, (sum(lengths),), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
-    scale = model.config.head_dim**-0.5
-
-    def attn(layer_idx, q, k, v):
-        return causal_attention(q, k, v, scale=scale, cu_seqlens=cu, backend="sdpa", kernels="torch")
-
-    with torch.inference_mode():
-        return model.hidden_states(ids, positions=positions, attn=attn, fused_qkv=fused_qkv)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from score.model import Engine, SamplingParams, onednn
-from score.model.attention import causal_attention
 from score.model.fused_qkv import FusedQKV
-from tests.helpers.model_fixtures import tiny_decoder
+from tests.helpers.model_fixtures import engine_mode_hidden, randomise_biases, tiny_decoder
 from tests.helpers.op_count import top_level_ops
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
@@ -61,32 +60,15 @@ def test_only_fp32_cpu_tensors_without_autograd_are_taken():
         assert onednn.usable(x)
 
 
-def engine_mode_hidden(model, use_onednn, monkeypatch):
-    """Final hidden states of three packed sequences in engine mode, through oneDNN or not."""
-    monkeypatch.setattr(onednn, "AVAILABLE", use_onednn)
-    gen = torch.Generator().manual_seed(1)
-    lengths = [5, 9, 2]
-    ids = torch.randint(0, VOCAB, (sum(lengths),), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
-    scale = model.config.head_dim**-0.5
-
-    def attn(layer_idx, q, k, v):
-        return causal_attention(q, k, v, scale=scale, cu_seqlens=cu, backend="sdpa", kernels="torch")
-
-    with torch.inference_mode():
-        return model.hidden_states(ids, positions=positions, attn=attn, fused_qkv=FusedQKV.of(model))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_an_engine_forward_through_onednn_equals_the_plain_ops(family, monkeypatch):
-    model = tiny_decoder(seed=2, vocab_size=VOCAB, **FAMILIES[family])
-    with torch.no_grad():  # zero at init: random ones check each GEMM's bias and epilogue order
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    plain = engine_mode_hidden(model, False, monkeypatch)
-    through = engine_mode_hidden(model, True, monkeypatch)
+    # random biases and norm weights check each GEMM's bias and epilogue order
+    model = randomise_biases(tiny_decoder(seed=2, vocab_size=VOCAB, **FAMILIES[family]))
+    hidden = {}
+    for use_onednn in (False, True):
+        monkeypatch.setattr(onednn, "AVAILABLE", use_onednn)
+        hidden[use_onednn] = engine_mode_hidden(model, FusedQKV.of(model))
+    plain, through = hidden[False], hidden[True]
     torch.testing.assert_close(through, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(through, plain)  # the GEMMs really changed: oneDNN sums in its own order
 

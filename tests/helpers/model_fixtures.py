@@ -284,3 +284,32 @@ def tiny_decoder(*, seed: int, vocab_size: int = 97, **overrides):
     )
     torch.manual_seed(seed)
     return Transformer(ModelConfig(**{**fields, **overrides})).eval()
+
+
+def randomise_biases(model):
+    """Biases and norm weights drawn from U(0.5, 1.5) (zero and one at init), so that a test sees
+    whether each one lands where it belongs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def engine_mode_hidden(model, fused_qkv=None):
+    """Final hidden states [16, D] of three packed sequences (5, 9 and 2 tokens) through the model's
+    engine mode, with SDPA over each sequence standing in for the engine's paged attention."""
+    from score.model.attention import causal_attention
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 2]
+    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
+    scale = model.config.head_dim**-0.5
+
+    def attn(layer_idx, q, k, v):
+        return causal_attention(q, k, v, scale=scale, cu_seqlens=cu, backend="sdpa", kernels="torch")
+
+    with torch.inference_mode():
+        return model.hidden_states(ids, positions=positions, attn=attn, fused_qkv=fused_qkv)
