@@ -28,13 +28,15 @@ import sys
 import pytest
 import torch
 
+from bench.gpu_workloads import HEAD_TOKENS, HEADS
 from score.kernels import fused_linear_logprob
 
 CUDA = torch.cuda.is_available()
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_logprob_worker.py")
-SHAPES = {"qwen2.5-0.5b": (896, 151936), "qwen2.5-1.5b": (1536, 151936), "llama3-8b": (4096, 128256)}
+SHAPES = HEADS  # model -> (hidden, vocab) of its LM head (bench/gpu_workloads.py)
 # CPU token counts keep a whole run within minutes on 2 cores; GPU uses a training-sized batch.
-TOKENS = {"qwen2.5-0.5b": 1024, "qwen2.5-1.5b": 1024, "llama3-8b": 256} if not CUDA else dict.fromkeys(SHAPES, 8192)
+CPU_TOKENS = {"Qwen2.5-0.5B": 1024, "Qwen2.5-1.5B": 1024, "Llama-3.1-8B": 256}
+TOKENS = dict.fromkeys(SHAPES, HEAD_TOKENS) if CUDA else CPU_TOKENS
 DTYPE = "bf16" if CUDA else "fp32"
 DEVICE = "cuda" if CUDA else "cpu"
 VARIANTS = ["naive", "fused_triton", "liger"] if CUDA else ["naive", "fused_torch"]
@@ -105,7 +107,7 @@ def test_cpu_gate_qwen05b_n4096(benchmark):
     The dev machine is shared (load average often above the core count), so the variants run
     interleaved, GATE_ROUNDS fresh processes each, and the best round of each is compared.
     """
-    d, v = SHAPES["qwen2.5-0.5b"]
+    d, v = SHAPES["Qwen2.5-0.5B"]
     runs = {"naive": [], "fused_torch": []}
 
     def measure():

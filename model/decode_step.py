@@ -14,10 +14,14 @@ them; its sequences' last tokens are then the pending ones, one past `len(seq)`.
 staging buffers come in two sets used in turn, so that filling step N+1's inputs never overwrites
 step N's before their copy to the device has run, nor its sampled ids before they are read.
 
-On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) at first use and
-replayed: one launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's
-(1, 2, 4, 8, then every 16 up to `max_num_seqs`); the graphs share one memory pool. On the CPU it
-runs eagerly on the unpadded batch: without graphs padding buys nothing.
+On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) and replayed: one
+launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's (1, 2, 4, 8,
+then every 16 up to `max_num_seqs`). The engine asks for every bucket a generate call can use before
+the call's first step (`capture_graphs`): they are captured together, largest first, into one shared
+memory pool (a smaller graph's activations fit in a larger one's freed blocks), from inputs that
+store nothing. The graphs live as long as the pool and the buffers they read: until `sleep()`,
+so an engine captures each bucket once per wake. On the CPU a step runs eagerly on the unpadded
+batch: without graphs padding buys nothing.
 
 Padding rows repeat row 0 with KV slot -1 (never stored): they compute finite numbers that are
 dropped. A graph bakes in what the host decided at capture: the addresses of the KV pool and of
@@ -174,6 +178,33 @@ class DecodeStep:
             return num_seqs
         return next(b for b in self.batch_sizes if b >= num_seqs)
 
+    def capture_graphs(self, params: SamplingParams, num_seqs: int) -> None:
+        """CUDA graphs of every bucket a batch of up to `num_seqs` sequences can use with these
+        sampling settings, those not captured yet, largest first."""
+        if not self.use_graphs:
+            return
+        wanted = [b for b in self.batch_sizes if b <= self.bucket(num_seqs)]
+        for b in sorted(wanted, reverse=True):
+            key = self._graph_key(b, params)
+            if key not in self._graphs:
+                self._write_inert_inputs(b)
+                self._graphs[key] = self._capture(b, params)
+
+    def _write_inert_inputs(self, b: int) -> None:
+        """Inputs of a `b`-row step that store nothing (KV slot -1 on every row) and read one key of
+        block 0: what a graph is captured from before any real step has filled the buffers (the
+        graph keeps the buffers' addresses, not their values)."""
+        v = self._views(b)
+        for name in _LONG_ROWS:
+            v[name].zero_()
+        v["slots"].fill_(-1)
+        v["context_lens"].fill_(1)
+        v["block_tables"].zero_()
+
+    @staticmethod
+    def _graph_key(b: int, params: SamplingParams) -> tuple:
+        return (b, params.temperature, params.top_k, params.top_p)
+
     def forget_graphs_if_weights_moved(self) -> None:
         """Drop the graphs when a weight's storage has moved since they were captured (a graph
         reads the addresses it was captured with)."""
@@ -201,8 +232,8 @@ class DecodeStep:
             v = self._views(b)
             torch.index_select(after.tokens, 0, v["source_rows"], out=v["input_ids"])
         if self.use_graphs:
-            key = (b, params.temperature, params.top_k, params.top_p)
-            if key not in self._graphs:
+            key = self._graph_key(b, params)
+            if key not in self._graphs:  # a caller that did not `capture_graphs` first: from this step's inputs
                 self._graphs[key] = self._capture(b, params)
             graph, tokens, logprobs = self._graphs[key]
             graph.replay()

@@ -20,7 +20,9 @@ input on the device, and the host's stop checks, bookkeeping and the next step's
 the device computes. A sequence that step N stops has then run one step too many; that token is
 dropped (`stats.discarded_tokens`). Prefill, preemption and admission wait for the tokens.
 The forward projects q, k and v with one stacked matrix per layer (model/fused_qkv.py), copied
-from the model at every generate call.
+from the model at every generate call. An engine of another `dtype` than the model's weights (bf16
+rollouts of fp32 master weights) generates from its own copy of them in that dtype, with a KV pool
+of that dtype: refreshed in place at every generate call, freed by `sleep()` with the pool.
 Completions include the stop token that ended them (EOS or a `stop_token_ids` member;
 finish_reason "stop"); otherwise they end at max_tokens or max_model_len (finish_reason "length").
 
@@ -42,7 +44,16 @@ from score.kernels.dispatch import interpreting
 from . import onednn
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
-from .decode_step import DecodeStep, LaunchedStep, captures_graphs, check_batch_sizes, graph_batch_sizes
+from .cast_copy import cast_copy
+from .cast_copy import refresh as refresh_copy
+from .decode_step import (
+    DecodeStep,
+    LaunchedStep,
+    captures_graphs,
+    check_batch_sizes,
+    fsdp2_sharded,
+    graph_batch_sizes,
+)
 from .fused_qkv import FusedQKV
 from .sampling import SamplingParams, sample, sample_seed, sampler_state
 from .scheduler import ScheduledStep, Scheduler
@@ -90,6 +101,7 @@ class Engine:
         self,
         model,
         *,
+        dtype: torch.dtype | None = None,
         block_size: int = 16,
         num_blocks: int | None = None,
         max_model_len: int | None = None,
@@ -101,7 +113,9 @@ class Engine:
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
     ):
-        """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
+        """`dtype`: what the engine computes in and caches K/V in (None: the model's weights' dtype);
+        another dtype than the weights' makes a copy of them (`cast_copy`), which every generate call
+        refreshes. `num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
         `kv_cache_memory_fraction` of the free device memory (host RAM on CPU).
 
         Decode steps run from preallocated buffers, padded up to one of `decode_batch_sizes`
@@ -111,7 +125,15 @@ class Engine:
         behind the host) launches each decode step before reading the previous one's tokens."""
         cfg = model.config
         weight = model.lm_head_weight
-        self.model, self.device, self.dtype = model, weight.device, weight.dtype
+        self.config, self.source, self.device = cfg, model, weight.device
+        self.dtype = weight.dtype if dtype is None else dtype
+        self._casts = self.dtype != weight.dtype  # generates from a copy of the weights in self.dtype
+        if self._casts and fsdp2_sharded(model):
+            raise ValueError(
+                f"an FSDP2 model's gathered weights are its compute dtype ({weight.dtype}); an engine over it "
+                f"generates in that dtype, not {self.dtype}"
+            )
+        self.model = cast_copy(model, self.dtype) if self._casts else model
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -126,9 +148,9 @@ class Engine:
         self.max_model_len = max_model_len
         self.block_size = block_size
         num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * weight.element_size()
+        block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * self.dtype.itemsize
         blocks_per_seq = -(-max_model_len // block_size)
-        self._fused_qkv = FusedQKV.of(model)  # before the pool is sized from the free memory
+        self._fused_qkv = FusedQKV.of(self.model)  # before the pool is sized from the free memory
         needed = blocks_per_seq + 1  # + one spare: a copy-on-write source stays pinned for a step
         if num_blocks is None:
             budget = int(_free_memory(self.device) * kv_cache_memory_fraction) // block_bytes
@@ -147,7 +169,7 @@ class Engine:
                 f"({max_model_len}): a prompt is prefilled in one step"
             )
         self.backend = self._pick_backend(attention_backend)
-        self._use_graphs = not enforce_eager and captures_graphs(model, self.device)
+        self._use_graphs = not enforce_eager and captures_graphs(self.model, self.device)
         if async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, True or False, got {async_scheduling!r}")
         self._async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
@@ -170,6 +192,7 @@ class Engine:
         self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
         self._last_decode: list | None = None  # the sequences of the previous step when it decoded
         self._decode: DecodeStep | None = None  # built at the first decode step after (re)allocation
+        self._captures_before = 0  # CUDA graphs captured by the decode steps of earlier wakes
         self._in_flight: LaunchedStep | None = None  # a decode step launched, its tokens not read yet
 
     @property
@@ -194,19 +217,27 @@ class Engine:
             self._zeroed_blocks = upto
 
     @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured since construction: every bucket a run needs, once per wake."""
+        return self._captures_before + (0 if self._decode is None else self._decode.num_captures)
+
+    @property
     def sleeping(self) -> bool:
         return self.kv_cache is None
 
     def sleep(self) -> None:
-        """Free the KV pool and the stacked q|k|v weights (e.g. while the trainer runs its backward
-        pass); cached prefixes are forgotten. `wake()` allocates them again; `generate` while asleep
-        is an error."""
+        """Free the KV pool, the stacked q|k|v weights and the weights' copy in the engine's dtype
+        (e.g. while the trainer runs its backward pass); cached prefixes are forgotten. `wake()`
+        allocates them again; `generate` while asleep is an error."""
         if self.sleeping:
             return
         self.block_manager.clear_cache()
         self.block_manager.high_water = 0
         self.kv_cache, self._layer_caches, self._fused_qkv = None, [], None
+        if self._casts:
+            self.model = None
         self._workspace = DecodeWorkspace()
+        self._captures_before = self.graph_captures
         self._decode = None  # its buffers and graphs, which point into the freed pool
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -214,6 +245,8 @@ class Engine:
     def wake(self) -> None:
         """Allocate the KV pool again after `sleep()` (empty: no prefix is cached)."""
         if self.sleeping:
+            if self._casts:
+                self.model = cast_copy(self.source, self.dtype)
             self._fused_qkv = FusedQKV.of(self.model)
             self._allocate_pool()
 
@@ -283,10 +316,13 @@ class Engine:
                 budget = min(max_tokens[i], self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=budget, seed=seed))
         self._last_decode = None
-        if self._fused_qkv is not None:  # the trainer updates the weights between calls
+        if self._casts:  # the trainer updates the weights between calls
+            refresh_copy(self.model, self.source)
+        if self._fused_qkv is not None:
             self._fused_qkv.refresh()
-        if self._decode is not None and self._use_graphs:
-            self._decode.forget_graphs_if_weights_moved()
+        if self._use_graphs:
+            self._decode_step().forget_graphs_if_weights_moved()
+            self._decode_step().capture_graphs(params, min(len(seqs), self.scheduler.max_num_seqs))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
         if use_tqdm and sys.stderr.isatty():  # a bar redrawn into a log file is thousands of lines
@@ -326,7 +362,7 @@ class Engine:
     def _check_prompts(self, prompts) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token id lists")
-        vocab = self.model.config.vocab_size
+        vocab = self.config.vocab_size
         checked = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, torch.Tensor):

@@ -103,6 +103,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def linear_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer returns for input `x`: autocast's when it is on for x's device."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -206,7 +212,8 @@ class Attention(nn.Module):
             qkv = qkv.view(-1, hkv, group + 2, d)
         if self.q_norm is not None:
             q, k, v = qkv.split((group, 1, 1), dim=2)
-            qkv = torch.cat((self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels), v), dim=2)
+            q, k = self.q_norm(q, inputs.kernels).to(v.dtype), self.k_norm(k, inputs.kernels).to(v.dtype)
+            qkv = torch.cat((q, k, v), dim=2)
         q, kv = apply_rope_signed(qkv, inputs.cos, inputs.sin).split((group, 2), dim=2)
         attend_kv = getattr(inputs.attn, "attend_kv", None)
         if attend_kv is not None:
@@ -227,7 +234,9 @@ class Attention(nn.Module):
                 qkv = qkv.index_select(-2, inputs.fused_qkv.to_other_layout)
             q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
+            # an fp32 norm weight (master weights under autocast) would promote q and k to fp32 while v
+            # leaves its linear in the compute dtype: attention takes one dtype
+            q, k = self.q_norm(q, inputs.kernels).to(v.dtype), self.k_norm(k, inputs.kernels).to(v.dtype)
         if not inputs.rope_in_attn:
             q, k = self._rope(q, k, inputs)
         return q, k, v
@@ -363,10 +372,12 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         signed = attn is not None and not fused(self.kernels, x)
         rope_in_attn = attn is not None and not signed and getattr(attn, "applies_rope", False)
+        # the rotary tables in q's dtype: the linears' output dtype (autocast's, when it is on)
+        qk_dtype = linear_output_dtype(x)
         if signed:
-            cos, sin = self._engine_rope(positions, x.dtype)
+            cos, sin = self._engine_rope(positions, qk_dtype)
         else:
-            cos, sin = self._rope(positions, x.dtype)
+            cos, sin = self._rope(positions, qk_dtype)
         inputs = AttentionInputs(
             cos,
             sin,

@@ -181,8 +181,6 @@ def _eval(args) -> int:
     cfg.model.path = args.model
     cfg.data.eval = args.data
 
-    import torch
-
     from score.model import from_pretrained, load_tokenizer
 
     from .evaluate import (
@@ -203,6 +201,7 @@ def _eval(args) -> int:
         self_refine_builders,
     )
     from .plots import plot_attempts, plot_scaling
+    from .precision import Precision
     from .preflight import check_finite, check_model_folder, check_out_dir
     from .scaling import inference_scaling, parse_budgets, scaling_table
 
@@ -221,8 +220,10 @@ def _eval(args) -> int:
     _, tokenizer = check_model_folder(args.model)
     builder = prompt_builder(cfg, tokenizer)
     turns = self_refine_builders(cfg, builder) if args.self_refine else None
-    device = pick_device(cfg.model.device)
-    model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
+    precision = Precision.of(cfg, pick_device(cfg.model.device))
+    # no training here: the weights are loaded straight in the compute dtype
+    model = from_pretrained(args.model, dtype=precision.compute_dtype, device=precision.device)
+    model.set_kernels(precision.kernels)
     check_finite(model, args.model)
     engine, reward = make_engine(cfg, model), make_reward(cfg)
     name = Path(args.model).name or "model"

@@ -46,12 +46,28 @@ class ModelSection:
         "HF-format model folder (config.json, safetensors, tokenizer files), or a Hub id ORG/NAME[@REVISION] "
         "resolved through the huggingface_hub cache (HF_HOME, HF_HUB_OFFLINE); required",
     )
-    dtype: Literal["float32", "bfloat16"] = _f(
+    master_dtype: Literal["float32", "bfloat16"] = _f(
         "float32",
-        "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
-        "and compute in this dtype (bf16 also when autocast_bf16 is on)",
+        "dtype of the trained (master) weights and of AdamW's state. bfloat16 halves their memory but loses "
+        "learning: an update smaller than half a bf16 ulp of its weight (2**-9 relative, e.g. most AdamW "
+        "steps at lr 1e-5) rounds away and the weight does not move. One process only",
     )
-    autocast_bf16: bool = _f(True, "bf16 autocast of the forward passes on GPU (ignored on CPU)")
+    autocast: Literal["auto", "bf16", "off"] = _f(
+        "auto",
+        "compute dtype of every forward pass: bf16 = bf16 autocast over the fp32 masters (the frozen reference "
+        "and the engine's weights and KV cache held in bf16); off = compute in master_dtype; auto = bf16 on "
+        "CUDA, off on CPU",
+    )
+    kernels: Literal["auto", "triton", "torch"] = _f(
+        "auto",
+        "norms, SwiGLU, RoPE and attention: triton = our Triton kernels (on CPU only under TRITON_INTERPRET=1); "
+        "torch = the plain torch ops; auto = Triton on CUDA, torch on CPU",
+    )
+    final_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto",
+        "dtype of the exported final/ weights; auto = the dtype model.path stores its weights in (checkpoints "
+        "always keep the master weights)",
+    )
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward to save memory")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train: auto = cuda when available")
     reference_cpu_offload: bool = _f(
@@ -368,6 +384,17 @@ def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
         raise ConfigError(f"{where}: score.single_turn = true needs score.stage2_update = 'reinforce'")
 
 
+# Keys of earlier versions whose meaning changed: an error that says what replaced them, never a
+# silent reinterpretation.
+RETIRED_KEYS = {
+    ("model", "autocast_bf16"): "use model.autocast = 'auto' (bf16 on CUDA), 'bf16' or 'off'",
+    ("model", "dtype"): (
+        "master weights are model.master_dtype (float32 by default: bf16 masters lose small AdamW updates) and "
+        "the forward passes compute in bf16 on GPU through model.autocast"
+    ),
+}
+
+
 def _build_section(name: str, values: dict, source: str, text: str):
     cls = _SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
@@ -375,6 +402,8 @@ def _build_section(name: str, values: dict, source: str, text: str):
     kwargs = {}
     for key, value in values.items():
         where = _where(source, text, name, key)
+        if (name, key) in RETIRED_KEYS:
+            raise ConfigError(f"{where}: {name}.{key} is no longer a key: {RETIRED_KEYS[name, key]}")
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {name}.{key}; known keys of [{name}]: {', '.join(fields)}")
         kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key].metadata.get("check"), where)

@@ -67,7 +67,7 @@ from .trainer import Trainer
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
 DEMO_RL = {
-    "model": {"dtype": "float32", "device": "cpu"},
+    "model": {"master_dtype": "float32", "device": "cpu"},
     "data": {"question_key": "problem", "answer_key": "answer", "id_key": "id"},
     "prompt": {"chat": False, "system_prompt": "", "correction_instruction": demo_task.CORRECTION_INSTRUCTION},
     "reward": {"kind": "exact"},

@@ -77,8 +77,9 @@ def check_budgets(cfg: RunConfig, config: ModelConfig) -> None:
 
 
 def problems_that_fit(problems, builder, cfg: RunConfig, max_model_len: int, what: str, *, skip: bool):
-    """(problems whose prompt, attempts and instructions fit `max_model_len`, ids skipped). Without
-    `skip` any problem that does not fit is an error naming every one (id and where it was read)."""
+    """(problems whose prompt, attempts and instructions fit `max_model_len`, ids skipped, the engine
+    length the longest kept one needs). Without `skip` any problem that does not fit is an error
+    naming every one (id and where it was read)."""
     r, attempts = cfg.rollout, cfg.score.attempts
     extra = r.max_tokens_attempt1 + (attempts - 1) * (r.max_tokens_attempt2 + len(builder.instruction_ids))
     kept, too_long = [], []
@@ -95,11 +96,12 @@ def problems_that_fit(problems, builder, cfg: RunConfig, max_model_len: int, wha
         )
     if not kept:
         raise ValueError(f"{what}: none of {len(problems)} problems fits max_model_len = {max_model_len}")
-    return [p for p, _ in kept], [p.id for p, _ in too_long]
+    return [p for p, _ in kept], [p.id for p, _ in too_long], max(n for _, n in kept) + extra + 1
 
 
-def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> None:
-    """data.eval, read and checked at the start of the run with the evaluation's budgets (not after it)."""
+def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> int:
+    """data.eval, read and checked at the start of the run with the evaluation's budgets (not after
+    it); the engine length its longest problem needs."""
     from .factories import load_problems
 
     a1, a2 = cfg.eval_budgets
@@ -107,7 +109,7 @@ def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> None:
         cfg, rollout=dataclasses.replace(cfg.rollout, max_tokens_attempt1=a1, max_tokens_attempt2=a2)
     )
     problems = load_problems(cfg, cfg.data.eval)
-    problems_that_fit(problems, builder, at_eval, max_model_len, f"data.eval {cfg.data.eval}", skip=False)
+    return problems_that_fit(problems, builder, at_eval, max_model_len, f"data.eval {cfg.data.eval}", skip=False)[2]
 
 
 def check_wandb(cfg: RunConfig) -> None:

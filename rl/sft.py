@@ -21,7 +21,6 @@ Round i's traces go to `OUT/data/round{i}.jsonl` (id, attempt1, attempt2, r1, r2
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -39,6 +38,7 @@ from .config import RunConfig
 from .evaluate import write_json
 from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder, with_local_model
 from .loss import attempt_logprobs, pack
+from .precision import Precision, final_dtype
 from .preflight import (
     check_budgets,
     check_eval_problems,
@@ -115,11 +115,11 @@ def _pair(first: Trajectory, second: Trajectory, builder: PromptBuilder) -> Traj
 # ---------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------
-def sft_loss(model, traces: Sequence[Trajectory], denominator: float, device) -> torch.Tensor:
+def sft_loss(model, traces: Sequence[Trajectory], denominator: float, precision: Precision) -> torch.Tensor:
     """Summed NLL of the traces' trained tokens over `denominator`: one packed forward. Only attempt-2
     tokens are trained (the traces' attempt 1 is context: `first_from_base`)."""
-    batch = pack(list(traces), device)
-    return -attempt_logprobs(model, batch, 1.0, contextlib.nullcontext).sum() / denominator
+    batch = pack(list(traces), precision.device)
+    return -attempt_logprobs(model, batch, 1.0, precision.autocast).sum() / denominator
 
 
 def trained_tokens(traces: Sequence[Trajectory]) -> int:
@@ -143,8 +143,7 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     progress = cfg.run.progress if progress is None else progress
     s, seed = cfg.sft, cfg.run.seed
     torch.manual_seed(seed)
-    device = pick_device(cfg.model.device)
-    dtype = getattr(torch, cfg.model.dtype)
+    precision = Precision.of(cfg, pick_device(cfg.model.device))
     check_wandb(cfg)
     model_config, tokenizer = check_model_folder(cfg.model.path)
     check_budgets(cfg, model_config)
@@ -153,14 +152,15 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     if s.max_problems:
         problems = problems[: s.max_problems]
     positions = model_config.max_position_embeddings
-    problems, skipped = problems_that_fit(
+    problems, skipped, longest = problems_that_fit(
         problems, builder, cfg, positions, f"data.train {cfg.data.train}", skip=cfg.data.skip_too_long
     )
     if skipped:
         print(f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out", flush=True)
     if cfg.data.eval:
-        check_eval_problems(cfg, builder, positions)
-    base = from_pretrained(cfg.model.path, dtype=dtype, device=device).requires_grad_(False)
+        longest = max(longest, check_eval_problems(cfg, builder, positions))
+    base = from_pretrained(cfg.model.path, dtype=precision.master_dtype, device=precision.device)
+    base.requires_grad_(False).set_kernels(precision.kernels)
     check_finite(base, cfg.model.path)
     reward = make_reward(cfg)
     logger = MetricsLogger(out, wandb=wandb_settings(cfg, out))
@@ -168,13 +168,15 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     try:
         for i in range(s.rounds):
             t0 = time.perf_counter()
-            traces, sampled = build_round(cfg, policy, builder, problems, reward, step_seed(seed, 1000 + i))
+            traces, sampled = build_round(
+                cfg, policy, builder, problems, reward, step_seed(seed, 1000 + i), max_model_len=longest
+            )
             write_jsonl(out / "data" / f"round{i}.jsonl", (_trace_row(t) for t in traces))
             counts = _round_counts(i, sampled, traces, cfg, time.perf_counter() - t0)
             if traces:
                 policy = copy.deepcopy(base).requires_grad_(True).train()
                 step, counts["skipped_steps"], last_loss = train_round(
-                    cfg, policy, traces, logger, step, i, device, progress
+                    cfg, policy, traces, logger, step, i, precision, progress
                 )
                 policy.eval()
                 trained = f"{counts['steps']} steps, last loss {last_loss:.3f}"
@@ -188,23 +190,27 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
             )
         write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
         final = out / "final"
-        save_pretrained(policy, final)
+        save_pretrained(policy, final, final_dtype(cfg, cfg.model.path))
         tokenizer.save_pretrained(final)
         if cfg.data.eval:
             from .trainer import finish_run
 
-            finish_run(cfg, out, make_engine(cfg, policy), builder, reward, label=f"SFT ({s.kind})", logger=logger)
+            engine = make_engine(cfg, policy, max_model_len=longest)
+            finish_run(cfg, out, engine, builder, reward, label=f"SFT ({s.kind})", logger=logger)
     finally:
         logger.close()
         reward.close()
     return final
 
 
-def build_round(cfg: RunConfig, model, builder, problems, reward, seed: int) -> tuple[list[Trajectory], list]:
-    """(traces, the samples they came from) of one round, sampled from `model`."""
+def build_round(
+    cfg: RunConfig, model, builder, problems, reward, seed: int, *, max_model_len: int | None = None
+) -> tuple[list[Trajectory], list]:
+    """(traces, the samples they came from) of one round, sampled from `model` by an engine of sequences
+    up to `max_model_len` tokens."""
     r, s = cfg.rollout, cfg.sft
     sampled, _ = two_attempt_rollout(
-        make_engine(cfg, model),
+        make_engine(cfg, model, max_model_len=max_model_len),
         builder,
         problems,
         reward,
@@ -222,7 +228,9 @@ def build_round(cfg: RunConfig, model, builder, problems, reward, seed: int) -> 
     return pair_sft_traces(sampled, builder, s.include_correct, seed), sampled
 
 
-def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: int, device, progress: bool):
+def train_round(
+    cfg: RunConfig, policy, traces, logger, step: int, round_index: int, precision: Precision, progress: bool
+):
     """AdamW over `epochs` seeded shuffles of `traces`, from the weights `policy` holds; returns
     (the next global step, steps skipped for a non-finite loss or gradient, the last loss)."""
     s, o = cfg.sft, cfg.optim
@@ -246,7 +254,7 @@ def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: 
         optimizer.zero_grad(set_to_none=True)
         denominator, loss = float(trained_tokens(batch)), 0.0
         for m in range(0, len(batch), s.micro_batch_size):
-            part = sft_loss(policy, batch[m : m + s.micro_batch_size], denominator, device)
+            part = sft_loss(policy, batch[m : m + s.micro_batch_size], denominator, precision)
             part.backward()
             loss += float(part.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))

@@ -25,7 +25,6 @@ Not done: PPO-style multiple epochs per batch, adaptive beta2.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import random
@@ -43,6 +42,7 @@ from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
 from .micro_batches import by_prompt_count, by_token_budget, groups_of
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
+from .precision import final_dtype
 from .preflight import (
     check_budgets,
     check_eval_problems,
@@ -127,7 +127,7 @@ class Trainer:
         model_config, self.tokenizer = check_model_folder(cfg.model.path)
         check_budgets(cfg, model_config)
         self.builder = prompt_builder(cfg, self.tokenizer)
-        self.problems, skipped = problems_that_fit(
+        self.problems, skipped, self.max_model_len = problems_that_fit(
             load_problems(cfg, cfg.data.train),
             self.builder,
             cfg,
@@ -135,8 +135,9 @@ class Trainer:
             f"data.train {cfg.data.train}",
             skip=cfg.data.skip_too_long,
         )
-        if cfg.data.eval:
-            check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
+        if cfg.data.eval:  # the same engines evaluate the trained policy at the end
+            longest_eval = check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
+            self.max_model_len = max(self.max_model_len, longest_eval)
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -193,10 +194,10 @@ class Trainer:
     def generation(self, base: bool = False):
         """The policy's engine (and the reference's, when `base`) on generation-ready weights."""
         with self.parallel.generation(*((self.policy, self.reference) if base else (self.policy,))):
-            if self.engine is None:  # built on gathered weights: the engine takes their dtype
-                self.engine = make_engine(self.cfg, self.policy)
+            if self.engine is None:  # built on gathered weights (FSDP2): they are in the compute dtype
+                self.engine = make_engine(self.cfg, self.policy, max_model_len=self.max_model_len)
             if base and self.base_engine is None:
-                self.base_engine = make_engine(self.cfg, self.reference)
+                self.base_engine = make_engine(self.cfg, self.reference, max_model_len=self.max_model_len)
             for engine in (self.engine, self.base_engine if base else None):
                 if engine is not None and engine.sleeping:
                     engine.wake()
@@ -230,14 +231,16 @@ class Trainer:
         if part == self._anchor_part:
             return
         folder = self.out_dir / "anchors" / f"part{part - 1}"
+        precision = self.parallel.precision
         if (folder / "config.json").exists():
             from score.model import from_pretrained
 
-            self.anchor = from_pretrained(folder, dtype=getattr(torch, self.cfg.model.dtype), device=self.device)
+            self.anchor = from_pretrained(folder, dtype=precision.compute_dtype, device=self.device)
+            self.anchor.set_kernels(precision.kernels)
         else:
             from score.model import save_pretrained
 
-            self.anchor = copy.deepcopy(self.policy)
+            self.anchor = precision.frozen_copy(self.policy)
             save_pretrained(self.anchor, folder)
         self.anchor.eval().requires_grad_(False)
         self._anchor_part = part
@@ -445,7 +448,7 @@ class Trainer:
             )
         self.save()
         final = self.out_dir / "final"
-        self.parallel.export(self.policy, final)
+        self.parallel.export(self.policy, final, final_dtype(cfg, cfg.model.path))
         if self.is_main:
             self.tokenizer.save_pretrained(final)
         return final

@@ -22,6 +22,8 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_stacked_projections_equal_the_three(family, kernels):
     model = randomise_biases(tiny_decoder(seed=2, vocab_size=VOCAB, **FAMILIES[family]))
+    if kernels == "triton" and torch.cuda.is_available():  # compiled there; the interpreter on a CPU
+        model = model.to("cuda")
     model.set_kernels(kernels)
     fused = FusedQKV.of(model)
     cfg = model.config

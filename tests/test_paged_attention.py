@@ -17,9 +17,6 @@ from score.kernels.paged_attention import (
     paged_attention_triton,
     plan_paged_attention,
 )
-from tests.helpers.triton_interpreter_patch import apply as patch_interpreter_bf16_dot
-
-patch_interpreter_bf16_dot()  # the interpreter's bf16 tl.dot is broken; the GPU compiler's is not
 
 
 def dense_reference(q, keys, values, q_lens, ctx_lens, scale):

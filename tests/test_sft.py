@@ -12,6 +12,7 @@ from score.rl import sft
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
+from score.rl.precision import Precision
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import Trajectory
 from tests.helpers.tiny_run import ParityReward, make_base, tiny_config, write_problems
@@ -119,6 +120,9 @@ def test_pair_sft_choice_of_the_right_partner_is_seeded(tiny):
 # ---- the loss ------------------------------------------------------------------------------
 
 
+FP32_CPU = Precision(torch.device("cpu"), torch.float32, torch.float32, "auto")
+
+
 def test_sft_loss_is_the_nll_of_attempt_two_tokens_against_float64(tiny):
     model, builder, _ = tiny
     traces = sft.star_traces(
@@ -131,7 +135,7 @@ def test_sft_loss_is_the_nll_of_attempt_two_tokens_against_float64(tiny):
     )
     count = sft.trained_tokens(traces)
     assert count == sum(len(t.attempt2_ids) for t in traces)
-    loss = sft.sft_loss(model, traces, float(count), torch.device("cpu"))
+    loss = sft.sft_loss(model, traces, float(count), FP32_CPU)
     ref_model = copy.deepcopy(model).double()
     nll = torch.zeros((), dtype=torch.float64)
     for t in traces:
@@ -164,9 +168,9 @@ def test_a_run_samples_each_round_from_the_last_model_and_trains_the_base_afresh
     sampled_from, trained_from = [], []
     build_round, train_round = sft.build_round, sft.train_round
 
-    def recording_build(cfg, model, *args):
+    def recording_build(cfg, model, *args, **kwargs):
         sampled_from.append({k: v.clone() for k, v in model.state_dict().items()})
-        return build_round(cfg, model, *args)
+        return build_round(cfg, model, *args, **kwargs)
 
     def recording_train(cfg, policy, *args):
         trained_from.append({k: v.clone() for k, v in policy.state_dict().items()})

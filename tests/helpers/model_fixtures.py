@@ -65,8 +65,11 @@ def hf_config(variant: str, **overrides):
     return config
 
 
-def make_hf_checkpoint(path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Save a random-weight transformers model of `variant` to `path`; returns the HF model (fp32, eval).
+def make_hf_checkpoint(
+    path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, save_dtype=None, **overrides
+):
+    """Save a random-weight transformers model of `variant` to `path` (in `save_dtype`, default fp32);
+    returns the HF model (fp32, eval).
 
     Norm weights and biases are randomised too (HF initialises them to 1/0), so a parity test
     also checks that they are read and applied to the right tensors.
@@ -83,7 +86,12 @@ def make_hf_checkpoint(path, variant: str, *, seed: int = 0, max_shard_size: str
             elif name.endswith(".bias"):
                 param.normal_(std=0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    if save_dtype is None:
+        model.save_pretrained(path, **kwargs)
+    else:
+        import copy
+
+        copy.deepcopy(model).to(save_dtype).save_pretrained(path, **kwargs)
     return model
 
 
@@ -214,8 +222,8 @@ CHAT_STYLES = {
 }
 
 
-def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = None):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on CORPUS in milliseconds."""
+def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = None, corpus=CORPUS):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` in milliseconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -227,7 +235,7 @@ def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = No
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
     if add_bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{add_bos} $A",
@@ -237,13 +245,15 @@ def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = No
     return tok
 
 
-def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool = False):
+def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool = False, corpus=CORPUS, vocab_size=400):
     """Write a HF tokenizer folder (tokenizer.json, tokenizer_config.json, chat template,
     generation_config.json) in the Qwen or Llama-3 style. The template goes to
     chat_template.jinja (transformers-5 layout) or, with template_in_config, into the config."""
     spec = CHAT_STYLES[style]
     bos = spec["config"]["bos_token"]
-    tok = make_backend_tokenizer(spec["specials"], add_bos=bos if spec["add_bos"] else None)
+    tok = make_backend_tokenizer(
+        spec["specials"], add_bos=bos if spec["add_bos"] else None, corpus=corpus, vocab_size=vocab_size
+    )
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     config = {
@@ -303,9 +313,10 @@ def engine_mode_hidden(model, fused_qkv=None):
 
     gen = torch.Generator().manual_seed(1)
     lengths = [5, 9, 2]
-    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
+    device = model.lm_head_weight.device
+    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen).to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32, device=device)
     scale = model.config.head_dim**-0.5
 
     def attn(layer_idx, q, k, v):
