@@ -55,6 +55,8 @@ else:
     )
     NUM_PROMPTS, DTYPE, DEVICE = 16, torch.float32, "cpu"
 PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 256, 128, 16
+if os.environ.get("SCORE_BENCH_SMOKE") == "1":  # pytest bench/ --benchmark-disable (bench/conftest.py)
+    NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = 4, 32, 8
 ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2" if CUDA else "3"))
 # HBM bandwidth of the cards this bench has run on (vendor figures, bytes/s), for decode utilisation
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
@@ -229,6 +231,8 @@ if CUDA:  # nano-vllm's bench.py: 256 sequences, prompt and output lengths unifo
     NANO_SEQS, NANO_MIN, NANO_MAX = 256, 100, 1024
 else:  # the same shape of workload, scaled to a 2-core CPU
     NANO_SEQS, NANO_MIN, NANO_MAX = 8, 16, 64
+if os.environ.get("SCORE_BENCH_SMOKE") == "1":
+    NANO_SEQS, NANO_MIN, NANO_MAX = 4, 8, 16
 
 
 def test_decode_step_op_count(benchmark, models, workload, request):
