@@ -330,6 +330,13 @@ def _convert(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("-h", "--help"):
+        from .extras import train_extra_error
+
+        missing = train_extra_error()
+        if missing:
+            print(f"score: error: {missing}", file=sys.stderr)
+            return 2
     if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
         from .parallel.launch import launch, split_nproc
 
