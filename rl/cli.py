@@ -1,6 +1,7 @@
 """The `score` command line: `train`, `eval`, `demo` and `convert`.
 
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
+                [--nnodes N --node-rank R --master-addr A --master-port P]    # on each of N nodes
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score sft   --config FILE --out DIR [--set section.key=value ...]   # STaR / Pair-SFT baselines ([sft])
@@ -50,8 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="G",
-        help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line",
+        help="train on G processes (GPUs) per node with FSDP2: starts torchrun with this command line",
     )
+    for flag, metavar, what in (
+        ("--nnodes", "N", "nodes in the job (run the same command on each, with its own --node-rank)"),
+        ("--node-rank", "R", "this node's rank in [0, N)"),
+        ("--master-addr", "A", "node 0's host name or address"),
+        ("--master-port", "P", "a free port on node 0 for the rendezvous"),
+    ):
+        train.add_argument(flag, default=None, metavar=metavar, help=what)
 
     sft = sub.add_parser("sft", help="a supervised self-correction baseline (STaR, Pair-SFT) from a TOML config")
     sft.add_argument("--config", required=True, help="run configuration (TOML; the [sft] section picks the baseline)")
@@ -337,16 +345,16 @@ def main(argv=None) -> int:
         if missing:
             print(f"score: error: {missing}", file=sys.stderr)
             return 2
-    if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
-        from .parallel.launch import launch, split_nproc
+    if argv[:1] == ["train"]:  # `score train --nproc G [--nnodes N ...]` = torchrun over the same command line
+        from .parallel.launch import launch, split_launch
 
         try:
-            nproc, rest = split_nproc(argv)
+            where, rest = split_launch(argv)
         except ValueError as e:
             print(f"score train: error: {e}", file=sys.stderr)
             return 2
-        if nproc is not None:
-            return launch(nproc, rest)
+        if where is not None:
+            return launch(where, rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False) and hasattr(args, "set"):
