@@ -211,7 +211,7 @@ def _eval(args) -> int:
         self_refine_builders,
     )
     from .plots import plot_attempts, plot_scaling
-    from .preflight import check_finite, check_model_folder, check_out_dir
+    from .preflight import check_finite, check_model_folder, check_out_dir, check_wandb
     from .scaling import inference_scaling, parse_budgets, scaling_table
 
     problems = load_problems(cfg, args.data)
@@ -225,6 +225,7 @@ def _eval(args) -> int:
         raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    check_wandb(cfg)
     out = check_out_dir(args.out)
     _, tokenizer = check_model_folder(args.model)
     builder = prompt_builder(cfg, tokenizer)
@@ -250,6 +251,14 @@ def _eval(args) -> int:
             write_json(out / "scaling.json", scaling)
             plot_scaling(scaling, out / "plots")
             print(scaling_table(scaling))
+            curve = zip(scaling["budgets"], scaling["parallel"], scaling["sequential"], strict=True)
+            _eval_to_wandb(
+                cfg,
+                out,
+                args,
+                summary={"scaling": {k: v for k, v in scaling.items() if not isinstance(v, list)}},
+                history=[(b, {"scaling": {"parallel": par, "sequential": seq}}) for b, par, seq in curve],
+            )
             return 0
         if args.self_refine:
             metrics, records = evaluate_self_refine(
@@ -284,7 +293,43 @@ def _eval(args) -> int:
             + ", ".join(f"t{i}: {100 * a:.1f}" for i, a in enumerate(metrics["acc_per_attempt"], 1))
         )
     print(table({name: metrics}))
+    per_attempt = enumerate(metrics.get("acc_per_attempt", []), 1)
+    _eval_to_wandb(
+        cfg,
+        out,
+        args,
+        summary={"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+        history=[(attempt, {"eval": {"acc": acc}}) for attempt, acc in per_attempt],
+    )
     return 0
+
+
+def _eval_to_wandb(cfg, out: Path, args, *, summary: dict, history: list) -> None:
+    """With run.wandb: the evaluation as one Weights & Biases run (config: the run config and the
+    command's arguments; summary: its figures; history: a curve by attempt or by sample budget)."""
+    if not cfg.run.wandb:
+        return
+    from .run_log import log_finished_run
+    from .trainer import wandb_settings
+
+    settings = wandb_settings(cfg, out)
+    command = {k: v for k, v in vars(args).items() if k in EVAL_ARGS and v is not None}
+    log_finished_run(
+        out, **{**settings, "config": {**settings["config"], "score_eval": command}}, summary=summary, history=history
+    )
+
+
+EVAL_ARGS = (
+    "model",
+    "data",
+    "max_problems",
+    "attempts",
+    "first_attempts",
+    "scaling",
+    "self_refine",
+    "temperature",
+    "seed",
+)
 
 
 def _sft(args) -> int:
