@@ -26,7 +26,8 @@ CUDA = torch.cuda.is_available()
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_logprobs_worker.py")
 VOCAB, HIDDEN = 151936, 896
 LAYERS, BATCH, SEQ, DTYPE = (24, 8, 1024, "bf16") if CUDA else (2, 4, 512, "fp32")
-if os.environ.get("SCORE_BENCH_SMOKE") == "1":  # pytest bench/ --benchmark-disable (bench/conftest.py)
+SMOKE = os.environ.get("SCORE_BENCH_SMOKE") == "1"
+if SMOKE:  # pytest bench/ --benchmark-disable (bench/conftest.py)
     VOCAB, LAYERS, BATCH, SEQ = 4099, 1, 1, 32
 VARIANTS = ("token_logprobs", "log_softmax")
 
@@ -61,4 +62,5 @@ def test_token_logprobs_vs_log_softmax_of_full_logits(benchmark):
     }
     benchmark.extra_info.update(info)
     print("\n" + json.dumps(info, indent=1))
-    assert ours["step_peak_bytes"] < peer["step_peak_bytes"]
+    if not SMOKE:  # at smoke sizes the logits are a few MiB, within the RSS's noise
+        assert ours["step_peak_bytes"] < peer["step_peak_bytes"]
