@@ -189,17 +189,20 @@ def two_attempt_rollout(
     start = time.perf_counter()
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
 
+    def params(n: int, max_tokens: int, stream: int):
+        return sampling_params(
+            n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens,
+            seed=None if seed is None else seed * 2 + stream,
+        )
+
     # Attempt 1 (seed stream 1), policy and (optionally) base engines; the seed of sample j of
     # prompt i depends only on (seed, first + i, j), so splitting prompts between engines or
     # ranks changes nothing.
-    params1 = sampling_params(
-        k,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens1,
-        seed=None if seed is None else seed * 2 + 1,
-    )
+    params1 = params(k, max_tokens1, 1)
     outs1 = [None] * len(problems)
     for use_base, eng in ((False, engine), (True, base_engine)):
         idx = [i for i, b in enumerate(from_base) if b == use_base]
@@ -223,14 +226,7 @@ def two_attempt_rollout(
             meta.append((i, j))
     outs2 = [None] * len(contexts)
     seconds = [n for n, (_, j) in enumerate(meta) if j < with_second]  # the trajectories with an attempt 2
-    params2 = sampling_params(
-        1,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens2,
-        seed=None if seed is None else seed * 2 + 2,
-    )
+    params2 = params(1, max_tokens2, 2)
     if seconds:
         got = engine.generate(
             [contexts[n] for n in seconds],
