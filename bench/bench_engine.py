@@ -61,6 +61,9 @@ else:  # the same shapes of workload, scaled to a 2-core CPU
         max_position_embeddings=1024,
     )
     DTYPE, DEVICE = torch.float32, "cpu"
+if os.environ.get("SCORE_BENCH_SMOKE") == "1":  # pytest bench/ --benchmark-disable (bench/conftest.py)
+    TWO = dataclasses.replace(TWO, prompts=4, prompt_len=(32, 32), new_tokens=(8, 8))
+    NANO = dataclasses.replace(NANO, prompts=4, prompt_len=(8, 16), new_tokens=(8, 16))
 NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = TWO.prompts, TWO.prompt_len[0], TWO.new_tokens[0]
 INSTRUCTION_LEN = TWO.instruction_len
 ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2" if CUDA else "3"))

@@ -1,6 +1,7 @@
 """The `score` command line: `train`, `eval`, `demo` and `convert`.
 
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
+                [--nnodes N --node-rank R --master-addr A --master-port P]    # on each of N nodes
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
     score sft   --config FILE --out DIR [--set section.key=value ...]   # STaR / Pair-SFT baselines ([sft])
@@ -50,8 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="G",
-        help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line",
+        help="train on G processes (GPUs) per node with FSDP2: starts torchrun with this command line",
     )
+    for flag, metavar, what in (
+        ("--nnodes", "N", "nodes in the job (run the same command on each, with its own --node-rank)"),
+        ("--node-rank", "R", "this node's rank in [0, N)"),
+        ("--master-addr", "A", "node 0's host name or address"),
+        ("--master-port", "P", "a free port on node 0 for the rendezvous"),
+    ):
+        train.add_argument(flag, default=None, metavar=metavar, help=what)
 
     sft = sub.add_parser("sft", help="a supervised self-correction baseline (STaR, Pair-SFT) from a TOML config")
     sft.add_argument("--config", required=True, help="run configuration (TOML; the [sft] section picks the baseline)")
@@ -202,7 +210,7 @@ def _eval(args) -> int:
     )
     from .plots import plot_attempts, plot_scaling
     from .precision import Precision
-    from .preflight import check_finite, check_model_folder, check_out_dir
+    from .preflight import check_finite, check_model_folder, check_out_dir, check_wandb
     from .scaling import inference_scaling, parse_budgets, scaling_table
 
     problems = load_problems(cfg, args.data)
@@ -216,6 +224,7 @@ def _eval(args) -> int:
         raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    check_wandb(cfg)
     out = check_out_dir(args.out)
     _, tokenizer = check_model_folder(args.model)
     builder = prompt_builder(cfg, tokenizer)
@@ -243,6 +252,14 @@ def _eval(args) -> int:
             write_json(out / "scaling.json", scaling)
             plot_scaling(scaling, out / "plots")
             print(scaling_table(scaling))
+            curve = zip(scaling["budgets"], scaling["parallel"], scaling["sequential"], strict=True)
+            _eval_to_wandb(
+                cfg,
+                out,
+                args,
+                summary={"scaling": {k: v for k, v in scaling.items() if not isinstance(v, list)}},
+                history=[(b, {"scaling": {"parallel": par, "sequential": seq}}) for b, par, seq in curve],
+            )
             return 0
         if args.self_refine:
             metrics, records = evaluate_self_refine(
@@ -277,7 +294,43 @@ def _eval(args) -> int:
             + ", ".join(f"t{i}: {100 * a:.1f}" for i, a in enumerate(metrics["acc_per_attempt"], 1))
         )
     print(table({name: metrics}))
+    per_attempt = enumerate(metrics.get("acc_per_attempt", []), 1)
+    _eval_to_wandb(
+        cfg,
+        out,
+        args,
+        summary={"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+        history=[(attempt, {"eval": {"acc": acc}}) for attempt, acc in per_attempt],
+    )
     return 0
+
+
+def _eval_to_wandb(cfg, out: Path, args, *, summary: dict, history: list) -> None:
+    """With run.wandb: the evaluation as one Weights & Biases run (config: the run config and the
+    command's arguments; summary: its figures; history: a curve by attempt or by sample budget)."""
+    if not cfg.run.wandb:
+        return
+    from .run_log import log_finished_run
+    from .trainer import wandb_settings
+
+    settings = wandb_settings(cfg, out)
+    command = {k: v for k, v in vars(args).items() if k in EVAL_ARGS and v is not None}
+    log_finished_run(
+        out, **{**settings, "config": {**settings["config"], "score_eval": command}}, summary=summary, history=history
+    )
+
+
+EVAL_ARGS = (
+    "model",
+    "data",
+    "max_problems",
+    "attempts",
+    "first_attempts",
+    "scaling",
+    "self_refine",
+    "temperature",
+    "seed",
+)
 
 
 def _sft(args) -> int:
@@ -331,16 +384,23 @@ def _convert(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
-        from .parallel.launch import launch, split_nproc
+    if argv and argv[0] not in ("-h", "--help"):
+        from .extras import train_extra_error
+
+        missing = train_extra_error()
+        if missing:
+            print(f"score: error: {missing}", file=sys.stderr)
+            return 2
+    if argv[:1] == ["train"]:  # `score train --nproc G [--nnodes N ...]` = torchrun over the same command line
+        from .parallel.launch import launch, split_launch
 
         try:
-            nproc, rest = split_nproc(argv)
+            where, rest = split_launch(argv)
         except ValueError as e:
             print(f"score train: error: {e}", file=sys.stderr)
             return 2
-        if nproc is not None:
-            return launch(nproc, rest)
+        if where is not None:
+            return launch(where, rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False) and hasattr(args, "set"):

@@ -116,6 +116,7 @@ class Trainer:
         self.cfg, self.parallel = cfg, parallel
         self.is_main = parallel.is_main
         self.out_dir = check_out_dir(out_dir)
+        parallel.check_shared(self.out_dir)  # several nodes: --out must be on a file system they share
         metrics_file = self.out_dir / "metrics.jsonl"  # checked before any model or worker is made
         if not resume and metrics_file.exists() and metrics_file.stat().st_size:
             raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")

@@ -1,10 +1,17 @@
-"""One node, many GPUs: process group, FSDP2 sharding, generation-time unsharding, batch split, reductions.
+"""Many GPUs, on one node or several: process group, FSDP2 sharding, generation-time unsharding, batch
+split, reductions.
 
-Launched by `torchrun` (or `score train --nproc G`, see launch.py), every rank runs the same trainer
-on its share of the prompts. This module holds the pieces that make that trainer distributed:
+Launched by `torchrun` (or `score train --nproc G [--nnodes N ...]`, see launch.py), every rank runs
+the same trainer on its share of the prompts. This module holds the pieces that make that trainer
+distributed:
 
 - `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from the torchrun environment and sets
-  up the process group: NCCL with one GPU per rank when CUDA is present, gloo on CPU.
+  up the process group: NCCL with one GPU per rank when CUDA is present, gloo on CPU. The GPU is the
+  LOCAL rank's (its index on this node); everything else (the rank's share of the data, who writes
+  logs and exports) follows the GLOBAL rank.
+- `check_shared_folder(folder, env)`: every rank must see the run folder rank 0 writes (checkpoints
+  are folders every rank writes its shards into, and resume reads them all): across nodes that needs
+  a shared file system, checked before any model is built.
 - `shard_policy(model, env)` applies PyTorch's FSDP2 (`fully_shard`) to every decoder layer and then
   to the root (embedding, final norm, output head); each layer prefetches its neighbour's all-gather
   (the next in forward, the previous in backward). On GPU the mixed-precision policy computes in
@@ -34,8 +41,8 @@ on its share of the prompts. This module holds the pieces that make that trainer
 Nothing is keyed on the rank: sampling seeds come from (step, global prompt index, sample) (pass
 `shard_groups(...)` positions to the rollout), so a run's samples do not depend on the world size.
 
-Not done: multi-node (one node of up to 8 GPUs is the target), tensor/sequence parallelism, and
-overlapping rollouts of one rank with training of another.
+Not done: tensor/sequence parallelism, hybrid sharding (replicate across nodes, shard within one),
+and overlapping rollouts of one rank with training of another.
 """
 
 from __future__ import annotations
@@ -43,9 +50,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import secrets
+import socket
 import sys
+import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -117,6 +128,42 @@ def barrier(env: DistEnv | None) -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if env is not None and env.world_size > 1:
         dist.barrier()
+
+
+def check_shared_folder(folder: Path, env: DistEnv | None, *, wait_s: float = 60.0) -> None:
+    """Every rank sees what rank 0 writes into `folder`, else a ValueError on every rank naming the
+    hosts that do not. Rank 0 writes a file of a fresh random name; the others look for it for up to
+    `wait_s` seconds (an NFS client may cache the folder's old listing for as long as a minute)."""
+    if env is None or env.world_size == 1:
+        return
+    box, error = [f".shared-check-{secrets.token_hex(8)}" if env.is_main else None], None
+    if env.is_main:
+        try:
+            (Path(folder) / box[0]).write_text(box[0], encoding="utf-8")
+        except OSError as e:
+            error = f"{folder}: cannot write there ({e.strerror or e})"
+    raise_on_all_ranks(error)
+    dist.broadcast_object_list(box, src=0)
+    name = box[0]
+    probe = Path(folder) / name
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = probe.read_text(encoding="utf-8") == name
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    blind = gather_lists([] if seen else [f"rank {env.rank} on {socket.gethostname()}"], env)
+    if env.is_main:
+        probe.unlink()
+    if blind:
+        raise ValueError(
+            f"{folder} is not on a file system that every rank shares: {', '.join(blind)} cannot see a file rank 0 "
+            "wrote there (every rank writes its shards of each checkpoint into the run folder; give --out a folder "
+            "on a shared file system)"
+        )
 
 
 def shutdown() -> None:

@@ -71,6 +71,9 @@ class Parallel(Protocol):
 
     def barrier(self) -> None: ...
 
+    def check_shared(self, folder: Path) -> None:
+        """Every process sees the run folder `folder` (a ValueError everywhere if one does not)."""
+
     def save(self, run_dir: Path, step: int, policy, optimizer, state: dict, *, keep_last: int, tokenizer) -> Path:
         """A checkpoint of `step` (every process calls it)."""
 
@@ -144,6 +147,9 @@ class SingleProcess:
         return D.clip_grad_norm(model, max_norm)
 
     def barrier(self):
+        pass
+
+    def check_shared(self, folder):
         pass
 
     def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
@@ -244,6 +250,9 @@ class FSDP2:
 
     def barrier(self):
         D.barrier(self.env)
+
+    def check_shared(self, folder):
+        D.check_shared_folder(folder, self.env)
 
     def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
         return save_sharded(run_dir, step, policy, optimizer, state, keep_last=keep_last)

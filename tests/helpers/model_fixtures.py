@@ -65,11 +65,8 @@ def hf_config(variant: str, **overrides):
     return config
 
 
-def make_hf_checkpoint(
-    path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, save_dtype=None, **overrides
-):
-    """Save a random-weight transformers model of `variant` to `path` (in `save_dtype`, default fp32);
-    returns the HF model (fp32, eval).
+def random_hf_model(variant: str, *, seed: int = 0, **overrides):
+    """A random-weight transformers model of `variant` (fp32, eval).
 
     Norm weights and biases are randomised too (HF initialises them to 1/0), so a parity test
     also checks that they are read and applied to the right tensors.
@@ -85,6 +82,15 @@ def make_hf_checkpoint(
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(std=0.1)
+    return model
+
+
+def make_hf_checkpoint(
+    path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, save_dtype=None, **overrides
+):
+    """Save `random_hf_model(variant, seed=seed, **overrides)` to `path` (in `save_dtype`, default
+    fp32); returns the HF model (fp32)."""
+    model = random_hf_model(variant, seed=seed, **overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if save_dtype is None:
         model.save_pretrained(path, **kwargs)
