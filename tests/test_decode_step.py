@@ -3,6 +3,8 @@ tokens and logprobs as the unpadded eager step, for every bucket size, block siz
 preemption, greedy and sampled, the torch and (interpreted) Triton attention; CUDA graphs of it
 equal eager CUDA steps (run where CUDA is present)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -243,10 +245,16 @@ def test_a_cpu_decode_step_of_eight_layers_dispatches_at_most_200_ops_and_sample
     assert passes - base_passes == n  # one sampling pass per step for the whole batch
 
 
-def test_graphs_are_captured_from_inert_inputs_that_store_nothing(model, prompts):
-    """What `capture_graphs` runs before a call's first step (here eagerly on the CPU): every row
-    stores at KV slot -1, so the pool, which may hold cached prefixes, is left as it was."""
-    engine = Engine(model, max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=64, decode_batch_sizes=BUCKETS)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_graphs_are_captured_from_inert_inputs_that_store_nothing(model, prompts, backend):
+    """What `capture_graphs` runs before a call's first step (here eagerly on the CPU; "triton" is
+    the kernels a GPU captures, under the interpreter): every row stores at KV slot -1, so the pool,
+    which may hold cached prefixes, is left as it was."""
+    kw = dict(max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=64, decode_batch_sizes=BUCKETS)
+    if backend == "triton":  # every kernel a GPU step runs: RoPE inside the KV store included
+        model = copy.deepcopy(model)
+        model.set_kernels("triton")
+    engine = Engine(model, attention_backend=backend, **kw)
     engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3))  # cached prefixes in the pool
     step = engine._decode
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, seed=1)
@@ -259,7 +267,7 @@ def test_graphs_are_captured_from_inert_inputs_that_store_nothing(model, prompts
         assert torch.equal(engine.kv_cache, before)
     # and real steps after them are unaffected
     again = engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3))
-    fresh = Engine(model, max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=64, decode_batch_sizes=BUCKETS)
+    fresh = Engine(model, attention_backend=backend, **kw)
     assert_same(again, fresh.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3)))
 
 
