@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A bad run configuration; the message names the file, line and key."""
 
 
-def _f(default, help: str, *, check=None, choices=None, factory=None):
+def _f(default, help: str, *, check=None, factory=None):
     meta = {"help": help, "check": check}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)

@@ -107,32 +107,10 @@ class RolloutStats:
     seconds: float = 0.0
     generated_tokens: int = 0
     reward_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def sampling_params(
-    n: int,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    max_tokens: int,
-    seed: int | None,
-    stop_token_ids: Sequence[int] = (),
-) -> SamplingParams:
-    return SamplingParams(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens,
-        stop_token_ids=tuple(stop_token_ids),
-        seed=seed,
-    )
 
 
 def two_attempt_rollout(
@@ -190,8 +168,8 @@ def two_attempt_rollout(
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
 
     def params(n: int, max_tokens: int, stream: int):
-        return sampling_params(
-            n,
+        return SamplingParams(
+            n=n,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
