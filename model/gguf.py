@@ -22,10 +22,9 @@ import re
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import atomic_folder, write_json
+from .files import atomic_folder, save_safetensors, write_json
 from .gguf_vocab import tokenizer_from_gguf
 from .loading import SINGLE_FILE
 from .tokenizer import Tokenizer
@@ -181,7 +180,7 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
     with atomic_folder(out) as tmp:
-        save_file(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), hf_config, indent=2, sort_keys=True)
         tokenizer.save_pretrained(tmp)
         write_json(
