@@ -9,10 +9,11 @@ architecture, the rows of q/k projections are put back in HF's rotate-half order
 converter interleaves them for its rotary kernel. The config comes from the `{arch}.*` metadata,
 the tokenizer from the `tokenizer.*` metadata (gguf_vocab.py), the chat template verbatim.
 
-Supported: architectures in `ARCHITECTURES`; tensor types in `TENSOR_TYPES`. Refused with a named
-error before anything is written: other architectures, other tensor types, partial rotary
-embeddings, RoPE scaling (its `rope_freqs` factors have no HF config to go back to), tensors
-the architecture does not have.
+The folder is written whole: files go into a temporary beside it, which then replaces it. Supported:
+architectures in `ARCHITECTURES`; tensor types in `TENSOR_TYPES`. Refused with a named error before
+anything is written: a file that is not readable GGUF (cut, garbled), other architectures, other
+tensor types, partial rotary embeddings, RoPE scaling (its `rope_freqs` factors have no HF config to
+go back to), tensors the architecture does not have.
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def model_config(fields: dict, tensor_names: set[str], source: str) -> ModelConf
     )
 
 
+def check_new_folder(out) -> None:
+    """`out` must not exist, or be an empty folder (dot names aside: the lock of the process that
+    converts into it, a killed conversion's leftovers)."""
+    out = os.fspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or any(not n.startswith(".") for n in os.listdir(out))):
+        raise FileExistsError(f"{out} already exists; converting writes a new folder")
+
+
 def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
     """Write the HF folder for GGUF file `src` into `out` (which must not exist yet); returns `out`."""
     src, out = os.fspath(src), os.fspath(out)
@@ -141,14 +150,13 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such GGUF file")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; converting writes a new folder")
+    check_new_folder(out)
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(src)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{src}: not a readable GGUF file ({err})") from err
-    fields = read_fields(reader)
+        fields = read_fields(reader)
+    except Exception as err:  # any reader's error on a cut or garbled file: IndexError, ValueError, ...
+        raise ValueError(f"{src}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     names = {t.name for t in reader.tensors}
     config = model_config(fields, names, src)
     backend, special = tokenizer_from_gguf(fields, src)

@@ -41,6 +41,17 @@ def holder_of(folder: str | Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
+def _give_up(key: tuple[int, int]) -> None:
+    """One claim less on a held lock; the last one closes the descriptor, which drops the flock."""
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        os.close(entry[0])
+
+
 def _key(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -54,16 +65,9 @@ class FolderLock:
         self._released = False
 
     def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        entry = _held.get(self._key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _held[self._key]
-            os.close(entry[0])  # closing the last descriptor of the open file drops the flock
+        if not self._released:
+            self._released = True
+            _give_up(self._key)
 
     def __enter__(self) -> FolderLock:
         return self
@@ -129,6 +133,19 @@ def locked_folder(folder: str | Path, **kwargs):
         yield lock
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def command_scope():
+    """Every claim made inside the block and still held at its end is given up then: a command
+    holds what it claims until it returns, however it returns."""
+    before = {key: entry[1] for key, entry in _held.items()}
+    try:
+        yield
+    finally:
+        for key in list(_held):
+            for _ in range(_held[key][1] - before.get(key, 0)):
+                _give_up(key)
 
 
 def _in_use_message(folder: Path, what: str) -> str:
