@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .files import atomic_folder, save_safetensors, write_json
+from .files import atomic_folder, remove_stale_temporaries_of, save_safetensors, write_json
 from .gguf_vocab import tokenizer_from_gguf
 from .loading import SINGLE_FILE
 from .tokenizer import Tokenizer
@@ -143,8 +143,12 @@ def check_new_folder(out) -> None:
         raise FileExistsError(f"{out} already exists; converting writes a new folder")
 
 
-def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
-    """Write the HF folder for GGUF file `src` into `out` (which must not exist yet); returns `out`."""
+def convert_gguf(src, out, dtype: torch.dtype = torch.float32, *, claim=None) -> str:
+    """Write the HF folder for GGUF file `src` into `out` (which must not exist yet); returns `out`.
+
+    `claim(out)`, when given, is called once everything is read and checked, just before the first
+    write: the CLI takes the folder's lock there, and a killed conversion's temporaries beside `out`
+    are then cleared."""
     src, out = os.fspath(src), os.fspath(out)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -187,6 +191,10 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
 
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    if claim is not None:
+        claim(out)
+        check_new_folder(out)  # again, now that no other process can write it
+        remove_stale_temporaries_of(out)
     with atomic_folder(out) as tmp:
         save_safetensors(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), hf_config, indent=2, sort_keys=True)

@@ -342,11 +342,12 @@ def _demo(args) -> int:
 
 
 def _data(args) -> int:
-    from .math_data import build_math_splits
+    from .math_data import math_splits, write_math_splits
     from .run_lock import claim_folder
 
+    splits = math_splits(args.train, args.test, args.math500)
     out = claim_folder(args.out).folder  # held until the command ends (main)
-    counts = build_math_splits(args.train, args.test, args.math500, out)
+    counts = write_math_splits(splits, out)
     print(
         f"MATH500: {counts['math500']} of {counts['math500']} found in the test set; training: "
         f"{counts['train']} train + {counts['test_kept']} test = {counts['training']} "
@@ -358,15 +359,12 @@ def _data(args) -> int:
 def _convert(args) -> int:
     import torch
 
-    from score.model.files import remove_stale_temporaries_of
-    from score.model.gguf import check_new_folder, convert_gguf
+    from score.model.gguf import convert_gguf
 
     from .run_lock import claim_folder
 
-    check_new_folder(args.out)  # before the lock file is made in it
-    claim_folder(args.out)  # held until the command ends (main); the result replaces the folder whole
-    remove_stale_temporaries_of(args.out)  # a killed conversion's, beside it
-    out = convert_gguf(args.src, args.out, dtype=getattr(torch, args.dtype))
+    # The folder is held from just before the first write to the command's end (main).
+    out = convert_gguf(args.src, args.out, dtype=getattr(torch, args.dtype), claim=claim_folder)
     print(f"converted {args.src} -> {out}")
     return 0
 

@@ -63,6 +63,20 @@ def _problems(rows: list[tuple[str, dict]], source: str, flag: str) -> list[str]
 
 def build_math_splits(train: str, test: str, math500: str, out_dir: str | Path) -> dict:
     """Write OUT/math_train.jsonl and OUT/math500.jsonl; returns the counts."""
+    return write_math_splits(math_splits(train, test, math500), out_dir)
+
+
+def write_math_splits(splits: tuple[list, list, dict], out_dir: str | Path) -> dict:
+    """Write what `math_splits` made; returns its counts."""
+    training, eval_rows, counts = splits
+    out = Path(out_dir)
+    write_jsonl(out / "math_train.jsonl", training)
+    write_jsonl(out / "math500.jsonl", eval_rows)
+    return counts
+
+
+def math_splits(train: str, test: str, math500: str) -> tuple[list[dict], list[dict], dict]:
+    """(training rows, MATH500 rows, counts), every input read and checked; nothing is written."""
     train_rows, test_rows, eval_rows = read_rows(train, "train"), read_rows(test, "test"), read_rows(math500, "test")
     _problems(train_rows, train, "--train")
     test_keys = _problems(test_rows, test, "--test")
@@ -93,7 +107,4 @@ def build_math_splits(train: str, test: str, math500: str, out_dir: str | Path) 
     full = all(counts[k] == n for k, n in FULL_MATH.items())
     if full and counts["training"] != 12000:
         raise ValueError(f"the full MATH should give 12,000 training problems, got {counts['training']}")
-    out = Path(out_dir)
-    write_jsonl(out / "math_train.jsonl", training)
-    write_jsonl(out / "math500.jsonl", [row for _, row in eval_rows])
-    return counts
+    return training, [row for _, row in eval_rows], counts

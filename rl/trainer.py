@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from score.model import Engine
-from score.model.files import write_json
+from score.model.files import commit_folder, temp_folder, write_json
 
 from .config import RunConfig
 from .factories import load_problems, make_engine, make_reward, prompt_builder, with_local_model
@@ -465,9 +465,11 @@ class Trainer:
             )
         self.save()
         final = self.out_dir / "final"
-        self.parallel.export(self.policy, final)
+        staging = temp_folder(final) if self.is_main else final  # final/ appears whole (other ranks write none)
+        self.parallel.export(self.policy, staging)
         if self.is_main:
-            self.tokenizer.save_pretrained(final)
+            self.tokenizer.save_pretrained(staging)
+            commit_folder(staging, final)
         return final
 
     def close(self) -> None:
