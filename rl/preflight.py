@@ -157,7 +157,7 @@ def check_eval_room(
     if extra >= max_model_len:
         raise ValueError(
             f"{what}: {spelled} = {extra} tokens leave no room for a prompt within max_model_len = {max_model_len} "
-            f"(the model's max_position_embeddings); lower {k1 if k1 == k2 else f'{k1} / {k2}'}"
+            "(the model's max_position_embeddings); lower the ones named"
         )
     too_long = []
     for p in problems:
