@@ -1,9 +1,9 @@
-"""The `score` command line: `train`, `eval`, `demo` and `convert`.
+"""The `score` command line: `train`, `sft`, `eval`, `demo`, `data` and `convert`.
 
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
-    score sft   --config FILE --out DIR [--set section.key=value ...]   # STaR / Pair-SFT baselines ([sft])
+    score sft   --config FILE --out DIR [--set section.key=value ...] [--resume]   # STaR / Pair-SFT ([sft])
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
                 [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16 | --self-refine]
     score demo  --out DIR [--ablations] [--baselines] [--quick] [--seed N] [--seeds K] [--workers W]
@@ -12,7 +12,8 @@
 
 Errors in the user's input (config, data, paths) and refusals of the machine (disk full, read-only
 folder) are printed as one line naming the cause and exit with status 2; a run that trained nothing
-(every step skipped) exits 1; anything else is a bug and keeps its traceback.
+(every step skipped) exits 1; anything else is a bug and keeps its traceback. Every command that
+writes a folder holds it (run_lock.py) until it returns; a folder another process holds is refused.
 """
 
 from __future__ import annotations

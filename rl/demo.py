@@ -440,34 +440,6 @@ def run_demo(
     whatever its core count or `workers`; other CPUs round differently (their BLAS kernels), so
     digits differ across machines while the claims (mean ± s.e. over seeds) hold with margin.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_demo(
-            out_dir,
-            ablations=ablations,
-            baselines=baselines,
-            quick=quick,
-            seed=seed,
-            seeds=seeds,
-            workers=workers,
-            progress=progress,
-        )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_demo(
-    out_dir,
-    *,
-    ablations: bool,
-    baselines: bool,
-    quick: bool,
-    seed: int,
-    seeds: int | None,
-    workers: int | None,
-    progress: bool,
-) -> dict:
     sizes = QUICK if quick else FULL
     seeds = sizes.seeds if seeds is None else seeds
     if seeds < 1:
@@ -475,21 +447,37 @@ def _run_demo(
     if not 0 <= seed <= 2**31 - 1 - seeds:
         raise ValueError(f"--seed must be in [0, 2**31 - {seeds}) so that the {seeds} RL seeds fit, got {seed}")
     check_demo_folder(Path(out_dir), {"seed": seed, "quick": quick})  # before the lock file is made
-    with claim_folder(out_dir):  # one demo per folder; its runs' workers die with this process
-        return _demo(
-            Path(out_dir),
-            sizes=sizes,
-            seed=seed,
-            seeds=seeds,
-            quick=quick,
-            ablations=ablations,
-            baselines=baselines,
-            workers=workers,
-            progress=progress,
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with claim_folder(out_dir):  # one demo per folder; its runs' workers die with this process
+            return _run_demo(
+                Path(out_dir),
+                sizes=sizes,
+                ablations=ablations,
+                baselines=baselines,
+                quick=quick,
+                seed=seed,
+                seeds=seeds,
+                workers=workers,
+                progress=progress,
+            )
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _demo(out: Path, *, sizes, seed, seeds, quick, ablations, baselines, workers, progress) -> dict:
+def _run_demo(
+    out: Path,
+    *,
+    sizes: DemoSizes,
+    ablations: bool,
+    baselines: bool,
+    quick: bool,
+    seed: int,
+    seeds: int,
+    workers: int | None,
+    progress: bool,
+) -> dict:
     out = claim_demo_folder(out, {"seed": seed, "quick": quick})
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from score.model.files import write_jsonl
 
-from .data import is_parquet_source, open_hf_dataset, parquet_files, parse_hf_source, read_jsonl_objects
+from .data import is_parquet_source, open_hf_dataset, parquet_tables, parse_hf_source, read_jsonl_objects
 
 FULL_MATH = {"train": 7500, "test": 5000, "math500": 500}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,18 +33,7 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict]]:
         dataset = open_hf_dataset(name, config, named_split if "@" in source else split)
         return [(f"{source} row {i}", dict(row)) for i, row in enumerate(dataset)]
     if is_parquet_source(source):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"{source}: reading Parquet needs pyarrow (pip install 'score-rl[data]')") from None
-        rows = []
-        for file in parquet_files(path):
-            try:
-                table = pq.read_table(file).to_pylist()
-            except Exception as e:  # pyarrow's ArrowInvalid and friends for a file that is not Parquet
-                raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
-            rows += [(f"{file} row {i}", row) for i, row in enumerate(table)]
-        return rows
+        return [(f"{file} row {i}", row) for file, table in parquet_tables(path) for i, row in enumerate(table)]
     return [(where, row) for _, where, row in read_jsonl_objects(path, "MATH file")]
 
 

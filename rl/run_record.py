@@ -89,16 +89,17 @@ def read_run_record(out_dir: str | Path, *, quiet: bool = False) -> dict | None:
         raise
 
 
-def holds_a_run(out_dir: str | Path) -> bool:
-    """Whether a folder holds work of a run: logged steps, checkpoints or a final model."""
+def holds_a_run(out_dir: str | Path) -> str | None:
+    """What shows that a folder holds work of a run (logged steps, checkpoints, a final model), or None."""
     out = Path(out_dir)
-    metrics = out / "metrics.jsonl"
-    root = checkpoints_root(out)
-    return (
-        (metrics.is_file() and metrics.stat().st_size > 0)
-        or (root.is_dir() and any(not c.name.startswith(".") for c in root.iterdir()))
-        or (out / "final").exists()
-    )
+    metrics, root = out / "metrics.jsonl", checkpoints_root(out)
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "metrics.jsonl"
+    if root.is_dir() and any(not c.name.startswith(".") for c in root.iterdir()):
+        return "checkpoints/"
+    if (out / "final").exists():
+        return "final/"
+    return None
 
 
 def check_same_run(out_dir: Path, record: dict, allow_change: bool, *, flag: str = "--resume") -> None:

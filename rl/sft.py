@@ -159,19 +159,18 @@ def run_sft(
     with claim_folder(out_dir):
         out = check_out_dir(out_dir)
         record = run_record(cfg, out) | {"model": {"requested": requested, "path": cfg.model.path}}
-        if not resume:
-            for name in ("metrics.jsonl", "sft_data.json", "final"):
-                if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
-                    raise FileExistsError(
-                        f"{out} already holds a run ({name}); use --resume (a killed score sft starts again from "
-                        "round 0) or a new --out"
-                    )
-        else:
+        held = holds_a_run(out) or ("sft_data.json" if (out / "sft_data.json").exists() else None)
+        if held and not resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({held}); use --resume (a killed score sft starts again from round 0) "
+                "or a new --out"
+            )
+        if resume:
             check_same_run(out, record, allow_config_change)
             if _finished(out, cfg):
                 print(f"score sft --resume: {out} holds a finished run; nothing to do", flush=True)
                 return out / "final"
-            if holds_a_run(out) or (out / "sft_data.json").exists():
+            if held:
                 print(
                     f"score sft --resume: score sft keeps no checkpoints inside a run; the run in {out} starts "
                     "again from round 0",

@@ -136,8 +136,9 @@ class Trainer:
     def _start(self, out_dir, requested: str, resume: bool, allow_config_change: bool) -> None:
         cfg, parallel = self.cfg, self.parallel
         self.out_dir = check_out_dir(out_dir)
-        if not resume and holds_a_run(self.out_dir):  # checked before any model or worker is made
-            raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
+        held = holds_a_run(self.out_dir)  # checked before any model or worker is made
+        if held and not resume:
+            raise FileExistsError(f"{self.out_dir} already holds a run ({held}); use --resume or a new --out")
         record = run_record(cfg, self.out_dir) | {"model": {"requested": requested, "path": cfg.model.path}}
         if resume:
             check_same_run(self.out_dir, record, allow_config_change)

@@ -17,9 +17,13 @@ STOP_AT = Path(__file__).with_name("stop_at.py")
 DEADLINE_S = 300.0  # a loaded 2-core machine starts torch in seconds; minutes means something is wrong
 
 
-def start(args: list[str], cwd: Path, *, stop_at: str | None = None, parity_reward: bool = False) -> subprocess.Popen:
-    """`score ARGS` as a new process (stderr captured), optionally stopping at a write (stop_at.py)."""
-    options = (["--stop-at", stop_at] if stop_at else []) + (["--parity-reward"] if parity_reward else [])
+def start(
+    args: list[str], cwd: Path, *, stop_at: str | None = None, trace: Path | None = None, parity_reward: bool = False
+) -> subprocess.Popen:
+    """`score ARGS` as a new process (stderr captured), optionally stopping at a write or tracing the
+    writes (stop_at.py)."""
+    options = (["--stop-at", stop_at] if stop_at else []) + (["--trace", str(trace)] if trace else [])
+    options += ["--parity-reward"] if parity_reward else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(STOP_AT), *options, "--", *args],
@@ -38,9 +42,9 @@ def run(args: list[str], cwd: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def wait_until(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None, timeout_s: float = DEADLINE_S) -> None:
     """Poll `condition()` until true; fail naming `what` (and the process's stderr if it ended)."""
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + timeout_s
     while not condition():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the process ended (exit {proc.returncode}) before {what}: {proc.stderr.read()}")
