@@ -65,7 +65,7 @@ from .metrics import format_table, seed_summary
 from .preflight import check_out_dir
 from .progress import progress_bar
 from .prompts import PromptBuilder
-from .run_lock import LOCK_FILE, claim_folder, locked_folder
+from .run_lock import LOCK_FILE, claim_folder, lock_folder
 from .sft import run_sft
 from .trainer import Trainer
 
@@ -594,7 +594,7 @@ def claim_demo_folder(out: Path, identity: dict) -> Path:
     runs = out / "runs"
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:
         if run.is_dir():  # a killed demo's workers die with it; wait the moment they take to exit
-            with locked_folder(run, what="run folder", wait_s=10.0):
+            with lock_folder(run, what="run folder", wait_s=10.0):
                 pass
     shutil.rmtree(runs, ignore_errors=True)  # the same demo again: its runs start over
     check_out_dir(out)

@@ -126,16 +126,6 @@ def claim_folder(folder: str | Path, *, what: str = "--out", command: str | None
 
 
 @contextlib.contextmanager
-def locked_folder(folder: str | Path, **kwargs):
-    """`lock_folder` as a context: the folder is held for the block."""
-    lock = lock_folder(folder, **kwargs)
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
-@contextlib.contextmanager
 def command_scope():
     """Every claim made inside the block and still held at its end is given up then: a command
     holds what it claims until it returns, however it returns."""
