@@ -19,10 +19,9 @@ import re
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import atomic_path, read_json_object, write_json
+from .files import atomic_path, read_json_object, save_safetensors, write_json
 from .model import Transformer
 
 # HF name -> our name; {} stands for the layer index.
@@ -196,7 +195,7 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None) 
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_safetensors(tensors, tmp, metadata={"format": "pt"})
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):  # a stale index would make loaders look for old shards
         os.remove(index)

@@ -319,44 +319,45 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    for item in overrides:
-        _apply_override(raw, item, path)
-    return config_from_dict(raw, source=str(path), text=text)
+    overridden = {_apply_override(raw, item, path): item for item in overrides}
+    return config_from_dict(raw, source=str(path), text=text, overridden=overridden)
 
 
 def config_with_overrides(raw: dict, overrides, *, source: str) -> RunConfig:
     """`config_from_dict` after applying `section.key=value` overrides to `raw`."""
-    for item in overrides:
-        _apply_override(raw, item, Path(source))
-    return config_from_dict(raw, source=source)
+    overridden = {_apply_override(raw, item, Path(source)): item for item in overrides}
+    return config_from_dict(raw, source=source, overridden=overridden)
 
 
-def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> RunConfig:
-    """Build a validated RunConfig from nested dicts ({section: {key: value}})."""
+def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "", overridden: dict | None = None) -> RunConfig:
+    """Build a validated RunConfig from nested dicts ({section: {key: value}}); `overridden` maps the
+    (section, key) pairs set by `--set` to their item, which errors name instead of the file's line."""
+    overridden = overridden or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
             raise ConfigError(
-                f"{_where(source, text, None, name)}: unknown section [{name}]; "
+                f"{_where(source, text, None, name, overridden)}: unknown section [{name}]; "
                 f"known sections: {', '.join(_SECTION_TYPES)}"
             )
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{_where(source, text, None, name)}: [{name}] must be a table of keys, got {type(value).__name__}"
+                f"{_where(source, text, None, name, overridden)}: [{name}] must be a table of keys, "
+                f"got {type(value).__name__}"
             )
-        sections[name] = _build_section(name, value, source, text)
+        sections[name] = _build_section(name, value, source, text, overridden)
     for name, cls in _SECTION_TYPES.items():
         sections.setdefault(name, cls())
-    _check_training_variant(sections["score"], source, text)
+    _check_training_variant(sections["score"], source, text, overridden)
     return RunConfig(**sections)
 
 
-def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
+def _check_training_variant(s: ScoreSection, source: str, text: str, overridden: dict) -> None:
     """Combinations of score keys that describe no training run."""
     if s.attempts > 2:
-        where = _where(source, text, "score", "attempts")
+        where = _where(source, text, "score", "attempts", overridden)
         variants = {
             "single_turn": (s.single_turn, False),
             "stage2_update": (s.stage2_update, "reinforce"),
@@ -372,7 +373,7 @@ def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
                 )
     if not s.single_turn:
         return
-    where = _where(source, text, "score", "single_turn")
+    where = _where(source, text, "score", "single_turn", overridden)
     if s.stage1_steps:
         raise ConfigError(
             f"{where}: score.single_turn = true trains attempt 1 only, which has no Stage I; "
@@ -395,13 +396,13 @@ RETIRED_KEYS = {
 }
 
 
-def _build_section(name: str, values: dict, source: str, text: str):
+def _build_section(name: str, values: dict, source: str, text: str, overridden: dict):
     cls = _SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        where = _where(source, text, name, key)
+        where = _where(source, text, name, key, overridden)
         if (name, key) in RETIRED_KEYS:
             raise ConfigError(f"{where}: {name}.{key} is no longer a key: {RETIRED_KEYS[name, key]}")
         if key not in fields:
@@ -436,7 +437,7 @@ def _check_value(key: str, value, hint, check, where: str):
     return value
 
 
-def _apply_override(raw: dict, item: str, path: Path) -> None:
+def _apply_override(raw: dict, item: str, path: Path) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     dotted, value_text = item.split("=", 1)
@@ -452,10 +453,18 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"--set {item!r}: [{section}] in {path} is not a table")
     table[key] = value
+    return section, key
 
 
-def _where(source: str, text: str, section: str | None, key: str) -> str:
-    """`file:line` of a key (or a section header when `section` is None), or just the file."""
+def _where(source: str, text: str, section: str | None, key: str, overridden: dict) -> str:
+    """`--set ITEM` for a key set on the command line, else `file:line` of a key (or a section header
+    when `section` is None), or just the file."""
+    if section is not None and (section, key) in overridden:
+        return f"--set {overridden[section, key]}"
+    if section is None and _line_of(text, None, key) is None:
+        made = [item for (s, _), item in overridden.items() if s == key]
+        if made:
+            return f"--set {made[0]}"
     line = _line_of(text, section, key) if text else None
     return f"{source}:{line}" if line else f"{source} (--set or default)" if text else source
 

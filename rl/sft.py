@@ -15,8 +15,9 @@ fused log-prob kernel as the RL loss (loss.pack, loss.attempt_logprobs; no [toke
   One round.
 
 Round i's traces go to `OUT/data/round{i}.jsonl` (id, attempt1, attempt2, r1, r2), per-step metrics to
-`OUT/metrics.jsonl`, the counts of every round to `OUT/sft_data.json`, the trained model to
-`OUT/final/`; with `data.eval` the run ends with the greedy two-attempt evaluation, as `score train`.
+`OUT/metrics.jsonl`, the trained model to `OUT/final/`, then the counts of every round to
+`OUT/sft_data.json`; with `data.eval` the run ends with the greedy two-attempt evaluation, as `score
+train`. A killed run is started again from round 0 by `score sft --resume` (run_sft).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import copy
 import dataclasses
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from score.model import from_pretrained, save_pretrained
-from score.model.files import write_jsonl
+from score.model.files import atomic_folder, write_jsonl
 
 from .config import RunConfig
 from .evaluate import write_json
@@ -51,9 +53,11 @@ from .preflight import (
 from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
-from .run_log import MetricsLogger
+from .run_lock import claim_folder
+from .run_log import WANDB_ID_FILE, MetricsLogger
+from .run_record import RUN_RECORD, check_same_run, holds_a_run, run_record
 from .schedule import lr_schedule, step_seed
-from .trainer import wandb_settings
+from .trainer import RunFailed, wandb_settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,22 +133,63 @@ def trained_tokens(traces: Sequence[Trajectory]) -> int:
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
-def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None) -> Path:
-    """The whole `score sft` run; returns the final model folder."""
+def run_sft(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
+    require_training: bool = True,
+) -> Path:
+    """The whole `score sft` run; returns the final model folder.
+
+    The run holds its folder (run_lock.py) and records run.json as `score train` does. It keeps no
+    checkpoints inside a run: `resume` starts a killed run again from round 0 (after checking that the
+    folder holds the same run), and does nothing to a finished one. A run whose every round kept no
+    trace trained nothing: RunFailed, and no final/, unless `require_training` is off (the demo's
+    quick pipeline check, whose tiny models keep none)."""
     if not cfg.model.path:
         raise ValueError("model.path is empty: point it at an HF-format model folder")
     if not cfg.data.train:
         raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
+    requested = cfg.model.path
     cfg = with_local_model(cfg)
-    out = check_out_dir(out_dir)
-    for name in ("metrics.jsonl", "sft_data.json", "final"):
-        if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
-            raise FileExistsError(f"{out} already holds a run ({name}); use a new --out")
+    check_wandb(cfg)  # before any folder is written
+    with claim_folder(out_dir):
+        out = check_out_dir(out_dir)
+        record = run_record(cfg, out) | {"model": {"requested": requested, "path": cfg.model.path}}
+        held = holds_a_run(out) or ("sft_data.json" if (out / "sft_data.json").exists() else None)
+        if held and not resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({held}); use --resume (a killed score sft starts again from round 0) "
+                "or a new --out"
+            )
+        if resume:
+            check_same_run(out, record, allow_config_change)
+            if _finished(out, cfg):
+                print(f"score sft --resume: {out} holds a finished run; nothing to do", flush=True)
+                return out / "final"
+            if held:
+                print(
+                    f"score sft --resume: score sft keeps no checkpoints inside a run; the run in {out} starts "
+                    "again from round 0",
+                    flush=True,
+                )
+        return _run(cfg, out, record, progress, require_training)
+
+
+def _finished(out: Path, cfg: RunConfig) -> bool:
+    """final/ (written whole), then sft_data.json, then the evaluation's metrics when data.eval is set."""
+    done = (out / "final" / "config.json").is_file() and (out / "sft_data.json").is_file()
+    return done and (not cfg.data.eval or (out / "eval_metrics.json").is_file())
+
+
+def _run(cfg: RunConfig, out: Path, record: dict, progress: bool | None, require_training: bool) -> Path:
     progress = cfg.run.progress if progress is None else progress
     s, seed = cfg.sft, cfg.run.seed
     torch.manual_seed(seed)
     precision = Precision.of(cfg, pick_device(cfg.model.device))
-    check_wandb(cfg)
     model_config, tokenizer = check_model_folder(cfg.model.path)
     check_budgets(cfg, model_config)
     builder = prompt_builder(cfg, tokenizer)
@@ -162,6 +207,12 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     base = from_pretrained(cfg.model.path, dtype=precision.master_dtype, device=precision.device)
     base.requires_grad_(False).set_kernels(precision.kernels)
     check_finite(base, cfg.model.path)
+    # What an earlier (killed) run left goes before this one writes anything of its own.
+    for stale in ("metrics.jsonl", "sft_data.json", "eval.jsonl", "eval_metrics.json", WANDB_ID_FILE):
+        (out / stale).unlink(missing_ok=True)
+    for stale in ("final", "data"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    write_json(out / RUN_RECORD, record)
     reward = make_reward(cfg)
     logger = MetricsLogger(out, wandb=wandb_settings(cfg, out))
     rounds, step, policy = [], 0, base
@@ -188,10 +239,15 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
                 f"sft round {i}: {counts['traces']} {s.kind} traces from {counts['sampled']} samples; {trained}",
                 flush=True,
             )
-        write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
+        if require_training and not any(r["steps"] for r in rounds):
+            raise RunFailed(
+                f"no round of {s.kind} kept a trace (see {out / 'data'}): nothing was trained, and no final/ is written"
+            )
         final = out / "final"
-        save_pretrained(policy, final, final_dtype(cfg, cfg.model.path))
-        tokenizer.save_pretrained(final)
+        with atomic_folder(final) as tmp:
+            save_pretrained(policy, tmp, final_dtype(cfg, cfg.model.path))
+            tokenizer.save_pretrained(tmp)
+        write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
         if cfg.data.eval:
             from .trainer import finish_run
 

@@ -15,6 +15,7 @@ from score.rl.demo import to_toml
 from score.rl.precision import Precision
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import Trajectory
+from score.rl.trainer import RunFailed
 from tests.helpers.tiny_run import ParityReward, make_base, tiny_config, write_problems
 
 
@@ -208,17 +209,22 @@ def test_a_run_samples_each_round_from_the_last_model_and_trains_the_base_afresh
     assert load_tokenizer(final).vocab_size == load_tokenizer(cfg.model.path).vocab_size
 
 
-def test_a_round_without_traces_trains_nothing_and_says_so(tmp_path, capsys):
+def test_a_run_whose_every_round_keeps_no_trace_fails_without_a_final_model(tmp_path, capsys):
     cfg = sft_config(tmp_path, kind="star", iterations=2)  # the exact reward: an untrained model never scores
-    final = sft.run_sft(cfg, tmp_path / "run")
-    stats = json.loads((tmp_path / "run" / "sft_data.json").read_text())
+    with pytest.raises(RunFailed, match="no round of star kept a trace"):
+        sft.run_sft(cfg, tmp_path / "run")
+    assert capsys.readouterr().out.count("nothing trained") == 2
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "sft_data.json").exists()
+    # the demo's pipeline check goes on with the model as it was, and records the empty rounds
+    final = sft.run_sft(cfg, tmp_path / "demo_run", require_training=False)
+    stats = json.loads((tmp_path / "demo_run" / "sft_data.json").read_text())
     assert [(r["traces"], r["steps"]) for r in stats["rounds"]] == [(0, 0), (0, 0)]
-    assert "nothing trained" in capsys.readouterr().out
     base = from_pretrained(cfg.model.path).state_dict()
     assert all(torch.equal(v, base[k]) for k, v in from_pretrained(final).state_dict().items())
 
 
-def test_score_sft_cli_runs_a_config_and_evaluates(tmp_path, capsys):
+def test_score_sft_cli_runs_a_config_and_evaluates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sft, "make_reward", lambda cfg: ParityReward())  # an untrained model scores
     cfg = sft_config(tmp_path, kind="pair_sft")
     cfg.data.eval = str(write_problems(tmp_path / "eval.jsonl", 4, "eval"))
     config = tmp_path / "sft.toml"

@@ -20,6 +20,7 @@ import torch
 from score.model import from_pretrained, load_tokenizer, save_pretrained
 
 from ..checkpoints import (
+    UnreadableCheckpoint,
     export_consolidated,
     latest_checkpoint,
     list_checkpoints,
@@ -27,6 +28,7 @@ from ..checkpoints import (
     load_sharded,
     save_checkpoint,
     save_sharded,
+    set_aside,
 )
 from ..config import RunConfig
 from ..factories import make_engine, make_reward, pick_device, prompt_builder
@@ -157,20 +159,29 @@ class SingleProcess:
 
     def resume(self, run_dir, policy, optimizer):
         """A plain run resumes from either format (a sharded checkpoint loads into the plain model).
-        A checkpoint that cannot be read (corrupt, truncated) is reported and the next older one is
-        tried; a load that fails part-way is overwritten whole by the next."""
+        A checkpoint whose files cannot be read (corrupt, truncated) is reported, set aside, and the
+        next older one is tried; nothing is loaded from it. When none can be read, FileNotFoundError
+        says so, as when there is none."""
         plain = list_checkpoints(run_dir, "plain")[::-1]
         for i, path in enumerate(plain):
             try:
                 return int(load_checkpoint(path, policy, optimizer)["step"])
-            except Exception as e:  # any reader's error: safetensors, JSON, a missing file
+            except UnreadableCheckpoint as e:
                 older = f"falling back to {plain[i + 1].name}" if i + 1 < len(plain) else "no older one is left"
-                print(f"--resume: checkpoint {path} cannot be read ({e}); {older}", file=sys.stderr, flush=True)
-        if plain:
-            raise ValueError(f"--resume: none of the {len(plain)} checkpoints under {plain[0].parent} can be read")
+                aside = set_aside(path)
+                print(
+                    f"--resume: checkpoint {path} cannot be read ({e}); set aside as {aside.name}; {older}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         sharded = latest_checkpoint(run_dir, "sharded")
         if sharded is not None:
             return int(load_sharded(sharded, policy, optimizer)["step"])
+        if plain:
+            raise FileNotFoundError(
+                f"--resume: none of the {len(plain)} checkpoints under {plain[0].parent} can be read "
+                "(each is set aside as step_….unreadable)"
+            )
         raise _nothing_to_resume(run_dir)
 
     def export(self, policy, folder, dtype):
