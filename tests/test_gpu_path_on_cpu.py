@@ -23,8 +23,10 @@ import torch
 from safetensors import safe_open
 
 from score.model import load_tokenizer
+from score.rl import sft as sft_module
 from score.rl.cli import main
 from tests.helpers.model_fixtures import CORPUS, make_chat_tokenizer, make_hf_checkpoint
+from tests.helpers.tiny_run import ParityReward
 
 pytestmark = pytest.mark.gpu_path
 
@@ -131,13 +133,17 @@ def test_math_config_trains_on_the_gpu_path(family, tmp_path, math_data):
     assert json.loads((run / "eval_metrics.json").read_text())["n"] == 1
 
 
-def test_math_config_sft_round_then_eval_on_the_gpu_path(tmp_path, math_data):
+def test_math_config_sft_round_then_eval_on_the_gpu_path(tmp_path, math_data, monkeypatch):
+    # a random model never answers MATH right, and STaR trains only on right answers: a reward it can
+    # earn (even-length answers), so the round has traces to train on
+    monkeypatch.setattr(sft_module, "make_reward", lambda cfg: ParityReward())
     model = tiny_checkpoint(tmp_path / "model", "qwen2")
     train, evals = math_data
     sft = tmp_path / "sft"
     sets = shrunk(model, train, "", **{"sft.iterations": 1, "sft.batch_size": 2, "sft.micro_batch_size": 2})
     assert main(["sft", *MATH_CONFIG, "--out", str(sft), *sets]) == 0
-    assert json.loads((sft / "sft_data.json").read_text())["rounds"][0]["sampled"] == len(MATH) * 2
+    (round0,) = json.loads((sft / "sft_data.json").read_text())["rounds"]
+    assert round0["sampled"] == len(MATH) * 2 and round0["steps"] > 0
     assert dtypes_in(sft / "final") == {"BF16"}
     out = tmp_path / "eval"
     argv = ["eval", "--model", str(sft / "final"), "--data", str(evals), *MATH_CONFIG, "--out", str(out)]
