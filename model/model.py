@@ -42,7 +42,7 @@ from .attention import causal_attention, check_backend
 from .config import ModelConfig
 
 if TYPE_CHECKING:
-    from .fused_qkv import FusedQKV
+    from .engine.fused_qkv import FusedQKV
 
 # attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D], q and k after RoPE. An
 # attn with `applies_rope` true takes them before RoPE, with rope=(cos, sin) [N, D], and rotates

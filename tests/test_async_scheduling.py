@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.decode_step import DecodeStep
+from score.model.engine.decode_step import DecodeStep
 from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 97

@@ -5,8 +5,8 @@ over apart, through a prefill, a fresh decode batch and continuing decode steps,
 import pytest
 import torch
 
-from score.model.attention_context import AttentionContext, layer_views
-from score.model.workspace import DecodeWorkspace
+from score.model.engine.attention_context import AttentionContext, layer_views
+from score.model.engine.workspace import DecodeWorkspace
 
 LAYERS, BLOCKS, BLOCK, HKV, HQ, D = 3, 12, 4, 2, 6, 8
 

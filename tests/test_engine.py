@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from score.model import Completion, Engine, SamplingParams
-from score.model.sampling import sample, sampler_states, truncate_logits
-from score.model.workspace import DecodeWorkspace
+from score.model.engine.sampling import sample, sampler_states, truncate_logits
+from score.model.engine.workspace import DecodeWorkspace
 from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 131

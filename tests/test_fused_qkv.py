@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.fused_qkv import FusedQKV
+from score.model.engine.fused_qkv import FusedQKV
 from tests.helpers.model_fixtures import engine_mode_hidden, randomise_biases, tiny_decoder
 
 VOCAB = 89
@@ -36,7 +36,7 @@ def test_stacked_projections_equal_the_three(family, kernels):
 
 
 def test_grouped_head_order_puts_each_query_group_before_its_k_and_v():
-    from score.model.fused_qkv import grouped_head_order
+    from score.model.engine.fused_qkv import grouped_head_order
 
     # 6 q heads sharing 2 KV heads (groups of 3): q0 q1 q2 k0 v0 | q3 q4 q5 k1 v1
     assert grouped_head_order(6, 2).tolist() == [0, 1, 2, 6, 8, 3, 4, 5, 7, 9]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from score.model import Engine, SamplingParams, onednn
-from score.model.fused_qkv import FusedQKV
+from score.model.engine.fused_qkv import FusedQKV
 from tests.helpers.model_fixtures import engine_mode_hidden, randomise_biases, tiny_decoder
 from tests.helpers.op_count import top_level_ops
 

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 from score.kernels.dispatch import interpreting
 
-from . import onednn
+from .. import onednn
+from ..cast_copy import cast_copy
+from ..cast_copy import refresh as refresh_copy
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
-from .cast_copy import cast_copy
-from .cast_copy import refresh as refresh_copy
 from .decode_step import (
     DecodeStep,
     LaunchedStep,
