@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from score.kernels import paged_attention, plan_paged_attention, store_kv
+from score.kernels import paged_attention, store_kv
 from score.kernels.kv_store import check_store_kv
-from score.kernels.paged_attention import check_paged_attention, paged_attention_torch
+from score.kernels.paged_attention import check_paged_attention
 from score.kernels.rope_kv_store import rope_store_kv
 
+from .torch_attention import plan_paged_attention, planned_attention
 from .workspace import DecodeWorkspace
 
 BACKENDS = ("auto", "triton", "torch", "flash")
@@ -218,7 +219,7 @@ class AttentionContext:
         # a decode step's new k/v are exactly its last-position rows unless a copy could have
         # overwritten them (no copies: the attention reuses them instead of reading the cache back)
         new_kv = kv if self.copy_src is None and self._store_rows is not None else None
-        return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv, layer=layer_idx)
+        return planned_attention(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv, layer=layer_idx)
 
     def _copy_on_write(self, k_rows, v_rows) -> None:
         if self.copy_src is not None:
