@@ -1,4 +1,4 @@
-"""The static decode step (model/decode_step.py): a batch padded up to its bucket gives the same
+"""The static decode step (model/engine/decode_step.py): a batch padded up to its bucket gives the same
 tokens and logprobs as the unpadded eager step, for every bucket size, block sizes 1 and 16, with
 preemption, greedy and sampled, the torch and (interpreted) Triton attention; CUDA graphs of it
 equal eager CUDA steps (run where CUDA is present)."""

@@ -170,7 +170,7 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
 
 def test_sampler_workspace_and_engine_rope_are_bit_identical():
     """The CPU decode shortcuts change no number: the sampler writing into kept buffers, and the
-    engine-mode RoPE with rotate_half's negation folded into a signed sin."""
+    engine's RoPE with rotate_half's negation folded into a signed sin."""
     from score.model.engine.inference_model import apply_rope_signed
     from score.model.model import apply_rope
 

@@ -12,7 +12,7 @@ change: cached K/V belong to the weights that computed them. `engine.stats` coun
 (computed) and reused prompt tokens.
 
 A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
-forward, eager) or a decode batch (one token per running sequence: model/decode_step.py, from
+forward, eager) or a decode batch (one token per running sequence: decode_step.py, from
 preallocated buffers, a CUDA graph per batch bucket on CUDA), then samples one token per sequence
 in one batched pass (one device->host transfer per step). With async scheduling (on CUDA by
 default) the host launches decode step N+1 before it reads step N's tokens: N+1 takes them as
@@ -85,7 +85,7 @@ class EngineStats:
 class Engine:
     def __init__(
         self,
-        model,
+        model: Transformer,
         *,
         dtype: torch.dtype | None = None,
         block_size: int = 16,
@@ -105,7 +105,7 @@ class Engine:
         `kv_cache_memory_fraction` of the free device memory (host RAM on CPU).
 
         Decode steps run from preallocated buffers, padded up to one of `decode_batch_sizes`
-        (model/decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
+        (decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
         `enforce_eager`. Default sizes: 1, 2, 4, 8, then every 16 up to `max_num_seqs` where graphs
         run; elsewhere no padding. `async_scheduling` (default: on CUDA, where the device runs
         behind the host) launches each decode step before reading the previous one's tokens."""
@@ -226,7 +226,7 @@ class Engine:
             torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        """Allocate the KV pool again after `sleep()` (empty: no prefix is cached)."""
+        """Allocate the KV pool (empty: no prefix is cached) and the inference weights again after `sleep()`."""
         if self.sleeping:
             self._inference = InferenceModel(self.model, self.dtype, self._workspace)
             self._allocate_pool()

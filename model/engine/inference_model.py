@@ -108,9 +108,9 @@ class InferenceModel:
         self.policy, self.config, self.dtype, self.workspace = policy, cfg, dtype, workspace
         self.device, self.eps = policy.lm_head_weight.device, cfg.rms_norm_eps
         self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.casts = dtype != policy.lm_head_weight.dtype  # every weight is a copy in `dtype`
         self._fsdp2_modules = fsdp2_modules(policy)
-        self.sharded = bool(self._fsdp2_modules)
+        self.sharded = bool(self._fsdp2_modules)  # gathered in the engine's dtype: never cast
+        self.casts = not self.sharded and dtype != policy.lm_head_weight.dtype  # every weight a copy in `dtype`
         self.kernels = self.grouped = None  # the policy's kernels setting and its layout, at refresh
         self._order = grouped_head_order(cfg.num_attention_heads, cfg.num_key_value_heads).to(self.device)
         self._inv_freq = rope_inv_freq(cfg).to(self.device)
