@@ -105,7 +105,7 @@ script() {  # script NAME SECONDS FILE ARGS...: a Python script (compiled only i
 if [ "$part" != 2 ]; then
     # on a GPU and in a dry run alike: a dry run takes the CPU path of the same commands
     run smoke 120 python3 bench/gpu_smoke.py --out "$out/smoke"
-    tests cuda_tests 150 tests/test_kernels_cuda.py tests/test_decode_step.py tests/test_fused_qkv.py \
+    tests cuda_tests 150 tests/test_kernels_cuda.py tests/test_decode_step.py tests/test_inference_model.py \
         tests/test_async_scheduling.py
     benchmark bench_engine 150 bench/bench_engine.py
 fi

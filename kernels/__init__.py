@@ -28,7 +28,7 @@ else:
     from .fused_linear_logprob import fused_linear_logprob
     from .kl_penalty import kl_penalty
     from .kv_store import store_kv
-    from .paged_attention import PagedAttentionBuffers, PagedAttentionPlan, paged_attention, plan_paged_attention
+    from .paged_attention import paged_attention
     from .rms_norm import rms_norm
     from .rope import apply_rope
     from .rope_kv_store import rope_store_kv

@@ -1,9 +1,8 @@
-"""A decoder's weights in another dtype: the trainer's frozen reference and the engine's compute copy
-of fp32 master weights (bf16 on GPU).
+"""A decoder's weights in another dtype: the trainer's frozen reference of fp32 master weights, in the
+compute dtype (bf16 on GPU). (The engine keeps copies of its own: engine/inference_model.py.)
 
 The copy is built on the meta device and allocated straight in its dtype, so making a bf16 copy of an
-fp32 model never holds a second fp32 copy. `refresh` copies the source's current values into it in
-place: tensors keep their addresses (CUDA graphs captured against them stay valid).
+fp32 model never holds a second fp32 copy.
 """
 
 from __future__ import annotations
@@ -23,12 +22,7 @@ def cast_copy(model: Transformer, dtype: torch.dtype) -> Transformer:
     copy = copy.to(dtype).to_empty(device=model.lm_head_weight.device)
     copy.set_kernels(model.kernels)
     copy.requires_grad_(False).eval()
-    refresh(copy, model)
-    return copy
-
-
-def refresh(copy: Transformer, source: Transformer) -> None:
-    """Copy `source`'s current weights into `copy`'s tensors, rounding to their dtype, in place."""
     with torch.no_grad():
-        for mine, theirs in zip(copy.parameters(), source.parameters(), strict=True):
+        for mine, theirs in zip(copy.parameters(), model.parameters(), strict=True):
             mine.copy_(theirs)
+    return copy

@@ -10,7 +10,7 @@
   (its mixed-precision policy), so its all-gathers move half the bytes; autocast is the same context.
 - The frozen reference is stored in the compute dtype: it is never updated.
 - The engine generates from its own copy of the weights in the compute dtype, with a KV pool of that
-  dtype (model/engine.py), refreshed from the masters at each generate call.
+  dtype (model/engine/inference_model.py), refreshed from the masters at each generate call.
 - Checkpoints keep the masters (a resume is bit-identical); `final/` is written in
   `model.final_dtype` (by default the dtype the starting checkpoint stores).
 """

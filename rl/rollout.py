@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from score.model.sampling import SamplingParams
+from score.model import SamplingParams
 
 from .data import Problem
 from .prompts import PromptBuilder

@@ -1,4 +1,4 @@
-"""The static decode step (model/decode_step.py): a batch padded up to its bucket gives the same
+"""The static decode step (model/engine/decode_step.py): a batch padded up to its bucket gives the same
 tokens and logprobs as the unpadded eager step, for every bucket size, block sizes 1 and 16, with
 preemption, greedy and sampled, the torch and (interpreted) Triton attention; CUDA graphs of it
 equal eager CUDA steps (run where CUDA is present)."""
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from score.kernels.rope_kv_store import rope_store_kv
-from score.model import Engine, SamplingParams, Transformer, attention_context
-from score.model.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
+from score.model import Engine, SamplingParams, Transformer
+from score.model.engine import attention_context
+from score.model.engine.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
 from tests.helpers.model_fixtures import tiny_decoder
 from tests.helpers.op_count import top_level_ops
 
@@ -212,7 +213,7 @@ def test_cuda_graphs_equal_eager_cuda_steps(model, prompts):
 def test_graphs_only_on_cuda_and_never_under_fsdp2():
     from torch.distributed.fsdp import FSDPModule
 
-    from score.model.decode_step import captures_graphs
+    from score.model.engine.decode_step import captures_graphs
 
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert not captures_graphs(plain, torch.device("cpu"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from score.model import Completion, Engine, SamplingParams
-from score.model.sampling import sample, sampler_states, truncate_logits
-from score.model.workspace import DecodeWorkspace
+from score.model.engine.sampling import sample, sampler_states, truncate_logits
+from score.model.engine.workspace import DecodeWorkspace
 from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 131
@@ -170,8 +170,9 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
 
 def test_sampler_workspace_and_engine_rope_are_bit_identical():
     """The CPU decode shortcuts change no number: the sampler writing into kept buffers, and the
-    engine-mode RoPE with rotate_half's negation folded into a signed sin."""
-    from score.model.model import apply_rope, apply_rope_signed
+    engine's RoPE with rotate_half's negation folded into a signed sin."""
+    from score.model.engine.inference_model import apply_rope_signed
+    from score.model.model import apply_rope
 
     gen = torch.Generator().manual_seed(3)
     workspace = DecodeWorkspace()
@@ -314,8 +315,10 @@ def test_an_engine_of_another_dtype_generates_from_its_own_refreshed_copy(model,
     in place from the model at every generate call, freed by sleep; the model itself is untouched."""
     policy = tiny_decoder(seed=5, vocab_size=VOCAB, hidden_size=48, intermediate_size=96, max_position_embeddings=256)
     engine = Engine(policy, dtype=torch.bfloat16, block_size=4, num_blocks=96, max_num_seqs=4)
-    assert engine.kv_cache.dtype == torch.bfloat16 and engine.model is not policy
-    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    weights = engine._inference
+    assert engine.kv_cache.dtype == torch.bfloat16 and engine.model is policy
+    own = [weights.embed, weights.norm, *(t for layer in weights.layers for t in (layer.o, layer.gate, layer.down))]
+    assert {t.dtype for t in own} == {torch.bfloat16} and weights.layers[0].qkv[0][0].dtype == torch.bfloat16
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     params = SamplingParams(temperature=0.0, max_tokens=6)
 
@@ -328,15 +331,15 @@ def test_an_engine_of_another_dtype_generates_from_its_own_refreshed_copy(model,
         assert [[c.logprobs for c in o] for o in a] == [[c.logprobs for c in o] for o in b]
 
     same(engine.generate(prompts, params), from_a_bf16_model())
-    addresses = [p.data_ptr() for p in engine.model.parameters()]
+    addresses = weights.weight_addresses()
     with torch.no_grad():  # what an optimizer step does between two rollouts
         for p in policy.parameters():
             p.mul_(1.5)
     engine.clear_cache()
     same(engine.generate(prompts, params), from_a_bf16_model())
-    assert [p.data_ptr() for p in engine.model.parameters()] == addresses  # refreshed in place
+    assert engine._inference is weights and weights.weight_addresses() == addresses  # refreshed in place
     engine.sleep()
-    assert engine.model is None and engine.kv_cache is None
+    assert engine._inference is None and engine.kv_cache is None
     engine.wake()
     same(engine.generate(prompts, params), from_a_bf16_model())
 

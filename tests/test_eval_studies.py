@@ -6,7 +6,7 @@ import json
 import pytest
 
 from score.model import Engine, from_pretrained, load_tokenizer
-from score.model.sampling import SamplingParams
+from score.model.engine.sampling import SamplingParams
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml

@@ -8,7 +8,7 @@ What is counted (P = parameters, W = GPUs, b = bytes of the compute dtype: 2 for
   engine's KV pool: 2 (K and V) x layers x kv_heads x head_dim x b per token, for `rollout_seqs`
   sequences of `max_model_len` tokens (an upper bound: prefix sharing between the k samples of a
   prompt only lowers it); in one process (not under FSDP2) also the engine's stacked copy of the
-  q/k/v weights, b per q/k/v parameter (model/fused_qkv.py). When a share of attempt-1 samples
+  q/k/v weights, b per q/k/v parameter (model/engine/inference_model.py). When a share of attempt-1 samples
   comes from the base model, the reference is gathered too and its engine has a pool and a copy of
   its own. The trainer puts the engines to sleep before the backward pass (`Engine.sleep` frees
   the pool and the copy), so none of this is held during training;

@@ -312,21 +312,47 @@ def randomise_biases(model):
     return model
 
 
-def engine_mode_hidden(model, fused_qkv=None):
-    """Final hidden states [16, D] of three packed sequences (5, 9 and 2 tokens) through the model's
-    engine mode, with SDPA over each sequence standing in for the engine's paged attention."""
-    from score.model.attention import causal_attention
+PACKED_LENGTHS = [5, 9, 2]
 
+
+def packed_prompts(model):
+    """Three random sequences of PACKED_LENGTHS tokens packed back to back: (ids [16], cu_seqlens)."""
     gen = torch.Generator().manual_seed(1)
-    lengths = [5, 9, 2]
     device = model.lm_head_weight.device
-    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen).to(device)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32, device=device)
-    scale = model.config.head_dim**-0.5
+    ids = torch.randint(0, model.config.vocab_size, (sum(PACKED_LENGTHS),), generator=gen).to(device)
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return ids, cu
 
-    def attn(layer_idx, q, k, v):
-        return causal_attention(q, k, v, scale=scale, cu_seqlens=cu, backend="sdpa", kernels="torch")
 
+def engine_forward_hidden(model, backend="torch"):
+    """Final hidden states [16, D] of `packed_prompts(model)` through the engine's own forward
+    (model/engine/inference_model.py): one prefill step into a fresh KV pool of 4-token blocks, through
+    the engine's attention context on `backend`."""
+    from score.model.engine.attention_context import AttentionContext
+    from score.model.engine.inference_model import InferenceModel
+    from score.model.engine.workspace import DecodeWorkspace
+
+    cfg, device = model.config, model.lm_head_weight.device
+    ids, cu = packed_prompts(model)
+    dtype = model.lm_head_weight.dtype
+    blocks = [-(-n // 4) for n in PACKED_LENGTHS]
+    pool = torch.zeros(2, cfg.num_hidden_layers, sum(blocks), 4, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
+    first = [sum(blocks[:s]) for s in range(len(blocks))]
+    tables = [[first[s] + b if b < blocks[s] else 0 for b in range(max(blocks))] for s in range(len(blocks))]
+    slots = [first[s] * 4 + p for s, n in enumerate(PACKED_LENGTHS) for p in range(n)]
+    positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS]).to(device)
+    ints = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
     with torch.inference_mode():
-        return model.hidden_states(ids, positions=positions, attn=attn, fused_qkv=fused_qkv)
+        ctx = AttentionContext(
+            pool.to(device),
+            backend=backend,
+            slot_mapping=ints(slots),
+            block_tables=ints(tables),
+            context_lens=ints(PACKED_LENGTHS),
+            cu_seqlens_q=cu,
+            max_q_len=max(PACKED_LENGTHS),
+            max_context_len=max(PACKED_LENGTHS),
+            copy_src=None,
+            copy_dst=None,
+        )
+        return InferenceModel(model, dtype, DecodeWorkspace()).hidden_states(ids, positions, ctx)

@@ -27,24 +27,20 @@ Padding rows repeat row 0 with KV slot -1 (never stored): they compute finite nu
 dropped. A graph bakes in what the host decided at capture: the addresses of the KV pool and of
 the weights (the graphs are dropped when either moves), the block-table width and the
 attention's context bound (the longest sequence the engine admits), the sampling settings.
-Models under FSDP2 are never captured: their forward gathers weights with collectives.
+Models under FSDP2 are never captured: their gathered weights move from one rollout to the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .attention_context import AttentionContext
+from .inference_model import InferenceModel, fsdp2_sharded
 from .sampling import SamplingParams, sample, sampler_state
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
-
-if TYPE_CHECKING:
-    from .fused_qkv import FusedQKV
 
 _LONG_ROWS = ("input_ids", "positions", "sampler_states", "store_rows", "source_rows")
 
@@ -70,15 +66,6 @@ def check_batch_sizes(sizes, max_num_seqs: int) -> list[int]:
             f"them), the largest is {sizes[-1]}"
         )
     return sizes
-
-
-def fsdp2_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model` holds an FSDP2 module (its weights are whole only inside its forward)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed: no FSDP2 either
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class _Staging:
@@ -120,7 +107,7 @@ def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
 class DecodeStep:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: InferenceModel,
         *,
         kv_cache: torch.Tensor,
         layer_caches: list,
@@ -131,18 +118,15 @@ class DecodeStep:
         batch_sizes: list[int] | None,
         use_graphs: bool,
         workspace: DecodeWorkspace,
-        logits: Callable[[torch.Tensor], torch.Tensor],
-        fused_qkv: FusedQKV | None = None,
     ):
-        """`logits(hidden [S, D]) -> fp32 [S, V]` is the engine's LM head (CPU: its transposed
-        copy into kept buffers). `batch_sizes`: the buckets, the largest >= max_num_seqs (None: no
-        padding; graphs need buckets). `fused_qkv`: the engine's stacked q|k|v weights, if any."""
+        """`model`: the engine's forward over its inference weights. `batch_sizes`: the buckets, the
+        largest >= max_num_seqs (None: no padding; graphs need buckets)."""
         if use_graphs and batch_sizes is None:
             raise ValueError("CUDA graphs of the decode step need batch sizes to pad to")
         self.model, self.kv_cache, self.layer_caches = model, kv_cache, layer_caches
         self.backend, self.block_size, self.max_model_len = backend, block_size, max_model_len
         self.batch_sizes, self.use_graphs = batch_sizes, use_graphs
-        self.workspace, self.logits, self.fused_qkv = workspace, logits, fused_qkv
+        self.workspace = workspace
         device = kv_cache.device
         self.width = -(-max_model_len // block_size)  # block-table columns of the longest sequence
         rows = max_num_seqs if batch_sizes is None else batch_sizes[-1]
@@ -214,7 +198,7 @@ class DecodeStep:
             self._weights_key = key
 
     def _weight_addresses(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for p in self.model.parameters())
+        return self.model.weight_addresses()
 
     def launch(
         self, seqs: list[Sequence], params: SamplingParams, continues: bool, after: LaunchedStep | None = None
@@ -346,10 +330,10 @@ class DecodeStep:
             checked=b in self._checked_sizes,  # the same buffers, pool and model as that first step's
         )
         self._checked_sizes.add(b)
-        hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
+        hidden = self.model.hidden_states(v["input_ids"], v["positions"], ctx)
         states = None if params.greedy else v["sampler_states"]
         workspace = self.workspace if hidden.device.type == "cpu" else None
-        return sample(self.logits(hidden), params, states, workspace)
+        return sample(self.model.logits(hidden), params, states, workspace)
 
     def _capture(self, b: int, params: SamplingParams):
         """A CUDA graph of `_compute` at batch size `b`, after one eager run on a side stream (Triton
