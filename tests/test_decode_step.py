@@ -265,7 +265,8 @@ def test_graphs_are_captured_from_inert_inputs_that_store_nothing(model, prompts
             step._write_inert_inputs(b)
             tokens, logprobs = step._compute(b, params, step.max_model_len, None)
             assert tokens.shape == (b,) and bool(torch.isfinite(logprobs).all())
-        assert torch.equal(engine.kv_cache, before)
+        # bit for bit: the pool is uninitialised memory, whose garbage may hold NaN (never equal to itself)
+        assert torch.equal(engine.kv_cache.view(torch.uint8), before.view(torch.uint8))
     # and real steps after them are unaffected
     again = engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3))
     fresh = Engine(model, attention_backend=backend, **kw)
