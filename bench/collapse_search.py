@@ -153,9 +153,9 @@ def cmd_rl(args) -> None:
     score = {"stage1_steps": stage1, "stage2_steps": stage2, **overrides}
     if overrides.get("stage1_steps") == 0:
         score["stage2_steps"] = stage1 + stage2
-    cfg = demo_config(
-        base / "base", base / "data" / "train.jsonl", base / "data" / "eval.jsonl", args.seed, False, **score
-    )
+    # The search ran with 16 prompts per step; `--set` changes it (the recall setting takes 32).
+    data = (base / "base", base / "data" / "train.jsonl", base / "data" / "eval.jsonl")
+    cfg = demo_config(*data, args.seed, False, prompts_per_step=16, **score)
     for key, value in json.loads(args.set).items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)

@@ -91,8 +91,8 @@ DEMO_RL = {
         "warmup_steps": 3,
         "schedule": "constant",
         "grad_clip": 1.0,
-        "prompts_per_step": 16,
-        "prompts_per_micro_batch": 16,
+        "prompts_per_step": 32,
+        "prompts_per_micro_batch": 32,
     },
     "run": {"checkpoint_every": 0, "keep_last": 1, "plots": False, "progress": False},
 }
@@ -266,12 +266,21 @@ def write_problems(path: Path, problems) -> Path:
 
 
 def demo_config(
-    base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, sft: dict | None = None, **score
+    base_dir: Path,
+    train_file: Path,
+    eval_file: Path,
+    seed: int,
+    quick: bool,
+    sft: dict | None = None,
+    prompts_per_step: int = DEMO_RL["optim"]["prompts_per_step"],
+    **score,
 ) -> RunConfig:
     """The config of one demo run; `score` changes the [score] section (a method of METHODS), `sft`
-    the [sft] section (a baseline of SFT_BASELINES). A method without Stage I (`stage1_steps=0`) gets
-    its steps in Stage II: every method has one budget."""
+    the [sft] section (a baseline of SFT_BASELINES), `prompts_per_step` the step's problems (the
+    setting's, in one micro-batch). A method without Stage I (`stage1_steps=0`) gets its steps in
+    Stage II: every method has one budget."""
     raw = json.loads(json.dumps(DEMO_RL))
+    raw["optim"].update(prompts_per_step=prompts_per_step, prompts_per_micro_batch=prompts_per_step)
     raw["model"]["path"] = str(base_dir)
     raw["data"].update(train=str(train_file), eval=str(eval_file))
     raw["run"]["seed"] = seed
@@ -508,7 +517,7 @@ def _run_demo(
 
     # The shared base model and the data.
     base_dir, train_file, eval_file = out / "base", out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
-    cfg = demo_config(base_dir, train_file, eval_file, seed, quick)
+    cfg = demo_config(base_dir, train_file, eval_file, seed, quick, prompts_per_step=task.prompts_per_step)
     tokenizer = build_tokenizer(sizes.vocab, seed)
     builder = prompt_builder(cfg, tokenizer)
     model = build_model(tokenizer, sizes)
@@ -572,10 +581,10 @@ def _run_demo(
     jobs = []
     for name in names:
         for i in range(seeds):
-            if name in SFT_BASELINES:
-                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, sft=SFT_BASELINES[name][1])
-            else:
-                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
+            change = {"sft": SFT_BASELINES[name][1]} if name in SFT_BASELINES else METHODS[name][1]
+            run_cfg = demo_config(
+                base_dir, train_file, eval_file, seed + i, quick, prompts_per_step=task.prompts_per_step, **change
+            )
             jobs.append(
                 {
                     "name": name,

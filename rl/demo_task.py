@@ -106,25 +106,28 @@ class WarmupMix:
 
 @dataclass(frozen=True)
 class DemoSetting:
-    """What the demo's base model is shown in its warm-up (`mix`) and how many training problems RL
-    trains on (the warm-up's recall set when `mix.recall` > 0)."""
+    """What the demo's base model is shown in its warm-up (`mix`), how many training problems RL
+    trains on (the warm-up's recall set when `mix.recall` > 0) and how many of them an RL step takes."""
 
     mix: WarmupMix
     train_problems: int
+    prompts_per_step: int
     about: str
 
 
 SETTINGS = {
     # Attempt 1 can be learned on the training problems (the base model half-remembers each: its
     # right answer and one wrong one) but not on held-out ones, and the base model's attempt 2 seldom
-    # works a sum out: multi-turn RL can collapse (PAPER.md section 5).
+    # works a sum out: multi-turn RL can collapse (PAPER.md section 5). Every step takes all 32
+    # problems: twice the samples of `guess`, so that Stage I finds the worked answer on every seed.
     "recall": DemoSetting(
         WarmupMix(worked_start=0.08, recall=1.0, recall_right=0.5),
+        32,
         32,
         "32 training problems the base model half-remembers",
     ),
     # Attempt 1 is a guess on every problem, seen or not: nothing to collapse to.
-    "guess": DemoSetting(WarmupMix(), 4000, "4,000 training problems, attempt 1 a guess on each"),
+    "guess": DemoSetting(WarmupMix(), 4000, 16, "4,000 training problems, attempt 1 a guess on each"),
 }
 DEFAULT_SETTING = "recall"
 

@@ -111,7 +111,8 @@ def test_slipped_worked_answers_follow_their_own_steps():
 def test_settings_name_what_the_base_model_was_shown():
     assert demo_task.DEFAULT_SETTING in demo_task.SETTINGS
     guess = demo_task.SETTINGS["guess"]
-    assert guess.mix == demo_task.WarmupMix() and guess.train_problems == 4000  # the demo before the recall setting
+    # the demo as it was before the recall setting
+    assert guess.mix == demo_task.WarmupMix() and (guess.train_problems, guess.prompts_per_step) == (4000, 16)
     recall = demo_task.SETTINGS["recall"]
     assert recall.mix.recall == 1.0 and recall.mix.recall_right < 1.0 and recall.mix.worked_start < 1.0
 
