@@ -17,6 +17,7 @@ thread count for both sides (1 is far steadier on a 2-core machine shared with o
 Results: bench/RESULTS.md.
 """
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -25,25 +26,31 @@ import time
 import pytest
 import torch
 
-from score.model import Engine, SamplingParams, from_pretrained  # noqa: E402
+from bench.gpu_workloads import NANO_VLLM, TWO_ATTEMPT, EngineWorkload
+from score.model import SamplingParams, from_pretrained  # noqa: E402
+from score.model.shapes import PUBLISHED
 from tests.helpers.model_fixtures import make_hf_checkpoint
 from tests.helpers.op_count import top_level_ops
 
 transformers = pytest.importorskip("transformers")
 
 CUDA = torch.cuda.is_available()
-if CUDA:  # issue 4's GPU workload: a Qwen2.5-0.5B-sized random model, bf16, 256 prompts
-    CONFIG = dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    NUM_PROMPTS, DTYPE, DEVICE = 256, torch.bfloat16, "cuda"
-else:
+_SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+if CUDA:  # issue 4's GPU workload (bench/gpu_workloads.py): a Qwen2.5-0.5B-shaped random model, bf16
+    TWO, NANO = TWO_ATTEMPT, NANO_VLLM
+    CONFIG = {field: getattr(PUBLISHED[TWO.model], field) for field in _SHAPE_FIELDS}
+    DTYPE, DEVICE = torch.bfloat16, "cuda"
+else:  # the same shapes of workload, scaled to a 2-core CPU
+    TWO = dataclasses.replace(TWO_ATTEMPT, prompts=16)
+    NANO = EngineWorkload(NANO_VLLM.model, prompts=8, prompt_len=(16, 64), new_tokens=(16, 64))
     CONFIG = dict(
         vocab_size=32000,
         hidden_size=512,
@@ -53,8 +60,12 @@ else:
         num_key_value_heads=2,
         max_position_embeddings=1024,
     )
-    NUM_PROMPTS, DTYPE, DEVICE = 16, torch.float32, "cpu"
-PROMPT_LEN, NEW_TOKENS, INSTRUCTION_LEN = 256, 128, 16
+    DTYPE, DEVICE = torch.float32, "cpu"
+if os.environ.get("SCORE_BENCH_SMOKE") == "1":  # pytest bench/ --benchmark-disable (bench/conftest.py)
+    TWO = dataclasses.replace(TWO, prompts=4, prompt_len=(32, 32), new_tokens=(8, 8))
+    NANO = dataclasses.replace(NANO, prompts=4, prompt_len=(8, 16), new_tokens=(8, 16))
+NUM_PROMPTS, PROMPT_LEN, NEW_TOKENS = TWO.prompts, TWO.prompt_len[0], TWO.new_tokens[0]
+INSTRUCTION_LEN = TWO.instruction_len
 ROUNDS = int(os.environ.get("BENCH_ENGINE_ROUNDS", "2" if CUDA else "3"))
 # HBM bandwidth of the cards this bench has run on (vendor figures, bytes/s), for decode utilisation
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
@@ -112,7 +123,7 @@ def decode_bandwidth(ours, prompts) -> dict:
     prefill cancels out. Bytes per step = parameters x 2 (bf16, the tied head counted once) + the
     K/V of the mean context (prompt + n/2) of every sequence."""
     n = NEW_TOKENS
-    engine = Engine(ours, block_size=16, max_model_len=CONFIG["max_position_embeddings"], max_num_seqs=NUM_PROMPTS)
+    engine = TWO.engine(ours)
     ids = prompts.tolist()
     elapsed = {}
     for tokens in (1, 1 + n):
@@ -145,7 +156,7 @@ def decode_bandwidth(ours, prompts) -> dict:
 
 def run_engine(ours, prompts, instruction, seed, new_tokens=NEW_TOKENS):
     """The same two calls through a fresh engine; returns its stats."""
-    engine = Engine(ours, block_size=16, max_model_len=CONFIG["max_position_embeddings"], max_num_seqs=NUM_PROMPTS)
+    engine = TWO.engine(ours)
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=seed)
     prompt_ids = prompts.tolist()
     first = engine.generate(prompt_ids, params)
@@ -225,10 +236,7 @@ def test_two_attempt_rollout_vs_transformers(benchmark, models, workload, reques
 
 
 # ------------------------------------------------------------------ nano-vllm's workload and op counts
-if CUDA:  # nano-vllm's bench.py: 256 sequences, prompt and output lengths uniform in 100..1024
-    NANO_SEQS, NANO_MIN, NANO_MAX = 256, 100, 1024
-else:  # the same shape of workload, scaled to a 2-core CPU
-    NANO_SEQS, NANO_MIN, NANO_MAX = 8, 16, 64
+NANO_SEQS, (NANO_MIN, NANO_MAX) = NANO.prompts, NANO.prompt_len
 
 
 def test_decode_step_op_count(benchmark, models, workload, request):
@@ -237,7 +245,7 @@ def test_decode_step_op_count(benchmark, models, workload, request):
     _, ours = models
     prompts, _ = workload
     ids, n = prompts.tolist(), 8
-    engine = Engine(ours, block_size=16, max_model_len=CONFIG["max_position_embeddings"], max_num_seqs=NUM_PROMPTS)
+    engine = TWO.engine(ours)
 
     def run(tokens):
         engine.clear_cache()
@@ -265,7 +273,6 @@ def test_nano_vllm_workload(benchmark, models, request):
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(NANO_MIN, NANO_MAX + 1, (NANO_SEQS, 2), generator=rng).tolist()
     prompts = [torch.randint(0, CONFIG["vocab_size"], (p,), generator=rng).tolist() for p, _ in lengths]
-    max_len = 2 * NANO_MAX + 1
     generated = sum(out for _, out in lengths)
 
     def run(engine):
@@ -277,7 +284,7 @@ def test_nano_vllm_workload(benchmark, models, request):
         assert sum(len(o[0].token_ids) for o in outs) == generated
 
     def engine(**kw):
-        return Engine(ours, block_size=16, max_model_len=max_len, max_num_seqs=NANO_SEQS, **kw)
+        return NANO.engine(ours, **kw)
 
     graphs = engine()
     if CUDA:

@@ -140,10 +140,11 @@ def test_forward_vs_transformers(benchmark, models, results, name, layout):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(pair, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    # [0] is the warm-up. Per-round ratios compare runs made back to back, so a busy machine
+    # The last ROUNDS are the timed rounds (before them, the warm-up; under --benchmark-disable one
+    # untimed call alone). Per-round ratios compare runs made back to back, so a busy machine
     # slows both sides of each pair alike; their median is the headline figure. Best rounds
     # (least disturbed) and medians in tokens/s are kept alongside.
-    ours_t, hf_t = times["ours"][1:], times["transformers"][1:]
+    ours_t, hf_t = times["ours"][-ROUNDS:], times["transformers"][-ROUNDS:]
     row = {
         "ratio": statistics.median(h / o for o, h in zip(ours_t, hf_t, strict=True)),
         "ours": BATCH * SEQ / min(ours_t),

@@ -12,6 +12,7 @@ Targets (issue 5): >= 2x faster per step, <= 0.5x peak memory.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ MODEL = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
+if os.environ.get("SCORE_BENCH_SMOKE") == "1":  # pytest bench/ --benchmark-disable (bench/conftest.py)
+    SHAPE = dict(prompts=2, k=2, prompt_len=16, t1=8, t2=8, instr_len=8)
+    MODEL.update(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
 
 def build_model(path: Path) -> Path:

@@ -17,15 +17,17 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.gpu_workloads import DECODE_PROFILE, TRAINING
 from score.kernels import fused_linear_logprob
-from score.model import Engine, ModelConfig, SamplingParams, Transformer
+from score.model import SamplingParams, Transformer
+from score.model.shapes import PUBLISHED
 
 
-def model_of(**shape) -> Transformer:
-    cfg = ModelConfig(tie_word_embeddings=True, max_position_embeddings=2048, architecture="LlamaForCausalLM", **shape)
+def model_of(name: str) -> Transformer:
+    """A random-weight model of a published shape, bf16, on the GPU."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Transformer(cfg)
+        model = Transformer(PUBLISHED[name])
     return model.to(torch.bfloat16)
 
 
@@ -34,17 +36,11 @@ def table(prof, key: str, rows: int = 22) -> str:
 
 
 def decode_profile() -> None:
-    model = model_of(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-    ).eval()
-    engine = Engine(model, block_size=16, max_model_len=1024, max_num_seqs=256)
-    prompts = torch.randint(0, 151936, (256, 256)).tolist()
-    steps = 32
+    w = DECODE_PROFILE
+    model = model_of(w.model).eval()
+    engine = w.engine(model)
+    prompts = torch.randint(0, model.config.vocab_size, (w.prompts, w.prompt_len[0])).tolist()
+    steps = w.new_tokens[0] - 1
     params = SamplingParams(temperature=1.0, max_tokens=1 + steps, ignore_eos=True, seed=0)
     prefill_only = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True, seed=0)
     engine.generate(prompts, params)  # warm: Triton compile, allocator, cuBLAS handles
@@ -78,16 +74,9 @@ def decode_profile() -> None:
 
 
 def train_profile() -> None:
-    model = model_of(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-    )
-    seqs, length = 16, 1024
-    ids = torch.randint(0, 151936, (seqs * length,), device="cuda")
+    model = model_of(TRAINING.model)
+    seqs, length = TRAINING.seqs, TRAINING.seq_len
+    ids = torch.randint(0, model.config.vocab_size, (seqs * length,), device="cuda")
     cu = torch.arange(0, seqs * length + 1, length, dtype=torch.int32, device="cuda")
     rows = torch.arange(seqs * length - 1, device="cuda")
 

@@ -24,9 +24,11 @@ import sys
 
 import torch
 
+from bench.gpu_workloads import HEAD_TOKENS, HEADS
+
 flp = importlib.import_module("score.kernels.fused_linear_logprob")
 
-SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-1.5b": (1536, 151936), "qwen2.5-0.5b": (896, 151936)}
+SHAPES = HEADS  # model -> (hidden, vocab) of its LM head (bench/gpu_workloads.py)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first is the table's bf16 entry
 CANDIDATES = [
     (128, 128, 64, 8, 3),
@@ -129,14 +131,14 @@ def _time_candidate(candidate, hidden, weight, targets, g_logp, g_ent, reference
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-shapes", action="store_true", help="all three LM-head widths, not only D = 4,096")
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=HEAD_TOKENS)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_fused_logprob_tiles.py: needs a CUDA GPU (the tiles are chosen by GPU time)", file=sys.stderr)
         return 2
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    for shape in SHAPES if args.all_shapes else ["llama3-8b"]:
+    for shape in SHAPES if args.all_shapes else ["Llama-3.1-8B"]:
         result = sweep(shape, args.tokens, args.reps)
         print(f"\n{shape}: N={result['n']} D={result['d']} V={result['v']}, naive {result['naive_ms']} ms")
         print(f"{'BM,BN,BK,warps,stages':>24} {'fwd ms':>8} {'bwd ms':>8} {'TFLOP/s':>8} {'vs naive':>8}")

@@ -170,7 +170,8 @@ def _check_one(task: tuple[str, int, int, bool]) -> dict:
     module, index, cap, aligned = task
     cfg = importlib.import_module(module).aot_launches()[index]
     started = time.time()
-    entry = {"module": module, "launch": cfg.name, "capability": cap, "aligned": aligned}
+    pointers = ",".join(t for t in cfg.signature.values() if t.startswith("*"))  # a name serves several dtypes
+    entry = {"module": module, "launch": cfg.name, "pointers": pointers, "capability": cap, "aligned": aligned}
     try:
         compiled = compile_launch(cfg, cap, aligned)
         entry.update(

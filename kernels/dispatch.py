@@ -31,3 +31,9 @@ def use_triton(impl: str, tensor: torch.Tensor, op: str) -> bool:
             f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got tensors on {tensor.device}"
         )
     return impl == "triton" or (impl == "auto" and tensor.is_cuda)
+
+
+if interpreting():
+    from . import interpreter_bf16
+
+    interpreter_bf16.apply()

@@ -38,7 +38,6 @@ from .dispatch import use_triton
 IGNORE_INDEX = -100
 # Largest logits tile (elements) either path holds at once: 64 MB in fp32.
 TILE_ELEMENTS = 1 << 24
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +59,9 @@ def _logits_tile(
     BLOCK_K: tl.constexpr,
     IEEE_FP32: tl.constexpr,
 ):
-    """hidden[rows] @ weight[cols].T as an fp32 [BLOCK_M, BLOCK_N] tile."""
+    """hidden[rows] @ weight[cols].T as an fp32 [BLOCK_M, BLOCK_N] tile. An fp32 weight with bf16/fp16
+    hidden states (master weights under autocast) is rounded to their dtype tile by tile, as autocast's
+    linear rounds it: the dot runs on the tensor cores of the hidden states' dtype."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     h_rows = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h
     w_cols = weight_ptr + cols.to(tl.int64)[None, :] * stride_w
@@ -68,7 +69,7 @@ def _logits_tile(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
         a = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(a.dtype)
         if IEEE_FP32:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
@@ -210,22 +211,28 @@ def _logprob_bwd_kernel(
     tl.store(out, dz.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Block shapes per input dtype. fp32 uses exact ("ieee") dots, like torch's default fp32 matmul.
+# Block shapes per (hidden dtype, weight dtype). fp32 uses exact ("ieee") dots, like torch's default
+# fp32 matmul. An fp32 weight beside bf16/fp16 hidden states is what autocast over fp32 master weights
+# hands the LM head: its tiles are loaded in fp32 and rounded in registers.
 _BLOCKS = {
-    torch.float32: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
-    torch.bfloat16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    torch.float16: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (torch.float32, torch.float32): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    (torch.bfloat16, torch.bfloat16): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (torch.float16, torch.float16): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (torch.bfloat16, torch.float32): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (torch.float16, torch.float32): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
 }
+DTYPE_COMBOS = tuple(_BLOCKS)  # (hidden dtype, weight dtype) pairs the op takes
 
 
 def _launch_table(kernel, pointer_types, scalar_types, blocks_of: dict = _BLOCKS) -> list[Launch]:
-    """One launch of `kernel` per dtype of `blocks_of` (dtype -> block shape, warps and stages)."""
+    """One launch of `kernel` per (hidden dtype, weight dtype) of `blocks_of` (-> block shape, warps and
+    stages). Pointers of kind "x" take the hidden states' dtype, "w" the weight's."""
     table = []
-    for dtype, blocks in blocks_of.items():
-        t = triton_type(dtype)
+    for (dtype, w_dtype), blocks in blocks_of.items():
+        types = {"x": "*" + triton_type(dtype), "w": "*" + triton_type(w_dtype)}
         sig = {}
         for name, kind in pointer_types:
-            sig[name] = "*" + (t if kind == "x" else kind)
+            sig[name] = types.get(kind, "*" + kind)
         sig.update(scalar_types)
         sig.update(BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr", IEEE_FP32="constexpr")
         consts = dict(
@@ -242,7 +249,7 @@ _FWD_ARGS = (
     _logprob_fwd_kernel,
     [
         ("hidden_ptr", "x"),
-        ("weight_ptr", "x"),
+        ("weight_ptr", "w"),
         ("targets_ptr", "i64"),
         ("part_max_ptr", "fp32"),
         ("part_sum_ptr", "fp32"),
@@ -263,7 +270,7 @@ _BWD_ARGS = (
     _logprob_bwd_kernel,
     [
         ("hidden_ptr", "x"),
-        ("weight_ptr", "x"),
+        ("weight_ptr", "w"),
         ("targets_ptr", "i64"),
         ("lse_ptr", "fp32"),
         ("entropy_ptr", "fp32"),
@@ -286,10 +293,11 @@ _FWD_TABLE = _launch_table(*_FWD_ARGS)
 _BWD_TABLE = _launch_table(*_BWD_ARGS)
 
 
-def launches_with_blocks(dtype: torch.dtype, blocks: dict) -> tuple[Launch, Launch]:
-    """(forward, backward) launches of `dtype` with other block shapes than the table's: what
+def launches_with_blocks(dtype: torch.dtype, blocks: dict, weight_dtype: torch.dtype | None = None):
+    """(forward, backward) launches of hidden states in `dtype` (and a weight in `weight_dtype`, by
+    default the same) with other block shapes than the table's: what
     bench/sweep_fused_logprob_tiles.py times to choose the table's entries."""
-    table = {dtype: blocks}
+    table = {(dtype, weight_dtype or dtype): blocks}
     return _launch_table(*_FWD_ARGS, blocks_of=table)[0], _launch_table(*_BWD_ARGS, blocks_of=table)[0]
 
 
@@ -298,10 +306,10 @@ def aot_launches() -> list[Launch]:
     return _FWD_TABLE + _BWD_TABLE
 
 
-def _cfg(table, dtype) -> Launch:
-    """The table entry for inputs of `dtype` (one per dtype)."""
-    want = "*" + triton_type(dtype)
-    (cfg,) = [c for c in table if c.signature["hidden_ptr"] == want]
+def _cfg(table, dtype, weight_dtype) -> Launch:
+    """The table entry for hidden states of `dtype` and a weight of `weight_dtype`."""
+    want = ("*" + triton_type(dtype), "*" + triton_type(weight_dtype))
+    (cfg,) = [c for c in table if (c.signature["hidden_ptr"], c.signature["weight_ptr"]) == want]
     return cfg
 
 
@@ -314,7 +322,7 @@ def _num_programs_wanted(device: torch.device) -> int:
 def _forward_triton(hidden, weight, targets, inv_temperature, cfg: Launch | None = None):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    cfg = cfg or _cfg(_FWD_TABLE, hidden.dtype)
+    cfg = cfg or _cfg(_FWD_TABLE, hidden.dtype, weight.dtype)
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     token_blocks = triton.cdiv(n, bm)
     vocab_tiles = triton.cdiv(vocab, bn)
@@ -376,7 +384,7 @@ def _backward_triton(
 ):
     n, dim = hidden.shape
     vocab = weight.shape[0]
-    cfg = cfg or _cfg(_BWD_TABLE, hidden.dtype)
+    cfg = cfg or _cfg(_BWD_TABLE, hidden.dtype, weight.dtype)
     bm, bn = cfg.constexprs["BLOCK_M"], cfg.constexprs["BLOCK_N"]
     tok, voc = _chunks(n, vocab, granule=bn)
     grad_hidden = torch.zeros(n, dim, dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -384,7 +392,7 @@ def _backward_triton(
     dz_buf = torch.empty(tok, voc, dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w_chunk = weight[v0 : v0 + vc]
+        w_chunk = weight[v0 : v0 + vc].to(hidden.dtype)  # an fp32 master weight at the forward's precision
         gw = torch.zeros(vc, dim, dtype=torch.float32, device=hidden.device) if need_weight else None
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
@@ -422,6 +430,12 @@ def _backward_triton(
 # ----------------------------------------------------------------------------------------------
 # torch reference (same chunked algorithm; the CPU path)
 # ----------------------------------------------------------------------------------------------
+def _at_hidden_precision(weight_chunk: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """A weight chunk in fp32 after rounding to the hidden states' dtype (what the kernel's tiles
+    hold; a no-op rounding when the dtypes match)."""
+    return weight_chunk.to(hidden.dtype).float()
+
+
 def _target_hits(targets_chunk: torch.Tensor, v0: int, vc: int):
     local = targets_chunk - v0
     hit = (local >= 0) & (local < vc)
@@ -443,7 +457,7 @@ def _forward_torch(hidden, weight, targets, inv_temperature, with_entropy):
     h32 = hidden.float() * inv_temperature if inv_temperature != 1.0 else hidden.float()
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w_t = weight[v0 : v0 + vc].float().t()
+        w_t = _at_hidden_precision(weight[v0 : v0 + vc], hidden).t()
         for n0 in range(0, n, tok):
             nc = min(tok, n - n0)
             rows = slice(n0, n0 + nc)
@@ -493,7 +507,7 @@ def _backward_torch(hidden, weight, targets, lse, entropy, g_logp, g_ent, inv_te
     g_ent = g_ent * inv_temperature if g_ent is not None else None
     for v0 in range(0, vocab, voc):
         vc = min(voc, vocab - v0)
-        w32 = weight[v0 : v0 + vc].float()
+        w32 = _at_hidden_precision(weight[v0 : v0 + vc], hidden)
         single_pass = n <= tok and fp32_weight
         gw = None
         if need_weight:
@@ -595,8 +609,10 @@ def fused_linear_logprob(
 ):
     """log softmax(hidden @ weight.T / temperature)[targets] per token, never forming [N, V].
 
-    hidden [N, D] and weight [V, D] (fp32, bf16 or fp16, same dtype and device, unit stride in the
-    last dimension), targets [N] int64/int32 in [0, V) or `ignore_index` (-100).
+    hidden [N, D] and weight [V, D] on one device, unit stride in the last dimension: both fp32, bf16
+    or fp16, or bf16/fp16 hidden states with an fp32 weight (master weights under autocast: the weight
+    is rounded to the hidden states' dtype tile by tile, as autocast's linear would, and its gradient
+    is fp32); targets [N] int64/int32 in [0, V) or `ignore_index` (-100).
     Returns logp [N] fp32, or (logp, entropy) with `return_entropy=True`; both differentiable
     w.r.t. hidden and weight. impl: "auto" (Triton for CUDA tensors, torch otherwise), "triton"
     (CUDA, or CPU under TRITON_INTERPRET=1), "torch".
@@ -606,10 +622,11 @@ def fused_linear_logprob(
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"hidden dtype must be one of {_FLOAT_DTYPES}, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if (hidden.dtype, weight.dtype) not in DTYPE_COMBOS:
+        raise ValueError(
+            f"(hidden, weight) dtypes {hidden.dtype}, {weight.dtype} not supported: both fp32, bf16 or fp16, "
+            "or bf16/fp16 hidden states with an fp32 weight"
+        )
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
     if weight.shape[1] != hidden.shape[1]:
@@ -636,7 +653,9 @@ def fused_linear_logprob(
             )
     # An empty batch has nothing to launch; the torch path returns empty outputs and zero grads.
     with_triton = use_triton(impl, hidden, "fused_linear_logprob") and hidden.shape[0] > 0
-    logp, entropy = _FusedLinearLogprob.apply(
-        hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), with_triton
-    )
+    # autocast off inside: the torch path's GEMMs are fp32 by design, not autocast's to lower
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, entropy = _FusedLinearLogprob.apply(
+            hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), with_triton
+        )
     return (logp, entropy) if return_entropy else logp

@@ -1,8 +1,7 @@
-"""Llama/Qwen-family decoder, HF checkpoint and tokenizer loading, paged KV cache and engine."""
+"""Llama/Qwen-family decoder, HF checkpoint and tokenizer loading, and the rollout engine (engine/)."""
 
 from .config import ModelConfig
-from .engine import Completion, Engine, EngineStats
+from .engine import Completion, Engine, EngineStats, SamplingParams
 from .loading import from_pretrained, save_pretrained
 from .model import Transformer
-from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer

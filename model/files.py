@@ -6,19 +6,45 @@ folder, so a crash leaves the old version or the new one, never half of one. Fol
 follow the same policy: an existing target is exchanged with the new one in one atomic step (or,
 where the file system cannot, renamed aside and put back after a kill) and removed only after the
 new one is in place. A temporary left by a killed writer is never mistaken for a result: readers skip dot names,
-and `remove_stale_temporaries` clears them before the next write into that folder.
+and `remove_stale_temporaries` clears them before the next write into that folder (`sweep_temporaries`
+clears a whole run folder at once, for a process that holds its lock). Results get the permissions the
+user's umask gives, as `open` would (temporaries are made private, 0600 / 0700, and widened before the
+rename). A safetensors write that the disk refuses raises OSError, as any other write does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
+# tempfile's random part: 8 characters of this alphabet (tempfile._RandomNameSequence).
+_TEMP_SUFFIX = "[a-z0-9_]{8}"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux >= 4.7)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path, folder: bool = False) -> None:
+    """Give a temporary (private by tempfile's design) the mode a plain `open`/`mkdir` would have."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def read_json_object(file) -> dict:
@@ -61,6 +87,7 @@ def atomic_path(target):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _as_umask_allows(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -89,7 +116,9 @@ def temp_folder(target) -> Path:
     """A new empty temporary folder beside `target` (its parent is created)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}-"))
+    _as_umask_allows(tmp, folder=True)
+    return tmp
 
 
 def exchange_paths(a, b) -> bool:
@@ -177,3 +206,52 @@ def remove_stale_temporaries(folder) -> None:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     child.unlink()
+
+
+def remove_stale_temporaries_of(target) -> None:
+    """Delete the temporaries a killed writer of `target` left beside it (`.tmp-<name>-XXXXXXXX`, and a
+    set-aside old copy, put back first when `target` itself is gone); other names are never touched."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    own = re.compile(rf"{re.escape(TEMP_PREFIX)}(old-)?{re.escape(target.name)}-{_TEMP_SUFFIX}")
+    for child in target.parent.iterdir():
+        match = own.fullmatch(child.name)
+        if match is None:
+            continue
+        if match.group(1) and (child / target.name).is_dir() and not target.exists():
+            os.replace(child / target.name, target)
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                child.unlink()
+
+
+def sweep_temporaries(root, *, skip=lambda folder: False) -> None:
+    """`remove_stale_temporaries` in `root` and every folder under it, except folders for which
+    `skip(folder)` is true (another process's run folder). Only for the process that owns `root`:
+    any temporary found is then a dead writer's."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    remove_stale_temporaries(root)
+    for child in root.iterdir():
+        if child.is_dir() and not child.is_symlink() and not skip(child):
+            sweep_temporaries(child, skip=skip)
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, with a write the machine refuses (disk full, quota) raised as the
+    OSError it is, naming the file; safetensors reports it as its own error type."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"(?:os error|code:) (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number) or errno.errorcode.get(number, "I/O error"), os.fspath(path)) from e

@@ -9,10 +9,11 @@ architecture, the rows of q/k projections are put back in HF's rotate-half order
 converter interleaves them for its rotary kernel. The config comes from the `{arch}.*` metadata,
 the tokenizer from the `tokenizer.*` metadata (gguf_vocab.py), the chat template verbatim.
 
-Supported: architectures in `ARCHITECTURES`; tensor types in `TENSOR_TYPES`. Refused with a named
-error before anything is written: other architectures, other tensor types, partial rotary
-embeddings, RoPE scaling (its `rope_freqs` factors have no HF config to go back to), tensors
-the architecture does not have.
+The folder is written whole: files go into a temporary beside it, which then replaces it. Supported:
+architectures in `ARCHITECTURES`; tensor types in `TENSOR_TYPES`. Refused with a named error before
+anything is written: a file that is not readable GGUF (cut, garbled), other architectures, other
+tensor types, partial rotary embeddings, RoPE scaling (its `rope_freqs` factors have no HF config to
+go back to), tensors the architecture does not have.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import re
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import atomic_folder, write_json
+from .files import atomic_folder, remove_stale_temporaries_of, save_safetensors, write_json
 from .gguf_vocab import tokenizer_from_gguf
 from .loading import SINGLE_FILE
 from .tokenizer import Tokenizer
@@ -135,21 +135,32 @@ def model_config(fields: dict, tensor_names: set[str], source: str) -> ModelConf
     )
 
 
-def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
-    """Write the HF folder for GGUF file `src` into `out` (which must not exist yet); returns `out`."""
+def check_new_folder(out) -> None:
+    """`out` must not exist, or be an empty folder (dot names aside: the lock of the process that
+    converts into it, a killed conversion's leftovers)."""
+    out = os.fspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or any(not n.startswith(".") for n in os.listdir(out))):
+        raise FileExistsError(f"{out} already exists; converting writes a new folder")
+
+
+def convert_gguf(src, out, dtype: torch.dtype = torch.float32, *, claim=None) -> str:
+    """Write the HF folder for GGUF file `src` into `out` (which must not exist yet); returns `out`.
+
+    `claim(out)`, when given, is called once everything is read and checked, just before the first
+    write: the CLI takes the folder's lock there, and a killed conversion's temporaries beside `out`
+    are then cleared."""
     src, out = os.fspath(src), os.fspath(out)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such GGUF file")
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; converting writes a new folder")
+    check_new_folder(out)
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(src)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{src}: not a readable GGUF file ({err})") from err
-    fields = read_fields(reader)
+        fields = read_fields(reader)
+    except Exception as err:  # any reader's error on a cut or garbled file: IndexError, ValueError, ...
+        raise ValueError(f"{src}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     names = {t.name for t in reader.tensors}
     config = model_config(fields, names, src)
     backend, special = tokenizer_from_gguf(fields, src)
@@ -180,8 +191,12 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32) -> str:
 
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    if claim is not None:
+        claim(out)
+        check_new_folder(out)  # again, now that no other process can write it
+        remove_stale_temporaries_of(out)
     with atomic_folder(out) as tmp:
-        save_file(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), hf_config, indent=2, sort_keys=True)
         tokenizer.save_pretrained(tmp)
         write_json(

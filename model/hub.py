@@ -38,8 +38,9 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     if Path(text).exists():
         return text
     repo_id, revision = split_revision(text)
+    missing = f"no folder {os.path.abspath(text)}"
     if not _REPO_ID.match(repo_id):
-        raise ValueError(f"model {text!r}: no such folder, and not a Hub id (ORG/NAME[@REVISION])")
+        raise ValueError(f"model {text!r}: {missing}, and not a Hub id (ORG/NAME[@REVISION])")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -52,8 +53,11 @@ def resolve_model_path(spec: str | os.PathLike) -> str:
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set and it is not in the Hub cache" if offline else "it could not be fetched"
-        raise ValueError(f"model {text!r}: {why} ({os.environ.get('HF_HUB_CACHE') or 'default cache'})") from None
+        cache = os.environ.get("HF_HUB_CACHE") or "default cache"
+        raise ValueError(f"model {text!r}: {missing}; as a Hub id, {why} ({cache})") from None
     except (RepositoryNotFoundError, HFValidationError) as e:
-        raise ValueError(f"model {text!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"model {text!r}: {missing}; as a Hub id, {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     except OSError as e:  # network errors of the underlying HTTP client
-        raise ValueError(f"model {text!r}: the Hub could not be reached ({e})") from None
+        raise ValueError(f"model {text!r}: {missing}; as a Hub id, the Hub could not be reached ({e})") from None

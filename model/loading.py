@@ -19,10 +19,9 @@ import re
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .files import atomic_path, read_json_object, write_json
+from .files import atomic_path, read_json_object, save_safetensors, write_json
 from .model import Transformer
 
 # HF name -> our name; {} stands for the layer index.
@@ -171,18 +170,32 @@ def from_pretrained(path, dtype=None, device="cpu", *, attention_backend: str = 
     return model.eval()
 
 
-def save_pretrained(model: Transformer, path) -> None:
-    """Write `model.safetensors` + `config.json` in HF layout (atomic per file)."""
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in (read from the safetensors headers alone);
+    float32 when they mix dtypes."""
+    found = set()
+    for file, keys in checkpoint_files(os.fspath(path)).items():
+        with _open_safetensors(file) as f:
+            found.update(f.get_slice(key).get_dtype() for key in keys if not key.endswith(_IGNORED_SUFFIXES))
+    dtypes = {_SAFETENSORS_DTYPES.get(name, torch.float32) for name in found}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None) -> None:
+    """Write `model.safetensors` + `config.json` in HF layout (atomic per file), in `dtype` (None: as held)."""
     if not isinstance(model, Transformer):
         raise ValueError(f"save_pretrained needs a score.model.Transformer, got {type(model).__name__}")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = {ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {ours_to_hf(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     dtypes = {t.dtype for t in tensors.values()}
     config = model.config.to_hf_dict()
     config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_safetensors(tensors, tmp, metadata={"format": "pt"})
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):  # a stale index would make loaders look for old shards
         os.remove(index)

@@ -1,6 +1,5 @@
 """The decoder: Llama / Qwen2 / Qwen3 families in one readable file, numerically matching HF.
 
-Notable features
 - Pre-norm blocks: RMSNorm -> attention (GQA, optional q/k/v bias, optional q/k RMSNorm per head)
   -> residual -> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; tied or untied output head.
 - Rotate-half RoPE exactly as HF computes it (inverse frequencies on the CPU in fp32, cos/sin from
@@ -10,22 +9,19 @@ Notable features
     dense   input_ids [B, T] (all sequences start at position 0 unless `positions` says otherwise);
     packed  input_ids [N] + cu_seqlens [S+1]: several sequences back to back, no padding, attention
             never crosses a boundary (training);
-    engine  input_ids [N] + positions [N] + attn(layer_idx, q, k, v): the caller owns the KV cache
-            and runs attention itself; the model knows nothing about caches (rollouts). The engine
-            may also pass stacked copies of the q/k/v weights (`fused_qkv`): one GEMM per layer.
-            On fp32 CPU tensors without autograd its GEMMs go through oneDNN, each with the op
-            after it fused in (onednn.py).
+    hooked  input_ids [N] + positions [N] + attn(layer_idx, q, k, v): the caller runs attention
+            itself (over a KV cache of its own, say); the model knows nothing about caches.
 - Per-layer activation checkpointing for training.
 
-Not done here: KV caches, sampling (the engine), loading (loading.py), attention kernels
-(attention.py). Dropout, sliding windows and other RoPE types are not supported (config.py refuses).
+Not here: the rollout engine's forward, over its own copy of the weights (engine/inference_model.py,
+from the functions below), loading (loading.py), attention kernels (attention.py). Dropout, sliding
+windows and other RoPE types are not supported (config.py refuses).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +33,49 @@ from score.kernels.dispatch import IMPLS, use_triton
 from score.kernels.rms_norm import DTYPE_COMBOS as RMS_NORM_DTYPES
 from score.kernels.rope import apply_rope as rope_kernel
 
-from . import onednn
 from .attention import causal_attention, check_backend
 from .config import ModelConfig
 
-if TYPE_CHECKING:
-    from .fused_qkv import FusedQKV
-
-# attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D], q and k after RoPE. An
-# attn with `applies_rope` true takes them before RoPE, with rope=(cos, sin) [N, D], and rotates
-# them inside its KV store (the engine's kernel path: model/attention_context.py)
+# attn(layer_idx, q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, Hq, D], q and k after RoPE
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def fused(kernels: str, x: torch.Tensor) -> bool:
     """Whether this forward runs the Triton kernels of score.kernels (`Transformer.set_kernels`)."""
     return kernels != "torch" and use_triton(kernels, x, "Transformer")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "torch") -> torch.Tensor:
+    """RMSNorm of `x` with `weight` (`RMSNorm`; the engine's forward too, with its own weights)."""
+    if fused(kernels, x) and (x.dtype, weight.dtype) in RMS_NORM_DTYPES:
+        return rms_norm(x, weight, eps, impl="triton")[0]
+    if x.dtype == weight.dtype == torch.float32:
+        # one op instead of five (many per decode step); torch composes it from the same
+        # ops in the same order, so forward and backward are HF's bit for bit
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # Normalise in fp32 and multiply by the weight after casting back, the order HF uses:
+    # bf16 results then agree with HF checkpoints' reference outputs bit for bit.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rmsnorm(
+    update: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + update), residual + update): one kernel when fused (same dtypes)."""
+    if fused(kernels, update) and update.dtype == residual.dtype:
+        if (update.dtype, weight.dtype) in RMS_NORM_DTYPES:
+            return rms_norm(update, weight, eps, residual, impl="triton")
+    h = residual + update
+    return rmsnorm(h, weight, eps, kernels), h
+
+
+def swiglu_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kernels: str) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with the three weight matrices (`MLP`; the engine's forward too)."""
+    if fused(kernels, x):
+        return F.linear(swiglu(F.linear(x, gate), F.linear(x, up), impl="triton"), down)
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 class RMSNorm(nn.Module):
@@ -62,27 +85,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
-        if fused(kernels, x) and (x.dtype, self.weight.dtype) in RMS_NORM_DTYPES:
-            return rms_norm(x, self.weight, self.eps, impl="triton")[0]
-        if x.dtype == self.weight.dtype == torch.float32:
-            # one op instead of five (many per decode step); torch composes it from the same
-            # ops in the same order, so forward and backward are HF's bit for bit
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 and multiply by the weight after casting back, the order HF uses:
-        # bf16 results then agree with HF checkpoints' reference outputs bit for bit.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def add_and_norm(
-        self, update: torch.Tensor, residual: torch.Tensor, kernels: str = "torch"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + update), residual + update): one kernel when fused (same dtypes)."""
-        if fused(kernels, update) and update.dtype == residual.dtype:
-            if (update.dtype, self.weight.dtype) in RMS_NORM_DTYPES:
-                return rms_norm(update, self.weight, self.eps, residual, impl="triton")
-        h = residual + update
-        return self(h, kernels), h
+        return rmsnorm(x, self.weight, self.eps, kernels)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -103,6 +106,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def linear_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer returns for input `x`: autocast's when it is on for x's device."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -113,13 +122,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(-2) + rotate_half(x) * sin.unsqueeze(-2)
 
 
-def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with rotate_half's negation moved into sin, bit for bit: (-a) * b == a * (-b)
-    in IEEE arithmetic. x [..., D]; cos, signed_sin broadcasting to it (`signed_sin` = sin
-    with its first half negated), built once per forward: two fewer ops per call, for the engine's
-    decode where a step is many small ops. Engine mode only (no autograd; training keeps HF's form).
-    A head whose rows are angle 0 (cos 1, sin 0) comes out unchanged: x * 1 + r * 0 == x."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin  # roll: the halves swapped
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [..., D] of `positions` [...] as HF computes them: fp32 angles, cast to `dtype`."""
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
+
+
+def rotate(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [..., Hq, D] and k [..., Hkv, D] after RoPE with the tables [..., D] of their positions."""
+    if not fused(kernels, q):
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos, sin = cos.flatten(0, -2), sin.flatten(0, -2)  # the kernel takes tokens flat: [N, H, D], [N, D]
+    q_rot, k_rot = rope_kernel(q.flatten(0, -3), k.flatten(0, -3), cos, sin, impl="triton")
+    return q_rot.view(q.shape), k_rot.view(k.shape)
 
 
 @dataclass
@@ -133,13 +154,6 @@ class AttentionInputs:
     attn: AttentionFn | None = None
     backend: str = "auto"
     kernels: str = "auto"  # Transformer.set_kernels
-    # engine mode without the kernels: cos/sin [N, 1, group + 2, D] in `apply_rope_signed`'s form,
-    # one row per head of the grouped q|k|v, v's at angle 0 (`Transformer._engine_rope`)
-    signed_sin: bool = False
-    fused_qkv: FusedQKV | None = None  # the engine's stacked q|k|v weights (model/fused_qkv.py)
-    rope_in_attn: bool = False  # `attn` rotates q and k itself (see AttentionFn)
-    # engine mode on the CPU: the GEMMs through oneDNN, each with the op after it (model/onednn.py)
-    onednn: bool = False
 
 
 class Attention(nn.Module):
@@ -155,96 +169,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The attention's output projection, plus `residual` when given (oneDNN engine mode only)."""
-        lead = x.shape[:-1]  # [B, T] dense or [N] packed/engine
-        if inputs.signed_sin:
-            out = self._engine_attention(x, inputs)
-            if inputs.onednn:
-                out = out.reshape(-1, self.n_heads * self.head_dim)
-                return onednn.linear_add(out, self.o_proj.weight, residual, self.o_proj.bias)
-            if out.dim() == 4 and inputs.fused_qkv is not None and self.o_proj.bias is None:
-                # a decode step's [S, Hkv, group, D] contracted with the weight viewed the same way:
-                # tensordot flattens both into the GEMM the reshape and o_proj would run, in one
-                # dispatched op instead of two
-                weight = inputs.fused_qkv.grouped_o_weights[self.layer_idx]
-                return torch.tensordot(out, weight, dims=([1, 2, 3], [1, 2, 3]))
-            return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
-        q, k, v = self._qkv(x, inputs)
-        if inputs.rope_in_attn:
-            out = inputs.attn(self.layer_idx, q, k, v, rope=(inputs.cos, inputs.sin))
-        elif inputs.attn is not None:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        lead, hq, hkv, d = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim  # lead: [B, T] or [N]
+        q = self.q_proj(x).view(*lead, hq, d)
+        k = self.k_proj(x).view(*lead, hkv, d)
+        v = self.v_proj(x).view(*lead, hkv, d)
+        if self.q_norm is not None:
+            # an fp32 norm weight (master weights under autocast) would promote q and k to fp32 while v
+            # leaves its linear in the compute dtype: attention takes one dtype
+            q, k = self.q_norm(q, inputs.kernels).to(v.dtype), self.k_norm(k, inputs.kernels).to(v.dtype)
+        q, k = rotate(q, k, inputs.cos, inputs.sin, inputs.kernels)
+        if inputs.attn is not None:
             out = inputs.attn(self.layer_idx, q, k, v)
         else:
             out = causal_attention(
                 q,
                 k,
                 v,
-                scale=self.head_dim**-0.5,
+                scale=d**-0.5,
                 cu_seqlens=inputs.cu_seqlens,
                 max_seqlen=inputs.max_seqlen,
                 backend=inputs.backend,
                 kernels=inputs.kernels,
             )
-        return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim))
-
-    def _engine_attention(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        """Engine mode on plain ops: q, k and v as one [N, Hkv, group + 2, D] tensor (per KV head its
-        query group, k and v: `grouped_head_order`), rotated in one pass (v's rows of the tables are
-        angle 0), handed to an attention that takes q [N, Hkv, group, D] and k|v [N, Hkv, 2, D] as
-        they are (`attend_kv`), else as q [N, Hq, D], k and v [N, Hkv, D]."""
-        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        group, fused_qkv = hq // hkv, inputs.fused_qkv
-        linear = onednn.linear if inputs.onednn else F.linear
-        if fused_qkv is None:
-            q, k, v = (linear(x, p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj))
-            qkv = torch.cat((q.view(-1, hkv, group, d), k.view(-1, hkv, 1, d), v.view(-1, hkv, 1, d)), dim=2)
-        else:
-            qkv = linear(x, *fused_qkv[self.layer_idx])
-            if not fused_qkv.grouped:  # copies made for the kernels' path
-                qkv = qkv.view(-1, hq + 2 * hkv, d).index_select(1, fused_qkv.to_other_layout)
-            qkv = qkv.view(-1, hkv, group + 2, d)
-        if self.q_norm is not None:
-            q, k, v = qkv.split((group, 1, 1), dim=2)
-            qkv = torch.cat((self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels), v), dim=2)
-        q, kv = apply_rope_signed(qkv, inputs.cos, inputs.sin).split((group, 2), dim=2)
-        attend_kv = getattr(inputs.attn, "attend_kv", None)
-        if attend_kv is not None:
-            return attend_kv(self.layer_idx, q, kv)
-        return inputs.attn(self.layer_idx, q.reshape(-1, hq, d), *kv.unbind(2))
-
-    def _qkv(self, x: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [..., Hq, D] and k [..., Hkv, D] after q/k-norm and RoPE (unless the attention applies
-        it), and v [..., Hkv, D]."""
-        lead, hq, hkv, d = x.shape[:-1], self.n_heads, self.n_kv_heads, self.head_dim
-        if inputs.fused_qkv is None:
-            q = self.q_proj(x).view(*lead, hq, d)
-            k = self.k_proj(x).view(*lead, hkv, d)
-            v = self.v_proj(x).view(*lead, hkv, d)
-        else:
-            qkv = F.linear(x, *inputs.fused_qkv[self.layer_idx]).view(*lead, hq + 2 * hkv, d)
-            if inputs.fused_qkv.grouped:  # copies made for the plain-ops path
-                qkv = qkv.index_select(-2, inputs.fused_qkv.to_other_layout)
-            q, k, v = qkv.split((hq, hkv, hkv), dim=-2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, inputs.kernels), self.k_norm(k, inputs.kernels)
-        if not inputs.rope_in_attn:
-            q, k = self._rope(q, k, inputs)
-        return q, k, v
-
-    @staticmethod
-    def _rope(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not fused(inputs.kernels, q):
-            return apply_rope(q, inputs.cos, inputs.sin), apply_rope(k, inputs.cos, inputs.sin)
-        d = q.shape[-1]  # the kernel takes tokens flat: [N, H, D] with cos/sin [N, D]
-        q_rot, k_rot = rope_kernel(
-            q.reshape(-1, *q.shape[-2:]),
-            k.reshape(-1, *k.shape[-2:]),
-            inputs.cos.reshape(-1, d),
-            inputs.sin.reshape(-1, d),
-            impl="triton",
-        )
-        return q_rot.view(q.shape), k_rot.view(k.shape)
+        return self.o_proj(out.reshape(*lead, hq * d))
 
 
 class MLP(nn.Module):
@@ -255,14 +203,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
-        if fused(kernels, x):
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), impl="triton"))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def onednn_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + down(silu(gate(x)) * up(x)) in three oneDNN GEMMs, each with its epilogue."""
-        gate = onednn.linear_silu(x, self.gate_proj.weight)
-        return onednn.linear_add(onednn.linear_mul(x, self.up_proj.weight, gate), self.down_proj.weight, residual)
+        return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, kernels)
 
 
 class Block(nn.Module):
@@ -274,11 +215,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        kernels = inputs.kernels
-        if inputs.onednn:  # each residual add rides on the GEMM before it
-            h = self.attn(self.attn_norm(x, kernels), inputs, residual=x)
-            return self.mlp.onednn_forward(self.mlp_norm(h, kernels), residual=h)
-        y, x = self.mlp_norm.add_and_norm(self.attn(self.attn_norm(x, kernels), inputs), x, kernels)
+        kernels, norm = inputs.kernels, self.mlp_norm
+        y, x = add_rmsnorm(self.attn(self.attn_norm(x, kernels), inputs), x, norm.weight, norm.eps, kernels)
         return x + self.mlp(y, kernels)
 
 
@@ -295,11 +233,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied: no separate head parameter at all, so state_dict, optimizers and FSDP see one matrix.
-        self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = head
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
-        self._engine_freqs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `_engine_rope`
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -329,10 +265,10 @@ class Transformer(nn.Module):
 
     def set_kernels(self, impl: str) -> None:
         """Which implementation the norms, SwiGLU, RoPE and (backend "auto", no flash-attn) the
-        training attention run: "auto" (Triton kernels on CUDA
-        tensors, the torch ops elsewhere: CPU results are those of the plain ops, bit for bit),
-        "torch" (the plain ops everywhere) or "triton" (the kernels; on CPU only under
-        TRITON_INTERPRET=1, which tests use to run the CUDA path)."""
+        training attention run: "auto" (Triton kernels on CUDA tensors, the torch ops elsewhere: CPU
+        results are those of the plain ops, bit for bit), "torch" (the plain ops everywhere) or
+        "triton" (the kernels; on CPU only under TRITON_INTERPRET=1, which tests use to run the CUDA
+        path). The engine's forward follows the setting of the model it generates from."""
         if impl not in IMPLS:
             raise ValueError(f"kernels must be one of {IMPLS}, got {impl!r}")
         self.kernels = impl
@@ -349,74 +285,22 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         attn: AttentionFn | None = None,
         max_seqlen: int | None = None,
-        fused_qkv: FusedQKV | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states: [B, T, D] for dense input, [N, D] for packed or engine input.
+        """Final-norm hidden states: [B, T, D] for dense input, [N, D] for packed or hooked input.
 
         `max_seqlen` (packed only, optional) is the longest sequence; giving it skips a host sync.
-        `fused_qkv` (engine mode without autograd): stacked copies of the q/k/v weights to project
-        with instead of the three parameters (model/fused_qkv.py).
         """
         positions, max_seqlen = self._check_inputs(input_ids, positions, cu_seqlens, attn, max_seqlen)
-        if fused_qkv is not None and (attn is None or torch.is_grad_enabled()):
-            raise ValueError("fused_qkv is for engine mode (attn=...) without autograd: it holds copies of the weights")
         x = self.embed_tokens(input_ids)
-        signed = attn is not None and not fused(self.kernels, x)
-        rope_in_attn = attn is not None and not signed and getattr(attn, "applies_rope", False)
-        if signed:
-            cos, sin = self._engine_rope(positions, x.dtype)
-        else:
-            cos, sin = self._rope(positions, x.dtype)
-        inputs = AttentionInputs(
-            cos,
-            sin,
-            cu_seqlens,
-            max_seqlen,
-            attn,
-            self.attention_backend,
-            self.kernels,
-            signed_sin=signed,
-            fused_qkv=fused_qkv,
-            rope_in_attn=rope_in_attn,
-            onednn=signed and onednn.usable(x),
-        )
+        if positions.device not in self._inv_freq:
+            self._inv_freq[positions.device] = rope_inv_freq(self.config).to(positions.device)
+        # the rotary tables in q's dtype: the linears' output dtype (autocast's, when it is on)
+        cos, sin = rope_tables(positions, self._inv_freq[positions.device], linear_output_dtype(x))
+        inputs = AttentionInputs(cos, sin, cu_seqlens, max_seqlen, attn, self.attention_backend, self.kernels)
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and attn is None
         for layer in self.layers:
             x = checkpoint(layer, x, inputs, use_reentrant=False) if recompute else layer(x, inputs)
         return self.norm(x, self.kernels)
-
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = positions.device
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        freqs = positions[..., None].float() * self._inv_freq[device]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
-
-    def _engine_rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Engine mode on plain ops: the rotary tables [N, 1, group + 2, D] every layer uses as they
-        are (broadcast over the KV heads), in `apply_rope_signed`'s form (sin's first half negated:
-        (-a) == a * -1 exactly), one row per head of a KV head's group in the grouped q|k|v
-        (`Attention._engine_attention`), v's at angle 0: cos 1 and sin 0 leave v as it is. The same
-        fp32 products of position and frequency as `_rope`, so q's and k's rows equal its tables."""
-        key = (positions.device, dtype)
-        if key not in self._engine_freqs:
-            cfg, half = self.config, self.config.head_dim // 2
-            inv_freq = rope_inv_freq(cfg).to(positions.device)
-            group = cfg.num_attention_heads // cfg.num_key_value_heads
-            # one KV head's rows, broadcast over the others: [1, group + 2, D], not [Hkv, group + 2, D]
-            freqs = inv_freq.new_zeros(1, group + 2, 2 * half)
-            freqs[:, : group + 1] = torch.cat((inv_freq, inv_freq))
-            sign = torch.ones(2 * half, dtype=dtype, device=positions.device)
-            sign[:half] = -1.0
-            self._engine_freqs[key] = freqs, sign
-        freqs, sign = self._engine_freqs[key]
-        angles = positions.view(-1, 1, 1, 1) * freqs  # int64 positions promote to fp32, as .float() makes them
-        cos, sin = angles.cos(), angles.sin()
-        if dtype != torch.float32:
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        return cos, sin * sign
 
     def _check_inputs(self, input_ids, positions, cu_seqlens, attn, max_seqlen):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -437,15 +321,13 @@ class Transformer(nn.Module):
         n = input_ids.shape[0]
         if attn is not None:
             if cu_seqlens is not None:
-                raise ValueError("give either cu_seqlens (packed training) or attn (engine), not both")
+                raise ValueError("give either cu_seqlens (packed) or attn (an attention hook), not both")
             if positions is None or positions.shape != (n,):
-                raise ValueError(
-                    f"engine mode (attn=...) needs positions of shape [{n}], got "
-                    f"{None if positions is None else tuple(positions.shape)}"
-                )
+                got = None if positions is None else tuple(positions.shape)
+                raise ValueError(f"attn=... needs positions of shape [{n}], got {got}")
             return positions, None
         if cu_seqlens is None:
-            raise ValueError("1-D input_ids are a packed batch: pass cu_seqlens (or attn for engine mode)")
+            raise ValueError("1-D input_ids are a packed batch: pass cu_seqlens (or positions and attn)")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
             raise ValueError(
                 f"cu_seqlens must be int32 [S+1] with S >= 1, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"

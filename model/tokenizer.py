@@ -29,7 +29,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
 
-from .files import read_json_object
+from .files import read_json_object, write_json, write_text
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -175,18 +175,17 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (+ eos ids) to `path`."""
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
-        self.backend.save(os.path.join(path, "tokenizer.json"))
+        # Each file is written whole or not at all (a kill mid-save never leaves half a tokenizer.json).
+        write_text(os.path.join(path, "tokenizer.json"), self.backend.to_str(pretty=True))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             **self.special_tokens,
         }
-        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
+        write_json(os.path.join(path, "tokenizer_config.json"), config, indent=2, ensure_ascii=False)
         template_file = os.path.join(path, "chat_template.jinja")
         if self.chat_template is not None:
-            with open(template_file, "w", encoding="utf-8") as f:
-                f.write(self.chat_template)
+            write_text(template_file, self.chat_template)
         elif os.path.exists(template_file):
             os.remove(template_file)
         if self.eos_token_ids[1:] or (self.eos_token_ids and "eos_token" not in self.special_tokens):
@@ -194,8 +193,7 @@ class Tokenizer:
             gen_file = os.path.join(path, "generation_config.json")
             gen = read_json_object(gen_file) if os.path.exists(gen_file) else {}
             gen["eos_token_id"] = list(self.eos_token_ids)
-            with open(gen_file, "w", encoding="utf-8") as f:
-                json.dump(gen, f, indent=2)
+            write_json(gen_file, gen, indent=2)
 
     def __repr__(self) -> str:
         return (

@@ -1,9 +1,10 @@
-"""The `score` command line: `train`, `eval`, `demo` and `convert`.
+"""The `score` command line: `train`, `sft`, `eval`, `demo`, `data` and `convert`.
 
     score train --config FILE --out DIR [--max-steps N] [--set section.key=value ...] [--resume] [--nproc G]
+                [--nnodes N --node-rank R --master-addr A --master-port P]    # on each of N nodes
     torchrun --nproc_per_node=G -m score.rl.cli train --config FILE --out DIR ...   # same as --nproc G
     score train --describe                     # every config key with its default and meaning
-    score sft   --config FILE --out DIR [--set section.key=value ...]   # STaR / Pair-SFT baselines ([sft])
+    score sft   --config FILE --out DIR [--set section.key=value ...] [--resume]   # STaR / Pair-SFT ([sft])
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
                 [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16 | --self-refine]
     score demo  --out DIR [--setting recall|guess] [--ablations] [--baselines] [--quick] [--seed N] [--seeds K]
@@ -13,12 +14,14 @@
 
 Errors in the user's input (config, data, paths) and refusals of the machine (disk full, read-only
 folder) are printed as one line naming the cause and exit with status 2; a run that trained nothing
-(every step skipped) exits 1; anything else is a bug and keeps its traceback.
+(every step skipped) exits 1; anything else is a bug and keeps its traceback. Every command that
+writes a folder holds it (run_lock.py) until it returns; a folder another process holds is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,13 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="G",
-        help="train on G local processes (GPUs) with FSDP2: starts torchrun with this command line",
+        help="train on G processes (GPUs) per node with FSDP2: starts torchrun with this command line",
     )
+    for flag, metavar, what in (
+        ("--nnodes", "N", "nodes in the job (run the same command on each, with its own --node-rank)"),
+        ("--node-rank", "R", "this node's rank in [0, N)"),
+        ("--master-addr", "A", "node 0's host name or address"),
+        ("--master-port", "P", "a free port on node 0 for the rendezvous"),
+    ):
+        train.add_argument(flag, default=None, metavar=metavar, help=what)
 
     sft = sub.add_parser("sft", help="a supervised self-correction baseline (STaR, Pair-SFT) from a TOML config")
     sft.add_argument("--config", required=True, help="run configuration (TOML; the [sft] section picks the baseline)")
     sft.add_argument("--out", required=True, help="run folder: data/, metrics.jsonl, sft_data.json, final/")
     sft.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    sft.add_argument(
+        "--resume",
+        action="store_true",
+        help="after a kill: start the run in --out again from round 0 (sft keeps no checkpoints inside a run)",
+    )
+    sft.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: go on although the config or the model/data files differ from the run's (listed)",
+    )
 
     ev = sub.add_parser("eval", help="greedy two-attempt evaluation of a model")
     ev.add_argument("--model", required=True, help="HF-format model folder, or a Hub id ORG/NAME[@REVISION]")
@@ -90,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Self-Refine prompting baseline: attempt 2 follows the model's own critique of attempt 1 "
         "([self_refine] section: critique/refine instructions, critique budget)",
     )
-    ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --scaling (default 0.7)")
-    ev.add_argument("--seed", type=int, default=0, help="sampling seed of --scaling")
+    ev.add_argument("--temperature", type=float, default=None, help="sampling temperature of --scaling (default 0.7)")
+    ev.add_argument("--seed", type=int, default=None, help="sampling seed of --scaling (default 0)")
 
     for command in (train, sft, ev):
         command.add_argument("--quiet", action="store_true", help="no progress output (= --set run.progress=false)")
@@ -174,6 +194,21 @@ def _eval(args) -> int:
 
     if args.max_problems < 0:
         raise ValueError(f"--max-problems must be >= 0, got {args.max_problems}")
+    if args.attempts < 2:
+        raise ValueError(f"--attempts must be >= 2, got {args.attempts}")
+    if args.scaling is None:
+        for flag, value in (("--temperature", args.temperature), ("--seed", args.seed)):
+            if value is not None:
+                raise ValueError(f"{flag} sets the sampling of --scaling; without it the evaluation is greedy")
+    args.temperature = 0.7 if args.temperature is None else args.temperature
+    args.seed = 0 if args.seed is None else args.seed
+    if not 0 <= args.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    from .scaling import parse_budgets
+
+    budgets = parse_budgets(args.scaling) if args.scaling is not None else None
     from score.model.hub import resolve_model_path
 
     args.model = resolve_model_path(args.model)  # a folder, or the snapshot of a Hub id
@@ -188,10 +223,12 @@ def _eval(args) -> int:
         cfg = config_with_overrides({"prompt": {"chat": chat}}, args.set, source="score eval")
     cfg.model.path = args.model
     cfg.data.eval = args.data
+    if budgets and cfg.reward.kind == "code":
+        raise ValueError(
+            "--scaling votes over extracted answers; reward.kind = 'code' has programs, not answers, to vote over"
+        )
 
-    import torch
-
-    from score.model import from_pretrained, load_tokenizer
+    from score.model import from_pretrained
 
     from .evaluate import (
         evaluate,
@@ -211,26 +248,34 @@ def _eval(args) -> int:
         self_refine_builders,
     )
     from .plots import plot_attempts, plot_scaling
-    from .preflight import check_finite, check_model_folder, check_out_dir
-    from .scaling import inference_scaling, parse_budgets, scaling_table
+    from .precision import Precision
+    from .preflight import check_eval_room, check_finite, check_model_folder, check_wandb
+    from .run_lock import claim_folder
+    from .scaling import inference_scaling, scaling_table
 
     problems = load_problems(cfg, args.data)
     if args.max_problems:
         problems = problems[: args.max_problems]
     given = read_first_attempts(args.first_attempts, problems) if args.first_attempts else None
-    budgets = parse_budgets(args.scaling) if args.scaling else None
-    if args.attempts < 2:
-        raise ValueError(f"--attempts must be >= 2, got {args.attempts}")
-    if not 0 <= args.seed < 2**31:
-        raise ValueError(f"--seed must be in [0, 2**31), got {args.seed}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    out = check_out_dir(args.out)
-    _, tokenizer = check_model_folder(args.model)
+    config, tokenizer = check_model_folder(args.model)
     builder = prompt_builder(cfg, tokenizer)
     turns = self_refine_builders(cfg, builder) if args.self_refine else None
-    device = pick_device(cfg.model.device)
-    model = from_pretrained(args.model, dtype=getattr(torch, cfg.model.dtype), device=device)
+    check_eval_room(
+        cfg,
+        builder,
+        [p for p, _ in given] if given else problems,
+        config.max_position_embeddings,
+        f"--first-attempts {args.first_attempts}" if given else f"--data {args.data}",
+        attempts=args.attempts,
+        turns=turns,
+        given={p.id: len(tokenizer.encode(text)) for p, text in given} if given else None,
+    )
+    check_wandb(cfg)
+    out = claim_folder(args.out).folder  # held until the command ends (main)
+    precision = Precision.of(cfg, pick_device(cfg.model.device))
+    # no training here: the weights are loaded straight in the compute dtype
+    model = from_pretrained(args.model, dtype=precision.compute_dtype, device=precision.device)
+    model.set_kernels(precision.kernels)
     check_finite(model, args.model)
     engine, reward = make_engine(cfg, model), make_reward(cfg)
     name = Path(args.model).name or "model"
@@ -250,6 +295,14 @@ def _eval(args) -> int:
             write_json(out / "scaling.json", scaling)
             plot_scaling(scaling, out / "plots")
             print(scaling_table(scaling))
+            curve = zip(scaling["budgets"], scaling["parallel"], scaling["sequential"], strict=True)
+            _eval_to_wandb(
+                cfg,
+                out,
+                args,
+                summary={"scaling": {k: v for k, v in scaling.items() if not isinstance(v, list)}},
+                history=[(b, {"scaling": {"parallel": par, "sequential": seq}}) for b, par, seq in curve],
+            )
             return 0
         if args.self_refine:
             metrics, records = evaluate_self_refine(
@@ -284,14 +337,53 @@ def _eval(args) -> int:
             + ", ".join(f"t{i}: {100 * a:.1f}" for i, a in enumerate(metrics["acc_per_attempt"], 1))
         )
     print(table({name: metrics}))
+    per_attempt = enumerate(metrics.get("acc_per_attempt", []), 1)
+    _eval_to_wandb(
+        cfg,
+        out,
+        args,
+        summary={"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
+        history=[(attempt, {"eval": {"acc": acc}}) for attempt, acc in per_attempt],
+    )
     return 0
+
+
+def _eval_to_wandb(cfg, out: Path, args, *, summary: dict, history: list) -> None:
+    """With run.wandb: the evaluation as one Weights & Biases run (config: the run config and the
+    command's arguments; summary: its figures; history: a curve by attempt or by sample budget)."""
+    if not cfg.run.wandb:
+        return
+    from .run_log import log_finished_run
+    from .trainer import wandb_settings
+
+    settings = wandb_settings(cfg, out)
+    command = {k: v for k, v in vars(args).items() if k in EVAL_ARGS and v is not None}
+    log_finished_run(
+        out, **{**settings, "config": {**settings["config"], "score_eval": command}}, summary=summary, history=history
+    )
+
+
+EVAL_ARGS = (
+    "model",
+    "data",
+    "max_problems",
+    "attempts",
+    "first_attempts",
+    "scaling",
+    "self_refine",
+    "temperature",
+    "seed",
+)
 
 
 def _sft(args) -> int:
     from .config import load_config
     from .sft import run_sft
 
-    final = run_sft(load_config(args.config, args.set), args.out)
+    if args.allow_config_change and not args.resume:
+        raise ValueError("--allow-config-change only applies with --resume")
+    cfg = load_config(args.config, args.set)
+    final = run_sft(cfg, args.out, resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"final model: {final}")
     return 0
 
@@ -314,14 +406,15 @@ def _demo(args) -> int:
 
 
 def _data(args) -> int:
-    from .math_data import build_math_splits
-    from .preflight import check_out_dir
+    from .math_data import math_splits, write_math_splits
+    from .run_lock import claim_folder
 
-    out = check_out_dir(args.out)
-    counts = build_math_splits(args.train, args.test, args.math500, out)
+    splits = math_splits(args.train, args.test, args.math500)
+    out = claim_folder(args.out).folder  # held until the command ends (main)
+    counts = write_math_splits(splits, out)
     print(
-        f"MATH500: {counts['math500_found']} of {counts['math500']} found in the test set; training: "
-        f"{counts['train']} train + {counts['test'] - counts['math500_found']} test = {counts['training']} "
+        f"MATH500: {counts['math500']} of {counts['math500']} found in the test set; training: "
+        f"{counts['train']} train + {counts['test_kept']} test = {counts['training']} "
         f"problems -> {out / 'math_train.jsonl'}, {out / 'math500.jsonl'}"
     )
     return 0
@@ -332,23 +425,33 @@ def _convert(args) -> int:
 
     from score.model.gguf import convert_gguf
 
-    out = convert_gguf(args.src, args.out, dtype=getattr(torch, args.dtype))
+    from .run_lock import claim_folder
+
+    # The folder is held from just before the first write to the command's end (main).
+    out = convert_gguf(args.src, args.out, dtype=getattr(torch, args.dtype), claim=claim_folder)
     print(f"converted {args.src} -> {out}")
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # `score train --nproc G ...` = torchrun over the same command line
-        from .parallel.launch import launch, split_nproc
+    if argv and argv[0] not in ("-h", "--help"):
+        from .extras import train_extra_error
+
+        missing = train_extra_error()
+        if missing:
+            print(f"score: error: {missing}", file=sys.stderr)
+            return 2
+    if argv[:1] == ["train"]:  # `score train --nproc G [--nnodes N ...]` = torchrun over the same command line
+        from .parallel.launch import launch, split_launch
 
         try:
-            nproc, rest = split_nproc(argv)
+            where, rest = split_launch(argv)
         except ValueError as e:
             print(f"score train: error: {e}", file=sys.stderr)
             return 2
-        if nproc is not None:
-            return launch(nproc, rest)
+        if where is not None:
+            return launch(where, rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "quiet", False) and hasattr(args, "set"):
@@ -359,10 +462,12 @@ def main(argv=None) -> int:
     handler = {"train": _train, "sft": _sft, "eval": _eval, "data": _data, "demo": _demo, "convert": _convert}[
         args.command
     ]
+    from .run_lock import command_scope
     from .trainer import RunFailed
 
     try:
-        code = handler(args)
+        with command_scope():  # the folders a command claims are let go when it ends
+            code = handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"score {args.command}: error: {e}", file=sys.stderr)
         code = 2

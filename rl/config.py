@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A bad run configuration; the message names the file, line and key."""
 
 
-def _f(default, help: str, *, check=None, choices=None, factory=None):
+def _f(default, help: str, *, check=None, factory=None):
     meta = {"help": help, "check": check}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -46,12 +46,28 @@ class ModelSection:
         "HF-format model folder (config.json, safetensors, tokenizer files), or a Hub id ORG/NAME[@REVISION] "
         "resolved through the huggingface_hub cache (HF_HOME, HF_HUB_OFFLINE); required",
     )
-    dtype: Literal["float32", "bfloat16"] = _f(
+    master_dtype: Literal["float32", "bfloat16"] = _f(
         "float32",
-        "dtype of the trained weights (AdamW state follows it); multi-GPU runs keep fp32 master weights "
-        "and compute in this dtype (bf16 also when autocast_bf16 is on)",
+        "dtype of the trained (master) weights and of AdamW's state. bfloat16 halves their memory but loses "
+        "learning: an update smaller than half a bf16 ulp of its weight (2**-9 relative, e.g. most AdamW "
+        "steps at lr 1e-5) rounds away and the weight does not move. One process only",
     )
-    autocast_bf16: bool = _f(True, "bf16 autocast of the forward passes on GPU (ignored on CPU)")
+    autocast: Literal["auto", "bf16", "off"] = _f(
+        "auto",
+        "compute dtype of every forward pass: bf16 = bf16 autocast over the fp32 masters (the frozen reference "
+        "and the engine's weights and KV cache held in bf16); off = compute in master_dtype; auto = bf16 on "
+        "CUDA, off on CPU",
+    )
+    kernels: Literal["auto", "triton", "torch"] = _f(
+        "auto",
+        "norms, SwiGLU, RoPE and attention: triton = our Triton kernels (on CPU only under TRITON_INTERPRET=1); "
+        "torch = the plain torch ops; auto = Triton on CUDA, torch on CPU",
+    )
+    final_dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto",
+        "dtype of the exported final/ weights; auto = the dtype model.path stores its weights in (checkpoints "
+        "always keep the master weights)",
+    )
     activation_checkpointing: bool = _f(False, "recompute each layer's activations in backward to save memory")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train: auto = cuda when available")
     reference_cpu_offload: bool = _f(
@@ -303,44 +319,45 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    for item in overrides:
-        _apply_override(raw, item, path)
-    return config_from_dict(raw, source=str(path), text=text)
+    overridden = {_apply_override(raw, item, path): item for item in overrides}
+    return config_from_dict(raw, source=str(path), text=text, overridden=overridden)
 
 
 def config_with_overrides(raw: dict, overrides, *, source: str) -> RunConfig:
     """`config_from_dict` after applying `section.key=value` overrides to `raw`."""
-    for item in overrides:
-        _apply_override(raw, item, Path(source))
-    return config_from_dict(raw, source=source)
+    overridden = {_apply_override(raw, item, Path(source)): item for item in overrides}
+    return config_from_dict(raw, source=source, overridden=overridden)
 
 
-def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "") -> RunConfig:
-    """Build a validated RunConfig from nested dicts ({section: {key: value}})."""
+def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "", overridden: dict | None = None) -> RunConfig:
+    """Build a validated RunConfig from nested dicts ({section: {key: value}}); `overridden` maps the
+    (section, key) pairs set by `--set` to their item, which errors name instead of the file's line."""
+    overridden = overridden or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a table of sections, got {type(raw).__name__}")
     sections = {}
     for name, value in raw.items():
         if name not in _SECTION_TYPES:
             raise ConfigError(
-                f"{_where(source, text, None, name)}: unknown section [{name}]; "
+                f"{_where(source, text, None, name, overridden)}: unknown section [{name}]; "
                 f"known sections: {', '.join(_SECTION_TYPES)}"
             )
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{_where(source, text, None, name)}: [{name}] must be a table of keys, got {type(value).__name__}"
+                f"{_where(source, text, None, name, overridden)}: [{name}] must be a table of keys, "
+                f"got {type(value).__name__}"
             )
-        sections[name] = _build_section(name, value, source, text)
+        sections[name] = _build_section(name, value, source, text, overridden)
     for name, cls in _SECTION_TYPES.items():
         sections.setdefault(name, cls())
-    _check_training_variant(sections["score"], source, text)
+    _check_training_variant(sections["score"], source, text, overridden)
     return RunConfig(**sections)
 
 
-def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
+def _check_training_variant(s: ScoreSection, source: str, text: str, overridden: dict) -> None:
     """Combinations of score keys that describe no training run."""
     if s.attempts > 2:
-        where = _where(source, text, "score", "attempts")
+        where = _where(source, text, "score", "attempts", overridden)
         variants = {
             "single_turn": (s.single_turn, False),
             "stage2_update": (s.stage2_update, "reinforce"),
@@ -356,7 +373,7 @@ def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
                 )
     if not s.single_turn:
         return
-    where = _where(source, text, "score", "single_turn")
+    where = _where(source, text, "score", "single_turn", overridden)
     if s.stage1_steps:
         raise ConfigError(
             f"{where}: score.single_turn = true trains attempt 1 only, which has no Stage I; "
@@ -368,13 +385,26 @@ def _check_training_variant(s: ScoreSection, source: str, text: str) -> None:
         raise ConfigError(f"{where}: score.single_turn = true needs score.stage2_update = 'reinforce'")
 
 
-def _build_section(name: str, values: dict, source: str, text: str):
+# Keys of earlier versions whose meaning changed: an error that says what replaced them, never a
+# silent reinterpretation.
+RETIRED_KEYS = {
+    ("model", "autocast_bf16"): "use model.autocast = 'auto' (bf16 on CUDA), 'bf16' or 'off'",
+    ("model", "dtype"): (
+        "master weights are model.master_dtype (float32 by default: bf16 masters lose small AdamW updates) and "
+        "the forward passes compute in bf16 on GPU through model.autocast"
+    ),
+}
+
+
+def _build_section(name: str, values: dict, source: str, text: str, overridden: dict):
     cls = _SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        where = _where(source, text, name, key)
+        where = _where(source, text, name, key, overridden)
+        if (name, key) in RETIRED_KEYS:
+            raise ConfigError(f"{where}: {name}.{key} is no longer a key: {RETIRED_KEYS[name, key]}")
         if key not in fields:
             raise ConfigError(f"{where}: unknown key {name}.{key}; known keys of [{name}]: {', '.join(fields)}")
         kwargs[key] = _check_value(f"{name}.{key}", value, hints[key], fields[key].metadata.get("check"), where)
@@ -407,7 +437,7 @@ def _check_value(key: str, value, hint, check, where: str):
     return value
 
 
-def _apply_override(raw: dict, item: str, path: Path) -> None:
+def _apply_override(raw: dict, item: str, path: Path) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     dotted, value_text = item.split("=", 1)
@@ -423,10 +453,18 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"--set {item!r}: [{section}] in {path} is not a table")
     table[key] = value
+    return section, key
 
 
-def _where(source: str, text: str, section: str | None, key: str) -> str:
-    """`file:line` of a key (or a section header when `section` is None), or just the file."""
+def _where(source: str, text: str, section: str | None, key: str, overridden: dict) -> str:
+    """`--set ITEM` for a key set on the command line, else `file:line` of a key (or a section header
+    when `section` is None), or just the file."""
+    if section is not None and (section, key) in overridden:
+        return f"--set {overridden[section, key]}"
+    if section is None and _line_of(text, None, key) is None:
+        made = [item for (s, _), item in overridden.items() if s == key]
+        if made:
+            return f"--set {made[0]}"
     line = _line_of(text, section, key) if text else None
     return f"{source}:{line}" if line else f"{source} (--set or default)" if text else source
 

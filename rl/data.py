@@ -267,6 +267,21 @@ def is_parquet_source(source: str) -> bool:
     return source.endswith(".parquet") or (path.is_dir() and any(path.glob("*.parquet")))
 
 
+def parquet_tables(path: str | Path) -> Iterator[tuple[Path, list[dict]]]:
+    """(file, rows) of a Parquet file or of each file of a folder of them, through `pyarrow` (the data
+    extra); a file that is not Parquet is an error naming it."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install 'score-rl[data]')") from None
+    for file in parquet_files(path):
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid and friends for a file that is not Parquet
+            raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+        yield file, rows
+
+
 def parquet_files(path: str | Path) -> list[Path]:
     """The Parquet files of a source: the file itself, or a folder's `*.parquet` in name order."""
     path = Path(path)
@@ -285,17 +300,9 @@ def load_parquet(
     id_key: str | None = None,
 ) -> list[Problem]:
     """Problems from a Parquet file or a folder of them (`pyarrow`); errors name the file and 0-based row."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("Parquet data needs pyarrow (pip install 'score-rl[data]')") from e
     keys = dict(question_key=question_key, answer_key=answer_key, solution_key=solution_key, id_key=id_key)
     problems = []
-    for file in parquet_files(path):
-        try:
-            rows = pq.read_table(file).to_pylist()
-        except Exception as e:  # pyarrow's ArrowInvalid and friends for a file that is not Parquet
-            raise ValueError(f"{file}: not a readable Parquet file ({e})") from None
+    for file, rows in parquet_tables(path):
         problems += problems_from_records(rows, str(file), **keys)
     seen: dict[str, str] = {}
     for p in problems:

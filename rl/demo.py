@@ -39,6 +39,9 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -58,7 +61,7 @@ from score.model import (
     load_tokenizer,
     save_pretrained,
 )
-from score.model.files import read_json_object, write_jsonl
+from score.model.files import TEMP_PREFIX, read_json_object, write_jsonl
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
@@ -69,12 +72,13 @@ from .metrics import format_table, seed_summary
 from .preflight import check_out_dir
 from .progress import progress_bar
 from .prompts import PromptBuilder
+from .run_lock import LOCK_FILE, claim_folder, lock_folder
 from .sft import run_sft
 from .trainer import Trainer
 
 # The RL settings of the demo (configs/demo.toml holds the same, for `score train`).
 DEMO_RL = {
-    "model": {"dtype": "float32", "device": "cpu"},
+    "model": {"master_dtype": "float32", "device": "cpu"},
     "data": {"question_key": "problem", "answer_key": "answer", "id_key": "id"},
     "prompt": {"chat": False, "system_prompt": "", "correction_instruction": demo_task.CORRECTION_INSTRUCTION},
     "reward": {"kind": "exact"},
@@ -389,7 +393,12 @@ def pick(metrics: dict) -> dict:
 
 def _sft_and_evaluate(cfg: RunConfig, run_dir: Path, problem_sets) -> tuple[tuple, tuple]:
     """`score sft` without its own end-of-run evaluation, then the demo's evaluation of its model."""
-    final = run_sft(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="")), run_dir, progress=False)
+    final = run_sft(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="")),
+        run_dir,
+        progress=False,
+        require_training=False,
+    )
     model = from_pretrained(final, dtype=torch.float32)
     reward = make_reward(cfg)
     try:
@@ -424,7 +433,12 @@ def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
             for i, job in enumerate(jobs):
                 done(i, train_and_evaluate(job))
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent,
+                initargs=(os.getpid(),),
+            ) as pool:
                 futures = {pool.submit(train_and_evaluate, job): i for i, job in enumerate(jobs)}
                 for future in as_completed(futures):
                     done(futures[future], future.result())
@@ -471,46 +485,50 @@ def run_demo(
     whatever its core count or `workers`; other CPUs round differently (their BLAS kernels), so
     digits differ across machines while the claims (mean ± s.e. over seeds) hold with margin.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_demo(
-            out_dir,
-            ablations=ablations,
-            baselines=baselines,
-            quick=quick,
-            seed=seed,
-            seeds=seeds,
-            workers=workers,
-            progress=progress,
-            setting=setting,
-        )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_demo(
-    out_dir,
-    *,
-    ablations: bool,
-    baselines: bool,
-    quick: bool,
-    seed: int,
-    seeds: int | None,
-    workers: int | None,
-    progress: bool,
-    setting: str,
-) -> dict:
     if setting not in demo_task.SETTINGS:
         raise ValueError(f"--setting must be one of {sorted(demo_task.SETTINGS)}, got {setting!r}")
-    task = demo_task.SETTINGS[setting]
     sizes = QUICK if quick else FULL
     seeds = sizes.seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if not 0 <= seed <= 2**31 - 1 - seeds:
         raise ValueError(f"--seed must be in [0, 2**31 - {seeds}) so that the {seeds} RL seeds fit, got {seed}")
-    out = claim_demo_folder(Path(out_dir), {"seed": seed, "quick": quick, "setting": setting})
+    check_demo_folder(Path(out_dir), {"seed": seed, "quick": quick, "setting": setting})  # before the lock file is made
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with claim_folder(out_dir):  # one demo per folder; its runs' workers die with this process
+            return _run_demo(
+                Path(out_dir),
+                sizes=sizes,
+                ablations=ablations,
+                baselines=baselines,
+                quick=quick,
+                seed=seed,
+                seeds=seeds,
+                workers=workers,
+                progress=progress,
+                setting=setting,
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(
+    out: Path,
+    *,
+    sizes: DemoSizes,
+    ablations: bool,
+    baselines: bool,
+    quick: bool,
+    seed: int,
+    seeds: int,
+    workers: int | None,
+    progress: bool,
+    setting: str,
+) -> dict:
+    out = claim_demo_folder(out, {"seed": seed, "quick": quick, "setting": setting})
+    task = demo_task.SETTINGS[setting]
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -637,8 +655,24 @@ DEMO_RECORD = "demo.json"
 
 
 def claim_demo_folder(out: Path, identity: dict) -> Path:
-    """The demo's folder, checked before anything is written: a folder holding another demo (another
-    seed or size) or anything that is not a demo is refused; the same demo again replaces its runs."""
+    """The demo's folder, checked before anything is written (the caller holds its lock): a folder
+    holding another demo (another seed or size) or anything that is not a demo is refused; the same
+    demo again replaces its runs, once the workers of an earlier demo have let go of them."""
+    check_demo_folder(out, identity)
+    runs = out / "runs"
+    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if run.is_dir():  # a killed demo's workers die with it; wait the moment they take to exit
+            with lock_folder(run, what="run folder", wait_s=10.0):
+                pass
+    shutil.rmtree(runs, ignore_errors=True)  # the same demo again: its runs start over
+    check_out_dir(out)
+    write_json(out / DEMO_RECORD, identity)
+    return out
+
+
+def check_demo_folder(out: Path, identity: dict) -> None:
+    """Refuse a path that is not a folder, a folder holding another demo, and a non-empty folder that
+    holds no demo (its lock file and a killed writer's temporaries aside); reads only."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     record = out / DEMO_RECORD
@@ -648,12 +682,29 @@ def claim_demo_folder(out: Path, identity: dict) -> Path:
             raise FileExistsError(
                 f"{out} holds the demo of {held}, not {identity}; it is kept: choose a new --out for this one"
             )
-        shutil.rmtree(out / "runs", ignore_errors=True)  # the same demo again: its runs start over
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(c.name != LOCK_FILE and not c.name.startswith(TEMP_PREFIX) for c in out.iterdir()):
         raise FileExistsError(f"{out} is not empty and holds no demo ({DEMO_RECORD}); choose a new --out")
-    check_out_dir(out)
-    write_json(record, identity)
-    return out
+
+
+def die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: the worker is killed when the demo's process ends, however it ends
+    (a `kill -9` included), so no run goes on writing the demo's folder without it. Linux delivers
+    SIGKILL on the parent's death (PR_SET_PDEATHSIG); elsewhere a thread watches the parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the request was made
+            os._exit(1)
+        return
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_dirs(jobs: list[dict]) -> dict[str, list[Path]]:

@@ -24,9 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from score.model import files
+from score.model import SamplingParams, files
 from score.model.files import write_jsonl
-from score.model.sampling import SamplingParams
 
 from .data import Problem, read_jsonl_objects
 from .metrics import bootstrap_stderr, format_table, two_attempt_metrics

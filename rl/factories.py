@@ -13,6 +13,7 @@ from score.model.hub import resolve_model_path
 from . import arithmetic_task
 from .config import RunConfig
 from .data import Problem, is_parquet_source, load_hf_dataset, load_jsonl, load_parquet, parse_hf_source
+from .precision import Precision
 from .prompts import (
     CODE_CORRECTION_INSTRUCTION,
     CRITIQUE_INSTRUCTION,
@@ -110,9 +111,20 @@ def load_problems(cfg: RunConfig, path: str) -> list[Problem]:
     )
 
 
-def make_engine(cfg: RunConfig, model) -> Engine:
-    r = cfg.rollout
-    return Engine(model, block_size=r.block_size, num_blocks=r.num_blocks or None, max_num_seqs=r.max_num_seqs)
+def make_engine(cfg: RunConfig, model, *, max_model_len: int | None = None) -> Engine:
+    """The run's engine over `model`, generating in the run's compute dtype (a bf16 copy of fp32
+    master weights on GPU: precision.py). `max_model_len`: the run's longest sequence (prompt and
+    every attempt), which sizes each sequence's block table; None: the model's positions."""
+    r, precision = cfg.rollout, Precision.of(cfg, model.lm_head_weight.device)
+    return Engine(
+        model,
+        dtype=precision.compute_dtype,
+        attention_backend="triton" if precision.kernels == "triton" else "auto",
+        block_size=r.block_size,
+        num_blocks=r.num_blocks or None,
+        max_model_len=max_model_len,
+        max_num_seqs=r.max_num_seqs,
+    )
 
 
 def make_reward(cfg: RunConfig) -> BatchReward:

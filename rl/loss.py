@@ -25,6 +25,7 @@ import dataclasses
 import torch
 
 from score.kernels import ScoreLossOutput, fused_linear_logprob, score_loss
+from score.model.model import linear_output_dtype
 
 from .config import RunConfig
 from .rollout import Trajectory
@@ -105,9 +106,10 @@ def attempt_logprobs(model, batch: PackedBatch, temperature: float, autocast, *,
     """Log-probs (and entropies) of the attempt tokens under `model`: one packed forward."""
     with autocast():
         hidden = model.hidden_states(batch.input_ids, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
-    hidden = hidden.index_select(0, batch.rows)
+        head_dtype = linear_output_dtype(hidden)  # what autocast's LM head would compute in
+    hidden = hidden.index_select(0, batch.rows).to(head_dtype)
     weight = model.lm_head_weight
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and weight.dtype != torch.float32:  # fp32 masters go in as they are
         weight = weight.to(hidden.dtype)
     return fused_linear_logprob(hidden, weight, batch.targets, temperature=temperature, return_entropy=entropy)
 

@@ -7,12 +7,13 @@ naming the file, line, key or problem, never hours later or on every resume.
   special_tokens_map.json), a tokenizer no larger than the model's vocabulary, finite weights;
 - the token budgets against the model's positions, and every problem's prompt with its attempts
   against them: all offending problems are named at once (`data.skip_too_long` trains without them,
-  counted in the log).
+  counted in the log); evaluation problems against the evaluation's budgets, naming the key behind
+  each part (`run.eval_max_tokens`, the Self-Refine turns), in every mode of `score eval`;
+- `run.wandb`: the package, and a login or offline mode.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -77,8 +78,9 @@ def check_budgets(cfg: RunConfig, config: ModelConfig) -> None:
 
 
 def problems_that_fit(problems, builder, cfg: RunConfig, max_model_len: int, what: str, *, skip: bool):
-    """(problems whose prompt, attempts and instructions fit `max_model_len`, ids skipped). Without
-    `skip` any problem that does not fit is an error naming every one (id and where it was read)."""
+    """(problems whose prompt, attempts and instructions fit `max_model_len`, ids skipped, the engine
+    length the longest kept one needs). Without `skip` any problem that does not fit is an error
+    naming every one (id and where it was read)."""
     r, attempts = cfg.rollout, cfg.score.attempts
     extra = r.max_tokens_attempt1 + (attempts - 1) * (r.max_tokens_attempt2 + len(builder.instruction_ids))
     kept, too_long = [], []
@@ -95,25 +97,135 @@ def problems_that_fit(problems, builder, cfg: RunConfig, max_model_len: int, wha
         )
     if not kept:
         raise ValueError(f"{what}: none of {len(problems)} problems fits max_model_len = {max_model_len}")
-    return [p for p, _ in kept], [p.id for p, _ in too_long]
+    return [p for p, _ in kept], [p.id for p, _ in too_long], max(n for _, n in kept) + extra + 1
 
 
-def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> None:
-    """data.eval, read and checked at the start of the run with the evaluation's budgets (not after it)."""
+def check_eval_problems(cfg: RunConfig, builder, max_model_len: int) -> int:
+    """data.eval, read and checked at the start of the run with the evaluation's budgets (not after
+    it); the engine length its longest problem needs."""
     from .factories import load_problems
 
-    a1, a2 = cfg.eval_budgets
-    at_eval = dataclasses.replace(
-        cfg, rollout=dataclasses.replace(cfg.rollout, max_tokens_attempt1=a1, max_tokens_attempt2=a2)
-    )
     problems = load_problems(cfg, cfg.data.eval)
-    problems_that_fit(problems, builder, at_eval, max_model_len, f"data.eval {cfg.data.eval}", skip=False)
+    return check_eval_room(
+        cfg, builder, problems, max_model_len, f"data.eval {cfg.data.eval}", attempts=cfg.score.attempts
+    )
+
+
+def eval_budget_keys(cfg: RunConfig) -> tuple[str, str]:
+    """The config keys that set the evaluation's budgets of attempt 1 and of the later attempts."""
+    if cfg.run.eval_max_tokens:
+        return "run.eval_max_tokens", "run.eval_max_tokens"
+    return "rollout.max_tokens_attempt1", "rollout.max_tokens_attempt2"
+
+
+def check_eval_room(
+    cfg: RunConfig,
+    builder,
+    problems,
+    max_model_len: int,
+    what: str,
+    *,
+    attempts: int = 2,
+    turns: tuple | None = None,
+    given: dict | None = None,
+) -> int:
+    """Every evaluation problem must hold its prompt and each later turn at its full budget within
+    `max_model_len` (no attempt is cut short by the context): greedy attempts (`attempts`), Self-Refine
+    (`turns` = its critique and refine builders) or corrections of given first attempts (`given`: id ->
+    attempt-1 token count). The error names each offending problem (id, file and line) and the key
+    behind each part of the budget. Returns the engine length the longest problem needs."""
+    (a1, a2), (k1, k2) = cfg.eval_budgets, eval_budget_keys(cfg)
+    instruction = len(builder.instruction_ids)
+    if turns is not None:
+        critique, refine = (len(t.instruction_ids) for t in turns)
+        critique_budget = cfg.self_refine.max_tokens_critique
+        parts = [
+            (f"attempt 1 ({k1} = {a1})", a1),
+            (f"the critique request (self_refine.critique_instruction, {critique} tokens)", critique),
+            (f"the critique (self_refine.max_tokens_critique = {critique_budget})", critique_budget),
+            (f"the refine turn (self_refine.refine_instruction, {refine} tokens)", refine),
+            (f"attempt 2 ({k2} = {a2})", a2),
+        ]
+    else:
+        later = f"{attempts - 1} x " if attempts > 2 else ""
+        parts = [
+            ("the given attempt 1", 0) if given is not None else (f"attempt 1 ({k1} = {a1})", a1),
+            (
+                f"{later}the correction instruction (prompt.correction_instruction, {instruction} tokens)",
+                (attempts - 1) * instruction,
+            ),
+            (f"{later}attempt 2 ({k2} = {a2})", (attempts - 1) * a2),
+        ]
+    extra = sum(n for _, n in parts)
+    spelled = " + ".join(name for name, _ in parts)
+    if extra >= max_model_len:
+        raise ValueError(
+            f"{what}: {spelled} = {extra} tokens leave no room for a prompt within max_model_len = {max_model_len} "
+            "(the model's max_position_embeddings); lower the ones named"
+        )
+    too_long, longest = [], 0
+    for p in problems:
+        length = len(builder.first_attempt_ids(p.question)) + (given.get(p.id, 0) if given is not None else 0)
+        longest = max(longest, length + extra + 1)
+        if length + extra >= max_model_len:
+            too_long.append((p, length))
+    if too_long:
+        named = "; ".join(f"{p.id} ({p.where or 'no file'}, {n} tokens)" for p, n in too_long[:10])
+        more = f"; and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+        counted = "prompt and given attempt 1" if given is not None else "prompt"
+        raise ValueError(
+            f"{what}: {len(too_long)} of {len(problems)} problems cannot hold their {counted} plus {spelled} "
+            f"= {extra} tokens within max_model_len = {max_model_len}: {named}{more}. Shorten them or lower "
+            "the budgets named"
+        )
+    return longest
 
 
 def check_wandb(cfg: RunConfig) -> None:
-    """run.wandb = true needs the wandb package; say so before any work."""
-    if cfg.run.wandb:
+    """run.wandb = true needs the wandb package and a way to log in (or offline mode); both are
+    checked before any folder is written, where wandb itself would fail after the run started."""
+    if not cfg.run.wandb:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("run.wandb = true needs the wandb package: pip install 'score-rl[wandb]'") from None
+    if not wandb_can_log():
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        raise ValueError(
+            f"run.wandb = true: no W&B login for {host} (no WANDB_API_KEY, no ~/.netrc entry from `wandb login`); "
+            "log in, or set WANDB_MODE=offline to log into the run folder and `wandb sync` it later"
+        )
+
+
+def wandb_can_log() -> bool:
+    """Whether wandb.init would find credentials, or need none: offline or disabled mode (environment
+    or `wandb offline`'s settings file), an API key or identity token in the environment, or a
+    .netrc entry for the W&B host."""
+    import configparser
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    for settings in (config_dir / "settings", Path("wandb") / "settings"):
+        parser = configparser.ConfigParser()
         try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ValueError("run.wandb = true needs the wandb package: pip install 'score-rl[wandb]'") from None
+            parser.read(settings, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        if parser.get("default", "mode", fallback="").lower() in ("offline", "dryrun", "disabled"):
+            return True
+        if parser.get("default", "api_key", fallback=""):
+            return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(entry and entry[2])

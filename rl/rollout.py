@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from score.model.sampling import SamplingParams
+from score.model import SamplingParams
 
 from .data import Problem
 from .prompts import PromptBuilder
@@ -107,32 +107,10 @@ class RolloutStats:
     seconds: float = 0.0
     generated_tokens: int = 0
     reward_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def sampling_params(
-    n: int,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    max_tokens: int,
-    seed: int | None,
-    stop_token_ids: Sequence[int] = (),
-) -> SamplingParams:
-    return SamplingParams(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens,
-        stop_token_ids=tuple(stop_token_ids),
-        seed=seed,
-    )
 
 
 def two_attempt_rollout(
@@ -154,6 +132,7 @@ def two_attempt_rollout(
     first: int = 0,
     second_attempt: bool = True,
     attempts: int = 2,
+    second_samples: int | None = None,
 ) -> tuple[list[Trajectory], RolloutStats]:
     """k two-attempt trajectories per problem (grouped, problem order), rewarded; temperature 0 = greedy.
 
@@ -163,6 +142,8 @@ def two_attempt_rollout(
     sample exactly what one call over the whole batch would (`Trajectory.group` stays local).
     `attempts` > 2: each later attempt follows the one before and the instruction again (its own
     seed stream, keyed like attempt 2); attempts 1 and 2 are exactly the two-attempt rollout's.
+    `second_samples`: only the first this-many samples of each prompt get an attempt 2 (default: all
+    k); theirs are exactly those of the full rollout, the others have none (`finish2` "none", r2 0).
     """
     if not problems:
         raise ValueError("two_attempt_rollout needs at least one problem")
@@ -172,6 +153,11 @@ def two_attempt_rollout(
         raise ValueError(f"first must be >= 0, got {first}")
     if attempts < 2 or (attempts > 2 and not second_attempt):
         raise ValueError(f"attempts must be >= 2 (and needs second_attempt), got {attempts}")
+    if second_samples is not None and not 0 <= second_samples <= k:
+        raise ValueError(f"second_samples must be in [0, k={k}], got {second_samples}")
+    if attempts > 2 and second_samples not in (None, k):
+        raise ValueError("attempts > 2 continues every sample: second_samples must be k")
+    with_second = (k if second_samples is None else second_samples) if second_attempt else 0
     from_base = list(from_base) if from_base is not None else [False] * len(problems)
     if len(from_base) != len(problems):
         raise ValueError(f"from_base has {len(from_base)} entries for {len(problems)} problems")
@@ -181,17 +167,20 @@ def two_attempt_rollout(
     start = time.perf_counter()
     prompts = [builder.first_attempt_ids(p.question) for p in problems]
 
+    def params(n: int, max_tokens: int, stream: int):
+        return SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_tokens,
+            seed=None if seed is None else seed * 2 + stream,
+        )
+
     # Attempt 1 (seed stream 1), policy and (optionally) base engines; the seed of sample j of
     # prompt i depends only on (seed, first + i, j), so splitting prompts between engines or
     # ranks changes nothing.
-    params1 = sampling_params(
-        k,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_tokens=max_tokens1,
-        seed=None if seed is None else seed * 2 + 1,
-    )
+    params1 = params(k, max_tokens1, 1)
     outs1 = [None] * len(problems)
     for use_base, eng in ((False, engine), (True, base_engine)):
         idx = [i for i, b in enumerate(from_base) if b == use_base]
@@ -206,7 +195,7 @@ def two_attempt_rollout(
     contexts, spans, meta = [], [], []
     for i in range(len(problems)):
         for j, c in enumerate(outs1[i]):
-            if second_attempt:
+            if j < with_second:
                 ctx, span = builder.second_attempt_ids(prompts[i], c.token_ids, c.finish_reason)
             else:
                 ctx, span = [], (0, 0)
@@ -214,21 +203,17 @@ def two_attempt_rollout(
             spans.append(span)
             meta.append((i, j))
     outs2 = [None] * len(contexts)
-    if second_attempt:
-        params2 = sampling_params(
-            1,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_tokens2,
-            seed=None if seed is None else seed * 2 + 2,
+    seconds = [n for n, (_, j) in enumerate(meta) if j < with_second]  # the trajectories with an attempt 2
+    params2 = params(1, max_tokens2, 2)
+    if seconds:
+        got = engine.generate(
+            [contexts[n] for n in seconds],
+            params2,
+            use_tqdm=progress,
+            seed_keys=[(first + meta[n][0]) * k + meta[n][1] for n in seconds],
         )
-        outs2 = [
-            o[0]
-            for o in engine.generate(
-                contexts, params2, use_tqdm=progress, seed_keys=[(first + i) * k + j for i, j in meta]
-            )
-        ]
+        for n, o in zip(seconds, got, strict=True):
+            outs2[n] = o[0]
 
     trajectories = []
     for (i, j), ctx, (a, b), c2 in zip(meta, contexts, spans, outs2, strict=True):
@@ -257,17 +242,19 @@ def two_attempt_rollout(
 
     t0 = time.perf_counter()
     probs = [t.problem for t in trajectories]
-    sampled = attempts if second_attempt else 1
-    texts = [t.text1 for t in trajectories] + ([t.text2 for t in trajectories] if second_attempt else [])
+    texts = [t.text1 for t in trajectories] + [trajectories[n].text2 for n in seconds]
+    graded = probs + [probs[n] for n in seconds]
     for number in range(3, attempts + 1):
         texts += [t.later[number - 3].text for t in trajectories]
-    rewards = reward_fn(texts, probs * sampled)
-    count = len(trajectories)
+        graded += probs
+    rewards = reward_fn(texts, graded)
+    count, later_start = len(trajectories), len(trajectories) + len(seconds)
     for n, t in enumerate(trajectories):
-        t.r1 = float(rewards[n])
-        t.r2 = float(rewards[n + count]) if second_attempt else 0.0
+        t.r1, t.r2 = float(rewards[n]), 0.0
         for number, later in enumerate(t.later, start=3):
-            later.reward = float(rewards[n + (number - 1) * count])
+            later.reward = float(rewards[later_start + (number - 3) * count + n])
+    for position, n in enumerate(seconds):
+        trajectories[n].r2 = float(rewards[count + position])
     stats = RolloutStats(
         seconds=gen_seconds,
         generated_tokens=sum(

@@ -11,7 +11,8 @@ interrupted run after its last checkpoint), so the resumed run does not log thos
 TensorBoard (`tensorboard=True`) needs the `tensorboard` package; without it the logger raises
 ImportError saying so. It gets every finite numeric value as a scalar under the same name. Weights &
 Biases (`wandb={"project", "name", "config"}`) gets every value of every record at its step, and
-`summary()` the end-of-run evaluation.
+`summary()` the end-of-run evaluation; `log_finished_run` sends a job without steps (an evaluation)
+as one run.
 """
 
 from __future__ import annotations
@@ -162,6 +163,21 @@ class MetricsLogger:
 
 
 WANDB_ID_FILE = "wandb_id"
+
+
+def log_finished_run(
+    run_dir: str | Path, *, project: str, name: str, config: dict, summary: dict, history: list[tuple[int, dict]] = ()
+) -> None:
+    """One whole Weights & Biases run at once, for a job without steps (`score eval`): each
+    `history` row at its step (None values left out), then `summary`, then the run is finished."""
+    run_dir = Path(run_dir)
+    run = _start_wandb(run_dir, project=project, name=name, config=config, resume=False)
+    try:
+        for step, row in history:
+            run.log({k: v for k, v in flatten_metrics(row).items() if v is not None}, step=step)
+        run.summary.update(flatten_metrics(summary))
+    finally:
+        run.finish()
 
 
 def _start_wandb(run_dir: Path, *, project: str, name: str, config: dict, resume: bool):

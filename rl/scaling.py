@@ -5,9 +5,10 @@ problem either in parallel or sequentially with self-correction.
 - **sequential**: B/2 attempt-1 samples, each followed by one self-correction, majority vote over
   the B/2 second attempts (B must be even; odd budgets have no sequential point).
 
-One rollout serves every budget: k = max(B) two-attempt trajectories per problem at the given
-temperature, and budget B uses the first B (parallel) or first B/2 (sequential) of them, so the
-curves are nested as in the paper. A vote counts each sample's extracted answer (whitespace
+One rollout serves every budget: k = max(B) attempt-1 samples per problem at the given temperature,
+of which only the first m = max(even B)/2 get an attempt 2 (the most any sequential vote uses), and
+budget B uses the first B first attempts (parallel) or the first B/2 second attempts (sequential),
+so the curves are nested as in the paper. A vote counts each sample's extracted answer (whitespace
 normalised; samples without an answer do not vote); a tie goes to the answer reached first in
 sample order; the vote is correct when a sample with the winning answer earned reward 1.
 """
@@ -72,6 +73,7 @@ def inference_scaling(
             "not answers, to vote over (pass@k would be the measure there)"
         )
     k = max(budgets)
+    m = max(b // 2 for b in budgets if b % 2 == 0)  # parse_budgets guarantees an even one
     trajectories, _ = two_attempt_rollout(
         engine,
         builder,
@@ -83,11 +85,12 @@ def inference_scaling(
         max_tokens2=token_budgets[1],
         seed=seed,
         progress=progress,
+        second_samples=m,
     )
     answer_of = answer_reader(reward_fn)
     groups = [trajectories[i * k : (i + 1) * k] for i in range(len(problems))]
     first = [([answer_of(t.text1) for t in g], [t.r1 for t in g]) for g in groups]
-    second = [([answer_of(t.text2) for t in g], [t.r2 for t in g]) for g in groups]
+    second = [([answer_of(t.text2) for t in g[:m]], [t.r2 for t in g[:m]]) for g in groups]
 
     def accuracy(votes, size):
         return sum(majority_vote(answers[:size], rewards[:size]) for answers, rewards in votes) / len(votes)
@@ -99,6 +102,7 @@ def inference_scaling(
         "temperature": temperature,
         "problems": len(problems),
         "samples_per_problem": k,
+        "second_attempts_per_problem": m,
     }
 
 

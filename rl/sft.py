@@ -15,17 +15,18 @@ fused log-prob kernel as the RL loss (loss.pack, loss.attempt_logprobs; no [toke
   One round.
 
 Round i's traces go to `OUT/data/round{i}.jsonl` (id, attempt1, attempt2, r1, r2), per-step metrics to
-`OUT/metrics.jsonl`, the counts of every round to `OUT/sft_data.json`, the trained model to
-`OUT/final/`; with `data.eval` the run ends with the greedy two-attempt evaluation, as `score train`.
+`OUT/metrics.jsonl`, the trained model to `OUT/final/`, then the counts of every round to
+`OUT/sft_data.json`; with `data.eval` the run ends with the greedy two-attempt evaluation, as `score
+train`. A killed run is started again from round 0 by `score sft --resume` (run_sft).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,12 +34,13 @@ from pathlib import Path
 import torch
 
 from score.model import from_pretrained, save_pretrained
-from score.model.files import write_jsonl
+from score.model.files import atomic_folder, write_jsonl
 
 from .config import RunConfig
 from .evaluate import write_json
 from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder, with_local_model
 from .loss import attempt_logprobs, pack
+from .precision import Precision, final_dtype
 from .preflight import (
     check_budgets,
     check_eval_problems,
@@ -51,9 +53,11 @@ from .preflight import (
 from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
-from .run_log import MetricsLogger
+from .run_lock import claim_folder
+from .run_log import WANDB_ID_FILE, MetricsLogger
+from .run_record import RUN_RECORD, check_same_run, holds_a_run, run_record
 from .schedule import lr_schedule, step_seed
-from .trainer import wandb_settings
+from .trainer import RunFailed, wandb_settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,11 +119,11 @@ def _pair(first: Trajectory, second: Trajectory, builder: PromptBuilder) -> Traj
 # ---------------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------------
-def sft_loss(model, traces: Sequence[Trajectory], denominator: float, device) -> torch.Tensor:
+def sft_loss(model, traces: Sequence[Trajectory], denominator: float, precision: Precision) -> torch.Tensor:
     """Summed NLL of the traces' trained tokens over `denominator`: one packed forward. Only attempt-2
     tokens are trained (the traces' attempt 1 is context: `first_from_base`)."""
-    batch = pack(list(traces), device)
-    return -attempt_logprobs(model, batch, 1.0, contextlib.nullcontext).sum() / denominator
+    batch = pack(list(traces), precision.device)
+    return -attempt_logprobs(model, batch, 1.0, precision.autocast).sum() / denominator
 
 
 def trained_tokens(traces: Sequence[Trajectory]) -> int:
@@ -129,23 +133,63 @@ def trained_tokens(traces: Sequence[Trajectory]) -> int:
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
-def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None) -> Path:
-    """The whole `score sft` run; returns the final model folder."""
+def run_sft(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool | None = None,
+    resume: bool = False,
+    allow_config_change: bool = False,
+    require_training: bool = True,
+) -> Path:
+    """The whole `score sft` run; returns the final model folder.
+
+    The run holds its folder (run_lock.py) and records run.json as `score train` does. It keeps no
+    checkpoints inside a run: `resume` starts a killed run again from round 0 (after checking that the
+    folder holds the same run), and does nothing to a finished one. A run whose every round kept no
+    trace trained nothing: RunFailed, and no final/, unless `require_training` is off (the demo's
+    quick pipeline check, whose tiny models keep none)."""
     if not cfg.model.path:
         raise ValueError("model.path is empty: point it at an HF-format model folder")
     if not cfg.data.train:
         raise ValueError("data.train is empty: point it at a JSONL file of training problems or a builtin: source")
+    requested = cfg.model.path
     cfg = with_local_model(cfg)
-    out = check_out_dir(out_dir)
-    for name in ("metrics.jsonl", "sft_data.json", "final"):
-        if (out / name).exists() and (name != "metrics.jsonl" or (out / name).stat().st_size):
-            raise FileExistsError(f"{out} already holds a run ({name}); use a new --out")
+    check_wandb(cfg)  # before any folder is written
+    with claim_folder(out_dir):
+        out = check_out_dir(out_dir)
+        record = run_record(cfg, out) | {"model": {"requested": requested, "path": cfg.model.path}}
+        held = holds_a_run(out) or ("sft_data.json" if (out / "sft_data.json").exists() else None)
+        if held and not resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({held}); use --resume (a killed score sft starts again from round 0) "
+                "or a new --out"
+            )
+        if resume:
+            check_same_run(out, record, allow_config_change)
+            if _finished(out, cfg):
+                print(f"score sft --resume: {out} holds a finished run; nothing to do", flush=True)
+                return out / "final"
+            if held:
+                print(
+                    f"score sft --resume: score sft keeps no checkpoints inside a run; the run in {out} starts "
+                    "again from round 0",
+                    flush=True,
+                )
+        return _run(cfg, out, record, progress, require_training)
+
+
+def _finished(out: Path, cfg: RunConfig) -> bool:
+    """final/ (written whole), then sft_data.json, then the evaluation's metrics when data.eval is set."""
+    done = (out / "final" / "config.json").is_file() and (out / "sft_data.json").is_file()
+    return done and (not cfg.data.eval or (out / "eval_metrics.json").is_file())
+
+
+def _run(cfg: RunConfig, out: Path, record: dict, progress: bool | None, require_training: bool) -> Path:
     progress = cfg.run.progress if progress is None else progress
     s, seed = cfg.sft, cfg.run.seed
     torch.manual_seed(seed)
-    device = pick_device(cfg.model.device)
-    dtype = getattr(torch, cfg.model.dtype)
-    check_wandb(cfg)
+    precision = Precision.of(cfg, pick_device(cfg.model.device))
     model_config, tokenizer = check_model_folder(cfg.model.path)
     check_budgets(cfg, model_config)
     builder = prompt_builder(cfg, tokenizer)
@@ -153,28 +197,37 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
     if s.max_problems:
         problems = problems[: s.max_problems]
     positions = model_config.max_position_embeddings
-    problems, skipped = problems_that_fit(
+    problems, skipped, longest = problems_that_fit(
         problems, builder, cfg, positions, f"data.train {cfg.data.train}", skip=cfg.data.skip_too_long
     )
     if skipped:
         print(f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out", flush=True)
     if cfg.data.eval:
-        check_eval_problems(cfg, builder, positions)
-    base = from_pretrained(cfg.model.path, dtype=dtype, device=device).requires_grad_(False)
+        longest = max(longest, check_eval_problems(cfg, builder, positions))
+    base = from_pretrained(cfg.model.path, dtype=precision.master_dtype, device=precision.device)
+    base.requires_grad_(False).set_kernels(precision.kernels)
     check_finite(base, cfg.model.path)
+    # What an earlier (killed) run left goes before this one writes anything of its own.
+    for stale in ("metrics.jsonl", "sft_data.json", "eval.jsonl", "eval_metrics.json", WANDB_ID_FILE):
+        (out / stale).unlink(missing_ok=True)
+    for stale in ("final", "data"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    write_json(out / RUN_RECORD, record)
     reward = make_reward(cfg)
     logger = MetricsLogger(out, wandb=wandb_settings(cfg, out))
     rounds, step, policy = [], 0, base
     try:
         for i in range(s.rounds):
             t0 = time.perf_counter()
-            traces, sampled = build_round(cfg, policy, builder, problems, reward, step_seed(seed, 1000 + i))
+            traces, sampled = build_round(
+                cfg, policy, builder, problems, reward, step_seed(seed, 1000 + i), max_model_len=longest
+            )
             write_jsonl(out / "data" / f"round{i}.jsonl", (_trace_row(t) for t in traces))
             counts = _round_counts(i, sampled, traces, cfg, time.perf_counter() - t0)
             if traces:
                 policy = copy.deepcopy(base).requires_grad_(True).train()
                 step, counts["skipped_steps"], last_loss = train_round(
-                    cfg, policy, traces, logger, step, i, device, progress
+                    cfg, policy, traces, logger, step, i, precision, progress
                 )
                 policy.eval()
                 trained = f"{counts['steps']} steps, last loss {last_loss:.3f}"
@@ -186,25 +239,34 @@ def run_sft(cfg: RunConfig, out_dir: str | Path, *, progress: bool | None = None
                 f"sft round {i}: {counts['traces']} {s.kind} traces from {counts['sampled']} samples; {trained}",
                 flush=True,
             )
-        write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
+        if require_training and not any(r["steps"] for r in rounds):
+            raise RunFailed(
+                f"no round of {s.kind} kept a trace (see {out / 'data'}): nothing was trained, and no final/ is written"
+            )
         final = out / "final"
-        save_pretrained(policy, final)
-        tokenizer.save_pretrained(final)
+        with atomic_folder(final) as tmp:
+            save_pretrained(policy, tmp, final_dtype(cfg, cfg.model.path))
+            tokenizer.save_pretrained(tmp)
+        write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
         if cfg.data.eval:
             from .trainer import finish_run
 
-            finish_run(cfg, out, make_engine(cfg, policy), builder, reward, label=f"SFT ({s.kind})", logger=logger)
+            engine = make_engine(cfg, policy, max_model_len=longest)
+            finish_run(cfg, out, engine, builder, reward, label=f"SFT ({s.kind})", logger=logger)
     finally:
         logger.close()
         reward.close()
     return final
 
 
-def build_round(cfg: RunConfig, model, builder, problems, reward, seed: int) -> tuple[list[Trajectory], list]:
-    """(traces, the samples they came from) of one round, sampled from `model`."""
+def build_round(
+    cfg: RunConfig, model, builder, problems, reward, seed: int, *, max_model_len: int | None = None
+) -> tuple[list[Trajectory], list]:
+    """(traces, the samples they came from) of one round, sampled from `model` by an engine of sequences
+    up to `max_model_len` tokens."""
     r, s = cfg.rollout, cfg.sft
     sampled, _ = two_attempt_rollout(
-        make_engine(cfg, model),
+        make_engine(cfg, model, max_model_len=max_model_len),
         builder,
         problems,
         reward,
@@ -222,7 +284,9 @@ def build_round(cfg: RunConfig, model, builder, problems, reward, seed: int) -> 
     return pair_sft_traces(sampled, builder, s.include_correct, seed), sampled
 
 
-def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: int, device, progress: bool):
+def train_round(
+    cfg: RunConfig, policy, traces, logger, step: int, round_index: int, precision: Precision, progress: bool
+):
     """AdamW over `epochs` seeded shuffles of `traces`, from the weights `policy` holds; returns
     (the next global step, steps skipped for a non-finite loss or gradient, the last loss)."""
     s, o = cfg.sft, cfg.optim
@@ -246,7 +310,7 @@ def train_round(cfg: RunConfig, policy, traces, logger, step: int, round_index: 
         optimizer.zero_grad(set_to_none=True)
         denominator, loss = float(trained_tokens(batch)), 0.0
         for m in range(0, len(batch), s.micro_batch_size):
-            part = sft_loss(policy, batch[m : m + s.micro_batch_size], denominator, device)
+            part = sft_loss(policy, batch[m : m + s.micro_batch_size], denominator, precision)
             part.backward()
             loss += float(part.detach())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip))

@@ -25,24 +25,26 @@ Not done: PPO-style multiple epochs per batch, adaptive beta2.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from score.model import Engine
-from score.model.files import write_json
+from score.model.files import commit_folder, temp_folder, write_json
 
 from .config import RunConfig
 from .factories import load_problems, make_engine, make_reward, prompt_builder, with_local_model
 from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
 from .micro_batches import by_prompt_count, by_token_budget, groups_of
+from .parallel.distributed import raise_on_all_ranks
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
+from .precision import final_dtype
 from .preflight import (
     check_budgets,
     check_eval_problems,
@@ -56,8 +58,9 @@ from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
+from .run_lock import claim_folder, lock_folder
 from .run_log import MetricsLogger
-from .run_record import RUN_RECORD, check_same_run, run_record
+from .run_record import RUN_RECORD, check_same_run, holds_a_run, run_record
 from .schedule import DataOrder, attempts_at, lr_at, stage1_part, stage_of, step_seed
 
 
@@ -115,19 +118,36 @@ class Trainer:
         parallel.my_groups(cfg.optim.prompts_per_step)  # optim.prompts_per_step must split evenly
         self.cfg, self.parallel = cfg, parallel
         self.is_main = parallel.is_main
+        check_wandb(cfg)  # before any folder is written
+        # One run, one folder: the main process holds it (run_lock.py) before anything is written there.
+        self._lock, error = None, None
+        if self.is_main:
+            try:
+                self._lock = claim_folder(out_dir)
+            except ValueError as e:
+                error = str(e)
+        raise_on_all_ranks(error)
+        try:
+            self._start(out_dir, requested, resume, allow_config_change)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, out_dir, requested: str, resume: bool, allow_config_change: bool) -> None:
+        cfg, parallel = self.cfg, self.parallel
         self.out_dir = check_out_dir(out_dir)
-        metrics_file = self.out_dir / "metrics.jsonl"  # checked before any model or worker is made
-        if not resume and metrics_file.exists() and metrics_file.stat().st_size:
-            raise FileExistsError(f"{self.out_dir} already holds a run (metrics.jsonl); use --resume or a new --out")
-        record = run_record(cfg) | {"model": {"requested": requested, "path": cfg.model.path}}
+        parallel.check_shared(self.out_dir)  # several nodes: --out must be on a file system they share
+        held = holds_a_run(self.out_dir)  # checked before any model or worker is made
+        if held and not resume:
+            raise FileExistsError(f"{self.out_dir} already holds a run ({held}); use --resume or a new --out")
+        record = run_record(cfg, self.out_dir) | {"model": {"requested": requested, "path": cfg.model.path}}
         if resume:
             check_same_run(self.out_dir, record, allow_config_change)
         # Everything the run reads is checked before the first model is built.
-        check_wandb(cfg)
         model_config, self.tokenizer = check_model_folder(cfg.model.path)
         check_budgets(cfg, model_config)
         self.builder = prompt_builder(cfg, self.tokenizer)
-        self.problems, skipped = problems_that_fit(
+        self.problems, skipped, self.max_model_len = problems_that_fit(
             load_problems(cfg, cfg.data.train),
             self.builder,
             cfg,
@@ -135,8 +155,9 @@ class Trainer:
             f"data.train {cfg.data.train}",
             skip=cfg.data.skip_too_long,
         )
-        if cfg.data.eval:
-            check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
+        if cfg.data.eval:  # the same engines evaluate the trained policy at the end
+            longest_eval = check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
+            self.max_model_len = max(self.max_model_len, longest_eval)
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -160,9 +181,11 @@ class Trainer:
         if resume:
             try:
                 self.step = parallel.resume(self.out_dir, self.policy, self.optimizer)
-            except FileNotFoundError as e:  # killed before its first checkpoint: start it again
+            except FileNotFoundError as e:  # killed before its first checkpoint, or none readable: start again
                 if self.is_main:
+                    shutil.rmtree(self.out_dir / "anchors", ignore_errors=True)  # the old run's Stage I parts
                     print(f"{e}; the run starts again from step 0", flush=True)
+                parallel.barrier()
         if self.is_main:
             write_json(self.out_dir / RUN_RECORD, record)
             if skipped:
@@ -193,10 +216,10 @@ class Trainer:
     def generation(self, base: bool = False):
         """The policy's engine (and the reference's, when `base`) on generation-ready weights."""
         with self.parallel.generation(*((self.policy, self.reference) if base else (self.policy,))):
-            if self.engine is None:  # built on gathered weights: the engine takes their dtype
-                self.engine = make_engine(self.cfg, self.policy)
+            if self.engine is None:  # built on gathered weights (FSDP2): they are in the compute dtype
+                self.engine = make_engine(self.cfg, self.policy, max_model_len=self.max_model_len)
             if base and self.base_engine is None:
-                self.base_engine = make_engine(self.cfg, self.reference)
+                self.base_engine = make_engine(self.cfg, self.reference, max_model_len=self.max_model_len)
             for engine in (self.engine, self.base_engine if base else None):
                 if engine is not None and engine.sleeping:
                     engine.wake()
@@ -230,14 +253,16 @@ class Trainer:
         if part == self._anchor_part:
             return
         folder = self.out_dir / "anchors" / f"part{part - 1}"
+        precision = self.parallel.precision
         if (folder / "config.json").exists():
             from score.model import from_pretrained
 
-            self.anchor = from_pretrained(folder, dtype=getattr(torch, self.cfg.model.dtype), device=self.device)
+            self.anchor = from_pretrained(folder, dtype=precision.compute_dtype, device=self.device)
+            self.anchor.set_kernels(precision.kernels)
         else:
             from score.model import save_pretrained
 
-            self.anchor = copy.deepcopy(self.policy)
+            self.anchor = precision.frozen_copy(self.policy)
             save_pretrained(self.anchor, folder)
         self.anchor.eval().requires_grad_(False)
         self._anchor_part = part
@@ -449,19 +474,28 @@ class Trainer:
             )
         self.save()
         final = self.out_dir / "final"
-        self.parallel.export(self.policy, final)
+        staging = temp_folder(final) if self.is_main else final  # final/ appears whole (other ranks write none)
+        self.parallel.export(self.policy, staging, final_dtype(cfg, cfg.model.path))
         if self.is_main:
-            self.tokenizer.save_pretrained(final)
+            self.tokenizer.save_pretrained(staging)
+            commit_folder(staging, final)
         return final
 
     def close(self) -> None:
-        """Closes the metrics log and the reward workers (safe to call again)."""
+        """Closes the metrics log and the reward workers, and lets go of the run folder (safe to call again)."""
         if self._closed:
             return
         self._closed = True
-        if self.logger is not None:
-            self.logger.close()
-        self.reward.close()
+        try:
+            if self.logger is not None:
+                self.logger.close()
+            self.reward.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
 
 def train(
@@ -478,6 +512,7 @@ def train(
     policy while the other ranks exit (parallel/seam.py, `evaluation`)."""
     parallel = parallel_for_run(cfg)
     trainer = Trainer(cfg, out_dir, resume=resume, parallel=parallel, allow_config_change=allow_config_change)
+    held = lock_folder(trainer.out_dir) if trainer.is_main else None  # through the evaluation, after close()
     try:
         final = trainer.fit(max_steps)
         with parallel.evaluation(trainer, final) as parts:
@@ -485,6 +520,8 @@ def train(
                 finish_run(cfg, trainer.out_dir, *parts, logger=trainer.logger)
     finally:
         trainer.close()
+        if held is not None:
+            held.release()
     return final
 
 

@@ -70,11 +70,12 @@ def test_shared_memory_within_device_limit(aot_results):
 def test_the_aligned_variant_pipelines_its_loads(aot_results):
     """With the alignment hints a multi-stage GEMM loop keeps more than one stage of tiles in shared
     memory (if Triton stopped reading the hints, both variants would be the same code)."""
-    shared = {}  # (launch, target, aligned) -> sizes (the bf16 and fp16 launches share a name)
+    shared = {}  # (launch, pointer types, target, aligned) -> shared memory
     for r in aot_results:
         if r["module"] == "score.kernels.fused_linear_logprob" and r["launch"].endswith("w8s3]"):
-            shared.setdefault((r["launch"], r["capability"], r["aligned"]), []).append(r["shared"])
-    assert len(shared) == 2 * 2 * 2  # the forward and backward kernel, two targets, two variants
-    for (launch, capability, aligned), sizes in shared.items():
+            shared[r["launch"], r["pointers"], r["capability"], r["aligned"]] = r["shared"]
+    # the forward and backward kernel, for bf16, fp16 and both with an fp32 weight; two targets, two variants
+    assert len(shared) == 2 * 4 * 2 * 2
+    for (launch, pointers, capability, aligned), size in shared.items():
         if aligned:
-            assert min(sizes) > max(shared[launch, capability, False]), (launch, capability)
+            assert size > shared[launch, pointers, capability, False], (launch, pointers, capability)

@@ -1,4 +1,4 @@
-"""Async scheduling (model/engine.py): the engine launches decode step N+1 before it reads step N's
+"""Async scheduling (model/engine/engine.py): the engine launches decode step N+1 before it reads step N's
 tokens. On the CPU every step has finished when `launch` returns, so the overlap itself is
 invisible here, but the bookkeeping is the same as on CUDA: the next step's input ids gathered on
 the device from the step before, slots reserved for tokens not known yet, tokens of sequences
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.decode_step import DecodeStep
+from score.model.engine.decode_step import DecodeStep
 from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 97

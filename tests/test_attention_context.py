@@ -5,8 +5,8 @@ over apart, through a prefill, a fresh decode batch and continuing decode steps,
 import pytest
 import torch
 
-from score.model.attention_context import AttentionContext, layer_views
-from score.model.workspace import DecodeWorkspace
+from score.model.engine.attention_context import AttentionContext, layer_views
+from score.model.engine.workspace import DecodeWorkspace
 
 LAYERS, BLOCKS, BLOCK, HKV, HQ, D = 3, 12, 4, 2, 6, 8
 
@@ -58,16 +58,3 @@ def test_attend_kv_equals_the_separate_call(store_rows):
             got = side_by_side.attend_kv(layer, q, kv)
             assert torch.equal(got.reshape(want.shape), want)
         assert torch.equal(pools[0], pools[1])
-
-
-def test_a_layer_outside_the_kept_ones_is_refused():
-    from score.kernels import PagedAttentionBuffers, plan_paged_attention
-    from score.kernels.paged_attention import paged_attention_torch
-
-    k_cache, v_cache = torch.randn(BLOCKS, BLOCK, HKV, D), torch.randn(BLOCKS, BLOCK, HKV, D)
-    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
-    lengths, cu = torch.tensor([6, 7], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
-    plan = plan_paged_attention(tables, lengths, cu, BLOCK, 1, 7, PagedAttentionBuffers(), False, num_layers=2)
-    paged_attention_torch(torch.randn(2, HQ, D), k_cache, v_cache, plan, 0.5, layer=1)
-    with pytest.raises(ValueError, match="layer 2 is outside the plan's 2 kept layers"):
-        paged_attention_torch(torch.randn(2, HQ, D), k_cache, v_cache, plan, 0.5, layer=2)

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from score.model.block_manager import BlockManager
-from score.model.sequence import Sequence
+from score.model.engine.block_manager import BlockManager
+from score.model.engine.sequence import Sequence
 
 
 def make_seq(tokens):

@@ -126,7 +126,7 @@ def test_interrupted_save_leaves_previous_checkpoints(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "save_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 2, model, optimizer, {})
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]

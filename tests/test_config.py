@@ -45,7 +45,7 @@ def test_values_and_overrides(tmp_path):
     cfg = load_config(path, ["optim.schedule=cosine", "rollout.samples_per_prompt=8", "optim.lr=2e-4"])
     assert cfg.optim.lr == 2e-4 and cfg.optim.schedule == "cosine"
     assert cfg.score.alpha == 3.0 and isinstance(cfg.score.alpha, float)
-    assert cfg.rollout.samples_per_prompt == 8 and cfg.model.dtype == "float32"
+    assert cfg.rollout.samples_per_prompt == 8 and cfg.model.master_dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +58,14 @@ def test_values_and_overrides(tmp_path):
         ('[score]\nkl_placement = "loss"\n', 2, ["score.kl_placement", "kl_in_reward"]),
         ("[run]\nseed = 1.5\n", 2, ["run.seed", "integer"]),
         ("[model]\nactivation_checkpointing = 1\n", 2, ["true or false"]),
+        ('[model]\nkernels = "cuda"\n', 2, ["model.kernels", "'triton'"]),
+        # keys of earlier versions whose meaning changed are refused with what replaced them
+        (
+            "[model]\npath = 'm'\nautocast_bf16 = true\n",
+            3,
+            ["model.autocast_bf16 is no longer a key", "model.autocast"],
+        ),
+        ('[model]\ndtype = "bfloat16"\n', 2, ["model.dtype is no longer a key", "model.master_dtype"]),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path, text, line, words):
@@ -75,6 +83,11 @@ def test_invalid_toml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "[optim]\nlr = = 3\n"))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_retired_key_in_an_override_names_its_replacement(tmp_path):
+    with pytest.raises(ConfigError, match="model.autocast = 'auto'"):
+        load_config(write(tmp_path, ""), ["model.autocast_bf16=false"])
 
 
 def test_bad_override(tmp_path):

@@ -1,19 +1,23 @@
-"""The static decode step (model/decode_step.py): a batch padded up to its bucket gives the same
+"""The static decode step (model/engine/decode_step.py): a batch padded up to its bucket gives the same
 tokens and logprobs as the unpadded eager step, for every bucket size, block sizes 1 and 16, with
 preemption, greedy and sampled, the torch and (interpreted) Triton attention; CUDA graphs of it
 equal eager CUDA steps (run where CUDA is present)."""
+
+import copy
 
 import pytest
 import torch
 
 from score.kernels.rope_kv_store import rope_store_kv
-from score.model import Engine, SamplingParams, Transformer, attention_context
-from score.model.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
+from score.model import Engine, SamplingParams, Transformer
+from score.model.engine import attention_context
+from score.model.engine.decode_step import DecodeStep, check_batch_sizes, graph_batch_sizes
 from tests.helpers.model_fixtures import tiny_decoder
 from tests.helpers.op_count import top_level_ops
 
 VOCAB = 97
 BUCKETS = [1, 2, 4, 8, 16]
+BF16_LOGIT_TOLERANCE = 0.15  # bf16 logits of this tiny model (magnitudes ~10) round by up to ~0.05
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +49,11 @@ def run(model, prompts, params, max_tokens=None, **engine_kw):
     return outs, engine, set(used)
 
 
-def assert_same(got, want):
+def assert_same(got, want, logprob_tolerance=1e-5):
     for got_out, want_out in zip(got, want, strict=True):
         for g, w in zip(got_out, want_out, strict=True):
             assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
-            assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True)) <= 1e-5
+            assert max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True)) <= logprob_tolerance
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -91,9 +95,12 @@ def test_padded_buckets_with_preemption(model, prompts, block_size):
     assert padded.stats.preemptions > 0 and padded.stats.preemptions == eager.stats.preemptions
 
 
-def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, prompts, monkeypatch):
-    """The CUDA path on CPU: Triton attention, the decoder's kernels (norms, SwiGLU) and RoPE inside
-    the KV store (one launch per layer and step) against the plain ops, unpadded."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_buckets_through_the_triton_kernels(model, prompts, monkeypatch, dtype):
+    """The CUDA path (under the interpreter on a CPU, compiled where CUDA is present): Triton
+    attention, the decoder's kernels (norms, SwiGLU) and RoPE inside the KV store (one launch per
+    layer and step) against the plain ops, unpadded on the CPU; fp32, and the bf16 an engine over fp32
+    master weights generates in (its own bf16 copy of them)."""
     params = SamplingParams(temperature=0, max_tokens=4)
     want, _, _ = run(model, prompts[:5], params, block_size=16, num_blocks=64)
     launches = []
@@ -103,16 +110,25 @@ def test_padded_buckets_through_the_triton_kernels_under_the_interpreter(model, 
         return rope_store_kv(*args, **kw)
 
     monkeypatch.setattr(attention_context, "rope_store_kv", counting)
-    model.set_kernels("triton")
-    try:
-        kw = dict(block_size=16, num_blocks=64, attention_backend="triton", decode_batch_sizes=[8, 16])
-        got, _, used = run(model, prompts[:5], params, **kw)
-    finally:
-        model.set_kernels("auto")
-    assert_same(got, want)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_device = Transformer(model.config).to(device).eval()
+    on_device.load_state_dict(model.state_dict())
+    on_device.set_kernels("triton")
+    kw = dict(block_size=16, num_blocks=64, attention_backend="triton", decode_batch_sizes=[8, 16], dtype=dtype)
+    got, _, used = run(on_device, prompts[:5], params, **kw)
+    if dtype == torch.float32:
+        assert_same(got, want)
+    else:  # greedy up to bf16's rounding: each token within it of the fp32 model's best, logprobs too
+        for prompt, (completion,) in zip(prompts[:5], got, strict=True):
+            for i, token in enumerate(completion.token_ids):
+                with torch.no_grad():
+                    exact = model(torch.tensor([prompt + completion.token_ids[:i]]))[0, -1].double().log_softmax(-1)
+                assert exact.max() - exact[token] <= BF16_LOGIT_TOLERANCE
+                assert abs(completion.logprobs[i] - exact[token]) <= BF16_LOGIT_TOLERANCE
     assert used == {8}
-    # one prefill and three decode steps (the last token needs no forward), every layer
-    assert len(launches) == 4 * model.config.num_hidden_layers and launches[-1] == 8
+    if device == "cpu":  # (on CUDA the decode steps are graph replays, which call no Python)
+        # one prefill and three decode steps (the last token needs no forward), every layer
+        assert len(launches) == 4 * model.config.num_hidden_layers and launches[-1] == 8
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
@@ -197,7 +213,7 @@ def test_cuda_graphs_equal_eager_cuda_steps(model, prompts):
 def test_graphs_only_on_cuda_and_never_under_fsdp2():
     from torch.distributed.fsdp import FSDPModule
 
-    from score.model.decode_step import captures_graphs
+    from score.model.engine.decode_step import captures_graphs
 
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert not captures_graphs(plain, torch.device("cpu"))
@@ -228,3 +244,47 @@ def test_a_cpu_decode_step_of_eight_layers_dispatches_at_most_200_ops_and_sample
     (base, base_passes), (ops, passes), n = counts(2), counts(10), 8
     assert (ops - base) / n <= 200
     assert passes - base_passes == n  # one sampling pass per step for the whole batch
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_graphs_are_captured_from_inert_inputs_that_store_nothing(model, prompts, backend):
+    """What `capture_graphs` runs before a call's first step (here eagerly on the CPU; "triton" is
+    the kernels a GPU captures, under the interpreter): every row stores at KV slot -1, so the pool,
+    which may hold cached prefixes, is left as it was."""
+    kw = dict(max_model_len=96, max_num_seqs=16, block_size=4, num_blocks=64, decode_batch_sizes=BUCKETS)
+    if backend == "triton":  # every kernel a GPU step runs: RoPE inside the KV store included
+        model = copy.deepcopy(model)
+        model.set_kernels("triton")
+    engine = Engine(model, attention_backend=backend, **kw)
+    engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3))  # cached prefixes in the pool
+    step = engine._decode
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=4, seed=1)
+    with torch.inference_mode():
+        before = engine.kv_cache.clone()
+        for b in sorted(BUCKETS, reverse=True):
+            step._write_inert_inputs(b)
+            tokens, logprobs = step._compute(b, params, step.max_model_len, None)
+            assert tokens.shape == (b,) and bool(torch.isfinite(logprobs).all())
+        assert torch.equal(engine.kv_cache, before)
+    # and real steps after them are unaffected
+    again = engine.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3))
+    fresh = Engine(model, attention_backend=backend, **kw)
+    assert_same(again, fresh.generate(prompts[:3], SamplingParams(temperature=0, max_tokens=3)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_each_bucket_is_captured_once_per_wake_over_three_training_steps(tmp_path):
+    from tests.helpers.tiny_run import tiny_config, trainer_with_parity
+
+    cfg = tiny_config(tmp_path, model__device="cuda", optim__prompts_per_step=4, rollout__samples_per_prompt=4)
+    trainer = trainer_with_parity(cfg, tmp_path / "run")
+    try:
+        counts = []
+        for _ in range(3):
+            before = trainer.engine.graph_captures if trainer.engine is not None else 0
+            trainer.train_step()
+            counts.append(trainer.engine.graph_captures - before)
+    finally:
+        trainer.close()
+    # 16 sequences per step at temperature 1: buckets 1, 2, 4, 8, 16, each once per wake, no more
+    assert counts == [len(graph_batch_sizes(16))] * 3

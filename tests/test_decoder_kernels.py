@@ -36,11 +36,12 @@ def packed_batch():
     return ids, cu, max(lengths)
 
 
-def logits_and_grads(model, kernels):
+def logits_and_grads(model, kernels, autocast=False):
     model.set_kernels(kernels)
     model.zero_grad()
     ids, cu, longest = packed_batch()
-    logits = model(ids, cu_seqlens=cu, max_seqlen=longest)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids, cu_seqlens=cu, max_seqlen=longest)
     upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
     (logits * upstream).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -54,6 +55,36 @@ def test_triton_path_matches_the_plain_ops(architecture):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, atol=5e-5, rtol=5e-4, msg=name)
+
+
+def relative_error(got, want) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# the training forward under autocast over fp32 master weights (model.autocast = "bf16")
+AUTOCAST_FAMILIES = {
+    "llama": dict(architecture="LlamaForCausalLM"),
+    "qwen2_bias": dict(architecture="Qwen2ForCausalLM"),
+    "qwen3_qk_norm_gqa": dict(architecture="Qwen3ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("family", list(AUTOCAST_FAMILIES))
+def test_triton_path_under_bf16_autocast_matches_the_plain_ops_under_it(family):
+    """The dtype mix autocast hands the kernels (fp32 embeddings and norm weights, bf16 linears, an
+    fp32 q/k-norm weight on bf16 q and k) runs, and computes what the plain ops under autocast do."""
+    model = small(**AUTOCAST_FAMILIES[family])
+    want, want_grads = logits_and_grads(model, "torch", autocast=True)
+    got, got_grads = logits_and_grads(model, "triton", autocast=True)
+    exact, exact_grads = logits_and_grads(model, "torch")  # fp32 throughout
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert relative_error(got, want) < 2e-2 and relative_error(got, exact) < 2e-2
+    for name, grad in exact_grads.items():
+        assert got_grads[name].dtype == torch.float32  # the masters' gradients stay fp32
+        # no further from fp32 than bf16 itself takes the plain ops (a small bias's gradient sums
+        # cancelling terms: its bf16 error is several percent either way)
+        bf16_noise = relative_error(want_grads[name], grad)
+        assert relative_error(got_grads[name], grad) < 2 * bf16_noise + 1e-2, name
 
 
 def test_auto_on_cpu_is_the_plain_ops_bit_for_bit():

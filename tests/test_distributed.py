@@ -11,8 +11,10 @@ import contextlib
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,17 +31,62 @@ STEPS, SAVE_AT = 4, 2
 TOL = 1e-5
 
 
-def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {
+def _rank_program(nproc: int, args, **where) -> list[str]:
+    """The launcher of this node's `nproc` ranks of tests.helpers.dist_worker, as a command line."""
+    code = (
+        "import sys; from score.rl.parallel.launch import Launch, launch; "
+        f"sys.exit(launch(Launch({nproc}, **{where!r}), {list(args)!r}, module='tests.helpers.dist_worker'))"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
-    code = (
-        "import sys; from score.rl.parallel.launch import launch; "
-        f"sys.exit(launch({nproc}, {list(args)!r}, module='tests.helpers.dist_worker'))"
-    )
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _launch(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_rank_program(nproc, args), env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_nodes(nnodes: int, *args: str, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """The job on `nnodes` "nodes" of one rank each: one launcher process per node, all on this host,
+    meeting at node 0's rendezvous on 127.0.0.1 (torchrun's static rendezvous, as across machines)."""
+    where = dict(nnodes=nnodes, master_addr="127.0.0.1", master_port=_free_port())
+    return _run_nodes([_rank_program(1, args, node_rank=r, **where) for r in range(nnodes)], timeout)
+
+
+def _run_nodes(commands: list[list[str]], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Every node's command at once (each node's launcher waits for the others at the rendezvous)."""
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in commands]
+    nodes = [
+        subprocess.Popen(command, env=_env(), stdout=out, stderr=err, text=True)
+        for command, (out, err) in zip(commands, logs, strict=True)
+    ]
+    try:
+        codes = [node.wait(timeout=timeout) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    results = []
+    for node, code, (out, err) in zip(nodes, codes, logs, strict=True):
+        out.seek(0)
+        err.seek(0)
+        results.append(subprocess.CompletedProcess(node.args, code, out.read(), err.read()))
+        out.close()
+        err.close()
+    return results
 
 
 def _max_rel_diff(a: dict, b: dict) -> float:
@@ -188,15 +235,28 @@ def test_rank_failure_stops_job_and_names_rank():
     print(f"failing job ended in {elapsed:.1f} s")
 
 
-def test_split_nproc_for_the_score_train_shortcut():
-    from score.rl.parallel.launch import split_nproc
+def test_split_launch_for_the_score_train_shortcut():
+    from score.rl.parallel.launch import Launch, split_launch
 
-    assert split_nproc(["train", "--nproc", "4", "--config", "c.yaml"]) == (4, ["train", "--config", "c.yaml"])
-    assert split_nproc(["train", "--nproc=2"]) == (2, ["train"])
-    assert split_nproc(["train", "--out", "x"]) == (None, ["train", "--out", "x"])
-    for bad in (["train", "--nproc"], ["train", "--nproc", "0"], ["--nproc", "2", "--nproc", "2"]):
-        with pytest.raises(ValueError, match="--nproc"):
-            split_nproc(bad)
+    assert split_launch(["train", "--nproc", "4", "--config", "c.yaml"]) == (Launch(4), ["train", "--config", "c.yaml"])
+    assert split_launch(["train", "--nproc=2"]) == (Launch(2), ["train"])
+    assert split_launch(["train", "--out", "x"]) == (None, ["train", "--out", "x"])
+    nodes = ["--nnodes", "2", "--node-rank=1", "--master-addr", "node0.cluster", "--master-port", "29500"]
+    where, rest = split_launch(["train", *nodes, "--config", "c.toml"])
+    assert rest == ["train", "--config", "c.toml"]
+    assert where == Launch(1, 2, 1, "node0.cluster", 29500) and where.world_size == 2
+    for bad, message in (
+        (["train", "--nproc"], "--nproc needs a whole number"),
+        (["train", "--nproc", "0"], "--nproc needs a whole number >= 1"),
+        (["--nproc", "2", "--nproc", "2"], "--nproc given twice"),
+        (["train", "--nnodes", "2", "--node-rank", "0"], "needs --node-rank, --master-addr and --master-port"),
+        (["train", *nodes[:2], "--node-rank", "2", *nodes[3:]], r"--node-rank must be in \[0, 2\)"),
+        (["train", *nodes[:-1], "70000"], "--master-port must be a port number"),
+        (["train", *nodes[:-1], "http"], "--master-port needs a whole number"),
+        (["train", "--master-addr", "a"], "need --nnodes N > 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            split_launch(bad)
 
 
 def test_shard_groups_contiguous_equal_and_validated():
@@ -309,6 +369,74 @@ def test_trainer_resumes_two_rank_checkpoint_on_one_rank_and_in_a_plain_process(
     resumed.fit()
     resumed.close()
     assert _max_rel_diff(load_file(root / "resumed_plain" / "final" / "model.safetensors"), plain) <= TOL
+
+
+def test_two_nodes_of_one_rank_equal_two_ranks_on_one_node_and_resume_on_one_node(trainer_runs):
+    """2 nodes x 1 rank (torchrun's static rendezvous on localhost, gloo) against 1 node x 2 ranks;
+    then the 2-node run's step-2 checkpoint (each node wrote its shards) resumed on one node."""
+    root, _, plain = trainer_runs
+    config = str(root / "run.toml")
+    nodes = _launch_nodes(2, "train", config, str(root / "nodes2"))
+    for node_rank, node in enumerate(nodes):
+        assert node.returncode == 0, node.stderr[-4000:]
+        groups = [0, 1] if node_rank == 0 else [2, 3]  # data shards follow the global rank
+        assert f"rank {node_rank} of 2, local rank 0, groups {groups}" in node.stdout
+    two = load_file(root / "two" / "final" / "model.safetensors")
+    across = load_file(root / "nodes2" / "final" / "model.safetensors")
+    diff = _max_rel_diff(across, two)
+    print(f"SCoRe trainer, 2 nodes x 1 rank vs 1 node x 2 ranks after {TRAINER_STEPS} steps: max rel diff {diff:.3g}")
+    assert diff <= 1e-6
+    assert _max_rel_diff(across, plain) <= TOL
+    ours, reference = _metrics(root / "nodes2"), _metrics(root / "two")
+    assert [m["step"] for m in ours] == list(range(1, TRAINER_STEPS + 1))  # rank 0 alone logs
+    for a, b in zip(ours, reference, strict=True):
+        for key in ("stage", "reward_1", "reward_2", "loss", "grad_norm", "kl_1", "kl_2"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert sorted(p.name for p in (root / "nodes2" / "checkpoints").iterdir()) == [
+        "step_00000002.dcp",
+        "step_00000004.dcp",
+    ]
+    resumed = _copy_at_step(root / "nodes2", root / "nodes2_resumed_on_one_node", 2)
+    one_node = _launch(2, "train", config, str(resumed), "resume")
+    assert one_node.returncode == 0, one_node.stderr[-4000:]
+    resumed_diff = _max_rel_diff(load_file(resumed / "final" / "model.safetensors"), two)
+    print(f"2-node checkpoint resumed on 1 node x 2 ranks vs the uninterrupted run: max rel diff {resumed_diff:.3g}")
+    assert resumed_diff <= 1e-6
+
+
+def test_a_run_folder_the_ranks_do_not_share_is_an_error_on_every_rank(tmp_path):
+    result = _launch(2, "unshared", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        message = f"rank {rank}: {tmp_path / f'rank{rank}'} is not on a file system that every rank shares"
+        assert message in result.stdout
+    assert "rank 1 on " in result.stdout and "rank 0 on " not in result.stdout
+    assert not list((tmp_path / "rank0").iterdir())  # rank 0's probe is removed
+
+
+def test_score_train_on_two_nodes_from_the_command_line(tmp_path):
+    """`score train --nnodes 2 --node-rank R --master-addr A --master-port P`, once per node: one job,
+    global rank 0 alone prints, writes final/ and evaluates."""
+    from tests.helpers.tiny_run import write_problems
+
+    _, config = _trainer_config(tmp_path)
+    evals = write_problems(tmp_path / "eval.jsonl", 4, split="eval")
+    port = str(_free_port())
+    command = [sys.executable, "-m", "score.rl.cli", "train", "--config", str(config), "--out", str(tmp_path / "run")]
+    command += ["--max-steps", "1", "--set", f'data.eval="{evals}"', "--quiet"]
+    nodes = _run_nodes(
+        [
+            command + ["--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port]
+            for r in (0, 1)
+        ],
+        timeout=240,
+    )
+    for node in nodes:
+        assert node.returncode == 0, node.stderr[-4000:]
+    assert nodes[0].stdout.count("final policy:") == 1 and "Acc@t1" in nodes[0].stdout
+    assert "final policy:" not in nodes[1].stdout and "Acc@t1" not in nodes[1].stdout
+    assert json.load(open(tmp_path / "run" / "eval_metrics.json"))["n"] == 4
+    assert len(_metrics(tmp_path / "run")) == 1
 
 
 def test_score_train_nproc_runs_the_job_and_rank_0_evaluates(tmp_path):

@@ -5,14 +5,15 @@ and a greedy argmax is not decided by rounding. The reference is the plain loop:
 the whole sequence, take the last position, append.
 """
 
+import copy
 import math
 
 import pytest
 import torch
 
 from score.model import Completion, Engine, SamplingParams
-from score.model.sampling import sample, sampler_states, truncate_logits
-from score.model.workspace import DecodeWorkspace
+from score.model.engine.sampling import sample, sampler_states, truncate_logits
+from score.model.engine.workspace import DecodeWorkspace
 from tests.helpers.model_fixtures import tiny_decoder
 
 VOCAB = 131
@@ -169,8 +170,9 @@ def test_sampler_respects_top_k_top_p_and_samples_the_distribution():
 
 def test_sampler_workspace_and_engine_rope_are_bit_identical():
     """The CPU decode shortcuts change no number: the sampler writing into kept buffers, and the
-    engine-mode RoPE with rotate_half's negation folded into a signed sin."""
-    from score.model.model import apply_rope, apply_rope_signed
+    engine's RoPE with rotate_half's negation folded into a signed sin."""
+    from score.model.engine.inference_model import apply_rope_signed
+    from score.model.model import apply_rope
 
     gen = torch.Generator().manual_seed(3)
     workspace = DecodeWorkspace()
@@ -224,6 +226,7 @@ def test_clear_cache_drops_reuse(model, prompts):
     assert engine.stats.prefilled_tokens == 2 * len(prompts[7]) + 1
 
 
+@pytest.mark.interpreter(twin="tests/test_decode_step.py::test_padded_buckets_through_the_triton_kernels")
 def test_triton_backend_matches_under_the_interpreter(model, prompts, greedy_reference):
     engine = Engine(model, block_size=16, num_blocks=64, max_model_len=128, attention_backend="triton")
     outs = engine.generate(prompts[2:4], SamplingParams(temperature=0, max_tokens=6))
@@ -305,3 +308,43 @@ def test_max_tokens_per_prompt(model, prompts):
     )
     with pytest.raises(ValueError, match="max_tokens must be 3 ints >= 1"):
         engine.generate(prompts[:3], params, max_tokens=[1, 0, 2])
+
+
+def test_an_engine_of_another_dtype_generates_from_its_own_refreshed_copy(model, prompts):
+    """bf16 rollouts of fp32 master weights: a bf16 copy of the weights and a bf16 KV pool, refreshed
+    in place from the model at every generate call, freed by sleep; the model itself is untouched."""
+    policy = tiny_decoder(seed=5, vocab_size=VOCAB, hidden_size=48, intermediate_size=96, max_position_embeddings=256)
+    engine = Engine(policy, dtype=torch.bfloat16, block_size=4, num_blocks=96, max_num_seqs=4)
+    weights = engine._inference
+    assert engine.kv_cache.dtype == torch.bfloat16 and engine.model is policy
+    own = [weights.embed, weights.norm, *(t for layer in weights.layers for t in (layer.o, layer.gate, layer.down))]
+    assert {t.dtype for t in own} == {torch.bfloat16} and weights.layers[0].qkv[0][0].dtype == torch.bfloat16
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+
+    def from_a_bf16_model():
+        cast = copy.deepcopy(policy).to(torch.bfloat16)
+        return Engine(cast, block_size=4, num_blocks=96, max_num_seqs=4).generate(prompts, params)
+
+    def same(a, b):
+        assert [[c.token_ids for c in o] for o in a] == [[c.token_ids for c in o] for o in b]
+        assert [[c.logprobs for c in o] for o in a] == [[c.logprobs for c in o] for o in b]
+
+    same(engine.generate(prompts, params), from_a_bf16_model())
+    addresses = weights.weight_addresses()
+    with torch.no_grad():  # what an optimizer step does between two rollouts
+        for p in policy.parameters():
+            p.mul_(1.5)
+    engine.clear_cache()
+    same(engine.generate(prompts, params), from_a_bf16_model())
+    assert engine._inference is weights and weights.weight_addresses() == addresses  # refreshed in place
+    engine.sleep()
+    assert engine._inference is None and engine.kv_cache is None
+    engine.wake()
+    same(engine.generate(prompts, params), from_a_bf16_model())
+
+
+def test_block_tables_are_as_wide_as_the_longest_sequence(model, prompts):
+    engine = Engine(model, block_size=4, num_blocks=96, max_model_len=40, max_num_seqs=4)
+    engine.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=4))
+    assert engine._decode.width == 10  # ceil(40 / 4), not max_position_embeddings / 4

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from score.model import Engine, from_pretrained, load_tokenizer
-from score.model.sampling import SamplingParams
+from score.model.engine.sampling import SamplingParams
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
@@ -156,8 +156,16 @@ def test_attempt_two_after_given_first_attempts(tmp_path, tiny):
 def test_scaling_votes_over_nested_samples(tiny):
     model, builder, problems, _ = tiny
     reward = FirstLetterParity()
+    engine, generated = engine_for(model), []
+    real_generate = engine.generate
+
+    def counting_generate(prompts, *args, **kwargs):
+        generated.append(len(prompts))
+        return real_generate(prompts, *args, **kwargs)
+
+    engine.generate = counting_generate
     result = inference_scaling(
-        engine_for(model),
+        engine,
         builder,
         problems,
         reward,
@@ -167,6 +175,8 @@ def test_scaling_votes_over_nested_samples(tiny):
         seed=3,
     )
     assert result["budgets"] == [1, 2, 4] and result["samples_per_problem"] == 4
+    # 4 first attempts per problem, but attempt 2 only for the 2 that budget 4's sequential vote uses
+    assert result["second_attempts_per_problem"] == 2 and generated == [len(problems), 2 * len(problems)]
     assert result["sequential"][0] is None and all(0.0 <= a <= 1.0 for a in result["parallel"])
     # Budget 1 is a single sample: its accuracy is the mean reward of each problem's first sample;
     # budget 2 sequential is each problem's first second attempt.
@@ -181,6 +191,11 @@ def test_scaling_votes_over_nested_samples(tiny):
         for g in (trajectories[i : i + 4] for i in range(0, len(trajectories), 4))
     ]
     assert result["parallel"][2] == pytest.approx(sum(expected4) / len(problems))
+    sequential4 = [
+        majority_vote([t.text2[:1] or None for t in g], [t.r2 for t in g])
+        for g in (trajectories[i : i + 2] for i in range(0, len(trajectories), 4))
+    ]
+    assert result["sequential"][2] == pytest.approx(sum(sequential4) / len(problems))
 
 
 def test_scaling_refuses_code_rewards(tiny):
@@ -286,3 +301,41 @@ def test_cli_attempts_first_attempts_and_scaling(tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "refine" / "eval.jsonl")]
     assert len(rows) == 4 and all("critique" in r for r in rows)
     assert json.load(open(tmp_path / "refine" / "eval_metrics.json"))["n"] == 4
+
+
+def test_cli_eval_logs_to_wandb_as_train_does(tmp_path, monkeypatch):
+    """run.wandb in `score eval` (WANDB_MODE=offline): the config with the command's arguments, the
+    figures as the summary, and the curve per attempt or per sample budget as the history."""
+    from tests.helpers.wandb_records import history_config_summary, offline_run_file
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(tmp_path)
+    cfg.run.wandb, cfg.run.wandb_project = True, "tests"
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(cfg))
+    data = write_problems(tmp_path / "eval.jsonl", 4, split="eval")
+    common = ["eval", "--model", str(tmp_path / "base"), "--data", str(data), "--config", str(config), "--quiet"]
+
+    assert main([*common, "--out", str(tmp_path / "a3"), "--attempts", "3"]) == 0
+    run_file = offline_run_file(tmp_path / "a3")
+    history, config_values, summary = history_config_summary(run_file)
+    metrics = json.load(open(tmp_path / "a3" / "eval_metrics.json"))
+    assert [int(h["_step"]) for h in history] == [1, 2, 3]
+    assert [json.loads(h["eval/acc"]) for h in history] == pytest.approx(metrics["acc_per_attempt"])
+    for key in ("acc_t1", "acc_t2", "acc_t3", "delta"):
+        assert json.loads(summary[f"eval/{key}"]) == pytest.approx(metrics[key])
+    assert json.loads(config_values["score_eval"])["attempts"] == 3
+    assert json.loads(config_values["optim"])["lr"] == cfg.optim.lr
+    assert (tmp_path / "a3" / "wandb_id").read_text().strip() in run_file.name
+
+    assert main([*common, "--out", str(tmp_path / "scale"), "--scaling", "1,2,4", "--seed", "1"]) == 0
+    run_file = offline_run_file(tmp_path / "scale")
+    history, config_values, summary = history_config_summary(run_file)
+    scaling = json.load(open(tmp_path / "scale" / "scaling.json"))
+    assert [int(h["_step"]) for h in history] == [1, 2, 4]
+    assert [json.loads(h["scaling/parallel"]) for h in history] == pytest.approx(scaling["parallel"])
+    assert "scaling/sequential" not in history[0]  # budget 1 has no sequential point
+    assert [json.loads(h["scaling/sequential"]) for h in history[1:]] == pytest.approx(scaling["sequential"][1:])
+    assert json.loads(summary["scaling/second_attempts_per_problem"]) == 2
+    assert json.loads(config_values["score_eval"])["scaling"] == "1,2,4"

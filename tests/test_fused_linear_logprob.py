@@ -11,9 +11,7 @@ import torch
 
 from score.kernels import fused_linear_logprob
 from score.kernels.fused_linear_logprob import IGNORE_INDEX
-from tests.helpers import triton_interpreter_patch
 
-triton_interpreter_patch.apply()
 # The package exports a function of the same name, so reach the module through importlib.
 flp = importlib.import_module("score.kernels.fused_linear_logprob")
 
@@ -30,18 +28,18 @@ def reference(hidden, weight, targets, temperature):
     return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
-def make_inputs(n, d, v, dtype, seed, ignore=()):
+def make_inputs(n, d, v, dtype, seed, ignore=(), weight_dtype=None):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=gen).to(dtype)
-    weight = (torch.randn(v, d, generator=gen) * 0.5).to(dtype)
+    weight = (torch.randn(v, d, generator=gen) * 0.5).to(weight_dtype or dtype)
     targets = torch.randint(0, v, (n,), generator=gen)
     for i in ignore:
         targets[i] = IGNORE_INDEX
     return hidden, weight, targets
 
 
-def check(n, d, v, dtype, impl, temperature, seed, ignore=()):
-    hidden, weight, targets = make_inputs(n, d, v, dtype, seed, ignore)
+def check(n, d, v, dtype, impl, temperature, seed, ignore=(), weight_dtype=None):
+    hidden, weight, targets = make_inputs(n, d, v, dtype, seed, ignore, weight_dtype)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     logp, entropy = fused_linear_logprob(h, w, targets, temperature=temperature, return_entropy=True, impl=impl)
@@ -52,7 +50,8 @@ def check(n, d, v, dtype, impl, temperature, seed, ignore=()):
     (logp * g_logp + entropy * g_ent).sum().backward()
 
     h64 = hidden.double().requires_grad_()
-    w64 = weight.double().requires_grad_()
+    # a weight of another dtype enters at the hidden states' precision (as autocast's linear rounds it)
+    w64 = weight.to(dtype).double().requires_grad_()
     ref_logp, ref_ent = reference(h64, w64, targets, temperature)
     (ref_logp * g_logp.double() + ref_ent * g_ent.double()).sum().backward()
 
@@ -60,8 +59,8 @@ def check(n, d, v, dtype, impl, temperature, seed, ignore=()):
     scale_lp = 1 + ref_logp.abs()
     assert ((logp.double() - ref_logp).abs() / scale_lp).max() < tol["val"] * 10
     assert (entropy.double() - ref_ent).abs().max() < tol["val"] * 10 * (1 + ref_ent.abs().max())
-    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
-        assert got.dtype == dtype and torch.isfinite(got).all()
+    for got, want, want_dtype in ((h.grad, h64.grad, dtype), (w.grad, w64.grad, weight.dtype)):
+        assert got.dtype == want_dtype and torch.isfinite(got).all()
         err = (got.double() - want).abs().max() / (want.abs().max() + 1e-12)
         assert err < tol["grad"], f"relative gradient error {err:.2e}"
     for i in ignore:
@@ -75,6 +74,13 @@ def check(n, d, v, dtype, impl, temperature, seed, ignore=()):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_odd_shapes_match_float64(impl, dtype):
     check(47, 31, 123, dtype, impl, temperature=1.0, seed=0, ignore=(5, 46))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_hidden_with_fp32_master_weight(impl):
+    """What autocast over fp32 master weights hands the LM head: bf16 rows, the fp32 weight; the
+    weight's gradient comes back in fp32."""
+    check(47, 31, 123, torch.bfloat16, impl, temperature=0.7, seed=4, ignore=(3,), weight_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -152,9 +158,10 @@ def test_empty_batch():
         (dict(targets=torch.zeros(4)), "targets must be int64"),
         (
             dict(hidden=torch.randn(4, 8, dtype=torch.float64), weight=torch.randn(10, 8, dtype=torch.float64)),
-            "hidden dtype",
+            r"\(hidden, weight\) dtypes torch.float64",
         ),
-        (dict(weight=torch.randn(10, 8, dtype=torch.bfloat16)), "weight dtype"),
+        # an fp32 weight may serve bf16 hidden states (master weights under autocast), not the reverse
+        (dict(weight=torch.randn(10, 8, dtype=torch.bfloat16)), r"torch.float32, torch.bfloat16 not supported"),
         (dict(weight=torch.randn(8, 10).t()), "contiguous"),
         (dict(temperature=0.0), "temperature"),
         (dict(impl="cuda"), "impl"),

@@ -7,9 +7,6 @@ import pytest
 import torch
 
 from bench.sweep_fused_logprob_tiles import CANDIDATES, run_candidate
-from tests.helpers.triton_interpreter_patch import apply as patch_interpreter_bf16_dot
-
-patch_interpreter_bf16_dot()
 
 
 @pytest.fixture(scope="module")

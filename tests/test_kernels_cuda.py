@@ -28,12 +28,16 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_logprob_forward_and_backward(dtype):
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    # bf16 hidden states with an fp32 weight: the LM head under autocast over fp32 master weights
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+)
+def test_fused_linear_logprob_forward_and_backward(dtype, weight_dtype):
     gen = torch.Generator(device=CUDA).manual_seed(0)
     n, d, v, temperature = 777, 512, 50_021, 0.7  # odd sizes: partial tiles on every edge
     hidden = torch.randn(n, d, generator=gen, device=CUDA).to(dtype).requires_grad_()
-    weight = (torch.randn(v, d, generator=gen, device=CUDA) * 0.1).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen, device=CUDA) * 0.1).to(weight_dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen, device=CUDA)
     logp, entropy = fused_linear_logprob(
         hidden, weight, targets, temperature=temperature, return_entropy=True, impl="triton"
@@ -42,7 +46,7 @@ def test_fused_linear_logprob_forward_and_backward(dtype):
     (logp * g_logp + entropy * g_ent).sum().backward()
 
     h64 = hidden.detach().double().requires_grad_()
-    w64 = weight.detach().double().requires_grad_()
+    w64 = weight.detach().to(dtype).double().requires_grad_()  # the weight at the hidden states' precision
     log_probs = (h64 @ w64.T / temperature).log_softmax(-1)
     ref_logp = log_probs.gather(1, targets[:, None]).squeeze(1)
     ref_ent = -(log_probs.exp() * log_probs).sum(-1)
@@ -50,6 +54,7 @@ def test_fused_linear_logprob_forward_and_backward(dtype):
     tol = TOL[dtype]
     assert rel_err(logp, ref_logp) <= tol and rel_err(entropy, ref_ent) <= tol
     assert rel_err(hidden.grad, h64.grad) <= tol and rel_err(weight.grad, w64.grad) <= tol
+    assert weight.grad.dtype == weight_dtype
 
 
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3", "k3+"])
@@ -271,3 +276,43 @@ def test_varlen_attention(dtype, head_dim):
     fn = lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), impl="triton")  # noqa: E731
     for got, want in grads_against_float64(fn, attention64, (q, k, v), gen):
         assert rel_err(got, want) <= (2e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_decoder_under_bf16_autocast_on_fp32_masters(architecture):
+    """The training forward of the default config on a GPU: fp32 master weights under bf16 autocast
+    through the compiled kernels, against the plain ops under the same autocast and against fp32."""
+    from score.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        architecture=architecture,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(CUDA)
+    ids = torch.randint(0, 1000, (3000,), device=CUDA)
+    cu = torch.tensor([0, 1000, 1900, 3000], dtype=torch.int32, device=CUDA)
+
+    def forward(kernels, autocast):
+        model.set_kernels(kernels)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, cu_seqlens=cu, max_seqlen=1100)
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    exact, exact_grads = forward("torch", False)
+    plain, plain_grads = forward("torch", True)
+    ours, our_grads = forward("triton", True)
+    assert ours.dtype == torch.bfloat16 and rel_err(ours, exact) <= 3e-2 and rel_err(ours, plain) <= 3e-2
+    for name, grad in exact_grads.items():
+        assert our_grads[name].dtype == torch.float32
+        assert rel_err(our_grads[name], grad) <= 2 * rel_err(plain_grads[name], grad) + 1e-2, name

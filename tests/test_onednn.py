@@ -1,5 +1,5 @@
-"""The engine's CPU GEMMs through oneDNN (model/onednn.py): each fused GEMM against float64 on odd
-shapes, the conditions under which the engine takes them, an engine-mode forward through them
+"""The engine's CPU GEMMs through oneDNN (model/engine/onednn.py): each fused GEMM against float64 on odd
+shapes, the conditions under which the engine takes them, the engine's forward through them
 against the plain ops for every family (biases, q/k-norm, o_proj bias), and a decode step that
 really dispatches them."""
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from score.model import Engine, SamplingParams, onednn
-from score.model.fused_qkv import FusedQKV
-from tests.helpers.model_fixtures import engine_mode_hidden, randomise_biases, tiny_decoder
+from score.model import Engine, SamplingParams
+from score.model.engine import onednn
+from tests.helpers.model_fixtures import engine_forward_hidden, randomise_biases, tiny_decoder
 from tests.helpers.op_count import top_level_ops
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
@@ -67,7 +67,7 @@ def test_an_engine_forward_through_onednn_equals_the_plain_ops(family, monkeypat
     hidden = {}
     for use_onednn in (False, True):
         monkeypatch.setattr(onednn, "AVAILABLE", use_onednn)
-        hidden[use_onednn] = engine_mode_hidden(model, FusedQKV.of(model))
+        hidden[use_onednn] = engine_forward_hidden(model)
     plain, through = hidden[False], hidden[True]
     torch.testing.assert_close(through, plain, rtol=1e-5, atol=1e-5)
     assert not torch.equal(through, plain)  # the GEMMs really changed: oneDNN sums in its own order

@@ -16,7 +16,7 @@ TOL = {
 
 
 def rope_tables(n, d, dtype, offset=0):
-    """HF's cos/sin [N, D] (`cat(freqs, freqs)`), rounded to `dtype` as `Transformer._rope` does."""
+    """HF's cos/sin [N, D] (`cat(freqs, freqs)`), rounded to `dtype` as `score.model.model.rope_tables` does."""
     inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
     freqs = (torch.arange(n).float() + offset)[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)

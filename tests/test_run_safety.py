@@ -288,6 +288,83 @@ def test_resume_refuses_another_base_model(tmp_path, capsys):
     assert "model/config.json" in error_line(capsys)
 
 
+def test_resume_refuses_other_weights_of_the_same_shape(tmp_path, capsys):
+    config, base = setup_run(tmp_path)
+    out = tmp_path / "run"
+    assert train(config, out, "--max-steps", "2") == 0
+    weights = load_file(str(base / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3  # same names, shapes, dtypes and byte size: another model
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert train(config, out, "--resume") == 2
+    assert "model/model.safetensors sha256" in error_line(capsys)
+
+
+def test_a_run_folder_without_run_json_resumes_only_when_told(tmp_path, capsys):
+    config, _ = setup_run(tmp_path)
+    out = tmp_path / "run"
+    assert train(config, out, "--max-steps", "2") == 0
+    (out / "run.json").unlink()
+    assert train(config, out, "--resume", "--set", "optim.lr=0.5") == 2
+    line = error_line(capsys)
+    assert "holds a run but no run.json" in line and "--allow-config-change" in line
+    assert train(config, out, "--resume", "--set", "optim.lr=0.5", "--allow-config-change") == 0
+    assert json.loads((out / "run.json").read_text())["config"]["optim.lr"] == 0.5
+
+
+def test_identical_model_and_data_at_another_path_are_the_same_run(tmp_path):
+    config, base = setup_run(tmp_path)
+    out = tmp_path / "run"
+    assert train(config, out, "--max-steps", "2") == 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(base, moved / "model")
+    shutil.copy(tmp_path / "train.jsonl", moved / "problems.jsonl")
+    paths = [
+        f"model.path={json.dumps(str(moved / 'model'))}",
+        f"data.train={json.dumps(str(moved / 'problems.jsonl'))}",
+    ]
+    assert train(config, out, "--resume", "--set", paths[0], "--set", paths[1]) == 0
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_digests_are_computed_once_and_reused_while_size_and_mtime_hold(tmp_path, monkeypatch):
+    import hashlib
+
+    from score.model.files import write_json
+    from score.rl.run_record import RUN_RECORD, run_record
+    from tests.helpers.tiny_run import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    hashed = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: (hashed.append(f.name), real(f, name))[1])
+    first = run_record(cfg, tmp_path)
+    assert len(hashed) == len(first["files"]) >= 5  # config.json, weights, tokenizer files, the data
+    write_json(tmp_path / RUN_RECORD, first)
+    hashed.clear()
+    assert run_record(cfg, tmp_path)["identity"] == first["identity"] and hashed == []
+    weights = tmp_path / "base" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert run_record(cfg, tmp_path)["identity"] == first["identity"] and hashed == [str(weights.resolve())]
+
+
+def test_a_resume_whose_every_checkpoint_is_unreadable_starts_again_from_step_zero(tmp_path, capsys):
+    config, _ = setup_run(tmp_path)
+    out = tmp_path / "run"
+    every = ["--set", "run.checkpoint_every=1", "--set", "run.keep_last=3"]
+    assert train(config, out, "--max-steps", "2", *every) == 0
+    broken = list_checkpoints(out, "plain")
+    for step in broken:
+        (step / "optimizer.safetensors").write_bytes(b"cut")
+    capsys.readouterr()
+    assert train(config, out, "--resume", *every) == 0
+    said = capsys.readouterr()
+    assert f"none of the {len(broken)} checkpoints under {out / 'checkpoints'} can be read" in said.out
+    assert "the run starts again from step 0" in said.out and "set aside as step_00000002.unreadable" in said.err
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(out, "plain")] == ["step_00000002", "step_00000003", "step_00000004"]
+
+
 # ---- 7. checks that come too late ----------------------------------------------------------
 
 

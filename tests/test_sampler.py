@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from score.model import Engine, SamplingParams
-from score.model.sampling import counter_uniforms, sample, sampler_state, sampler_states, truncate_logits
+from score.model.engine.sampling import counter_uniforms, sample, sampler_state, sampler_states, truncate_logits
 from tests.helpers.model_fixtures import tiny_decoder
 
 MASK = (1 << 64) - 1

@@ -12,8 +12,10 @@ from score.rl import sft
 from score.rl.cli import main
 from score.rl.data import Problem
 from score.rl.demo import to_toml
+from score.rl.precision import Precision
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import Trajectory
+from score.rl.trainer import RunFailed
 from tests.helpers.tiny_run import ParityReward, make_base, tiny_config, write_problems
 
 
@@ -119,6 +121,9 @@ def test_pair_sft_choice_of_the_right_partner_is_seeded(tiny):
 # ---- the loss ------------------------------------------------------------------------------
 
 
+FP32_CPU = Precision(torch.device("cpu"), torch.float32, torch.float32, "auto")
+
+
 def test_sft_loss_is_the_nll_of_attempt_two_tokens_against_float64(tiny):
     model, builder, _ = tiny
     traces = sft.star_traces(
@@ -131,7 +136,7 @@ def test_sft_loss_is_the_nll_of_attempt_two_tokens_against_float64(tiny):
     )
     count = sft.trained_tokens(traces)
     assert count == sum(len(t.attempt2_ids) for t in traces)
-    loss = sft.sft_loss(model, traces, float(count), torch.device("cpu"))
+    loss = sft.sft_loss(model, traces, float(count), FP32_CPU)
     ref_model = copy.deepcopy(model).double()
     nll = torch.zeros((), dtype=torch.float64)
     for t in traces:
@@ -164,9 +169,9 @@ def test_a_run_samples_each_round_from_the_last_model_and_trains_the_base_afresh
     sampled_from, trained_from = [], []
     build_round, train_round = sft.build_round, sft.train_round
 
-    def recording_build(cfg, model, *args):
+    def recording_build(cfg, model, *args, **kwargs):
         sampled_from.append({k: v.clone() for k, v in model.state_dict().items()})
-        return build_round(cfg, model, *args)
+        return build_round(cfg, model, *args, **kwargs)
 
     def recording_train(cfg, policy, *args):
         trained_from.append({k: v.clone() for k, v in policy.state_dict().items()})
@@ -204,17 +209,22 @@ def test_a_run_samples_each_round_from_the_last_model_and_trains_the_base_afresh
     assert load_tokenizer(final).vocab_size == load_tokenizer(cfg.model.path).vocab_size
 
 
-def test_a_round_without_traces_trains_nothing_and_says_so(tmp_path, capsys):
+def test_a_run_whose_every_round_keeps_no_trace_fails_without_a_final_model(tmp_path, capsys):
     cfg = sft_config(tmp_path, kind="star", iterations=2)  # the exact reward: an untrained model never scores
-    final = sft.run_sft(cfg, tmp_path / "run")
-    stats = json.loads((tmp_path / "run" / "sft_data.json").read_text())
+    with pytest.raises(RunFailed, match="no round of star kept a trace"):
+        sft.run_sft(cfg, tmp_path / "run")
+    assert capsys.readouterr().out.count("nothing trained") == 2
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "sft_data.json").exists()
+    # the demo's pipeline check goes on with the model as it was, and records the empty rounds
+    final = sft.run_sft(cfg, tmp_path / "demo_run", require_training=False)
+    stats = json.loads((tmp_path / "demo_run" / "sft_data.json").read_text())
     assert [(r["traces"], r["steps"]) for r in stats["rounds"]] == [(0, 0), (0, 0)]
-    assert "nothing trained" in capsys.readouterr().out
     base = from_pretrained(cfg.model.path).state_dict()
     assert all(torch.equal(v, base[k]) for k, v in from_pretrained(final).state_dict().items())
 
 
-def test_score_sft_cli_runs_a_config_and_evaluates(tmp_path, capsys):
+def test_score_sft_cli_runs_a_config_and_evaluates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sft, "make_reward", lambda cfg: ParityReward())  # an untrained model scores
     cfg = sft_config(tmp_path, kind="pair_sft")
     cfg.data.eval = str(write_problems(tmp_path / "eval.jsonl", 4, "eval"))
     config = tmp_path / "sft.toml"

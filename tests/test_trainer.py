@@ -190,6 +190,14 @@ def test_stage1_stage2_run_and_resume_is_bit_identical(tmp_path, closes):
     assert all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in log)
     assert any(not torch.equal(before[k], v) for k, v in full.policy.state_dict().items())
     assert (tmp_path / "full" / "final" / "model.safetensors").exists()
+    # the engine's block tables hold the run's longest sequence, not the model's every position
+    builder, r = full.builder, cfg.rollout
+    longest = max(len(builder.first_attempt_ids(p.question)) for p in full.problems)
+    assert full.engine.max_model_len == full.max_model_len
+    assert (
+        full.max_model_len == longest + r.max_tokens_attempt1 + len(builder.instruction_ids) + r.max_tokens_attempt2 + 1
+    )
+    assert full.max_model_len < full.policy.config.max_position_embeddings
 
     part = closes(trainer_with_parity(cfg, tmp_path / "resumed"))
     part.fit(max_steps=2)

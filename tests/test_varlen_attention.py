@@ -8,9 +8,6 @@ import pytest
 import torch
 
 from score.kernels.varlen_attention import aot_launches, varlen_attention
-from tests.helpers.triton_interpreter_patch import apply as patch_interpreter_bf16_dot
-
-patch_interpreter_bf16_dot()  # the interpreter's bf16 tl.dot is broken; the GPU compiler's is not
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 

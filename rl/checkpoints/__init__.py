@@ -2,9 +2,10 @@
 
 from .plain import load_checkpoint, save_checkpoint
 from .sharded import export_consolidated, full_state_dict, load_sharded, save_sharded
-from .store import checkpoint_dir, latest_checkpoint, list_checkpoints
+from .store import UnreadableCheckpoint, checkpoint_dir, latest_checkpoint, list_checkpoints, set_aside
 
 __all__ = [
+    "UnreadableCheckpoint",
     "checkpoint_dir",
     "export_consolidated",
     "full_state_dict",
@@ -14,4 +15,5 @@ __all__ = [
     "load_sharded",
     "save_checkpoint",
     "save_sharded",
+    "set_aside",
 ]

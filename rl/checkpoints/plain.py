@@ -29,12 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from score.model import Transformer, from_pretrained, save_pretrained
-from score.model.files import atomic_folder, read_json_object, remove_stale_temporaries
+from score.model.files import atomic_folder, read_json_object, remove_stale_temporaries, save_safetensors
 
-from .store import STATE_FILE, check_save_arguments, checkpoint_dir, checkpoints_root, latest_checkpoint, prune
+from .store import (
+    STATE_FILE,
+    UnreadableCheckpoint,
+    check_save_arguments,
+    checkpoint_dir,
+    checkpoints_root,
+    latest_checkpoint,
+    prune,
+)
 
 FORMAT_VERSION = 1
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -66,7 +74,7 @@ def save_checkpoint(
         record = {"format": FORMAT_VERSION, "step": step, "state": state, "rng": _rng_state()}
         if optimizer is not None:
             tensors, record["optimizer"] = _optimizer_to_files(model, optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+            save_safetensors(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(record, f)
     prune(run_dir, KIND, keep_last)
@@ -82,7 +90,10 @@ def load_checkpoint(
 ) -> dict:
     """Restore model weights, optimizer and RNG states from a checkpoint folder; returns the trainer state.
 
-    The returned dict is the `state` given to save_checkpoint, plus "step".
+    The returned dict is the `state` given to save_checkpoint, plus "step". Every file is read before
+    anything is changed: a checkpoint whose files cannot be read (corrupt, truncated, missing) raises
+    UnreadableCheckpoint and leaves `model`, `optimizer` and the RNGs as they were; one that is read but
+    does not fit them (other shapes, another optimizer) raises ValueError.
     """
     path = Path(path)
     state_file = path / STATE_FILE
@@ -91,23 +102,40 @@ def load_checkpoint(
         if checkpoints_root(path).is_dir():
             hint = f" (that is a run folder; its newest checkpoint is {latest_checkpoint(path, KIND)})"
         raise FileNotFoundError(f"{path} is not a checkpoint: no {STATE_FILE}{hint}")
-    record = read_json_object(state_file)
-    if record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{state_file}: checkpoint format {record.get('format')!r}, expected {FORMAT_VERSION}")
-
-    _load_weights(path / MODEL_DIR, model)
+    record, weights, tensors = _read(path, optimizer is not None)
+    _load_weights(path / MODEL_DIR, weights, model)
     if optimizer is not None:
-        if "optimizer" not in record:
-            raise ValueError(f"{path} was saved without optimizer state; pass optimizer=None to load weights only")
-        _optimizer_from_files(path, record["optimizer"], model, optimizer)
+        _optimizer_from_files(path, record["optimizer"], tensors, model, optimizer)
     if restore_rng:
         _set_rng_state(record["rng"])
     return {**record["state"], "step": record["step"]}
 
 
+def _read(path: Path, with_optimizer: bool) -> tuple[dict, dict, dict]:
+    """(trainer_state.json's record, the weights, the optimizer's tensors) of a checkpoint folder."""
+    try:
+        record = read_json_object(path / STATE_FILE)
+    except (OSError, ValueError) as e:
+        raise UnreadableCheckpoint(str(e)) from None
+    if record.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path / STATE_FILE}: checkpoint format {record.get('format')!r}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("step", "state", "rng") if k not in record]
+    if with_optimizer and "optimizer" not in record:
+        raise ValueError(f"{path} was saved without optimizer state; pass optimizer=None to load weights only")
+    if missing:
+        raise UnreadableCheckpoint(f"{path / STATE_FILE}: no {', '.join(missing)}")
+    try:
+        weights = from_pretrained(path / MODEL_DIR, device="cpu").state_dict()
+        tensors = load_file(str(path / OPTIMIZER_FILE)) if with_optimizer else {}
+    except FileNotFoundError as e:
+        raise UnreadableCheckpoint(f"{path}: missing {e.filename or e}") from None
+    except Exception as e:  # any reader's error: safetensors, JSON, a truncated file
+        raise UnreadableCheckpoint(f"{path}: {e}") from None
+    return record, weights, tensors
+
+
 # --- model -------------------------------------------------------------------------------------------
-def _load_weights(model_dir: Path, model: Transformer) -> None:
-    loaded = from_pretrained(model_dir, device="cpu").state_dict()
+def _load_weights(model_dir: Path, loaded: dict, model: Transformer) -> None:
     current = model.state_dict()
     if loaded.keys() != current.keys():
         differing = sorted(loaded.keys() ^ current.keys())
@@ -120,7 +148,8 @@ def _load_weights(model_dir: Path, model: Transformer) -> None:
                     f"{model_dir}: {name} is {source.dtype} {list(source.shape)} in the checkpoint, "
                     f"{tensor.dtype} {list(tensor.shape)} in the model"
                 )
-            tensor.copy_(source)
+        for name, tensor in current.items():
+            tensor.copy_(loaded[name])
 
 
 # --- optimizer ---------------------------------------------------------------------------------------
@@ -164,7 +193,7 @@ def _optimizer_to_files(model, optimizer) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _optimizer_from_files(path: Path, meta: dict, model, optimizer) -> None:
+def _optimizer_from_files(path: Path, meta: dict, tensors: dict, model, optimizer) -> None:
     if meta["class"] != type(optimizer).__name__:
         raise ValueError(f"{path}: optimizer state is for {meta['class']}, got a {type(optimizer).__name__}")
     names = _param_names(model, optimizer)
@@ -173,10 +202,6 @@ def _optimizer_from_files(path: Path, meta: dict, model, optimizer) -> None:
             f"{path}: the optimizer's parameters (by group, in order) differ from the checkpoint's; "
             f"first group sizes {[len(g) for g in names]} vs {[len(g) for g in meta['param_names']]}"
         )
-    file = path / OPTIMIZER_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: missing {OPTIMIZER_FILE}")
-    tensors = load_file(str(file))
     state: dict = {}
     for key, value in tensors.items():
         kind, index, name = key.split(".", 2)

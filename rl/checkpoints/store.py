@@ -6,6 +6,9 @@ torch.distributed.checkpoint files). The names are disjoint, so a lister, a resu
 format never sees the other. A checkpoint is complete when its `trainer_state.json` exists: both
 formats write that file last into a temporary folder that is renamed into place
 (score.model.files.commit_folder, which also replaces an existing step the same way for both).
+A checkpoint whose files cannot be read is set aside under a name no lister matches
+(`step_00000123.unreadable`), so pruning never keeps it in place of a good one and no later resume
+tries it again.
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ def prune(run_dir, kind: str, keep_last: int | None) -> None:
     if keep_last is not None:
         for old in list_checkpoints(run_dir, kind)[:-keep_last]:
             shutil.rmtree(old)
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read (corrupt, truncated, missing); nothing was loaded from it."""
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename an unreadable checkpoint out of the listers' sight; returns its new name."""
+    n, target = 1, checkpoint.with_name(f"{checkpoint.name}.unreadable")
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{checkpoint.name}.unreadable-{n}")
+    checkpoint.rename(target)
+    return target
 
 
 def check_save_arguments(step, keep_last) -> None:

@@ -1,41 +1,29 @@
-"""One node, many GPUs: process group, FSDP2 sharding, generation-time unsharding, batch split, reductions.
+"""Many GPUs, on one node or several: what makes the one trainer distributed when torchrun (or
+`score train --nproc G [--nnodes N ...]`, launch.py) starts it on every rank.
 
-Launched by `torchrun` (or `score train --nproc G`, see launch.py), every rank runs the same trainer
-on its share of the prompts. This module holds the pieces that make that trainer distributed:
+Why it is built this way:
+- A rank's GPU is its LOCAL rank's; its share of the data, and whether it writes logs and exports,
+  follow its GLOBAL rank. Every rank writes its shards into the run folder, so across nodes that
+  folder must be on a shared file system, which is checked before any model is built.
+- FSDP2 shards every decoder layer and then the root (embedding, final norm, head); each layer
+  prefetches its neighbour's all-gather. The sharded parameters are the fp32 master weights
+  (rl/precision.py); the mixed-precision policy gathers them in the compute dtype and reduces
+  gradients in fp32. The frozen reference is sharded alike and stored in the compute dtype.
+- Gradients are SUMMED across ranks, never averaged: each rank divides its loss by the GLOBAL
+  denominator, so the reduced gradient is exactly the one-process gradient of the same batch, and
+  G ranks compute the step one process would.
+- Rank 0 alone reads the checkpoint and broadcasts it into shards built on the meta device: start-up
+  never holds a whole model per GPU. A failure there is every rank's error.
+- A rollout all-gathers the whole model once (the engine's many small decode forwards would
+  otherwise gather every layer per token): one full copy of the weights in the compute dtype per GPU
+  while generating, freed when it ends.
+- Prompt groups are split into contiguous equal slices (never inside a group), so every rank runs
+  the same number of micro-batches and FSDP's collectives match one for one; statistics are reduced
+  in fp64, in rank order. Nothing is keyed on the rank: sampling seeds come from whole-batch
+  positions, so a run's samples do not depend on the world size.
 
-- `init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK from the torchrun environment and sets
-  up the process group: NCCL with one GPU per rank when CUDA is present, gloo on CPU.
-- `shard_policy(model, env)` applies PyTorch's FSDP2 (`fully_shard`) to every decoder layer and then
-  to the root (embedding, final norm, output head); each layer prefetches its neighbour's all-gather
-  (the next in forward, the previous in backward). On GPU the mixed-precision policy computes in
-  bf16 and reduces gradients in fp32; the sharded parameters themselves stay fp32 (AdamW's master
-  weights: an lr of 5e-6 is below bf16's resolution, so bf16 master weights would not move).
-  Gradients are SUMMED across ranks, never averaged: each rank's loss is divided by the GLOBAL
-  denominator (`all_reduce_sum` of the active-token count), so the reduced gradient is exactly the
-  1-rank gradient of the same global batch and a 2-rank run matches a 1-rank run.
-- `shard_reference(model, env)`: the frozen reference, sharded the same way, stored in the compute
-  dtype (bf16 on GPU: it is never updated), no gradients, optionally CPU-offloaded (GPU only).
-- `sharded_from_pretrained(path, env)`: policy and reference built on the meta device, sharded, and
-  filled from rank 0's single read of the checkpoint (broadcast), so start-up never needs a whole
-  model per GPU.
-- `unsharded(model)`: all-gathers every layer for the duration of a rollout (the engine runs many
-  small decode forwards; all-gathering each layer on each of them would cost 2 x params bytes of
-  traffic per token). Memory cost while inside: one full copy of the weights in the compute dtype
-  per GPU (2 bytes x params on GPU, e.g. 15.2 GB for a 7.6B model), on top of the sharded state.
-  Leaving the block frees it. Build the Engine inside this block the first time, so it sees the
-  compute dtype (it sizes its KV cache from `model.lm_head_weight.dtype`).
-- `shard_groups(num_groups, env)`: the contiguous slice of RLOO prompt groups this rank owns;
-  groups are never split and every rank gets the same number, so every rank runs the same number
-  of micro-batches (FSDP's collectives must match one for one).
-- `all_reduce_sum`, `all_reduce_max`, `gather_lists`: statistics across ranks, in fp64/rank order.
-- `clip_grad_norm(model, max_norm)`: global gradient norm over sharded (DTensor) gradients; the same
-  float on every rank, so a non-finite norm skips the step everywhere.
-
-Nothing is keyed on the rank: sampling seeds come from (step, global prompt index, sample) (pass
-`shard_groups(...)` positions to the rollout), so a run's samples do not depend on the world size.
-
-Not done: multi-node (one node of up to 8 GPUs is the target), tensor/sequence parallelism, and
-overlapping rollouts of one rank with training of another.
+Not done: tensor/sequence parallelism, hybrid sharding (replicate across nodes, shard within one),
+and overlapping rollouts of one rank with training of another.
 """
 
 from __future__ import annotations
@@ -43,9 +31,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import secrets
+import socket
 import sys
+import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -117,6 +109,42 @@ def barrier(env: DistEnv | None) -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if env is not None and env.world_size > 1:
         dist.barrier()
+
+
+def check_shared_folder(folder: Path, env: DistEnv | None, *, wait_s: float = 60.0) -> None:
+    """Every rank sees what rank 0 writes into `folder`, else a ValueError on every rank naming the
+    hosts that do not. Rank 0 writes a file of a fresh random name; the others look for it for up to
+    `wait_s` seconds (an NFS client may cache the folder's old listing for as long as a minute)."""
+    if env is None or env.world_size == 1:
+        return
+    box, error = [f".shared-check-{secrets.token_hex(8)}" if env.is_main else None], None
+    if env.is_main:
+        try:
+            (Path(folder) / box[0]).write_text(box[0], encoding="utf-8")
+        except OSError as e:
+            error = f"{folder}: cannot write there ({e.strerror or e})"
+    raise_on_all_ranks(error)
+    dist.broadcast_object_list(box, src=0)
+    name = box[0]
+    probe = Path(folder) / name
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            seen = probe.read_text(encoding="utf-8") == name
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    blind = gather_lists([] if seen else [f"rank {env.rank} on {socket.gethostname()}"], env)
+    if env.is_main:
+        probe.unlink()
+    if blind:
+        raise ValueError(
+            f"{folder} is not on a file system that every rank shares: {', '.join(blind)} cannot see a file rank 0 "
+            "wrote there (every rank writes its shards of each checkpoint into the run folder; give --out a folder "
+            "on a shared file system)"
+        )
 
 
 def shutdown() -> None:

@@ -8,7 +8,7 @@ What is counted (P = parameters, W = GPUs, b = bytes of the compute dtype: 2 for
   engine's KV pool: 2 (K and V) x layers x kv_heads x head_dim x b per token, for `rollout_seqs`
   sequences of `max_model_len` tokens (an upper bound: prefix sharing between the k samples of a
   prompt only lowers it); in one process (not under FSDP2) also the engine's stacked copy of the
-  q/k/v weights, b per q/k/v parameter (model/fused_qkv.py). When a share of attempt-1 samples
+  q/k/v weights, b per q/k/v parameter (model/engine/inference_model.py). When a share of attempt-1 samples
   comes from the base model, the reference is gathered too and its engine has a pool and a copy of
   its own. The trainer puts the engines to sleep before the backward pass (`Engine.sleep` frees
   the pool and the copy), so none of this is held during training;
@@ -38,69 +38,12 @@ from dataclasses import dataclass
 import torch
 
 from score.model import ModelConfig
+from score.model.shapes import PUBLISHED
 
 GIB = 1024**3
 TILE_ELEMENTS = 1 << 24  # fused_linear_logprob's logits tile (kernels/fused_linear_logprob.py)
 
-# Published HF shapes of the models users train (config.json values).
-MODELS: dict[str, ModelConfig] = {
-    "Qwen2.5-0.5B": ModelConfig(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        architecture="Qwen2ForCausalLM",
-    ),
-    "Qwen2.5-1.5B": ModelConfig(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        architecture="Qwen2ForCausalLM",
-    ),
-    "Qwen2.5-3B": ModelConfig(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        architecture="Qwen2ForCausalLM",
-    ),
-    "Qwen2.5-7B": ModelConfig(
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        max_position_embeddings=32768,
-        architecture="Qwen2ForCausalLM",
-    ),
-    "Llama-3.1-8B": ModelConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        architecture="LlamaForCausalLM",
-    ),
-}
+MODELS = PUBLISHED  # the shapes the plan is printed for
 WORLD_SIZES = (1, 2, 4, 8)
 
 

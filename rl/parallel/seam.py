@@ -1,7 +1,8 @@
 """The one place a run differs between one process and one rank of an FSDP2 job.
 
 The trainer asks its `Parallel` for everything that depends on how the run is spread over
-processes: the policy and the frozen reference, the weights the engine generates from, autocast,
+processes: the policy and the frozen reference, the weights the engine generates from, autocast
+(the precision contract, ../precision.py, is the same for both),
 this rank's share of a step's prompt groups, sums, maxima and gathers of statistics, gradient
 clipping, checkpoints and the final export. `SingleProcess` does each the plain way; `FSDP2`
 shards, all-gathers and reduces (distributed.py). The trainer never asks which one it has.
@@ -10,7 +11,6 @@ shards, all-gathers and reduces (distributed.py). The trainer never asks which o
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,7 @@ import torch
 from score.model import from_pretrained, load_tokenizer, save_pretrained
 
 from ..checkpoints import (
+    UnreadableCheckpoint,
     export_consolidated,
     latest_checkpoint,
     list_checkpoints,
@@ -27,9 +28,11 @@ from ..checkpoints import (
     load_sharded,
     save_checkpoint,
     save_sharded,
+    set_aside,
 )
 from ..config import RunConfig
 from ..factories import make_engine, make_reward, pick_device, prompt_builder
+from ..precision import Precision
 from . import distributed as D
 
 
@@ -38,9 +41,11 @@ class Parallel(Protocol):
     is_main: bool
     rank: int
     world_size: int
+    precision: Precision  # set by build_models
 
     def build_models(self, cfg: RunConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(policy, frozen reference) from cfg.model.path, ready for the optimizer."""
+        """(policy with master weights, frozen reference in the compute dtype) from cfg.model.path, ready
+        for the optimizer."""
 
     def generation(self, *models: torch.nn.Module):
         """A context in which `models` hold whole weights an engine can decode from."""
@@ -68,14 +73,17 @@ class Parallel(Protocol):
 
     def barrier(self) -> None: ...
 
+    def check_shared(self, folder: Path) -> None:
+        """Every process sees the run folder `folder` (a ValueError everywhere if one does not)."""
+
     def save(self, run_dir: Path, step: int, policy, optimizer, state: dict, *, keep_last: int, tokenizer) -> Path:
         """A checkpoint of `step` (every process calls it)."""
 
     def resume(self, run_dir: Path, policy, optimizer) -> int:
         """Loads the newest checkpoint this kind of run can resume from; returns its step."""
 
-    def export(self, policy: torch.nn.Module, folder: Path) -> None:
-        """The whole policy as an HF folder (every process calls it)."""
+    def export(self, policy: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
+        """The whole policy as an HF folder of `dtype` weights (every process calls it)."""
 
     def evaluation(self, trainer, final: Path):
         """A context yielding (engine, prompt builder, reward) for the after-training evaluation of
@@ -99,17 +107,19 @@ class SingleProcess:
     is_main = True
     rank, world_size = 0, 1
 
-    def __init__(self, device: torch.device, *, autocast_bf16: bool = False):
+    def __init__(self, device: torch.device):
         self.device = device
-        self._bf16 = device.type == "cuda" and autocast_bf16
+        self.precision = None
 
     @classmethod
     def for_run(cls, cfg: RunConfig) -> SingleProcess:
-        return cls(pick_device(cfg.model.device), autocast_bf16=cfg.model.autocast_bf16)
+        return cls(pick_device(cfg.model.device))
 
     def build_models(self, cfg):
-        policy = from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype), device=self.device)
-        return policy, copy.deepcopy(policy).eval().requires_grad_(False)
+        self.precision = p = Precision.of(cfg, self.device)
+        policy = from_pretrained(cfg.model.path, dtype=p.master_dtype, device=self.device)
+        policy.set_kernels(p.kernels)
+        return policy, p.frozen_copy(policy)
 
     def generation(self, *models):
         return contextlib.nullcontext()
@@ -118,7 +128,7 @@ class SingleProcess:
         pass
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
+        return self.precision.autocast()
 
     def my_groups(self, num_groups):
         return D.shard_groups(num_groups, None)
@@ -141,29 +151,41 @@ class SingleProcess:
     def barrier(self):
         pass
 
+    def check_shared(self, folder):
+        pass
+
     def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
         return save_checkpoint(run_dir, step, policy, optimizer, state, keep_last=keep_last, tokenizer=tokenizer)
 
     def resume(self, run_dir, policy, optimizer):
         """A plain run resumes from either format (a sharded checkpoint loads into the plain model).
-        A checkpoint that cannot be read (corrupt, truncated) is reported and the next older one is
-        tried; a load that fails part-way is overwritten whole by the next."""
+        A checkpoint whose files cannot be read (corrupt, truncated) is reported, set aside, and the
+        next older one is tried; nothing is loaded from it. When none can be read, FileNotFoundError
+        says so, as when there is none."""
         plain = list_checkpoints(run_dir, "plain")[::-1]
         for i, path in enumerate(plain):
             try:
                 return int(load_checkpoint(path, policy, optimizer)["step"])
-            except Exception as e:  # any reader's error: safetensors, JSON, a missing file
+            except UnreadableCheckpoint as e:
                 older = f"falling back to {plain[i + 1].name}" if i + 1 < len(plain) else "no older one is left"
-                print(f"--resume: checkpoint {path} cannot be read ({e}); {older}", file=sys.stderr, flush=True)
-        if plain:
-            raise ValueError(f"--resume: none of the {len(plain)} checkpoints under {plain[0].parent} can be read")
+                aside = set_aside(path)
+                print(
+                    f"--resume: checkpoint {path} cannot be read ({e}); set aside as {aside.name}; {older}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         sharded = latest_checkpoint(run_dir, "sharded")
         if sharded is not None:
             return int(load_sharded(sharded, policy, optimizer)["step"])
+        if plain:
+            raise FileNotFoundError(
+                f"--resume: none of the {len(plain)} checkpoints under {plain[0].parent} can be read "
+                "(each is set aside as step_….unreadable)"
+            )
         raise _nothing_to_resume(run_dir)
 
-    def export(self, policy, folder):
-        save_pretrained(policy, folder)
+    def export(self, policy, folder, dtype):
+        save_pretrained(policy, folder, dtype)
 
     @contextlib.contextmanager
     def evaluation(self, trainer, final):
@@ -178,6 +200,7 @@ class FSDP2:
         self.env = env
         self.device = env.device
         self.is_main = env.is_main
+        self.precision = None
 
     @property
     def rank(self) -> int:
@@ -188,15 +211,22 @@ class FSDP2:
         return self.env.world_size
 
     def build_models(self, cfg):
-        # fp32 master weights (an lr of 5e-6 is below bf16's resolution); compute in model.dtype, or in
-        # bf16 on GPU when autocast_bf16 is on.
-        bf16 = cfg.model.dtype == "bfloat16" or (self.device.type == "cuda" and cfg.model.autocast_bf16)
-        return D.sharded_from_pretrained(
+        self.precision = p = Precision.of(cfg, self.device)
+        if p.master_dtype != torch.float32:
+            raise ValueError(
+                f"model.master_dtype = {cfg.model.master_dtype!r} runs in one process only: FSDP2 keeps fp32 "
+                "master weights (bf16 ones would drop most AdamW updates)"
+            )
+        # the mixed-precision policy gathers the weights in the compute dtype: half the bytes per all-gather
+        policy, reference = D.sharded_from_pretrained(
             cfg.model.path,
             self.env,
-            compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+            compute_dtype=p.compute_dtype,
             reference_cpu_offload=cfg.model.reference_cpu_offload,
         )
+        for model in (policy, reference):
+            model.set_kernels(p.kernels)
+        return policy, reference
 
     @contextlib.contextmanager
     def generation(self, *models):
@@ -209,7 +239,7 @@ class FSDP2:
         D.reshard(reference)  # its root stays gathered after a forward; free it until the next step
 
     def autocast(self):
-        return contextlib.nullcontext()  # FSDP's mixed-precision policy casts the weights
+        return self.precision.autocast()
 
     def my_groups(self, num_groups):
         return D.shard_groups(num_groups, self.env)
@@ -232,6 +262,9 @@ class FSDP2:
     def barrier(self):
         D.barrier(self.env)
 
+    def check_shared(self, folder):
+        D.check_shared_folder(folder, self.env)
+
     def save(self, run_dir, step, policy, optimizer, state, *, keep_last, tokenizer):
         return save_sharded(run_dir, step, policy, optimizer, state, keep_last=keep_last)
 
@@ -247,8 +280,8 @@ class FSDP2:
             )
         raise _nothing_to_resume(run_dir)
 
-    def export(self, policy, folder):
-        export_consolidated(policy, folder)  # a collective; rank 0 writes
+    def export(self, policy, folder, dtype):
+        export_consolidated(policy, folder, dtype=dtype)  # a collective; rank 0 writes
 
     @contextlib.contextmanager
     def evaluation(self, trainer, final):
@@ -261,9 +294,11 @@ class FSDP2:
             yield None
             return
         cfg = trainer.cfg
-        model = from_pretrained(final, dtype=getattr(torch, cfg.model.dtype), device=self.device)
+        model = from_pretrained(final, dtype=self.precision.compute_dtype, device=self.device)
+        model.set_kernels(self.precision.kernels)
         reward = make_reward(cfg)
         try:
-            yield make_engine(cfg, model), prompt_builder(cfg, load_tokenizer(final)), reward
+            engine = make_engine(cfg, model, max_model_len=trainer.max_model_len)
+            yield engine, prompt_builder(cfg, load_tokenizer(final)), reward
         finally:
             reward.close()

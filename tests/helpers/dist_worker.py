@@ -14,7 +14,10 @@ Modes (argv[1]):
           to STEPS steps again (the resumed run); write both final parameter sets
   fail    EXIT_RANK          every rank joins; EXIT_RANK exits with code 3, the others wait in a barrier
   train   CONFIG OUT [resume]  the SCoRe Trainer itself (what `score train --nproc G` runs), rewarded by
-          tiny_run.ParityReward so that the untrained test model gets a learning signal
+          tiny_run.ParityReward so that the untrained test model gets a learning signal; prints each
+          rank's global and local rank and its prompt groups
+  unshared OUT               each rank checks a run folder of its own (OUT/rank{r}) with
+          check_shared_folder and prints the error it must raise
 """
 
 from __future__ import annotations
@@ -211,13 +214,29 @@ def train(config: str, out: str, resume: bool) -> None:
     from score.rl.parallel.seam import FSDP2
     from tests.helpers.tiny_run import trainer_with_parity
 
-    trainer = trainer_with_parity(
-        load_config(config, []), out, resume=resume, parallel=FSDP2(D.init_distributed("cpu"))
-    )
+    cfg = load_config(config, [])
+    env = D.init_distributed("cpu")
+    groups = D.shard_groups(cfg.optim.prompts_per_step, env)
+    print(f"rank {env.rank} of {env.world_size}, local rank {env.local_rank}, groups {list(groups)}", flush=True)
+    trainer = trainer_with_parity(cfg, out, resume=resume, parallel=FSDP2(env))
     try:
         trainer.fit()
     finally:
         trainer.close()
+    D.shutdown()
+
+
+def unshared(out: str) -> None:
+    """Each rank looks at a folder of its own, as nodes whose --out is on their own local disks."""
+    env = D.init_distributed("cpu")
+    folder = os.path.join(out, f"rank{env.rank}")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        D.check_shared_folder(folder, env, wait_s=1.0)
+    except ValueError as e:
+        print(f"rank {env.rank}: {e}", flush=True)
+    else:
+        D.exit_rank(3)
     D.shutdown()
 
 
@@ -232,6 +251,8 @@ if __name__ == "__main__":
         fail(int(rest[0]))
     elif mode == "train":
         train(rest[0], rest[1], rest[2:] == ["resume"])
+    elif mode == "unshared":
+        unshared(rest[0])
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     D.exit_rank(0)  # as score's CLI ends a rank (see exit_rank)

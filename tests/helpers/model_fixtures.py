@@ -65,8 +65,8 @@ def hf_config(variant: str, **overrides):
     return config
 
 
-def make_hf_checkpoint(path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Save a random-weight transformers model of `variant` to `path`; returns the HF model (fp32, eval).
+def random_hf_model(variant: str, *, seed: int = 0, **overrides):
+    """A random-weight transformers model of `variant` (fp32, eval).
 
     Norm weights and biases are randomised too (HF initialises them to 1/0), so a parity test
     also checks that they are read and applied to the right tensors.
@@ -82,8 +82,22 @@ def make_hf_checkpoint(path, variant: str, *, seed: int = 0, max_shard_size: str
                 param.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 param.normal_(std=0.1)
+    return model
+
+
+def make_hf_checkpoint(
+    path, variant: str, *, seed: int = 0, max_shard_size: str | None = None, save_dtype=None, **overrides
+):
+    """Save `random_hf_model(variant, seed=seed, **overrides)` to `path` (in `save_dtype`, default
+    fp32); returns the HF model (fp32)."""
+    model = random_hf_model(variant, seed=seed, **overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    if save_dtype is None:
+        model.save_pretrained(path, **kwargs)
+    else:
+        import copy
+
+        copy.deepcopy(model).to(save_dtype).save_pretrained(path, **kwargs)
     return model
 
 
@@ -214,8 +228,8 @@ CHAT_STYLES = {
 }
 
 
-def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = None):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on CORPUS in milliseconds."""
+def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = None, corpus=CORPUS):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `corpus` in milliseconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -227,7 +241,7 @@ def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = No
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
     if add_bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{add_bos} $A",
@@ -237,13 +251,15 @@ def make_backend_tokenizer(specials, *, vocab_size=400, add_bos: str | None = No
     return tok
 
 
-def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool = False):
+def make_chat_tokenizer(path, style: str = "qwen", *, template_in_config: bool = False, corpus=CORPUS, vocab_size=400):
     """Write a HF tokenizer folder (tokenizer.json, tokenizer_config.json, chat template,
     generation_config.json) in the Qwen or Llama-3 style. The template goes to
     chat_template.jinja (transformers-5 layout) or, with template_in_config, into the config."""
     spec = CHAT_STYLES[style]
     bos = spec["config"]["bos_token"]
-    tok = make_backend_tokenizer(spec["specials"], add_bos=bos if spec["add_bos"] else None)
+    tok = make_backend_tokenizer(
+        spec["specials"], add_bos=bos if spec["add_bos"] else None, corpus=corpus, vocab_size=vocab_size
+    )
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     config = {
@@ -296,20 +312,47 @@ def randomise_biases(model):
     return model
 
 
-def engine_mode_hidden(model, fused_qkv=None):
-    """Final hidden states [16, D] of three packed sequences (5, 9 and 2 tokens) through the model's
-    engine mode, with SDPA over each sequence standing in for the engine's paged attention."""
-    from score.model.attention import causal_attention
+PACKED_LENGTHS = [5, 9, 2]
 
+
+def packed_prompts(model):
+    """Three random sequences of PACKED_LENGTHS tokens packed back to back: (ids [16], cu_seqlens)."""
     gen = torch.Generator().manual_seed(1)
-    lengths = [5, 9, 2]
-    ids = torch.randint(0, model.config.vocab_size, (sum(lengths),), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
-    scale = model.config.head_dim**-0.5
+    device = model.lm_head_weight.device
+    ids = torch.randint(0, model.config.vocab_size, (sum(PACKED_LENGTHS),), generator=gen).to(device)
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return ids, cu
 
-    def attn(layer_idx, q, k, v):
-        return causal_attention(q, k, v, scale=scale, cu_seqlens=cu, backend="sdpa", kernels="torch")
 
+def engine_forward_hidden(model, backend="torch"):
+    """Final hidden states [16, D] of `packed_prompts(model)` through the engine's own forward
+    (model/engine/inference_model.py): one prefill step into a fresh KV pool of 4-token blocks, through
+    the engine's attention context on `backend`."""
+    from score.model.engine.attention_context import AttentionContext
+    from score.model.engine.inference_model import InferenceModel
+    from score.model.engine.workspace import DecodeWorkspace
+
+    cfg, device = model.config, model.lm_head_weight.device
+    ids, cu = packed_prompts(model)
+    dtype = model.lm_head_weight.dtype
+    blocks = [-(-n // 4) for n in PACKED_LENGTHS]
+    pool = torch.zeros(2, cfg.num_hidden_layers, sum(blocks), 4, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype)
+    first = [sum(blocks[:s]) for s in range(len(blocks))]
+    tables = [[first[s] + b if b < blocks[s] else 0 for b in range(max(blocks))] for s in range(len(blocks))]
+    slots = [first[s] * 4 + p for s, n in enumerate(PACKED_LENGTHS) for p in range(n)]
+    positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS]).to(device)
+    ints = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
     with torch.inference_mode():
-        return model.hidden_states(ids, positions=positions, attn=attn, fused_qkv=fused_qkv)
+        ctx = AttentionContext(
+            pool.to(device),
+            backend=backend,
+            slot_mapping=ints(slots),
+            block_tables=ints(tables),
+            context_lens=ints(PACKED_LENGTHS),
+            cu_seqlens_q=cu,
+            max_q_len=max(PACKED_LENGTHS),
+            max_context_len=max(PACKED_LENGTHS),
+            copy_src=None,
+            copy_dst=None,
+        )
+        return InferenceModel(model, dtype, DecodeWorkspace()).hidden_states(ids, positions, ctx)

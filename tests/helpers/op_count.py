@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# torch's own ops and oneDNN's (the engine's CPU GEMMs: model/onednn.py)
+# torch's own ops and oneDNN's (the engine's CPU GEMMs: model/engine/onednn.py)
 OP_NAMESPACES = ("aten::", "mkldnn::")
 
 

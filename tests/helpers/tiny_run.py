@@ -55,7 +55,7 @@ def tiny_config(root: Path, **overrides):
     raw["run"].update(checkpoint_every=2, plots=False, progress=False)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
-        raw[section][key] = value
+        raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, source="test")
 
 
@@ -77,3 +77,12 @@ def trainer_with_parity(cfg, out, **kw):
     t.reward.close()
     t.reward = ParityReward()
     return t
+
+
+def write_run_config(root: Path, **overrides) -> Path:
+    """`tiny_config(root, **overrides)` as the TOML file root/run.toml (what `score train --config` reads)."""
+    from score.rl.demo import to_toml
+
+    path = root / "run.toml"
+    path.write_text(to_toml(tiny_config(root, **overrides)))
+    return path

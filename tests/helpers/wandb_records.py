@@ -47,3 +47,16 @@ def history_config_summary(path):
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): i.value_json for i in r.summary.update})
     return history, config, summary
+
+
+def offline_run_file(run_dir):
+    """The one offline run file under `run_dir/wandb/`, complete. wandb's service process writes it
+    after `finish()` returns; a command that exits stops the service (wandb's atexit hook), which
+    flushes it, and a test in the same process must stop it itself before reading."""
+    from pathlib import Path
+
+    import wandb
+
+    wandb.teardown()
+    (run_file,) = list(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb"))
+    return run_file

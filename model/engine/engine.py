@@ -12,15 +12,18 @@ change: cached K/V belong to the weights that computed them. `engine.stats` coun
 (computed) and reused prompt tokens.
 
 A step runs either a prefill batch (all admitted sequences' uncached tokens packed into one
-forward, eager) or a decode batch (one token per running sequence: model/decode_step.py, from
+forward, eager) or a decode batch (one token per running sequence: decode_step.py, from
 preallocated buffers, a CUDA graph per batch bucket on CUDA), then samples one token per sequence
 in one batched pass (one device->host transfer per step). With async scheduling (on CUDA by
 default) the host launches decode step N+1 before it reads step N's tokens: N+1 takes them as
 input on the device, and the host's stop checks, bookkeeping and the next step's inputs run while
 the device computes. A sequence that step N stops has then run one step too many; that token is
 dropped (`stats.discarded_tokens`). Prefill, preemption and admission wait for the tokens.
-The forward projects q, k and v with one stacked matrix per layer (model/fused_qkv.py), copied
-from the model at every generate call.
+The engine runs a forward of its own over inference weights of its own (inference_model.py: q|k|v
+stacked into one matrix per layer, grouped per KV head on the CPU, in the engine's dtype), refreshed
+in place from the model at every generate call and freed by `sleep()` with the KV pool. An engine
+of another `dtype` than the model's weights (bf16 rollouts of fp32 master weights) holds every
+weight in that dtype, and a KV pool of that dtype.
 Completions include the stop token that ended them (EOS or a `stop_token_ids` member;
 finish_reason "stop"); otherwise they end at max_tokens or max_model_len (finish_reason "length").
 
@@ -35,15 +38,14 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from score.kernels.dispatch import interpreting
 
-from . import onednn
+from ..model import Transformer
 from .attention_context import BACKENDS, AttentionContext, flash_varlen_with_block_table, layer_views
 from .block_manager import BlockManager
 from .decode_step import DecodeStep, LaunchedStep, captures_graphs, check_batch_sizes, graph_batch_sizes
-from .fused_qkv import FusedQKV
+from .inference_model import InferenceModel, fsdp2_sharded
 from .sampling import SamplingParams, sample, sample_seed, sampler_state
 from .scheduler import ScheduledStep, Scheduler
 from .sequence import Sequence, SequenceStatus
@@ -79,17 +81,13 @@ class EngineStats:
         for name in self.__dataclass_fields__:
             setattr(self, name, 0)
 
-    def as_dict(self) -> dict:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        out["hit_rate"] = self.hit_rate
-        return out
-
 
 class Engine:
     def __init__(
         self,
-        model,
+        model: Transformer,
         *,
+        dtype: torch.dtype | None = None,
         block_size: int = 16,
         num_blocks: int | None = None,
         max_model_len: int | None = None,
@@ -101,17 +99,27 @@ class Engine:
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
     ):
-        """`num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
+        """`dtype`: what the engine computes in and caches K/V in (None: the model's weights' dtype);
+        another dtype than the weights' makes the engine's inference weights copies in that dtype.
+        `num_blocks=None` sizes the pool to `max_num_seqs` full-length sequences, capped at
         `kv_cache_memory_fraction` of the free device memory (host RAM on CPU).
 
         Decode steps run from preallocated buffers, padded up to one of `decode_batch_sizes`
-        (model/decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
+        (decode_step.py); on CUDA each size is a CUDA graph, captured at first use, unless
         `enforce_eager`. Default sizes: 1, 2, 4, 8, then every 16 up to `max_num_seqs` where graphs
         run; elsewhere no padding. `async_scheduling` (default: on CUDA, where the device runs
         behind the host) launches each decode step before reading the previous one's tokens."""
+        if not isinstance(model, Transformer):
+            raise ValueError(f"Engine needs a score.model.Transformer, got {type(model).__name__}")
         cfg = model.config
         weight = model.lm_head_weight
-        self.model, self.device, self.dtype = model, weight.device, weight.dtype
+        self.config, self.model, self.device = cfg, model, weight.device
+        self.dtype = weight.dtype if dtype is None else dtype
+        if self.dtype != weight.dtype and fsdp2_sharded(model):
+            raise ValueError(
+                f"an FSDP2 model's gathered weights are its compute dtype ({weight.dtype}); an engine over it "
+                f"generates in that dtype, not {self.dtype}"
+            )
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -126,9 +134,10 @@ class Engine:
         self.max_model_len = max_model_len
         self.block_size = block_size
         num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-        block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * weight.element_size()
+        block_bytes = 2 * num_layers * block_size * kv_heads * head_dim * self.dtype.itemsize
         blocks_per_seq = -(-max_model_len // block_size)
-        self._fused_qkv = FusedQKV.of(model)  # before the pool is sized from the free memory
+        self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
+        self._inference = InferenceModel(model, self.dtype, self._workspace)  # before the pool is sized
         needed = blocks_per_seq + 1  # + one spare: a copy-on-write source stays pinned for a step
         if num_blocks is None:
             budget = int(_free_memory(self.device) * kv_cache_memory_fraction) // block_bytes
@@ -147,7 +156,7 @@ class Engine:
                 f"({max_model_len}): a prompt is prefilled in one step"
             )
         self.backend = self._pick_backend(attention_backend)
-        self._use_graphs = not enforce_eager and captures_graphs(model, self.device)
+        self._use_graphs = not enforce_eager and captures_graphs(self.model, self.device)
         if async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, True or False, got {async_scheduling!r}")
         self._async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
@@ -166,10 +175,9 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.stats = EngineStats()
-        self._lm_head_t = None  # CPU without oneDNN: the LM head weight transposed, during generate
-        self._workspace = DecodeWorkspace()  # CPU buffers kept across steps (and, for attention, calls)
         self._last_decode: list | None = None  # the sequences of the previous step when it decoded
         self._decode: DecodeStep | None = None  # built at the first decode step after (re)allocation
+        self._captures_before = 0  # CUDA graphs captured by the decode steps of earlier wakes
         self._in_flight: LaunchedStep | None = None  # a decode step launched, its tokens not read yet
 
     @property
@@ -194,27 +202,33 @@ class Engine:
             self._zeroed_blocks = upto
 
     @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured since construction: every bucket a run needs, once per wake."""
+        return self._captures_before + (0 if self._decode is None else self._decode.num_captures)
+
+    @property
     def sleeping(self) -> bool:
         return self.kv_cache is None
 
     def sleep(self) -> None:
-        """Free the KV pool and the stacked q|k|v weights (e.g. while the trainer runs its backward
-        pass); cached prefixes are forgotten. `wake()` allocates them again; `generate` while asleep
-        is an error."""
+        """Free the KV pool and the engine's inference weights (e.g. while the trainer runs its
+        backward pass); cached prefixes are forgotten. `wake()` allocates them again; `generate`
+        while asleep is an error."""
         if self.sleeping:
             return
         self.block_manager.clear_cache()
         self.block_manager.high_water = 0
-        self.kv_cache, self._layer_caches, self._fused_qkv = None, [], None
+        self.kv_cache, self._layer_caches, self._inference = None, [], None
         self._workspace = DecodeWorkspace()
+        self._captures_before = self.graph_captures
         self._decode = None  # its buffers and graphs, which point into the freed pool
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        """Allocate the KV pool again after `sleep()` (empty: no prefix is cached)."""
+        """Allocate the KV pool (empty: no prefix is cached) and the inference weights again after `sleep()`."""
         if self.sleeping:
-            self._fused_qkv = FusedQKV.of(self.model)
+            self._inference = InferenceModel(self.model, self.dtype, self._workspace)
             self._allocate_pool()
 
     def _pick_backend(self, backend: str) -> str:
@@ -283,10 +297,10 @@ class Engine:
                 budget = min(max_tokens[i], self.max_model_len - len(prompt))
                 seqs.append(Sequence(prompt, prompt_index=i, sample_index=j, max_tokens=budget, seed=seed))
         self._last_decode = None
-        if self._fused_qkv is not None:  # the trainer updates the weights between calls
-            self._fused_qkv.refresh()
-        if self._decode is not None and self._use_graphs:
-            self._decode.forget_graphs_if_weights_moved()
+        self._inference.refresh()  # the trainer updates the weights between calls
+        if self._use_graphs:
+            self._decode_step().forget_graphs_if_weights_moved()
+            self._decode_step().capture_graphs(params, min(len(seqs), self.scheduler.max_num_seqs))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         bar = None
         if use_tqdm and sys.stderr.isatty():  # a bar redrawn into a log file is thousands of lines
@@ -314,7 +328,7 @@ class Engine:
         finally:
             if flush:
                 torch.set_flush_denormal(False)
-            self._lm_head_t = None  # V x D floats: not kept between calls
+            self._inference.drop_call_buffers()  # V x D floats: not kept between calls
             self._workspace.drop_vocab_buffers()  # S x V buffers, likewise
             if bar is not None:
                 bar.close()
@@ -326,7 +340,7 @@ class Engine:
     def _check_prompts(self, prompts) -> list[list[int]]:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token id lists")
-        vocab = self.model.config.vocab_size
+        vocab = self.config.vocab_size
         checked = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, torch.Tensor):
@@ -462,20 +476,20 @@ class Engine:
             layer_caches=self._layer_caches,
         )
         ids, pos = self._ints(input_ids, torch.long), self._ints(positions, torch.long)
-        hidden = self.model.hidden_states(ids, positions=pos, attn=ctx, fused_qkv=self._fused_qkv)
+        hidden = self._inference.hidden_states(ids, pos, ctx)
         if max(q_lens) > 1:
             hidden = hidden[self._ints(cu[1:], torch.long) - 1]
         states = None
         if not params.greedy:  # the sampler's keys: each sequence's seed and its next token's number
             states = self._ints([sampler_state(seq.seed, seq.num_output_tokens) for seq in step.seqs], torch.long)
         workspace = self._workspace if self.device.type == "cpu" else None
-        tokens, logprobs = sample(self._logits(hidden), params, states, workspace)
+        tokens, logprobs = sample(self._inference.logits(hidden), params, states, workspace)
         return self._workspace.to_lists(tokens, logprobs, len(step.seqs))
 
     def _decode_step(self) -> DecodeStep:
         if self._decode is None:
             self._decode = DecodeStep(
-                self.model,
+                self._inference,
                 kv_cache=self.kv_cache,
                 layer_caches=self._layer_caches,
                 backend=self.backend,
@@ -485,29 +499,8 @@ class Engine:
                 batch_sizes=self._decode_batch_sizes,
                 use_graphs=self._use_graphs,
                 workspace=self._workspace,
-                logits=self._logits,
-                fused_qkv=self._fused_qkv,
             )
         return self._decode
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [S, V] of final hidden states [S, D]."""
-        if self.device.type != "cpu":
-            return F.linear(hidden, self.model.lm_head_weight).float()
-        if onednn.usable(hidden):
-            return onednn.linear(hidden, self.model.lm_head_weight)
-        # CPU BLAS multiplies [M, D] x [D, V] faster than against the [V, D] weight for
-        # decode-sized M, so the LM head gets a transposed copy, taken once per generate call
-        # (the trainer updates weights between calls) and after the model's forward (under
-        # FSDP2 the root's weights are plain tensors only then). The logits and the sampler's
-        # [S, V] intermediates go into buffers kept across steps: fresh multi-MB tensors cost
-        # page faults on every step (same kernels, same numbers).
-        if self._lm_head_t is None:
-            self._lm_head_t = self.model.lm_head_weight.t().contiguous()
-        shape = (hidden.shape[0], self._lm_head_t.shape[1])
-        out = self._workspace.vocab_buffer("logits", shape, self.dtype, self.device)
-        logits = torch.mm(hidden, self._lm_head_t, out=out)
-        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _ints(self, values, dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)

@@ -1,16 +1,16 @@
-"""The per-step attention context the engine hands to the model as `attn=`.
+"""The per-step attention context the engine's forward (inference_model.py) hands every layer.
 
-`model.hidden_states(input_ids [N], positions=[N], attn=ctx)` calls `ctx(layer_idx, q, k, v)` in
-every layer with the new tokens' q [N, Hq, D] and k/v [N, Hkv, D] (after q/k-norm). The context
-(1) stores k/v into the layer's cache blocks through `slot_mapping`, (2) runs this step's
-copy-on-write row copies — after the store, because a copy source may be a block filled in this
-very step by another sequence of the batch — and (3) returns paged attention of q over each
-sequence's blocks. All step metadata (block tables, lengths, gather plan) is built once per
-step, not per layer. On the kernel backends the context `applies_rope`: the model hands over q
-and k before RoPE with rope=(cos, sin), and one launch rotates q and k and stores k and v
+Each layer calls `ctx(layer_idx, q, k, v)` with the new tokens' q [N, Hq, D] and k/v [N, Hkv, D]
+(after q/k-norm), or `ctx.attend_kv(layer_idx, q, kv)` with them grouped per KV head (the plain-ops
+path). The context (1) stores k/v into the layer's cache blocks through `slot_mapping`, (2) runs
+this step's copy-on-write row copies — after the store, because a copy source may be a block
+filled in this very step by another sequence of the batch — and (3) returns paged attention of q
+over each sequence's blocks. All step metadata (block tables, lengths, gather plan) is built once
+per step, not per layer. On the kernel backends the context `applies_rope`: the forward hands over
+q and k before RoPE with rope=(cos, sin), and one launch rotates q and k and stores k and v
 (kernels/rope_kv_store.py); on the torch backend q and k arrive rotated.
 
-Backends: "triton" (our kernel, CUDA), "torch" (reference, CPU), "flash" (flash-attn's
+Backends: "triton" (our kernel, CUDA), "torch" (plain torch ops, CPU: torch_attention.py), "flash" (flash-attn's
 `flash_attn_varlen_func` with a block table; needs fp16/bf16 on CUDA and block_size % 256 == 0).
 """
 
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from score.kernels import paged_attention, plan_paged_attention, store_kv
+from score.kernels import paged_attention, store_kv
 from score.kernels.kv_store import check_store_kv
-from score.kernels.paged_attention import check_paged_attention, paged_attention_torch
+from score.kernels.paged_attention import check_paged_attention
 from score.kernels.rope_kv_store import rope_store_kv
 
+from .torch_attention import plan_paged_attention, planned_attention
 from .workspace import DecodeWorkspace
 
 BACKENDS = ("auto", "triton", "torch", "flash")
@@ -173,7 +174,7 @@ class AttentionContext:
         )
 
     def attend_kv(self, layer_idx: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """`self(layer_idx, q, k, v)` for the model's engine path on plain ops, which hands over q
+        """`self(layer_idx, q, k, v)` for the engine's forward on plain ops, which hands over q
         [N, Hkv, group, D] and k|v [N, Hkv, 2, D] as views of one tensor: on the torch path one
         index_put_ stores k and v into the cache, a decode step adds both to its kept keys at once
         and runs on the grouped q as it is. Returns [N, Hq, D], or [S, Hkv, group, D] after a
@@ -218,7 +219,7 @@ class AttentionContext:
         # a decode step's new k/v are exactly its last-position rows unless a copy could have
         # overwritten them (no copies: the attention reuses them instead of reading the cache back)
         new_kv = kv if self.copy_src is None and self._store_rows is not None else None
-        return paged_attention_torch(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv, layer=layer_idx)
+        return planned_attention(q, k_cache, v_cache, self.plan, self.scale, new_kv=new_kv, layer=layer_idx)
 
     def _copy_on_write(self, k_rows, v_rows) -> None:
         if self.copy_src is not None:

@@ -14,33 +14,33 @@ them; its sequences' last tokens are then the pending ones, one past `len(seq)`.
 staging buffers come in two sets used in turn, so that filling step N+1's inputs never overwrites
 step N's before their copy to the device has run, nor its sampled ids before they are read.
 
-On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) at first use and
-replayed: one launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's
-(1, 2, 4, 8, then every 16 up to `max_num_seqs`); the graphs share one memory pool. On the CPU it
-runs eagerly on the unpadded batch: without graphs padding buys nothing.
+On CUDA `_compute` is captured as a CUDA graph per (bucket, sampling settings) and replayed: one
+launch per step instead of hundreds, no Python inside. The buckets are nano-vllm's (1, 2, 4, 8,
+then every 16 up to `max_num_seqs`). The engine asks for every bucket a generate call can use before
+the call's first step (`capture_graphs`): they are captured together, largest first, into one shared
+memory pool (a smaller graph's activations fit in a larger one's freed blocks), from inputs that
+store nothing. The graphs live as long as the pool and the buffers they read: until `sleep()`,
+so an engine captures each bucket once per wake. On the CPU a step runs eagerly on the unpadded
+batch: without graphs padding buys nothing.
 
 Padding rows repeat row 0 with KV slot -1 (never stored): they compute finite numbers that are
 dropped. A graph bakes in what the host decided at capture: the addresses of the KV pool and of
 the weights (the graphs are dropped when either moves), the block-table width and the
 attention's context bound (the longest sequence the engine admits), the sampling settings.
-Models under FSDP2 are never captured: their forward gathers weights with collectives.
+Models under FSDP2 are never captured: their gathered weights move from one rollout to the next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .attention_context import AttentionContext
+from .inference_model import InferenceModel, fsdp2_sharded
 from .sampling import SamplingParams, sample, sampler_state
 from .sequence import Sequence
 from .workspace import DecodeWorkspace
-
-if TYPE_CHECKING:
-    from .fused_qkv import FusedQKV
 
 _LONG_ROWS = ("input_ids", "positions", "sampler_states", "store_rows", "source_rows")
 
@@ -66,15 +66,6 @@ def check_batch_sizes(sizes, max_num_seqs: int) -> list[int]:
             f"them), the largest is {sizes[-1]}"
         )
     return sizes
-
-
-def fsdp2_sharded(model: torch.nn.Module) -> bool:
-    """Whether `model` holds an FSDP2 module (its weights are whole only inside its forward)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed: no FSDP2 either
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class _Staging:
@@ -116,7 +107,7 @@ def captures_graphs(model: torch.nn.Module, device: torch.device) -> bool:
 class DecodeStep:
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: InferenceModel,
         *,
         kv_cache: torch.Tensor,
         layer_caches: list,
@@ -127,18 +118,15 @@ class DecodeStep:
         batch_sizes: list[int] | None,
         use_graphs: bool,
         workspace: DecodeWorkspace,
-        logits: Callable[[torch.Tensor], torch.Tensor],
-        fused_qkv: FusedQKV | None = None,
     ):
-        """`logits(hidden [S, D]) -> fp32 [S, V]` is the engine's LM head (CPU: its transposed
-        copy into kept buffers). `batch_sizes`: the buckets, the largest >= max_num_seqs (None: no
-        padding; graphs need buckets). `fused_qkv`: the engine's stacked q|k|v weights, if any."""
+        """`model`: the engine's forward over its inference weights. `batch_sizes`: the buckets, the
+        largest >= max_num_seqs (None: no padding; graphs need buckets)."""
         if use_graphs and batch_sizes is None:
             raise ValueError("CUDA graphs of the decode step need batch sizes to pad to")
         self.model, self.kv_cache, self.layer_caches = model, kv_cache, layer_caches
         self.backend, self.block_size, self.max_model_len = backend, block_size, max_model_len
         self.batch_sizes, self.use_graphs = batch_sizes, use_graphs
-        self.workspace, self.logits, self.fused_qkv = workspace, logits, fused_qkv
+        self.workspace = workspace
         device = kv_cache.device
         self.width = -(-max_model_len // block_size)  # block-table columns of the longest sequence
         rows = max_num_seqs if batch_sizes is None else batch_sizes[-1]
@@ -174,6 +162,33 @@ class DecodeStep:
             return num_seqs
         return next(b for b in self.batch_sizes if b >= num_seqs)
 
+    def capture_graphs(self, params: SamplingParams, num_seqs: int) -> None:
+        """CUDA graphs of every bucket a batch of up to `num_seqs` sequences can use with these
+        sampling settings, those not captured yet, largest first."""
+        if not self.use_graphs:
+            return
+        wanted = [b for b in self.batch_sizes if b <= self.bucket(num_seqs)]
+        for b in sorted(wanted, reverse=True):
+            key = self._graph_key(b, params)
+            if key not in self._graphs:
+                self._write_inert_inputs(b)
+                self._graphs[key] = self._capture(b, params)
+
+    def _write_inert_inputs(self, b: int) -> None:
+        """Inputs of a `b`-row step that store nothing (KV slot -1 on every row) and read one key of
+        block 0: what a graph is captured from before any real step has filled the buffers (the
+        graph keeps the buffers' addresses, not their values)."""
+        v = self._views(b)
+        for name in _LONG_ROWS:
+            v[name].zero_()
+        v["slots"].fill_(-1)
+        v["context_lens"].fill_(1)
+        v["block_tables"].zero_()
+
+    @staticmethod
+    def _graph_key(b: int, params: SamplingParams) -> tuple:
+        return (b, params.temperature, params.top_k, params.top_p)
+
     def forget_graphs_if_weights_moved(self) -> None:
         """Drop the graphs when a weight's storage has moved since they were captured (a graph
         reads the addresses it was captured with)."""
@@ -183,7 +198,7 @@ class DecodeStep:
             self._weights_key = key
 
     def _weight_addresses(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for p in self.model.parameters())
+        return self.model.weight_addresses()
 
     def launch(
         self, seqs: list[Sequence], params: SamplingParams, continues: bool, after: LaunchedStep | None = None
@@ -201,8 +216,8 @@ class DecodeStep:
             v = self._views(b)
             torch.index_select(after.tokens, 0, v["source_rows"], out=v["input_ids"])
         if self.use_graphs:
-            key = (b, params.temperature, params.top_k, params.top_p)
-            if key not in self._graphs:
+            key = self._graph_key(b, params)
+            if key not in self._graphs:  # a caller that did not `capture_graphs` first: from this step's inputs
                 self._graphs[key] = self._capture(b, params)
             graph, tokens, logprobs = self._graphs[key]
             graph.replay()
@@ -315,10 +330,10 @@ class DecodeStep:
             checked=b in self._checked_sizes,  # the same buffers, pool and model as that first step's
         )
         self._checked_sizes.add(b)
-        hidden = self.model.hidden_states(v["input_ids"], positions=v["positions"], attn=ctx, fused_qkv=self.fused_qkv)
+        hidden = self.model.hidden_states(v["input_ids"], v["positions"], ctx)
         states = None if params.greedy else v["sampler_states"]
         workspace = self.workspace if hidden.device.type == "cpu" else None
-        return sample(self.logits(hidden), params, states, workspace)
+        return sample(self.model.logits(hidden), params, states, workspace)
 
     def _capture(self, b: int, params: SamplingParams):
         """A CUDA graph of `_compute` at batch size `b`, after one eager run on a side stream (Triton

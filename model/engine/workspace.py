@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from score.kernels import PagedAttentionBuffers
+from .torch_attention import PagedAttentionBuffers
 
 
 class DecodeWorkspace:
