@@ -169,10 +169,18 @@ def plot_collapse(results: dict, out_dir: str | Path, *, labels: dict[str, str],
     curves = {name: m["curves"] for name, m in results["methods"].items() if "curves" in m}
     fig, axes = plt.subplots(len(COLLAPSE_PANELS), 1, figsize=(7, 2.5 * len(COLLAPSE_PANELS)), sharex=True)
     boundaries = {c["stage2_step"] for c in curves.values() if c.get("stage2_step")}
+    # one colour per method in every panel, whether or not the method has that series
+    colours = {name: f"C{i % 10}" for i, name in enumerate(curves)}
     for ax, (key, label) in zip(axes, COLLAPSE_PANELS, strict=True):
         for name, c in curves.items():
             if key in c:
-                ax.plot(range(1, len(c[key]) + 1), _smoothed(c[key], window), label=labels[name], linewidth=1.2)
+                ax.plot(
+                    range(1, len(c[key]) + 1),
+                    _smoothed(c[key], window),
+                    label=labels[name],
+                    color=colours[name],
+                    linewidth=1.2,
+                )
         for step in sorted(boundaries):
             ax.axvline(step - 0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_ylabel(label, fontsize=8)
@@ -180,7 +188,7 @@ def plot_collapse(results: dict, out_dir: str | Path, *, labels: dict[str, str],
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     axes[0].set_title(
-        f"Collapse diagnostics on the training problems (sampled; mean over seeds, {window}-step moving "
+        f"Collapse diagnostics on the training problems (sampled; mean over seeds,\n{window}-step moving "
         "average; dashed: Stage II starts)",
         fontsize=8,
     )

@@ -233,3 +233,29 @@ def test_demo_settings_are_checked_and_kept_apart(tmp_path):
     (out / "demo.json").write_text(json.dumps({"seed": 0, "quick": True, "setting": "guess"}))
     with pytest.raises(FileExistsError, match="holds the demo of"):
         run_demo(out, quick=True, progress=False, workers=1)
+
+
+def test_collapse_plot_gives_each_method_one_colour_in_every_panel(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from score.rl import plots
+
+    steps = [0.1, 0.2, 0.3]
+    curves = {
+        "score": {"reward_1": steps, "changed_frac": steps, "edit_ratio": steps, "stage2_step": 2},
+        "single_turn": {"reward_1": steps, "stage2_step": None},  # no attempt 2: one panel only
+        "no_shaping": {"reward_1": steps, "changed_frac": steps, "edit_ratio": steps, "stage2_step": 2},
+    }
+    figures = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(subplots(*a, **k)) or figures[-1])
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    results = {"methods": {name: {"curves": c} for name, c in curves.items()}}
+    assert plots.plot_collapse(results, tmp_path, labels=LABELS).is_file()
+    (_, axes) = figures[0]
+    colour = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            if line.get_label() in (LABELS[n] for n in curves):
+                assert colour.setdefault(line.get_label(), line.get_color()) == line.get_color()
+    assert len(set(colour.values())) == len(curves)
