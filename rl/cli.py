@@ -7,7 +7,8 @@
     score sft   --config FILE --out DIR [--set section.key=value ...] [--resume]   # STaR / Pair-SFT ([sft])
     score eval  --model PATH --data FILE --out DIR [--config FILE] [--set ...] [--max-problems N]
                 [--attempts N | --first-attempts FILE | --scaling 1,2,4,8,16 | --self-refine]
-    score demo  --out DIR [--ablations] [--baselines] [--quick] [--seed N] [--seeds K] [--workers W]
+    score demo  --out DIR [--setting recall|guess] [--ablations] [--baselines] [--quick] [--seed N] [--seeds K]
+                [--workers W]
     score data math --train SRC --test SRC --math500 SRC --out DIR   # the paper's MATH splits
     score convert gguf SRC --out DIR [--dtype float32|bfloat16|float16]
 
@@ -120,8 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--ablations",
         action="store_true",
-        help="also run the paper's ablations (single-turn RL, no Stage I, no reward shaping, STaR in "
-        "Stage II, no online turn-1 samples), each with every seed",
+        help="also run multi-turn RL and the paper's ablations (single-turn RL, no Stage I, no reward shaping, "
+        "STaR in Stage II, no online turn-1 samples), each with every seed",
+    )
+    demo.add_argument(
+        "--setting",
+        choices=("recall", "guess"),
+        default="recall",
+        help="recall (default): RL trains on 32 problems the base model half-remembers, so attempt 1 can be "
+        "learned there and multi-turn RL can collapse; guess: 4,000 training problems, attempt 1 a guess on each",
     )
     demo.add_argument(
         "--baselines",
@@ -392,6 +400,7 @@ def _demo(args) -> int:
         seeds=args.seeds,
         workers=args.workers,
         progress=not args.quiet,  # a bar on a terminal, a few lines in a log (rl/progress.py)
+        setting=args.setting,
     )
     return 0
 

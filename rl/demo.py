@@ -3,22 +3,28 @@
 1. A BPE tokenizer is trained on the demo task's texts (`tokenizers`), and a tiny Llama-style decoder
    (score.model.Transformer) is warmed up with supervised training on the procedural task of
    `demo_task.py` (the last digit of a sum of four digits): direct answers, worked answers, and
-   two-attempt traces whose second attempts are careless (module docstring there). That base model
-   is saved in HF format (`DIR/base`) and shared by every RL run.
-2. Headroom, measured before any RL: the base model's greedy accuracy with each answer path forced
-   (direct within attempt 1's budget, worked within attempt 2's), and its own two-attempt
-   self-correction (`DIR/eval/headroom.jsonl`, `DIR/eval/base_seed{S}.jsonl`).
+   two-attempt traces whose second attempts are careless, in the mixture of the chosen setting
+   (`demo_task.SETTINGS`: `recall`, where the base model half-remembers the RL training problems,
+   or `guess`). That base model is saved in HF format (`DIR/base`) and shared by every RL run.
+2. Headroom, measured before any RL on the held-out and on the training problems: the base model's
+   greedy accuracy with each answer path forced (direct within attempt 1's budget, worked within
+   attempt 2's), and its own two-attempt self-correction (`DIR/eval/headroom{,_train}.jsonl`,
+   `DIR/eval/base_seed{S}{,_train}.jsonl`).
 3. SCoRe (Stage I then Stage II) from the base model with several RL seeds, through
    `rl.trainer.Trainer` exactly as `score train` runs it (`DIR/runs/NAME_seed{i}/`: config.toml,
    metrics.jsonl, final/); each trained policy is evaluated greedily on the held-out problems
-   (`DIR/eval/NAME_seed{i}.jsonl`, one line per problem with `id`, `r1`, `r2`).
-4. `--ablations` adds the paper's Table 4 rows with the same budget: single-turn RL, no Stage I, no
-   reward shaping, STaR instead of REINFORCE in Stage II, no online turn-1 samples (METHODS).
-   `--baselines` adds the paper's Table 1-2 baselines: Self-Refine prompting the base model, and
-   STaR / Pair-SFT with and without correct-to-correct data (`score sft`, SFT_BASELINES) per seed.
-5. `DIR/results.json` holds the headroom and, per method, every seed's metrics, their mean and
-   standard error; the table is printed with ± s.e.; `DIR/plots/` holds a bar chart and the
-   training curves.
+   (`DIR/eval/NAME_seed{i}.jsonl`, one line per problem with `id`, `r1`, `r2`) and on the training
+   problems (`..._train.jsonl`).
+4. `--ablations` adds multi-turn RL (both attempts trained on their own rewards from the start: the
+   baseline that collapses in the paper) and the paper's Table 4 rows, with the same budget:
+   single-turn RL, no Stage I, no reward shaping, STaR instead of REINFORCE in Stage II, no online
+   turn-1 samples (METHODS). `--baselines` adds the paper's Table 1-2 baselines: Self-Refine prompting
+   the base model, and STaR / Pair-SFT with and without correct-to-correct data (`score sft`,
+   SFT_BASELINES) per seed.
+5. `DIR/results.json` holds the headroom and, per method, every seed's metrics on both problem sets,
+   their mean and standard error, and the per-step collapse diagnostics (demo_diagnostics.py); the
+   tables are printed with ± s.e.; `DIR/plots/` holds a bar chart, the training curves and the
+   collapse diagnostics.
 
 RL runs go to a pool of processes (one intra-op thread each). `--quick` shrinks everything to check
 the pipeline in seconds (not the result).
@@ -59,7 +65,8 @@ from score.model.files import TEMP_PREFIX, read_json_object, write_jsonl
 
 from . import demo_task
 from .config import RunConfig, config_from_dict
-from .evaluate import evaluate, evaluate_self_refine, write_json, write_records
+from .demo_diagnostics import evaluate_both, mean_curves, run_curves
+from .evaluate import evaluate_self_refine, write_json, write_records
 from .factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from .metrics import format_table, seed_summary
 from .preflight import check_out_dir
@@ -88,8 +95,8 @@ DEMO_RL = {
         "warmup_steps": 3,
         "schedule": "constant",
         "grad_clip": 1.0,
-        "prompts_per_step": 16,
-        "prompts_per_micro_batch": 16,
+        "prompts_per_step": 32,
+        "prompts_per_micro_batch": 32,
     },
     "run": {"checkpoint_every": 0, "keep_last": 1, "plots": False, "progress": False},
 }
@@ -97,6 +104,7 @@ DEMO_RL = {
 # (demo_config moves Stage I's steps into Stage II for the methods without Stage I).
 METHODS = {
     "score": ("SCoRe", {}),
+    "multi_turn_rl": ("multi-turn RL", {"stage1_steps": 0, "alpha": 0.0}),
     "single_turn": ("single-turn RL", {"single_turn": True, "stage1_steps": 0}),
     "no_stage1": ("w/o Stage I", {"stage1_steps": 0}),
     "no_shaping": ("w/o reward shaping", {"alpha": 0.0}),
@@ -121,7 +129,7 @@ LABELS = {
     **{name: label for name, (label, _) in SFT_BASELINES.items()},
     **{name: label for name, (label, _) in METHODS.items()},
 }
-RESULT_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "n")
+RESULT_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "edit_ratio", "n")
 
 
 @dataclass(frozen=True)
@@ -202,13 +210,25 @@ def encode_warmup(example: demo_task.WarmupExample, builder: PromptBuilder, eos:
         mask += [0] * (len(context) - len(ids))
         ids = context
         second = builder.tokenizer.encode(example.attempts[1]) + [eos]
+        start = len(builder.tokenizer.encode(example.untrained_start)) if example.untrained_start else 0
+        if second[:start] != builder.tokenizer.encode(example.untrained_start):
+            raise RuntimeError(f"{example.untrained_start!r} does not tokenize as the start of {example.attempts[1]!r}")
         ids += second
-        mask += [1] * len(second)
+        mask += [0] * start + [1] * (len(second) - start)
     return ids, mask
 
 
-def warm_up(model: Transformer, builder: PromptBuilder, sizes: DemoSizes, seed: int, progress: bool) -> float:
-    """Supervised warm-up on the demo task; returns the last loss. Packed sequences, no logits."""
+def warm_up(
+    model: Transformer,
+    builder: PromptBuilder,
+    sizes: DemoSizes,
+    seed: int,
+    progress: bool,
+    mix: demo_task.WarmupMix,
+    recall: tuple[tuple[int, ...], ...],
+) -> float:
+    """Supervised warm-up on the demo task (`mix`, with `recall` its recall problems); returns the last
+    loss. Packed sequences, no logits."""
     rng = random.Random(f"demo-warmup-{seed}")
     eos = builder.tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=sizes.warmup_lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -219,7 +239,7 @@ def warm_up(model: Transformer, builder: PromptBuilder, sizes: DemoSizes, seed: 
     for step in range(sizes.warmup_steps):
         ids, targets, mask, cu = [], [], [], [0]
         for _ in range(sizes.warmup_batch):
-            seq, m = encode_warmup(demo_task.warmup_example(rng), builder, eos)
+            seq, m = encode_warmup(demo_task.warmup_example(rng, mix, recall), builder, eos)
             ids += seq
             targets += seq[1:] + [eos]  # the last row predicts nothing (masked)
             mask += m[1:] + [0]
@@ -250,12 +270,21 @@ def write_problems(path: Path, problems) -> Path:
 
 
 def demo_config(
-    base_dir: Path, train_file: Path, eval_file: Path, seed: int, quick: bool, sft: dict | None = None, **score
+    base_dir: Path,
+    train_file: Path,
+    eval_file: Path,
+    seed: int,
+    quick: bool,
+    sft: dict | None = None,
+    prompts_per_step: int = DEMO_RL["optim"]["prompts_per_step"],
+    **score,
 ) -> RunConfig:
     """The config of one demo run; `score` changes the [score] section (a method of METHODS), `sft`
-    the [sft] section (a baseline of SFT_BASELINES). A method without Stage I (`stage1_steps=0`) gets
-    its steps in Stage II: every method has one budget."""
+    the [sft] section (a baseline of SFT_BASELINES), `prompts_per_step` the step's problems (the
+    setting's, in one micro-batch). A method without Stage I (`stage1_steps=0`) gets its steps in
+    Stage II: every method has one budget."""
     raw = json.loads(json.dumps(DEMO_RL))
+    raw["optim"].update(prompts_per_step=prompts_per_step, prompts_per_micro_batch=prompts_per_step)
     raw["model"]["path"] = str(base_dir)
     raw["data"].update(train=str(train_file), eval=str(eval_file))
     raw["run"]["seed"] = seed
@@ -337,23 +366,32 @@ def train_and_evaluate(job: dict) -> dict:
     run_dir = Path(job["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    problem_sets = (load_problems(cfg, cfg.data.eval), load_problems(cfg, cfg.data.train)[: job["train_n"]])
     if job["name"] in SFT_BASELINES:
-        metrics, records = _sft_and_evaluate(cfg, run_dir)
+        held_out, training = _sft_and_evaluate(cfg, run_dir, problem_sets)
     else:
         trainer = Trainer(cfg, run_dir)
         try:
             trainer.fit()
             with trainer.generation() as engine:
-                metrics, records = evaluate(
-                    engine, trainer.builder, load_problems(cfg, cfg.data.eval), trainer.reward, budgets=cfg.eval_budgets
+                held_out, training = evaluate_both(
+                    engine, trainer.builder, *problem_sets, trainer.reward, cfg.eval_budgets
                 )
         finally:
             trainer.close()
-    write_records(job["records"], records)
-    return {"seed": job["seed"], **{k: metrics[k] for k in RESULT_KEYS}, "wall_s": time.perf_counter() - started}
+    write_records(job["records"], held_out[1])
+    write_records(job["train_records"], training[1])
+    result = {"seed": job["seed"], **pick(held_out[0]), "train": pick(training[0])}
+    if job["name"] not in SFT_BASELINES:  # the SFT logs hold no rewards or attempts
+        result["curves"] = run_curves(run_dir)
+    return result | {"wall_s": time.perf_counter() - started}
 
 
-def _sft_and_evaluate(cfg: RunConfig, run_dir: Path) -> tuple[dict, list[dict]]:
+def pick(metrics: dict) -> dict:
+    return {k: metrics[k] for k in RESULT_KEYS}
+
+
+def _sft_and_evaluate(cfg: RunConfig, run_dir: Path, problem_sets) -> tuple[tuple, tuple]:
     """`score sft` without its own end-of-run evaluation, then the demo's evaluation of its model."""
     final = run_sft(
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="")),
@@ -364,13 +402,8 @@ def _sft_and_evaluate(cfg: RunConfig, run_dir: Path) -> tuple[dict, list[dict]]:
     model = from_pretrained(final, dtype=torch.float32)
     reward = make_reward(cfg)
     try:
-        return evaluate(
-            make_engine(cfg, model),
-            prompt_builder(cfg, load_tokenizer(final)),
-            load_problems(cfg, cfg.data.eval),
-            reward,
-            budgets=cfg.eval_budgets,
-        )
+        builder = prompt_builder(cfg, load_tokenizer(final))
+        return evaluate_both(make_engine(cfg, model), builder, *problem_sets, reward, cfg.eval_budgets)
     finally:
         reward.close()
 
@@ -416,8 +449,19 @@ def run_jobs(jobs: list[dict], workers: int, progress: bool) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
+    """A method's row: every seed's run, and the mean and standard error over seeds, on the held-out
+    problems and (`train`) on the training problems; `curves`: the per-step series averaged over seeds."""
     mean, stderr = seed_summary(runs)
-    return {"seeds": runs, "mean": {**mean, "n": runs[0]["n"]}, "stderr": stderr}
+    train_mean, train_stderr = seed_summary([r["train"] for r in runs])
+    row = {
+        "seeds": runs,
+        "mean": {**mean, "n": runs[0]["n"]},
+        "stderr": stderr,
+        "train": {"mean": {**train_mean, "n": runs[0]["train"]["n"]}, "stderr": train_stderr},
+    }
+    if all("curves" in r for r in runs):
+        row["curves"] = mean_curves([r["curves"] for r in runs])
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,20 +477,23 @@ def run_demo(
     seeds: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    setting: str = demo_task.DEFAULT_SETTING,
 ) -> dict:
-    """The whole demo; returns the results dict written to DIR/results.json.
+    """The whole demo in one of demo_task.SETTINGS; returns the results dict written to DIR/results.json.
 
     Everything runs on one intra-op thread per process, so a machine computes the same numbers
     whatever its core count or `workers`; other CPUs round differently (their BLAS kernels), so
     digits differ across machines while the claims (mean ± s.e. over seeds) hold with margin.
     """
+    if setting not in demo_task.SETTINGS:
+        raise ValueError(f"--setting must be one of {sorted(demo_task.SETTINGS)}, got {setting!r}")
     sizes = QUICK if quick else FULL
     seeds = sizes.seeds if seeds is None else seeds
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if not 0 <= seed <= 2**31 - 1 - seeds:
         raise ValueError(f"--seed must be in [0, 2**31 - {seeds}) so that the {seeds} RL seeds fit, got {seed}")
-    check_demo_folder(Path(out_dir), {"seed": seed, "quick": quick})  # before the lock file is made
+    check_demo_folder(Path(out_dir), {"seed": seed, "quick": quick, "setting": setting})  # before the lock file is made
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -461,6 +508,7 @@ def run_demo(
                 seeds=seeds,
                 workers=workers,
                 progress=progress,
+                setting=setting,
             )
     finally:
         torch.set_num_threads(threads)
@@ -477,70 +525,84 @@ def _run_demo(
     seeds: int,
     workers: int | None,
     progress: bool,
+    setting: str,
 ) -> dict:
-    out = claim_demo_folder(out, {"seed": seed, "quick": quick})
+    out = claim_demo_folder(out, {"seed": seed, "quick": quick, "setting": setting})
+    task = demo_task.SETTINGS[setting]
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     started = time.perf_counter()
     torch.manual_seed(seed)
 
     # The shared base model and the data.
     base_dir, train_file, eval_file = out / "base", out / "data" / "train.jsonl", out / "data" / "eval.jsonl"
-    cfg = demo_config(base_dir, train_file, eval_file, seed, quick)
+    cfg = demo_config(base_dir, train_file, eval_file, seed, quick, prompts_per_step=task.prompts_per_step)
     tokenizer = build_tokenizer(sizes.vocab, seed)
     builder = prompt_builder(cfg, tokenizer)
     model = build_model(tokenizer, sizes)
-    warmup_loss = warm_up(model, builder, sizes, seed, progress)
+    train = demo_task.problems(min(sizes.rl_train_problems, task.train_problems), "train", seed)
+    recall = tuple(tuple(p.meta["operands"]) for p in train) if task.mix.recall else ()
+    warmup_loss = warm_up(model, builder, sizes, seed, progress, task.mix, recall)
     save_pretrained(model, base_dir)
     tokenizer.save_pretrained(base_dir)
-    write_problems(train_file, demo_task.problems(sizes.rl_train_problems, "train", seed))
+    write_problems(train_file, train)
     write_problems(eval_file, demo_task.problems(sizes.eval_problems, "eval", seed))
     eval_set = load_problems(cfg, str(eval_file))
+    train_set = load_problems(cfg, str(train_file))[: sizes.eval_problems]
     warmup_s = time.perf_counter() - started
 
-    # Headroom and the base model's self-correction, before any RL.
+    # Headroom and the base model's self-correction, before any RL, on held-out and training problems.
     room, room_rows = headroom(model, builder, eval_set, cfg)
     write_records(out / "eval" / "headroom.jsonl", room_rows)
+    room_train, room_train_rows = headroom(model, builder, train_set, cfg)
+    write_records(out / "eval" / "headroom_train.jsonl", room_train_rows)
     reward = make_reward(cfg)
     try:
-        base_metrics, base_records = evaluate(
-            make_engine(cfg, model), builder, eval_set, reward, budgets=cfg.eval_budgets
+        (base_metrics, base_records), (base_train, base_train_records) = evaluate_both(
+            make_engine(cfg, model), builder, eval_set, train_set, reward, cfg.eval_budgets
         )
     finally:
         reward.close()
     write_records(out / "eval" / f"base_seed{seed}.jsonl", base_records)
-    methods = {"base": summarize([{"seed": seed, **{k: base_metrics[k] for k in RESULT_KEYS}}])}
+    write_records(out / "eval" / f"base_seed{seed}_train.jsonl", base_train_records)
+    methods = {"base": summarize([{"seed": seed, **pick(base_metrics), "train": pick(base_train)}])}
     if baselines:  # Self-Refine prompts the base model: greedy, so one row like the base model's
         reward = make_reward(cfg)
         try:
-            refine_metrics, refine_records = evaluate_self_refine(
-                make_engine(cfg, model),
-                builder,
-                self_refine_builders(cfg, builder),
-                eval_set,
-                reward,
-                budgets=cfg.eval_budgets,
-                critique_budget=cfg.self_refine.max_tokens_critique,
-            )
+            refined = [
+                evaluate_self_refine(
+                    make_engine(cfg, model),
+                    builder,
+                    self_refine_builders(cfg, builder),
+                    problems,
+                    reward,
+                    budgets=cfg.eval_budgets,
+                    critique_budget=cfg.self_refine.max_tokens_critique,
+                )
+                for problems in (eval_set, train_set)
+            ]
         finally:
             reward.close()
-        write_records(out / "eval" / f"self_refine_seed{seed}.jsonl", refine_records)
-        methods["self_refine"] = summarize([{"seed": seed, **{k: refine_metrics[k] for k in RESULT_KEYS}}])
-    print(
-        f"headroom of the base model (greedy, n={len(eval_set)}): direct {100 * room['direct']:.1f}%, "
-        f"worked {100 * room['worked']:.1f}%; two attempts: Acc@t1 {100 * base_metrics['acc_t1']:.1f}, "
-        f"Acc@t2 {100 * base_metrics['acc_t2']:.1f} (warm-up {warmup_s:.0f} s)",
-        flush=True,
-    )
+        write_records(out / "eval" / f"self_refine_seed{seed}.jsonl", refined[0][1])
+        write_records(out / "eval" / f"self_refine_seed{seed}_train.jsonl", refined[1][1])
+        methods["self_refine"] = summarize([{"seed": seed, **pick(refined[0][0]), "train": pick(refined[1][0])}])
+    for problems, paths, two in ((eval_set, room, base_metrics), (train_set, room_train, base_train)):
+        print(
+            f"headroom of the base model ({'held-out' if problems is eval_set else 'training'} problems, greedy, "
+            f"n={len(problems)}): direct {100 * paths['direct']:.1f}%, worked {100 * paths['worked']:.1f}%; "
+            f"two attempts: Acc@t1 {100 * two['acc_t1']:.1f}, Acc@t2 {100 * two['acc_t2']:.1f}",
+            flush=True,
+        )
+    print(f"warm-up {warmup_s:.0f} s", flush=True)
 
     # RL (and the SFT baselines): every method x seed from the same base model, with the same budget.
     names = ["score"] + (list(METHODS)[1:] if ablations else []) + (list(SFT_BASELINES) if baselines else [])
     jobs = []
     for name in names:
         for i in range(seeds):
-            if name in SFT_BASELINES:
-                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, sft=SFT_BASELINES[name][1])
-            else:
-                run_cfg = demo_config(base_dir, train_file, eval_file, seed + i, quick, **METHODS[name][1])
+            change = {"sft": SFT_BASELINES[name][1]} if name in SFT_BASELINES else METHODS[name][1]
+            run_cfg = demo_config(
+                base_dir, train_file, eval_file, seed + i, quick, prompts_per_step=task.prompts_per_step, **change
+            )
             jobs.append(
                 {
                     "name": name,
@@ -548,6 +610,8 @@ def _run_demo(
                     "config": run_cfg.to_dict(),
                     "run_dir": str(out / "runs" / f"{name}_seed{seed + i}"),
                     "records": str(out / "eval" / f"{name}_seed{seed + i}.jsonl"),
+                    "train_records": str(out / "eval" / f"{name}_seed{seed + i}_train.jsonl"),
+                    "train_n": len(train_set),
                 }
             )
     for job, result in zip(jobs, run_jobs(jobs, workers, progress), strict=True):
@@ -556,7 +620,9 @@ def _run_demo(
         methods[name] = summarize(methods[name])
 
     results = {
+        "setting": setting,
         "headroom": room,
+        "headroom_train": room_train,
         "methods": methods,
         "seed": seed,
         "seeds": seeds,
@@ -564,21 +630,23 @@ def _run_demo(
         "warmup_loss": warmup_loss,
         "wall_s": time.perf_counter() - started,
     }
-    from .plots import plot_demo
+    from .plots import plot_collapse, plot_demo
 
     rl_jobs = [job for job in jobs if job["name"] not in SFT_BASELINES]  # the SFT logs hold no rewards
-    results["plots"] = [str(p) for p in plot_demo(results, _run_dirs(rl_jobs), out / "plots", labels=LABELS)]
+    plots = plot_demo(results, _run_dirs(rl_jobs), out / "plots", labels=LABELS)
+    plots.append(plot_collapse(results, out / "plots", labels=LABELS))
+    results["plots"] = [str(p) for p in plots]
     write_json(out / "results.json", results)
-    rows = {LABELS[name]: m["mean"] for name, m in methods.items()}
-    stderr = {LABELS[name]: m["stderr"] for name, m in methods.items()}
-    print(
-        format_table(
-            rows,
-            stderr=stderr,
-            title=f"Demo ({demo_task.TASK}; greedy, n={len(eval_set)} held-out problems; RL mean ± s.e. "
-            f"over {seeds} seed{'s' if seeds > 1 else ''} from one base model)",
+    over = f"RL mean ± s.e. over {seeds} seed{'s' if seeds > 1 else ''} from one base model"
+    training = {name: m["train"] for name, m in methods.items()}
+    for which, rows, n in (("held-out", methods, len(eval_set)), ("training", training, len(train_set))):
+        print(
+            format_table(
+                {LABELS[name]: m["mean"] for name, m in rows.items()},
+                stderr={LABELS[name]: m["stderr"] for name, m in rows.items()},
+                title=f"Demo ({demo_task.TASK}, {task.about}; greedy, n={n} {which} problems; {over})",
+            )
         )
-    )
     print(f"wall time {results['wall_s']:.0f} s; results in {out / 'results.json'}")
     return results
 

@@ -170,7 +170,7 @@ def bootstrap_stderr(r1: Sequence[float], r2: Sequence[float], *, resamples: int
     return out
 
 
-SUMMARY_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac")
+SUMMARY_KEYS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed_frac", "edit_ratio")
 
 
 def seed_summary(runs: Sequence[Mapping]) -> tuple[dict, dict]:

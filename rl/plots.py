@@ -153,6 +153,52 @@ def plot_demo(
     return written
 
 
+COLLAPSE_PANELS = (
+    ("reward_1", "training accuracy, attempt 1"),
+    ("changed_frac", "attempt 2 changed the answer"),
+    ("edit_ratio", "edit-distance ratio y1 → y2"),
+)
+
+
+def plot_collapse(results: dict, out_dir: str | Path, *, labels: dict[str, str], window: int = 5) -> Path:
+    """`collapse.png`, the paper's collapse diagnostics over training: per RL method (its `curves` in
+    `results`, the mean over seeds), the sampled accuracy of attempt 1 on the training problems, the
+    fraction of attempt-2 answers that differ from attempt 1 and the edit-distance ratio between the
+    attempts, each smoothed over `window` steps; the Stage I/II boundary dashed."""
+    plt = _pyplot()
+    curves = {name: m["curves"] for name, m in results["methods"].items() if "curves" in m}
+    fig, axes = plt.subplots(len(COLLAPSE_PANELS), 1, figsize=(7, 2.5 * len(COLLAPSE_PANELS)), sharex=True)
+    boundaries = {c["stage2_step"] for c in curves.values() if c.get("stage2_step")}
+    # one colour per method in every panel, whether or not the method has that series
+    colours = {name: f"C{i % 10}" for i, name in enumerate(curves)}
+    for ax, (key, label) in zip(axes, COLLAPSE_PANELS, strict=True):
+        for name, c in curves.items():
+            if key in c:
+                ax.plot(
+                    range(1, len(c[key]) + 1),
+                    _smoothed(c[key], window),
+                    label=labels[name],
+                    color=colours[name],
+                    linewidth=1.2,
+                )
+        for step in sorted(boundaries):
+            ax.axvline(step - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].set_title(
+        f"Collapse diagnostics on the training problems (sampled; mean over seeds,\n{window}-step moving "
+        "average; dashed: Stage II starts)",
+        fontsize=8,
+    )
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    path = _save(fig, Path(out_dir), "collapse.png")
+    plt.close(fig)
+    return path
+
+
 def plot_scaling(scaling: dict, out_dir: str | Path) -> Path:
     """`scaling.png`: majority-vote accuracy against samples per problem, parallel vs sequential
     (`rl.scaling.inference_scaling`'s result)."""

@@ -385,6 +385,8 @@ class Trainer:
                 r2,
                 answers1=[answer_reader(self.reward)(t.text1) for t in trajectories],
                 answers2=[answer_reader(self.reward)(t.text2) for t in trajectories],
+                texts1=[t.text1 for t in trajectories],
+                texts2=[t.text2 for t in trajectories],
             )
             m.update(
                 {
@@ -394,6 +396,7 @@ class Trainer:
                     "delta_i2c": batch["delta_i2c"],
                     "delta_c2i": batch["delta_c2i"],
                     "changed_frac": batch["changed_frac"],
+                    "edit_ratio": batch["edit_ratio"],
                 }
             )
         for number in range(3, kl.shape[1] + 1):  # attempts after the second (score.attempts > 2)
@@ -414,6 +417,7 @@ class Trainer:
                 "delta_i2c",
                 "delta_c2i",
                 "changed_frac",
+                "edit_ratio",
             ):
                 m.pop(key, None)
             m["truncated_frac"] = sum(t.finish1 == "length" for t in trajectories) / len(trajectories)

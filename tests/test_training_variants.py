@@ -100,6 +100,26 @@ def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path, closes)
     assert "reward_2" not in m and "acc_t2" not in m and m["len_1"] > 0
 
 
+def test_multi_turn_rl_trains_each_attempt_on_its_own_reward(models, tmp_path, closes):
+    """The demo's multi_turn_rl row (METHODS): no Stage I, Stage II's returns with alpha = 0, so each
+    attempt's return is its own reward less its KL, with no bonus for changing the answer."""
+    from score.rl.demo import METHODS
+
+    cfg, policy, reference = models
+    multi = copy.deepcopy(cfg)
+    for key, value in METHODS["multi_turn_rl"][1].items():
+        setattr(multi.score, key, value)
+    multi.score.stage2_steps = 2
+    trajs = [traj(0, [8, 9], [11, 12], 0.0, 1.0), traj(0, [14], [15, 16, 17], 1.0, 0.0), traj(0, [18], [19], 1.0, 1.0)]
+    batch = pack(trajs, torch.device("cpu"))
+    out, _, _ = micro_batch_loss(policy, reference, batch, multi, 2, loss_denominator(trajs, "token_mean"))
+    kl = out.kl.double()
+    rewards = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(out.returns.double(), rewards - multi.score.beta1 * kl, atol=1e-6, rtol=1e-5)
+    trainer = closes(trainer_with_parity(multi, tmp_path / "multi"))
+    assert trainer.train_step()["stage"] == 2  # from the first step: no Stage I
+
+
 def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monkeypatch, closes):
     cfg = tiny_config(tmp_path, score__online_first_attempt=False, score__stage1_steps=1, score__stage2_steps=1)
     seen = []
