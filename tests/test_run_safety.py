@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from score.model.files import commit_folder, temp_folder
 from score.rl.checkpoints import latest_checkpoint, list_checkpoints
 from score.rl.cli import main
-from score.rl.demo import to_toml
+from score.rl.config import to_toml
 from tests.helpers.tiny_run import edit_json, make_base, tiny_config, write_problems
 
 

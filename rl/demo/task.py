@@ -37,8 +37,8 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from .data import Problem
-from .rewards.math_reward import extract_final_answer
+from ..data import Problem
+from ..rewards.math_reward import extract_final_answer
 
 OPERANDS = 4
 LOW, HIGH = 0, 9
