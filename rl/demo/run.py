@@ -15,6 +15,7 @@ from score.model import (
 from ..evaluate import evaluate_self_refine, write_json, write_records
 from ..factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from ..metrics import format_table
+from ..run_inputs import run_inputs
 from ..run_lock import claim_folder
 from . import task as demo_task
 from .base_model import build_model, build_tokenizer, warm_up, write_problems
@@ -103,8 +104,8 @@ def _run_demo(
     tokenizer.save_pretrained(base_dir)
     write_problems(train_file, train)
     write_problems(eval_file, demo_task.problems(sizes.eval_problems, "eval", seed))
-    eval_set = load_problems(cfg, str(eval_file))
-    train_set = load_problems(cfg, str(train_file))[: sizes.eval_problems]
+    # the base model and the data checked as every run will read them, before the first run starts
+    eval_set, train_set = load_problems(cfg, cfg.data.eval), run_inputs(cfg).problems[: sizes.eval_problems]
     warmup_s = time.perf_counter() - started
 
     # Headroom and the base model's self-correction, before any RL, on held-out and training problems.
