@@ -43,7 +43,7 @@ from ..rewards.math_reward import extract_final_answer
 OPERANDS = 4
 LOW, HIGH = 0, 9
 TASK = f"the last digit of a sum of {OPERANDS} digits"
-# The first words of the two answer paths (demo.py forces a path by appending them to a context).
+# The first words of the two answer paths (measure.py forces a path by appending them to a context).
 DIRECT_PREFIX = "\\boxed{"
 QUESTION_PREFIX = "last digit of "
 # Worked answers shown on their own are asked for by this cue, so that the plain prompt keeps
