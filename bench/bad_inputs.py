@@ -65,7 +65,7 @@ class Work:
 
     def toml(self, **overrides) -> Path:
         """The config with `section__key` overrides, written as a new file."""
-        from score.rl.demo import to_toml
+        from score.rl.config import to_toml
 
         cfg = tiny_config(self.root, **overrides)
         path = self.root / f"run-{len(list(self.root.glob('run-*.toml')))}.toml"
@@ -93,7 +93,7 @@ def make_template(root: Path) -> Path:
     make_base(template)
     cfg = tiny_config(template)
     cfg.data.eval = str(write_problems(template / "eval.jsonl", 3, "eval"))
-    from score.rl.demo import to_toml
+    from score.rl.config import to_toml
 
     (template / "run.toml").write_text(to_toml(cfg))
     from tests.helpers.gguf_files import write_tiny_gguf

@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 
 from score.model import save_pretrained
-from score.rl import demo_task
-from score.rl.demo import (
-    METHODS,
-    DemoSizes,
-    build_model,
-    build_tokenizer,
-    demo_config,
-    headroom,
-    warm_up,
-    write_problems,
-)
+from score.rl.demo import task as demo_task
+from score.rl.demo.base_model import build_model, build_tokenizer, warm_up, write_problems
+from score.rl.demo.measure import headroom
+from score.rl.demo.settings import METHODS, DemoSizes, demo_config
 from score.rl.evaluate import evaluate
 from score.rl.factories import load_problems, make_engine, make_reward, prompt_builder
 from score.rl.trainer import Trainer

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from score.model import save_pretrained
-from score.rl import demo_task
-from score.rl.demo import QUICK, build_model, build_tokenizer
+from score.rl.demo import task as demo_task
+from score.rl.demo.base_model import build_model, build_tokenizer
+from score.rl.demo.settings import QUICK
 
 
 def write_problems(path: Path, n: int, split: str) -> Path:

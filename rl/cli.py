@@ -244,12 +244,12 @@ def _eval(args) -> int:
         make_engine,
         make_reward,
         pick_device,
-        prompt_builder,
         self_refine_builders,
     )
     from .plots import plot_attempts, plot_scaling
     from .precision import Precision
-    from .preflight import check_eval_room, check_finite, check_model_folder, check_wandb
+    from .preflight import check_eval_room, check_finite, check_wandb
+    from .run_inputs import model_inputs
     from .run_lock import claim_folder
     from .scaling import inference_scaling, scaling_table
 
@@ -257,8 +257,8 @@ def _eval(args) -> int:
     if args.max_problems:
         problems = problems[: args.max_problems]
     given = read_first_attempts(args.first_attempts, problems) if args.first_attempts else None
-    config, tokenizer = check_model_folder(args.model)
-    builder = prompt_builder(cfg, tokenizer)
+    inputs = model_inputs(cfg, args.model)
+    config, tokenizer, builder = inputs.model_config, inputs.tokenizer, inputs.builder
     turns = self_refine_builders(cfg, builder) if args.self_refine else None
     check_eval_room(
         cfg,

@@ -14,6 +14,7 @@ own errors).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -490,3 +491,14 @@ def _type_name(hint) -> str:
     if typing.get_origin(hint) is Literal:
         return "|".join(repr(c) for c in typing.get_args(hint))
     return hint.__name__
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """`cfg` as a TOML file that `load_config` reads back to the same RunConfig."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+        lines.append("")
+    return "\n".join(lines)

@@ -38,21 +38,18 @@ from score.model.files import atomic_folder, write_jsonl
 
 from .config import RunConfig
 from .evaluate import write_json
-from .factories import load_problems, make_engine, make_reward, pick_device, prompt_builder, with_local_model
+from .factories import make_engine, make_reward, pick_device, with_local_model
 from .loss import attempt_logprobs, pack
 from .precision import Precision, final_dtype
 from .preflight import (
-    check_budgets,
-    check_eval_problems,
     check_finite,
-    check_model_folder,
     check_out_dir,
     check_wandb,
-    problems_that_fit,
 )
 from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rollout import Trajectory, two_attempt_rollout
+from .run_inputs import SKIPPED_FILE, report_skipped, run_inputs
 from .run_lock import claim_folder
 from .run_log import WANDB_ID_FILE, MetricsLogger
 from .run_record import RUN_RECORD, check_same_run, holds_a_run, run_record
@@ -190,29 +187,18 @@ def _run(cfg: RunConfig, out: Path, record: dict, progress: bool | None, require
     s, seed = cfg.sft, cfg.run.seed
     torch.manual_seed(seed)
     precision = Precision.of(cfg, pick_device(cfg.model.device))
-    model_config, tokenizer = check_model_folder(cfg.model.path)
-    check_budgets(cfg, model_config)
-    builder = prompt_builder(cfg, tokenizer)
-    problems = load_problems(cfg, cfg.data.train)
-    if s.max_problems:
-        problems = problems[: s.max_problems]
-    positions = model_config.max_position_embeddings
-    problems, skipped, longest = problems_that_fit(
-        problems, builder, cfg, positions, f"data.train {cfg.data.train}", skip=cfg.data.skip_too_long
-    )
-    if skipped:
-        print(f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out", flush=True)
-    if cfg.data.eval:
-        longest = max(longest, check_eval_problems(cfg, builder, positions))
+    inputs = run_inputs(cfg, max_problems=s.max_problems)
+    builder, problems, longest = inputs.builder, inputs.problems, inputs.max_model_len
     base = from_pretrained(cfg.model.path, dtype=precision.master_dtype, device=precision.device)
     base.requires_grad_(False).set_kernels(precision.kernels)
     check_finite(base, cfg.model.path)
     # What an earlier (killed) run left goes before this one writes anything of its own.
-    for stale in ("metrics.jsonl", "sft_data.json", "eval.jsonl", "eval_metrics.json", WANDB_ID_FILE):
+    for stale in ("metrics.jsonl", "sft_data.json", "eval.jsonl", "eval_metrics.json", SKIPPED_FILE, WANDB_ID_FILE):
         (out / stale).unlink(missing_ok=True)
     for stale in ("final", "data"):
         shutil.rmtree(out / stale, ignore_errors=True)
     write_json(out / RUN_RECORD, record)
+    report_skipped(out, inputs.skipped)
     reward = make_reward(cfg)
     logger = MetricsLogger(out, wandb=wandb_settings(cfg, out))
     rounds, step, policy = [], 0, base
@@ -246,7 +232,7 @@ def _run(cfg: RunConfig, out: Path, record: dict, progress: bool | None, require
         final = out / "final"
         with atomic_folder(final) as tmp:
             save_pretrained(policy, tmp, final_dtype(cfg, cfg.model.path))
-            tokenizer.save_pretrained(tmp)
+            inputs.tokenizer.save_pretrained(tmp)
         write_json(out / "sft_data.json", {"kind": s.kind, "include_correct": s.include_correct, "rounds": rounds})
         if cfg.data.eval:
             from .trainer import finish_run

@@ -38,7 +38,7 @@ from score.model import Engine
 from score.model.files import commit_folder, temp_folder, write_json
 
 from .config import RunConfig
-from .factories import load_problems, make_engine, make_reward, prompt_builder, with_local_model
+from .factories import load_problems, make_engine, make_reward, with_local_model
 from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
 from .micro_batches import by_prompt_count, by_token_budget, groups_of
@@ -46,18 +46,15 @@ from .parallel.distributed import raise_on_all_ranks
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .precision import final_dtype
 from .preflight import (
-    check_budgets,
-    check_eval_problems,
     check_finite,
-    check_model_folder,
     check_out_dir,
     check_wandb,
-    problems_that_fit,
 )
 from .progress import progress_bar
 from .prompts import PromptBuilder
 from .rewards.batch import answer_reader
 from .rollout import RolloutStats, Trajectory, two_attempt_rollout
+from .run_inputs import report_skipped, run_inputs
 from .run_lock import claim_folder, lock_folder
 from .run_log import MetricsLogger
 from .run_record import RUN_RECORD, check_same_run, holds_a_run, run_record
@@ -143,21 +140,11 @@ class Trainer:
         record = run_record(cfg, self.out_dir) | {"model": {"requested": requested, "path": cfg.model.path}}
         if resume:
             check_same_run(self.out_dir, record, allow_config_change)
-        # Everything the run reads is checked before the first model is built.
-        model_config, self.tokenizer = check_model_folder(cfg.model.path)
-        check_budgets(cfg, model_config)
-        self.builder = prompt_builder(cfg, self.tokenizer)
-        self.problems, skipped, self.max_model_len = problems_that_fit(
-            load_problems(cfg, cfg.data.train),
-            self.builder,
-            cfg,
-            model_config.max_position_embeddings,
-            f"data.train {cfg.data.train}",
-            skip=cfg.data.skip_too_long,
-        )
-        if cfg.data.eval:  # the same engines evaluate the trained policy at the end
-            longest_eval = check_eval_problems(cfg, self.builder, model_config.max_position_embeddings)
-            self.max_model_len = max(self.max_model_len, longest_eval)
+        # Everything the run reads is checked before the first model is built; data.eval is among
+        # it, since the same engines evaluate the trained policy at the end.
+        inputs = run_inputs(cfg)
+        self.tokenizer, self.builder, self.problems = inputs.tokenizer, inputs.builder, inputs.problems
+        self.max_model_len = inputs.max_model_len
         self.device = parallel.device
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
@@ -188,13 +175,7 @@ class Trainer:
                 parallel.barrier()
         if self.is_main:
             write_json(self.out_dir / RUN_RECORD, record)
-            if skipped:
-                write_json(self.out_dir / "skipped_problems.json", {"count": len(skipped), "ids": skipped})
-                print(
-                    f"data.skip_too_long: {len(skipped)} training problems do not fit and are left out "
-                    f"(ids in {self.out_dir / 'skipped_problems.json'})",
-                    flush=True,
-                )
+            report_skipped(self.out_dir, inputs.skipped)
         self.anchor = None  # the model that ended the previous part of Stage I (score.attempts > 2)
         self._anchor_part = 1
         parallel.barrier()  # every rank has checked metrics.jsonl before rank 0 opens it

@@ -3,7 +3,7 @@
 import json
 
 from score.rl.cli import main
-from score.rl.demo import to_toml
+from score.rl.config import to_toml
 from tests.helpers.tiny_run import tiny_config, write_problems
 
 

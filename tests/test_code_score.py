@@ -10,8 +10,8 @@ correct and a broken program through the same `BatchReward` the trainer uses.
 import json
 
 from score.rl.cli import main
+from score.rl.config import to_toml
 from score.rl.data import Problem
-from score.rl.demo import to_toml
 from score.rl.factories import load_problems
 from score.rl.rewards import BatchReward
 from tests.helpers.tiny_run import tiny_config

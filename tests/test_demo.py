@@ -6,19 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from score.rl import demo_task
 from score.rl.config import load_config
-from score.rl.demo import (
-    DEMO_RL,
-    DEMO_SELF_REFINE,
-    DEMO_SFT,
-    LABELS,
-    METHODS,
-    SFT_BASELINES,
-    build_tokenizer,
-    encode_warmup,
-    run_demo,
-)
+from score.rl.demo import task as demo_task
+from score.rl.demo.base_model import build_tokenizer, encode_warmup
+from score.rl.demo.run import run_demo
+from score.rl.demo.settings import DEMO_RL, DEMO_SELF_REFINE, DEMO_SFT, LABELS, METHODS, SFT_BASELINES
 from score.rl.prompts import PromptBuilder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -288,7 +288,7 @@ TRAINER_STEPS = 4  # 2 Stage I + 2 Stage II steps (tiny_config)
 
 
 def _trainer_config(root: Path):
-    from score.rl.demo import to_toml
+    from score.rl.config import to_toml
     from tests.helpers.tiny_run import tiny_config
 
     # 4 prompts x 2 samples per step: 2 groups per rank; half of the Stage II first attempts come

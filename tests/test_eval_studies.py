@@ -8,8 +8,8 @@ import pytest
 from score.model import Engine, from_pretrained, load_tokenizer
 from score.model.engine.sampling import SamplingParams
 from score.rl.cli import main
+from score.rl.config import to_toml
 from score.rl.data import Problem
-from score.rl.demo import to_toml
 from score.rl.evaluate import evaluate, evaluate_given_first_attempts, evaluate_self_refine, read_first_attempts
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import two_attempt_rollout

@@ -103,7 +103,7 @@ def test_bad_inputs_are_named():
 
 
 def test_plan_for_a_run_config(tmp_path, capsys):
-    from score.rl.demo import to_toml
+    from score.rl.config import to_toml
     from tests.helpers.tiny_run import tiny_config
 
     cfg = tiny_config(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from score.model.files import commit_folder, temp_folder
 from score.rl.checkpoints import latest_checkpoint, list_checkpoints
 from score.rl.cli import main
-from score.rl.demo import to_toml
+from score.rl.config import to_toml
 from tests.helpers.tiny_run import edit_json, make_base, tiny_config, write_problems
 
 
@@ -186,6 +186,14 @@ def test_over_long_problems_are_all_named_before_the_first_step(tmp_path, capsys
     assert train(config, tmp_path / "run2", "--set", "data.skip_too_long=true") == 0
     skipped = json.loads((tmp_path / "run2" / "skipped_problems.json").read_text())
     assert skipped == {"count": 2, "ids": ["too-long", "too-long-2"]}
+    # score sft reads its inputs through the same setup: the same refusal, the same record of skips
+    sft = ["sft", "--config", str(config), "--set", "sft.iterations=1", "--set", "sft.max_problems=0"]
+    assert main([*sft, "--out", str(tmp_path / "sft")]) == 2
+    assert "2 of 16 problems cannot hold" in error_line(capsys)
+    # (the random model earns no reward, so its round keeps no trace: the skips are recorded before that)
+    main([*sft, "--out", str(tmp_path / "sft2"), "--set", "data.skip_too_long=true"])
+    assert "no round of star kept a trace" in error_line(capsys)
+    assert json.loads((tmp_path / "sft2" / "skipped_problems.json").read_text()) == skipped
 
 
 def test_budgets_beyond_the_models_positions_are_an_error(tmp_path, capsys):

@@ -10,8 +10,8 @@ import torch
 from score.model import from_pretrained, load_tokenizer
 from score.rl import sft
 from score.rl.cli import main
+from score.rl.config import to_toml
 from score.rl.data import Problem
-from score.rl.demo import to_toml
 from score.rl.precision import Precision
 from score.rl.prompts import PromptBuilder
 from score.rl.rollout import Trajectory

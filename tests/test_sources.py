@@ -9,9 +9,8 @@ import pytest
 
 from score.model.hub import resolve_model_path
 from score.rl.cli import main
-from score.rl.config import config_from_dict
+from score.rl.config import config_from_dict, to_toml
 from score.rl.data import load_jsonl, parse_hf_source
-from score.rl.demo import to_toml
 from score.rl.factories import load_problems
 from score.rl.progress import LineProgress
 from tests.helpers.tiny_run import make_base, tiny_config, write_problems

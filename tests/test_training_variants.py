@@ -103,7 +103,7 @@ def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path, closes)
 def test_multi_turn_rl_trains_each_attempt_on_its_own_reward(models, tmp_path, closes):
     """The demo's multi_turn_rl row (METHODS): no Stage I, Stage II's returns with alpha = 0, so each
     attempt's return is its own reward less its KL, with no bonus for changing the answer."""
-    from score.rl.demo import METHODS
+    from score.rl.demo.settings import METHODS
 
     cfg, policy, reference = models
     multi = copy.deepcopy(cfg)

@@ -6,9 +6,10 @@ from pathlib import Path
 import torch
 
 from score.model import save_pretrained
-from score.rl import demo_task
 from score.rl.config import config_from_dict
-from score.rl.demo import DEMO_RL, QUICK, build_model, build_tokenizer
+from score.rl.demo import task as demo_task
+from score.rl.demo.base_model import build_model, build_tokenizer
+from score.rl.demo.settings import DEMO_RL, QUICK
 
 
 def make_base(root: Path, seed: int = 0):
@@ -81,7 +82,7 @@ def trainer_with_parity(cfg, out, **kw):
 
 def write_run_config(root: Path, **overrides) -> Path:
     """`tiny_config(root, **overrides)` as the TOML file root/run.toml (what `score train --config` reads)."""
-    from score.rl.demo import to_toml
+    from score.rl.config import to_toml
 
     path = root / "run.toml"
     path.write_text(to_toml(tiny_config(root, **overrides)))

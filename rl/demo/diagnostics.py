@@ -15,8 +15,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .evaluate import evaluate
-from .run_log import read_metrics
+from ..evaluate import evaluate
+from ..run_log import read_metrics
 
 # Per-step series kept for each run (sampled, on the step's training problems).
 CURVE_KEYS = ("reward_1", "reward_2", "changed_frac", "edit_ratio")

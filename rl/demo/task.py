@@ -1,7 +1,7 @@
 """The embedded demo's task: the last digit of a sum of four digits, with checkable answers.
 
 Why this task: there are two ways to answer, and the demo measures how good each is before any RL
-(`headroom` in demo.py). A *direct* answer (`\\boxed{4}` for "last digit of 7+5+3+9") asks a tiny
+(`headroom` in measure.py). A *direct* answer (`\\boxed{4}` for "last digit of 7+5+3+9") asks a tiny
 decoder for a sum modulo 10 in one pass; on problems it has never seen it does no better than a
 guess (modular sums are parity-like: memorised cases do not generalise). A *worked* answer
 (`Work: 7+5=2, 2+3=5, 5+9=4. \\boxed{4}`, a running last digit, each step one lookup of two digits)
@@ -37,13 +37,13 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from .data import Problem
-from .rewards.math_reward import extract_final_answer
+from ..data import Problem
+from ..rewards.math_reward import extract_final_answer
 
 OPERANDS = 4
 LOW, HIGH = 0, 9
 TASK = f"the last digit of a sum of {OPERANDS} digits"
-# The first words of the two answer paths (demo.py forces a path by appending them to a context).
+# The first words of the two answer paths (measure.py forces a path by appending them to a context).
 DIRECT_PREFIX = "\\boxed{"
 QUESTION_PREFIX = "last digit of "
 # Worked answers shown on their own are asked for by this cue, so that the plain prompt keeps
@@ -68,7 +68,7 @@ class WarmupMix:
     wrong (shown, never trained on). `worked_start`: share of the traces' worked second attempts whose
     first words (WORKED_PREFIX) carry loss; the others teach how to go on with a worked attempt 2, not
     when to start one, so the base model can work a sum out in attempt 2 yet seldom chooses to.
-    `recall`: share of the direct answers that are about the recall set (demo.py passes the RL
+    `recall`: share of the direct answers that are about the recall set (run.py passes the RL
     training problems), so that attempt 1 on those problems can be learned while on held-out problems
     it stays a guess; `recall_right`: share of those answers that are right, the others being the
     problem's one remembered wrong answer (`misremembered`). `slip`: chance that a step of a shown
