@@ -42,7 +42,6 @@ from .factories import load_problems, make_engine, make_reward, prompt_builder, 
 from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
 from .micro_batches import by_prompt_count, by_token_budget, groups_of
-from .parallel.distributed import raise_on_all_ranks
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .precision import final_dtype
 from .preflight import (
@@ -56,6 +55,7 @@ from .preflight import (
 )
 from .progress import progress_bar
 from .prompts import PromptBuilder
+from .ranks import raise_on_all_ranks
 from .rewards.batch import answer_reader
 from .rollout import RolloutSpec, RolloutStats, Trajectory, run_rollout
 from .run_lock import claim_folder, lock_folder
