@@ -41,33 +41,25 @@ def kind_of(text: str, first_answer: str | None, answer: str | None) -> str:
 def sampled_probe(model, builder, problems, cfg, k: int = 4, seed: int = 1234) -> dict:
     """Sampled (temperature 1) two-attempt behaviour of `model` on `problems`."""
     from score.rl.rewards.math_reward import extract_final_answer
-    from score.rl.rollout import two_attempt_rollout
+    from score.rl.rollout import RolloutSpec, run_rollout
 
     reward = make_reward(cfg)
     try:
-        trajs, _ = two_attempt_rollout(
-            make_engine(cfg, model),
-            builder,
-            problems,
-            reward,
-            k=k,
-            temperature=1.0,
-            max_tokens1=cfg.rollout.max_tokens_attempt1,
-            max_tokens2=cfg.rollout.max_tokens_attempt2,
-            seed=seed,
-        )
+        spec = RolloutSpec.from_config(cfg.rollout, k=k, temperature=1.0, top_p=1.0, top_k=0, seed=seed)
+        trajs, _ = run_rollout(make_engine(cfg, model), builder, problems, reward, spec)
     finally:
         reward.close()
     kinds = {"worked": 0, "restate": 0, "changed": 0, "other": 0}
     worked_right = 0
     for t in trajs:
-        kind = kind_of(t.text2, extract_final_answer(t.text1), extract_final_answer(t.text2))
+        first, second = t.attempts[0], t.attempts[1]
+        kind = kind_of(second.text, extract_final_answer(first.text), extract_final_answer(second.text))
         kinds[kind] += 1
-        worked_right += kind == "worked" and t.r2 == 1.0
+        worked_right += kind == "worked" and second.reward == 1.0
     n = len(trajs)
     return {
-        "acc_t1": sum(t.r1 for t in trajs) / n,
-        "acc_t2": sum(t.r2 for t in trajs) / n,
+        "acc_t1": sum(t.attempts[0].reward for t in trajs) / n,
+        "acc_t2": sum(t.attempts[1].reward for t in trajs) / n,
         **{f"a2_{k}": v / n for k, v in kinds.items()},
         "worked_acc": worked_right / max(1, kinds["worked"]),
     }
@@ -131,7 +123,8 @@ class ProbeTrainer(Trainer):
         from score.rl.rewards.math_reward import extract_final_answer
 
         m = super()._metrics(trajectories, rollout, stage, lr, totals)
-        kinds = [kind_of(t.text2, extract_final_answer(t.text1), extract_final_answer(t.text2)) for t in trajectories]
+        texts = [(t.attempts[0].text, t.attempts[1].text) for t in trajectories]
+        kinds = [kind_of(two, extract_final_answer(one), extract_final_answer(two)) for one, two in texts]
         for kind in ("worked", "restate", "changed"):
             m[f"a2_{kind}"] = kinds.count(kind) / len(kinds)
         return m

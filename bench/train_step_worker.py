@@ -49,10 +49,10 @@ def parity_rewards(sequences):
 
 def loss_of(logp, ref_logp, attempt, cu, groups, r1, r2):
     from score.kernels import score_loss
-    from score.rl.loss import stage_coefficients
+    from score.rl.loss import attempt_coefficients
 
-    coefficients = stage_coefficients(2, alpha=10.0, beta1=0.01, beta2=0.1)
-    return score_loss(logp, ref_logp, attempt, cu, groups, r1, r2, **coefficients).loss
+    coefficients = attempt_coefficients(2, 1, 2, alpha=10.0, beta1=0.01, beta2=0.1).kernel_arguments()
+    return score_loss(logp, ref_logp, attempt, cu, groups, torch.stack([r1, r2], 1), **coefficients).loss
 
 
 def step_ours(model, reference, optimizer, engine, xs, instruction, k, t1, t2, timings):

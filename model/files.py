@@ -103,8 +103,9 @@ def write_text(target, text: str) -> Path:
 
 
 def write_json(target, value, **dumps_options) -> Path:
-    """`value` as JSON (json.dumps options pass through), written atomically."""
-    return write_text(target, json.dumps(value, **dumps_options) + "\n")
+    """`value` as JSON, indented by 2 unless `dumps_options` (json.dumps's) say otherwise, written
+    atomically."""
+    return write_text(target, json.dumps(value, **({"indent": 2} | dumps_options)) + "\n")
 
 
 def write_jsonl(target, records) -> Path:

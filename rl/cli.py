@@ -229,16 +229,9 @@ def _eval(args) -> int:
         )
 
     from score.model import from_pretrained
+    from score.model.files import write_json, write_jsonl
 
-    from .evaluate import (
-        evaluate,
-        evaluate_given_first_attempts,
-        evaluate_self_refine,
-        read_first_attempts,
-        table,
-        write_json,
-        write_records,
-    )
+    from .evaluate import evaluate, evaluate_given_first_attempts, evaluate_self_refine, read_first_attempts, table
     from .factories import (
         load_problems,
         make_engine,
@@ -328,7 +321,7 @@ def _eval(args) -> int:
             )
     finally:
         reward.close()
-    write_records(out / "eval.jsonl", records)
+    write_jsonl(out / "eval.jsonl", records)
     write_json(out / "eval_metrics.json", metrics)
     if args.attempts > 2:
         plot_attempts(metrics, out / "plots")

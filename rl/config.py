@@ -357,21 +357,11 @@ def config_from_dict(raw: dict, *, source: str = "<dict>", text: str = "", overr
 
 def _check_training_variant(s: ScoreSection, source: str, text: str, overridden: dict) -> None:
     """Combinations of score keys that describe no training run."""
-    if s.attempts > 2:
-        where = _where(source, text, "score", "attempts", overridden)
-        variants = {
-            "single_turn": (s.single_turn, False),
-            "stage2_update": (s.stage2_update, "reinforce"),
-            "online_first_attempt": (s.online_first_attempt, True),
-            "base_first_attempt_mix": (s.base_first_attempt_mix, 0.0),
-            "normalization": (s.normalization, "token_mean"),
-        }
-        for key, (value, plain) in variants.items():
-            if value != plain:
-                raise ConfigError(
-                    f"{where}: score.attempts = {s.attempts} trains the SCoRe stages with token_mean "
-                    f"normalization only; score.{key} = {value!r} is defined for two attempts (set it to {plain!r})"
-                )
+    if s.attempts > 2 and s.single_turn:
+        raise ConfigError(
+            f"{_where(source, text, 'score', 'attempts', overridden)}: score.attempts = {s.attempts} with "
+            "score.single_turn = true: single-turn RL samples one attempt (set score.attempts = 2)"
+        )
     if not s.single_turn:
         return
     where = _where(source, text, "score", "single_turn", overridden)

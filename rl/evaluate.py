@@ -24,13 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from score.model import SamplingParams, files
-from score.model.files import write_jsonl
+from score.model import SamplingParams
 
 from .data import Problem, read_jsonl_objects
 from .metrics import bootstrap_stderr, format_table, two_attempt_metrics
 from .rewards.batch import answer_reader
-from .rollout import two_attempt_rollout
+from .rollout import RolloutSpec, run_rollout
 
 
 def evaluate(
@@ -51,40 +50,17 @@ def evaluate(
         raise ValueError(f"attempts must be an int >= 2, got {attempts!r}")
     _check_room(engine, builder, problems, budgets, attempts)
     answer_of = answer_reader(reward_fn)
-    trajectories, _ = two_attempt_rollout(
-        engine,
-        builder,
-        problems,
-        reward_fn,
-        k=1,
-        temperature=0.0,
-        max_tokens1=budgets[0],
-        max_tokens2=budgets[1],
-        seed=None,
-        progress=progress,
-    )
-    records = [
-        _record(t.problem, answer_of, [(t.text1, t.r1, t.finish1), (t.text2, t.r2, t.finish2)]) for t in trajectories
-    ]
-    contexts = [t.prompt_ids + t.attempt1_ids + t.instruction_ids for t in trajectories]
-    last = [(t.attempt2_ids, t.finish2) for t in trajectories]
-    for attempt in range(3, attempts + 1):
-        contexts = [
-            builder.second_attempt_ids(c, ids, finish)[0] for c, (ids, finish) in zip(contexts, last, strict=True)
-        ]
-        outs, texts = _greedy(engine, builder, contexts, budgets[1])
-        rewards = reward_fn(texts, list(problems))
-        for record, out, text, reward in zip(records, outs, texts, rewards, strict=True):
-            record |= _record(None, answer_of, [(text, reward, out.finish_reason)], first=attempt)
-        last = [(list(o.token_ids), o.finish_reason) for o in outs]
+    spec = RolloutSpec(1, 0.0, tuple(budgets), attempts=attempts, progress=progress)
+    trajectories, _ = run_rollout(engine, builder, problems, reward_fn, spec)
+    records = [_record(t.problem, answer_of, [(a.text, a.reward, a.finish) for a in t.attempts]) for t in trajectories]
     return _metrics(records, attempts), records
 
 
-def _record(problem: Problem | None, answer_of, attempts: list[tuple], *, first: int = 1) -> dict:
-    """A per-problem record (id, question, answer when `problem` is given) with `attempt{i}`,
-    `answer{i}`, `r{i}`, `finish{i}` for each (text, reward, finish reason), numbered from `first`."""
-    record = {} if problem is None else {"id": problem.id, "question": problem.question, "answer": problem.answer}
-    for i, (text, reward, finish) in enumerate(attempts, start=first):
+def _record(problem: Problem, answer_of, attempts: list[tuple]) -> dict:
+    """A per-problem record (id, question, answer) with `attempt{i}`,
+    `answer{i}`, `r{i}`, `finish{i}` for each (text, reward, finish reason), numbered from 1."""
+    record = {"id": problem.id, "question": problem.question, "answer": problem.answer}
+    for i, (text, reward, finish) in enumerate(attempts, start=1):
         record |= {f"attempt{i}": text, f"answer{i}": answer_of(text), f"r{i}": float(reward), f"finish{i}": finish}
     return record
 
@@ -217,15 +193,6 @@ def evaluate_self_refine(
         )
     ]
     return _metrics(records), records
-
-
-def write_records(path: str | Path, records: list[dict]) -> Path:
-    """Per-problem JSONL, written atomically."""
-    return write_jsonl(path, records)
-
-
-def write_json(path: str | Path, value: dict) -> Path:
-    return files.write_json(path, value, indent=2)
 
 
 def table(rows: dict, title: str | None = None) -> str:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from score.model import ModelConfig, Tokenizer
+from score.model.files import write_json
 
 from .config import RunConfig
 from .data import Problem
-from .evaluate import write_json
 from .factories import load_problems, prompt_builder
 from .preflight import check_budgets, check_eval_problems, check_model_folder, problems_that_fit
 from .prompts import PromptBuilder

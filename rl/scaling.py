@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .data import Problem
 from .rewards.batch import answer_reader
-from .rollout import two_attempt_rollout
+from .rollout import RolloutSpec, run_rollout
 
 
 def majority_vote(answers: Sequence[str | None], rewards: Sequence[float]) -> float:
@@ -74,23 +74,12 @@ def inference_scaling(
         )
     k = max(budgets)
     m = max(b // 2 for b in budgets if b % 2 == 0)  # parse_budgets guarantees an even one
-    trajectories, _ = two_attempt_rollout(
-        engine,
-        builder,
-        problems,
-        reward_fn,
-        k=k,
-        temperature=temperature,
-        max_tokens1=token_budgets[0],
-        max_tokens2=token_budgets[1],
-        seed=seed,
-        progress=progress,
-        second_samples=m,
-    )
+    spec = RolloutSpec(k, temperature, token_budgets, seed=seed, second_samples=m, progress=progress)
+    trajectories, _ = run_rollout(engine, builder, problems, reward_fn, spec)
     answer_of = answer_reader(reward_fn)
     groups = [trajectories[i * k : (i + 1) * k] for i in range(len(problems))]
-    first = [([answer_of(t.text1) for t in g], [t.r1 for t in g]) for g in groups]
-    second = [([answer_of(t.text2) for t in g[:m]], [t.r2 for t in g[:m]]) for g in groups]
+    first = [([answer_of(t.attempts[0].text) for t in g], [t.attempts[0].reward for t in g]) for g in groups]
+    second = [([answer_of(t.attempts[1].text) for t in g[:m]], [t.attempts[1].reward for t in g[:m]]) for g in groups]
 
     def accuracy(votes, size):
         return sum(majority_vote(answers[:size], rewards[:size]) for answers, rewards in votes) / len(votes)

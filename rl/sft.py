@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 
 from score.model import from_pretrained, save_pretrained
-from score.model.files import atomic_folder, write_jsonl
+from score.model.files import atomic_folder, write_json, write_jsonl
 
 from .config import RunConfig
-from .evaluate import write_json
 from .factories import make_engine, make_reward, pick_device, with_local_model
 from .loss import attempt_logprobs, pack
 from .precision import Precision, final_dtype
@@ -48,7 +47,7 @@ from .preflight import (
 )
 from .progress import progress_bar
 from .prompts import PromptBuilder
-from .rollout import Trajectory, two_attempt_rollout
+from .rollout import RolloutSpec, Trajectory, run_rollout
 from .run_inputs import SKIPPED_FILE, report_skipped, run_inputs
 from .run_lock import claim_folder
 from .run_log import WANDB_ID_FILE, MetricsLogger
@@ -63,8 +62,13 @@ from .trainer import RunFailed, wandb_settings
 def star_traces(trajectories: Sequence[Trajectory], include_correct: bool) -> list[Trajectory]:
     """The two-attempt traces STaR trains on: wrong then right (and right then right with
     `include_correct`), with attempt 1 as context."""
-    keep = [t for t in trajectories if t.r2 == 1.0 and (t.r1 == 0.0 or (include_correct and t.r1 == 1.0))]
+    keep = [t for t in trajectories if _kept(*t.rewards, include_correct)]
     return [dataclasses.replace(t, group=i, first_from_base=True) for i, t in enumerate(keep)]
+
+
+def _kept(r1: float, r2: float, include_correct: bool) -> bool:
+    """Whether a two-attempt trace is trained on: wrong then right (or right then right with `include_correct`)."""
+    return r2 == 1.0 and (r1 == 0.0 or (include_correct and r1 == 1.0))
 
 
 def pair_sft_traces(
@@ -79,13 +83,13 @@ def pair_sft_traces(
     rng = random.Random(f"{seed}/pair_sft")
     traces = []
     for group in by_problem.values():
-        right = [s for s in group if s.r1 == 1.0]
+        right = [s for s in group if s.rewards[0] == 1.0]
         if not right:
             continue
         for s in group:
-            if s.r1 == 0.0:
+            if s.rewards[0] == 0.0:
                 traces.append(_pair(s, rng.choice(right), builder))
-            elif include_correct and s.r1 == 1.0:
+            elif include_correct and s.rewards[0] == 1.0:
                 others = [o for o in right if o is not s] or [s]
                 traces.append(_pair(s, rng.choice(others), builder))
     return [dataclasses.replace(t, group=i) for i, t in enumerate(traces)]
@@ -93,23 +97,11 @@ def pair_sft_traces(
 
 def _pair(first: Trajectory, second: Trajectory, builder: PromptBuilder) -> Trajectory:
     """A trace whose attempt 1 is `first`'s attempt and attempt 2 is `second`'s (token ids)."""
-    context, (a, b) = builder.second_attempt_ids(first.prompt_ids, first.attempt1_ids, first.finish1)
+    one, two = first.attempts[0], second.attempts[0]
+    context, (a, b) = builder.second_attempt_ids(first.prompt_ids, one.ids, one.finish)
+    attempts = [one, dataclasses.replace(two, instruction_ids=context[a:b])]
     return Trajectory(
-        group=0,
-        problem=first.problem,
-        prompt_ids=first.prompt_ids,
-        attempt1_ids=first.attempt1_ids,
-        attempt1_logprobs=first.attempt1_logprobs,
-        finish1=first.finish1,
-        instruction_ids=context[a:b],
-        attempt2_ids=second.attempt1_ids,
-        attempt2_logprobs=second.attempt1_logprobs,
-        finish2=second.finish1,
-        text1=first.text1,
-        text2=second.text1,
-        r1=first.r1,
-        r2=second.r1,
-        first_from_base=True,
+        group=0, problem=first.problem, prompt_ids=first.prompt_ids, attempts=attempts, first_from_base=True
     )
 
 
@@ -250,21 +242,9 @@ def build_round(
 ) -> tuple[list[Trajectory], list]:
     """(traces, the samples they came from) of one round, sampled from `model` by an engine of sequences
     up to `max_model_len` tokens."""
-    r, s = cfg.rollout, cfg.sft
-    sampled, _ = two_attempt_rollout(
-        make_engine(cfg, model, max_model_len=max_model_len),
-        builder,
-        problems,
-        reward,
-        k=r.samples_per_prompt,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_tokens1=r.max_tokens_attempt1,
-        max_tokens2=r.max_tokens_attempt2,
-        seed=seed,
-        second_attempt=s.kind == "star",
-    )
+    s = cfg.sft
+    spec = RolloutSpec.from_config(cfg.rollout, attempts=2 if s.kind == "star" else 1, seed=seed)
+    sampled, _ = run_rollout(make_engine(cfg, model, max_model_len=max_model_len), builder, problems, reward, spec)
     if s.kind == "star":
         return star_traces(sampled, s.include_correct), sampled
     return pair_sft_traces(sampled, builder, s.include_correct, seed), sampled
@@ -320,21 +300,22 @@ def train_round(
 
 def _round_counts(i: int, sampled, traces, cfg: RunConfig, seconds: float) -> dict:
     star = cfg.sft.kind == "star"
-    r1 = [t.r1 for t in sampled]
+    r1 = [t.rewards[0] for t in sampled]
     counts = {
         "round": i,
         "sampled": len(sampled),
         "traces": len(traces),
         "acc_t1_sampled": sum(r1) / len(r1),
-        "wrong_to_right": sum(t.r1 == 0.0 and t.r2 == 1.0 for t in traces),
-        "right_to_right": sum(t.r1 == 1.0 and t.r2 == 1.0 for t in traces),
+        "wrong_to_right": sum(t.rewards == [0.0, 1.0] for t in traces),
+        "right_to_right": sum(t.rewards == [1.0, 1.0] for t in traces),
         "sample_s": seconds,
         "steps": math.ceil(len(traces) / cfg.sft.batch_size) * cfg.sft.epochs,
     }
     if star:
-        counts["acc_t2_sampled"] = sum(t.r2 for t in sampled) / len(sampled)
+        counts["acc_t2_sampled"] = sum(t.rewards[1] for t in sampled) / len(sampled)
     return counts
 
 
 def _trace_row(t: Trajectory) -> dict:
-    return {"id": t.problem.id, "attempt1": t.text1, "attempt2": t.text2, "r1": t.r1, "r2": t.r2}
+    one, two = t.attempts
+    return {"id": t.problem.id, "attempt1": one.text, "attempt2": two.text, "r1": one.reward, "r2": two.reward}

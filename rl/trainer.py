@@ -2,8 +2,8 @@
 
 One optimizer step:
 1. the step's prompts (schedule.py: a seeded per-epoch permutation, a function of the step alone)
-   -> k two-attempt trajectories each from the engine (rollout.py), rewarded;
-2. per micro-batch of whole prompt groups: one packed forward of `[x, y1, p, y2]` per trajectory
+   -> k trajectories each (two attempts, or `score.attempts`) from the engine (rollout.py), rewarded;
+2. per micro-batch of whole prompt groups: one packed forward of `[x, y1, p, y2, ...]` per trajectory
    under the policy and under the frozen reference (no grad); the returns table of the stage, the
    RLOO baseline and the global token-mean (loss.py: the denominator counts the whole step's tokens,
    so accumulation equals one big batch); backward;
@@ -42,7 +42,6 @@ from .factories import load_problems, make_engine, make_reward, with_local_model
 from .loss import loss_denominator, micro_batch_loss, pack, uses_star
 from .metrics import two_attempt_metrics
 from .micro_batches import by_prompt_count, by_token_budget, groups_of
-from .parallel.distributed import raise_on_all_ranks
 from .parallel.seam import Parallel, SingleProcess, parallel_for_run
 from .precision import final_dtype
 from .preflight import (
@@ -52,8 +51,9 @@ from .preflight import (
 )
 from .progress import progress_bar
 from .prompts import PromptBuilder
+from .ranks import raise_on_all_ranks
 from .rewards.batch import answer_reader
-from .rollout import RolloutStats, Trajectory, two_attempt_rollout
+from .rollout import RolloutSpec, RolloutStats, Trajectory, run_rollout
 from .run_inputs import report_skipped, run_inputs
 from .run_lock import claim_folder, lock_folder
 from .run_log import MetricsLogger
@@ -159,6 +159,7 @@ class Trainer:
         self.policy.set_activation_checkpointing(cfg.model.activation_checkpointing)
         self.reference.set_activation_checkpointing(False)
         self.order = DataOrder(len(self.problems), cfg.optim.prompts_per_step, cfg.run.seed, cfg.data.shuffle)
+        self.rollout_spec = RolloutSpec.from_config(cfg.rollout)
         self.engine = self.base_engine = None  # built at the first rollout (sharded: on gathered weights)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
@@ -249,32 +250,29 @@ class Trainer:
         self._anchor_part = part
 
     def _rollout(self, step: int, stage: int) -> tuple[list[Trajectory], RolloutStats]:
-        """This process's share of the step's prompt groups, k two-attempt trajectories each, rewarded."""
-        cfg, s, r = self.cfg, self.cfg.score, self.cfg.rollout
+        """This process's share of the step's prompt groups, k trajectories each, rewarded."""
+        cfg, s = self.cfg, self.cfg.score
         indices = self.order.indices(step)
         mine = self.parallel.my_groups(len(indices))
         problems = [self.problems[indices[g]] for g in mine]
         mix = 1.0 if not s.online_first_attempt else s.base_first_attempt_mix if stage == 2 else 0.0
         mix_rng = random.Random(f"{cfg.run.seed}/mix/{step}")
         from_base = [mix_rng.random() < mix for _ in indices][mine.start : mine.stop] if mix > 0 else None
+        spec = dataclasses.replace(
+            self.rollout_spec,
+            seed=step_seed(cfg.run.seed, step),
+            attempts=1 if s.single_turn else attempts_at(step, cfg),
+        )
         with self.generation(base=mix > 0) as engine:
-            return two_attempt_rollout(
+            return run_rollout(
                 engine,
                 self.builder,
                 problems,
                 self.reward,
-                k=r.samples_per_prompt,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                top_k=r.top_k,
-                max_tokens1=r.max_tokens_attempt1,
-                max_tokens2=r.max_tokens_attempt2,
-                seed=step_seed(cfg.run.seed, step),
+                spec,
+                first=mine.start,
                 base_engine=self.base_engine,
                 from_base=from_base,
-                first=mine.start,
-                second_attempt=not s.single_turn,
-                attempts=attempts_at(step, cfg),
             )
 
     def _train(self, trajectories: list[Trajectory], stage: int, part: int = 1) -> StepTotals:
@@ -332,9 +330,9 @@ class Trainer:
     def _metrics(
         self, trajectories: list[Trajectory], rollout: RolloutStats, stage: int, lr: float, totals: StepTotals
     ) -> dict:
-        r1 = [t.r1 for t in trajectories]
-        r2 = [t.r2 for t in trajectories]
-        binary = all(v in (0.0, 1.0) for v in r1 + r2)
+        attempts = len(trajectories[0].attempts)  # 1 in single-turn RL: nothing to report about attempt 2
+        rewards = [[t.attempts[n].reward for t in trajectories] for n in range(attempts)]
+        binary = all(v in (0.0, 1.0) for column in rewards for v in column)
         kl, returns, seconds = totals.kl, totals.returns, totals.seconds
         m = {
             "stage": stage,
@@ -342,32 +340,33 @@ class Trainer:
             "loss": totals.loss,
             "grad_norm": totals.grad_norm,
             "skipped": int(totals.skipped),
-            "reward_1": sum(r1) / len(r1),
-            "reward_2": sum(r2) / len(r2),
-            "kl_1": float(kl[:, 0].mean()),
-            "kl_2": float(kl[:, 1].mean()),
-            "return_1": float(returns[:, 0].mean()),
-            "return_2": float(returns[:, 1].mean()),
-            "entropy": totals.entropy,
-            "logp_gap": totals.logp_gap,
-            "len_1": sum(len(t.attempt1_ids) for t in trajectories) / len(trajectories),
-            "len_2": sum(len(t.attempt2_ids) for t in trajectories) / len(trajectories),
-            "truncated_frac": sum((t.finish1 == "length") + (t.finish2 == "length") for t in trajectories)
-            / (2 * len(trajectories)),
+        }
+        for n in range(attempts):
+            m[f"reward_{n + 1}"] = sum(rewards[n]) / len(trajectories)
+        for n in range(attempts):
+            m[f"kl_{n + 1}"] = float(kl[:, n].mean())
+        for n in range(attempts):
+            m[f"return_{n + 1}"] = float(returns[:, n].mean())
+        m |= {"entropy": totals.entropy, "logp_gap": totals.logp_gap}
+        for n in range(attempts):
+            m[f"len_{n + 1}"] = sum(len(t.attempts[n].ids) for t in trajectories) / len(trajectories)
+        m |= {
+            "truncated_frac": sum(a.finish == "length" for t in trajectories for a in t.attempts)
+            / (attempts * len(trajectories)),
             "rollout_tokens_per_s": rollout.tokens_per_s,
             "rollout_s": rollout.seconds,
             "reward_s": rollout.reward_seconds,
             "train_s": seconds,
             "train_tokens_per_s": totals.tokens / seconds if seconds > 0 else 0.0,
         }
-        if binary:
+        if binary and attempts >= 2:
             batch = two_attempt_metrics(
-                r1,
-                r2,
-                answers1=[answer_reader(self.reward)(t.text1) for t in trajectories],
-                answers2=[answer_reader(self.reward)(t.text2) for t in trajectories],
-                texts1=[t.text1 for t in trajectories],
-                texts2=[t.text2 for t in trajectories],
+                rewards[0],
+                rewards[1],
+                answers1=[answer_reader(self.reward)(t.attempts[0].text) for t in trajectories],
+                answers2=[answer_reader(self.reward)(t.attempts[1].text) for t in trajectories],
+                texts1=[t.attempts[0].text for t in trajectories],
+                texts2=[t.attempts[1].text for t in trajectories],
             )
             m.update(
                 {
@@ -380,28 +379,9 @@ class Trainer:
                     "edit_ratio": batch["edit_ratio"],
                 }
             )
-        for number in range(3, kl.shape[1] + 1):  # attempts after the second (score.attempts > 2)
-            rewards = [t.rewards[number - 1] for t in trajectories]
-            m[f"reward_{number}"] = sum(rewards) / len(rewards)
-            m[f"kl_{number}"] = float(kl[:, number - 1].mean())
-            m[f"return_{number}"] = float(returns[:, number - 1].mean())
-            if binary:
-                m[f"acc_t{number}"] = m[f"reward_{number}"]
-        if self.cfg.score.single_turn:  # no attempt 2 was sampled: nothing to report about it
-            for key in (
-                "reward_2",
-                "kl_2",
-                "return_2",
-                "len_2",
-                "acc_t2",
-                "delta",
-                "delta_i2c",
-                "delta_c2i",
-                "changed_frac",
-                "edit_ratio",
-            ):
-                m.pop(key, None)
-            m["truncated_frac"] = sum(t.finish1 == "length" for t in trajectories) / len(trajectories)
+        if binary:
+            for n in range(attempts):
+                m.setdefault(f"acc_t{n + 1}", m[f"reward_{n + 1}"])
         if totals.skipped:
             m["skip_reason"] = "non-finite loss" if not math.isfinite(totals.loss) else "non-finite gradient"
         return m
@@ -522,7 +502,9 @@ def finish_run(
 
         plot_run(out_dir / "metrics.jsonl", out_dir / "plots")
     if cfg.data.eval:
-        from .evaluate import evaluate, table, write_json, write_records
+        from score.model.files import write_json, write_jsonl
+
+        from .evaluate import evaluate, table
 
         problems = load_problems(cfg, cfg.data.eval)
         if cfg.run.eval_max_problems:
@@ -536,7 +518,7 @@ def finish_run(
             attempts=cfg.score.attempts,
             progress=cfg.run.progress,
         )
-        write_records(out_dir / "eval.jsonl", records)
+        write_jsonl(out_dir / "eval.jsonl", records)
         write_json(out_dir / "eval_metrics.json", metrics)
         if logger is not None and not logger.closed:
             logger.summary({"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})

@@ -12,7 +12,7 @@ from score.rl.config import to_toml
 from score.rl.data import Problem
 from score.rl.evaluate import evaluate, evaluate_given_first_attempts, evaluate_self_refine, read_first_attempts
 from score.rl.prompts import PromptBuilder
-from score.rl.rollout import two_attempt_rollout
+from score.rl.rollout import RolloutSpec, run_rollout
 from score.rl.scaling import inference_scaling, majority_vote, parse_budgets
 from tests.helpers.tiny_run import make_base, tiny_config, write_problems
 
@@ -98,12 +98,11 @@ def test_attempt_three_follows_attempt_two_and_the_instruction_again(tiny):
     reward = FirstLetterParity()
     _, records = evaluate(engine_for(model), builder, problems, reward, budgets=(4, 6), attempts=3)
     # Attempt 3 by hand: the greedy two-attempt trajectories' ids, the instruction again, greedy.
-    trajectories, _ = two_attempt_rollout(
-        engine_for(model), builder, problems, reward, k=1, temperature=0.0, max_tokens1=4, max_tokens2=6, seed=None
-    )
+    greedy = RolloutSpec(k=1, temperature=0.0, budgets=(4, 6))
+    trajectories, _ = run_rollout(engine_for(model), builder, problems, reward, greedy)
     contexts = [
-        builder.second_attempt_ids(t.prompt_ids + t.attempt1_ids + t.instruction_ids, t.attempt2_ids, t.finish2)[0]
-        for t in trajectories
+        builder.second_attempt_ids(t.token_ids[: -len(two.ids) or None], two.ids, two.finish)[0]
+        for t, two in ((t, t.attempts[1]) for t in trajectories)
     ]
     outs = engine_for(model).generate(contexts, SamplingParams(temperature=0.0, max_tokens=6))
     tok = builder.tokenizer
@@ -180,19 +179,18 @@ def test_scaling_votes_over_nested_samples(tiny):
     assert result["sequential"][0] is None and all(0.0 <= a <= 1.0 for a in result["parallel"])
     # Budget 1 is a single sample: its accuracy is the mean reward of each problem's first sample;
     # budget 2 sequential is each problem's first second attempt.
-    trajectories, _ = two_attempt_rollout(
-        engine_for(model), builder, problems, reward, k=4, temperature=1.0, max_tokens1=4, max_tokens2=6, seed=3
-    )
+    spec = RolloutSpec(k=4, temperature=1.0, budgets=(4, 6), seed=3)
+    trajectories, _ = run_rollout(engine_for(model), builder, problems, reward, spec)
     firsts = trajectories[::4]
-    assert result["parallel"][0] == pytest.approx(sum(t.r1 for t in firsts) / len(problems))
-    assert result["sequential"][1] == pytest.approx(sum(t.r2 for t in firsts) / len(problems))
+    assert result["parallel"][0] == pytest.approx(sum(t.rewards[0] for t in firsts) / len(problems))
+    assert result["sequential"][1] == pytest.approx(sum(t.rewards[1] for t in firsts) / len(problems))
     expected4 = [
-        majority_vote([t.text1[:1] or None for t in g], [t.r1 for t in g])
+        majority_vote([t.attempts[0].text[:1] or None for t in g], [t.rewards[0] for t in g])
         for g in (trajectories[i : i + 4] for i in range(0, len(trajectories), 4))
     ]
     assert result["parallel"][2] == pytest.approx(sum(expected4) / len(problems))
     sequential4 = [
-        majority_vote([t.text2[:1] or None for t in g], [t.r2 for t in g])
+        majority_vote([t.attempts[1].text[:1] or None for t in g], [t.rewards[1] for t in g])
         for g in (trajectories[i : i + 2] for i in range(0, len(trajectories), 4))
     ]
     assert result["sequential"][2] == pytest.approx(sum(sequential4) / len(problems))

@@ -79,3 +79,12 @@ def test_the_graph_sees_relative_and_nested_imports():
     assert "score.model.engine.onednn" in imports_of(
         "score.model.engine.inference_model", known["score.model.engine.inference_model"], known
     )
+
+
+def test_the_checkpoint_store_and_the_parallel_seam_do_not_import_each_other_both_ways():
+    known = modules()
+    reach = {
+        package: {t for n, p in known.items() if n.startswith(package + ".") for t in imports_of(n, p, known)}
+        for package in ("score.rl.checkpoints", "score.rl.parallel")
+    }
+    assert not any(t.startswith("score.rl.parallel") for t in reach["score.rl.checkpoints"])

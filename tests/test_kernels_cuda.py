@@ -15,7 +15,7 @@ from score.kernels import fused_linear_logprob, kl_penalty, score_loss
 from score.kernels.kl_penalty import kl_value_and_grad_torch
 from score.kernels.kv_store import store_kv
 from score.kernels.paged_attention import paged_attention
-from score.rl.loss import stage_coefficients
+from score.rl.loss import attempt_coefficients
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CPU: the interpreter tests)")
 CUDA = "cuda"
@@ -69,9 +69,10 @@ def test_kl_penalty(kind):
     assert rel_err(value, ref_value) <= 1e-5 and rel_err(logp.grad, ref_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("attempts", [2, 3])
 @pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("placement", ["kl_in_reward", "kl_loss"])
-def test_score_loss_triton_equals_torch(stage, placement):
+def test_score_loss_triton_equals_torch(attempts, stage, placement):
     gen = torch.Generator().manual_seed(2)
     groups_n, k = 64, 4
     lengths = torch.randint(20, 400, (groups_n * k,), generator=gen)
@@ -81,18 +82,23 @@ def test_score_loss_triton_equals_torch(stage, placement):
     logp = -torch.rand(n, generator=gen) * 3
     batch = dict(
         ref_logp=logp + torch.randn(n, generator=gen) * 0.3,
-        attempt=torch.randint(0, 3, (n,), generator=gen),
+        attempt=torch.randint(0, attempts + 1, (n,), generator=gen),
         cu_seqlens=cu,
         group_ids=torch.arange(groups_n).repeat_interleave(k),
-        r1=torch.randint(0, 2, (groups_n * k,), generator=gen).float(),
-        r2=torch.randint(0, 2, (groups_n * k,), generator=gen).float(),
+        rewards=torch.randint(0, 2, (groups_n * k, attempts), generator=gen).float(),
     )
     batch = {name: t.to(CUDA) for name, t in batch.items()}
+    coefficients = attempt_coefficients(stage, attempts - 1 if stage == 1 else 1, attempts, 10.0, 0.01, 0.1)
     results = {}
     for impl in ("torch", "triton"):
         lp = logp.to(CUDA).requires_grad_()
         out = score_loss(
-            lp, **batch, **stage_coefficients(stage, 10.0, 0.01, 0.1), kl_kind="k3", kl_placement=placement, impl=impl
+            lp,
+            **batch,
+            **coefficients.kernel_arguments(),
+            kl_kind="k3",
+            kl_placement=placement,
+            impl=impl,
         )
         out.loss.backward()
         results[impl] = (out, lp.grad)

@@ -117,6 +117,15 @@ def test_worker_grading_off_main_thread_matches_in_process():
         assert out["single"] == 1.0
 
 
+def test_workers_import_the_installed_package_whatever_the_working_folder(tmp_path, monkeypatch):
+    # A folder named `score` where the parent runs must not stand in for the package in a worker.
+    (tmp_path / "score").mkdir()
+    (tmp_path / "score" / "__init__.py").write_text("raise ImportError('the working folder was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    with MathGrader(workers=1, timeout_s=5.0) as grader:
+        assert grader.grade([paper_format("\\frac{1}{2}"), paper_format("3")], ["0.5", "4"]) == [1.0, 0.0]
+
+
 def test_hung_worker_is_killed_counted_and_replaced():
     with MathGrader(workers=1, timeout_s=0.3, kill_grace_s=0.3) as grader:
         assert grader.grade([paper_format("1")], ["1"]) == [1.0]

@@ -17,7 +17,7 @@ from score.model import Engine, from_pretrained, load_tokenizer
 from score.rl import arithmetic_task
 from score.rl.prompts import INTEGER_CORRECTION_INSTRUCTION, INTEGER_SYSTEM_PROMPT, PromptBuilder
 from score.rl.rewards import BatchReward
-from score.rl.rollout import two_attempt_rollout
+from score.rl.rollout import RolloutSpec, run_rollout
 from tests.helpers.real_model import real_gguf_file, real_model_folder
 
 pytestmark = pytest.mark.real
@@ -133,8 +133,8 @@ def test_engine_greedy_two_attempts_equal_transformers_generate(ours, hf_model, 
     problems = arithmetic_task.problems(32, "eval")
     engine = Engine(ours, max_num_seqs=32, num_blocks=1024)
     reward = BatchReward("integer")
-    trajectories, _ = two_attempt_rollout(
-        engine, builder, problems, reward, k=1, temperature=0.0, max_tokens1=24, max_tokens2=24, seed=None
+    trajectories, _ = run_rollout(
+        engine, builder, problems, reward, RolloutSpec(k=1, temperature=0.0, budgets=(24, 24))
     )
     assert engine.stats.reused_tokens > 0  # attempt 2 reused the cached prompt + attempt 1
 
@@ -152,8 +152,8 @@ def test_engine_greedy_two_attempts_equal_transformers_generate(ours, hf_model, 
     ties = []
     for t in trajectories:
         for context, ids, budget in (
-            (t.prompt_ids, t.attempt1_ids, 24),
-            (t.prompt_ids + t.attempt1_ids + t.instruction_ids, t.attempt2_ids, 24),
+            (t.prompt_ids, t.attempts[0].ids, 24),
+            (t.token_ids[: -len(t.attempts[1].ids) or None], t.attempts[1].ids, 24),
         ):
             expected = hf_greedy(context, budget)
             at = _first_divergence(ids, expected)

@@ -1,4 +1,5 @@
-"""score_loss against hand-computed returns/advantages and a float64 per-token loop reference."""
+"""score_loss against hand-computed returns/advantages and a float64 per-token loop reference, for two
+attempts (the stage table) and for three."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from score.kernels import ScoreLossOutput, score_loss
-from score.rl.loss import stage_coefficients
+from score.rl.loss import attempt_coefficients
 
 IMPLS = ["torch", "triton"]
 
@@ -21,14 +22,19 @@ def kl_value(lp, rf, kind):
     return (r.exp() - r - 1).clamp(-10, 10)
 
 
+def coefficients(stage, alpha, beta1, beta2, attempts=2):
+    """The trainer's coefficients of a stage (Stage I: its last part) as score_loss keywords."""
+    part = attempts - 1 if stage == 1 else 1
+    return attempt_coefficients(stage, part, attempts, alpha, beta1, beta2).kernel_arguments()
+
+
 def loop_reference(
     logp,
     ref,
     attempt,
     cu,
     groups,
-    r1,
-    r2,
+    rewards,
     *,
     stage,
     alpha,
@@ -41,12 +47,14 @@ def loop_reference(
     denominator=None,
     old=None,
 ):
-    """float64, one trajectory at a time, straight from the stage table (rl/loss.py); autograd for the grad."""
+    """float64, one trajectory at a time, straight from the returns' formulas (w_a r_a + b_a (r_a -
+    r_{a-1}) - beta_a KL_a, stage tables of rl/loss.py); autograd for the grad."""
     lp = logp.double().clone().requires_grad_()
     old = lp.detach() if old is None else old.double()
-    S = len(r1)
-    betas = (beta2, beta1) if stage == 1 else (beta1, beta1)
-    kl = torch.zeros(S, 2, dtype=torch.float64)
+    S, attempts = rewards.shape
+    c = coefficients(stage, alpha, beta1, beta2, attempts)
+    betas, weights, bonuses = c["beta"], c["reward_weight"], c["progress_bonus"]
+    kl = torch.zeros(S, attempts, dtype=torch.float64)
     ntok = torch.zeros(S)
     for s in range(S):
         for t in range(cu[s], cu[s + 1]):
@@ -54,12 +62,12 @@ def loop_reference(
             if a:
                 kl[s, a - 1] += kl_value(lp[t], ref[t].double(), kind).detach()
                 ntok[s] += 1
-    R = torch.zeros(S, 2, dtype=torch.float64)
+    R = torch.zeros(S, attempts, dtype=torch.float64)
     for s in range(S):
-        x1, x2 = float(r1[s]), float(r2[s])
-        base = (0.0, x2) if stage == 1 else (x1, x2 + alpha * (x2 - x1))
-        for a in range(2):
-            R[s, a] = base[a] - (betas[a] * kl[s, a] if placement == "kl_in_reward" else 0.0)
+        r = [float(x) for x in rewards[s]]
+        for a in range(attempts):
+            base = weights[a] * r[a] + (bonuses[a] * (r[a] - r[a - 1]) if a else 0.0)
+            R[s, a] = base - (betas[a] * kl[s, a] if placement == "kl_in_reward" else 0.0)
     A = R.clone()
     if baseline == "rloo":
         for s in range(S):
@@ -82,7 +90,7 @@ def loop_reference(
     return dict(loss=loss.detach(), returns=R, advantages=A, kl=kl, grad=grad)
 
 
-def random_batch(S=6, seed=0, group_of=None):
+def random_batch(S=6, seed=0, group_of=None, attempts=2):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 14, (S,), generator=gen)
     cu = torch.zeros(S + 1, dtype=torch.int32)
@@ -90,21 +98,20 @@ def random_batch(S=6, seed=0, group_of=None):
     n = int(cu[-1])
     logp = -torch.rand(n, generator=gen) * 3
     ref = logp + torch.randn(n, generator=gen) * 0.3
-    attempt = torch.randint(0, 3, (n,), generator=gen)
+    attempt = torch.randint(0, attempts + 1, (n,), generator=gen)
     groups = torch.tensor(group_of if group_of is not None else [7, 3, 7, 3, 9, 9], dtype=torch.int64)
-    r1 = torch.randint(0, 2, (S,), generator=gen).float()
-    r2 = torch.randint(0, 2, (S,), generator=gen).float()
-    return logp, ref, attempt, cu, groups, r1, r2
+    rewards = torch.randint(0, 2, (S, attempts), generator=gen).float()
+    return logp, ref, attempt, cu, groups, rewards
 
 
 def run(impl, batch, *, stage=None, alpha=10.0, beta1=0.01, beta2=0.1, **kw):
     """score_loss and the gradient of its loss; `stage` (with alpha, beta1, beta2) picks the
     coefficients through the trainer's stage table, otherwise `kw` must hold them."""
-    logp, ref, attempt, cu, groups, r1, r2 = batch
+    logp, ref, attempt, cu, groups, rewards = batch
     lp = logp.clone().requires_grad_()
     if stage is not None:
-        kw.update(stage_coefficients(stage, alpha, beta1, beta2))
-    out = score_loss(lp, ref, attempt, cu, groups, r1, r2, impl=impl, **kw)
+        kw.update(coefficients(stage, alpha, beta1, beta2, rewards.shape[1]))
+    out = score_loss(lp, ref, attempt, cu, groups, rewards, impl=impl, **kw)
     out.loss.backward()
     return out, lp.grad
 
@@ -133,6 +140,32 @@ def test_matches_loop_reference(impl, stage, placement):
         assert torch.allclose(getattr(out, name).double(), want[name], atol=1e-5), name
     assert math.isclose(float(out.loss.detach()), float(want["loss"]), abs_tol=1e-5)
     assert torch.allclose(grad.double(), want["grad"], atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("attempts", [1, 3, 5])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("normalization", ["token_mean", "sequence_mean"])
+def test_any_number_of_attempts_matches_loop_reference(impl, attempts, stage, normalization):
+    if stage == 1 and attempts == 1:
+        pytest.skip("Stage I trains an attempt after the first")
+    batch = random_batch(S=8, seed=attempts * 7 + stage, group_of=[5, 1, 5, 1, 2, 2, 5, 1], attempts=attempts)
+    placement = "kl_loss" if normalization == "sequence_mean" else "kl_in_reward"
+    kw = dict(stage=stage, alpha=3.0, beta1=0.05, beta2=0.2, baseline="rloo", normalization=normalization)
+    out, grad = run(impl, batch, kl_kind="k3", kl_placement=placement, **kw)
+    want = loop_reference(*batch, kind="k3", placement=placement, **kw)
+    assert out.returns.shape == (8, attempts)
+    for name in ("returns", "advantages", "kl"):
+        assert torch.allclose(getattr(out, name).double(), want[name], atol=1e-5), name
+    assert math.isclose(float(out.loss.detach()), float(want["loss"]), abs_tol=1e-5)
+    assert torch.allclose(grad.double(), want["grad"], atol=1e-6)
+
+
+def test_triton_refuses_more_attempts_than_its_lanes():
+    batch = random_batch(attempts=9)
+    with pytest.raises(NotImplementedError, match="up to 8 attempts"):
+        run("triton", batch, stage=2)
+    run("torch", batch, stage=2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -184,9 +217,8 @@ def hand_batch():
         log_ratio[5 * s + 1] = log_ratio[5 * s + 2] = kl1 / 2
         log_ratio[5 * s + 4] = kl2
     groups = torch.tensor([0, 0, 1, 1])
-    r1 = torch.tensor([0.0, 1.0, 1.0, 0.0])
-    r2 = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    return logp, logp - log_ratio, attempt, cu, groups, r1, r2
+    rewards = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    return logp, logp - log_ratio, attempt, cu, groups, rewards
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -217,8 +249,6 @@ def test_hand_computed_stage2_kl_in_reward(impl):
     assert torch.all(grad[torch.tensor([0, 3] * 4) + torch.arange(4).repeat_interleave(2) * 5] == 0)
     assert math.isclose(float(grad[1]), -float(want_adv[0, 0]) / 12, abs_tol=1e-7)
     assert math.isclose(float(grad[4]), -float(want_adv[0, 1]) / 12, abs_tol=1e-7)
-    assert math.isclose(out.stats["return_2"], float(want_returns[:, 1].mean()), abs_tol=1e-6)
-    assert math.isclose(out.stats["kl_1"], 0.75, abs_tol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -262,7 +292,7 @@ def test_hand_computed_stage2_kl_loss(impl):
 def test_hand_computed_coefficients_outside_the_stage_table(impl):
     # Coefficients no stage uses: attempt 1 2 r1 - 0.2 KL1; attempt 2 r2 + 3 (r2 - r1) - 0.4 KL2.
     out, grad = run(
-        impl, hand_batch(), r1_weight=2.0, progress_bonus=3.0, beta_attempt1=0.2, beta_attempt2=0.4, kl_kind="k1"
+        impl, hand_batch(), reward_weight=[2.0, 1.0], progress_bonus=[0.0, 3.0], beta=[0.2, 0.4], kl_kind="k1"
     )
     want = torch.tensor(
         [
@@ -320,9 +350,9 @@ def test_every_output_element_is_written(impl, monkeypatch):
 
 
 def _bad(**override):
-    logp, ref, attempt, cu, groups, r1, r2 = random_batch()
-    args = dict(logp=logp, ref_logp=ref, attempt=attempt, cu_seqlens=cu, group_ids=groups, r1=r1, r2=r2)
-    kw = stage_coefficients(2, 10.0, 0.01, 0.1)
+    logp, ref, attempt, cu, groups, rewards = random_batch()
+    args = dict(logp=logp, ref_logp=ref, attempt=attempt, cu_seqlens=cu, group_ids=groups, rewards=rewards)
+    kw = coefficients(2, 10.0, 0.01, 0.1)
     for k, v in override.items():
         (args if k in args else kw)[k] = v(args) if callable(v) else v
     return lambda: score_loss(*args.values(), **kw)
@@ -337,14 +367,21 @@ def _bad(**override):
         (_bad(cu_seqlens=lambda a: a["cu_seqlens"].long()), "cu_seqlens must be int32"),
         (_bad(cu_seqlens=lambda a: a["cu_seqlens"] + 1), "cu_seqlens must start at 0"),
         (_bad(group_ids=lambda a: a["group_ids"].int()), "group_ids must be int64"),
-        (_bad(r1=lambda a: a["r1"][:3]), "r1 has 3"),
-        (_bad(progress_bonus=float("nan")), "progress_bonus must be a finite number"),
-        (_bad(r1_weight="1"), "r1_weight must be a finite number"),
+        (_bad(rewards=lambda a: a["rewards"][:3]), "rewards has 3"),
+        (_bad(rewards=lambda a: a["rewards"][:, 0]), "rewards must be 2-D"),
+        (_bad(progress_bonus=[0.0, float("nan")]), r"progress_bonus\[attempt 2\] must be a finite number"),
+        (_bad(progress_bonus=[1.0, 1.0]), r"progress_bonus\[attempt 1\] must be 0"),
+        (_bad(reward_weight=[1.0, "1"]), r"reward_weight\[attempt 2\] must be a finite number"),
+        (_bad(reward_weight=[1.0]), "reward_weight has 1 entries, rewards has 2 attempts"),
+        (_bad(beta=0.1), "beta must hold one number per attempt"),
+        (
+            _bad(attempt=lambda a: a["attempt"].clamp(max=1) * 3),
+            r"attempt values must be 0 \(context\) or an attempt 1..2",
+        ),
         (_bad(kl_kind="k5"), "kl_kind"),
         (_bad(kl_placement="both"), "kl_placement"),
         (_bad(normalization="sum"), "normalization"),
-        (_bad(beta_attempt1=-1.0), "beta_attempt1 must be >= 0"),
-        (_bad(beta_attempt2=-0.5), "beta_attempt2 must be >= 0"),
+        (_bad(beta=[0.1, -0.5]), r"beta\[attempt 2\] must be >= 0"),
         (_bad(loss_denominator=0), "loss_denominator"),
         (_bad(ref_logp=lambda a: a["ref_logp"].clone().requires_grad_()), "ref_logp requires grad"),
     ],

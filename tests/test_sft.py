@@ -14,7 +14,7 @@ from score.rl.config import to_toml
 from score.rl.data import Problem
 from score.rl.precision import Precision
 from score.rl.prompts import PromptBuilder
-from score.rl.rollout import Trajectory
+from score.rl.rollout import Attempt, Trajectory
 from score.rl.trainer import RunFailed
 from tests.helpers.tiny_run import ParityReward, make_base, tiny_config, write_problems
 
@@ -33,23 +33,15 @@ def sample(builder, problem, attempt, r1, attempt2=None, r2=0.0, finish="stop"):
     prompt = builder.first_attempt_ids(problem.question)
     a1 = tok.encode(attempt)
     ctx, (a, b) = builder.second_attempt_ids(prompt, a1, finish)
-    a2 = tok.encode(attempt2) if attempt2 is not None else []
-    return Trajectory(
-        group=0,
-        problem=problem,
-        prompt_ids=prompt,
-        attempt1_ids=a1,
-        attempt1_logprobs=[-1.0] * len(a1),
-        finish1=finish,
-        instruction_ids=ctx[a:b] if attempt2 is not None else [],
-        attempt2_ids=a2,
-        attempt2_logprobs=[-1.0] * len(a2),
-        finish2="stop" if attempt2 is not None else "none",
-        text1=attempt,
-        text2=attempt2 or "",
-        r1=r1,
-        r2=r2,
-    )
+    attempts = [Attempt([], a1, [-1.0] * len(a1), finish, attempt, r1)]
+    if attempt2 is not None:
+        a2 = tok.encode(attempt2)
+        attempts.append(Attempt(ctx[a:b], a2, [-1.0] * len(a2), "stop", attempt2, r2))
+    return Trajectory(group=0, problem=problem, prompt_ids=prompt, attempts=attempts)
+
+
+def texts(t):
+    return tuple(a.text for a in t.attempts)
 
 
 P = [Problem(id=f"p{i}", question=f"last digit of {i}+1+2+3", answer=str((i + 6) % 10)) for i in range(3)]
@@ -68,13 +60,14 @@ def test_star_keeps_wrong_then_right_traces_and_with_plus_right_then_right(tiny)
         sample(builder, P[1], "9", 0.0, "7", 1.0),  # wrong -> right: kept
     ]
     plain = sft.star_traces(traces, include_correct=False)
-    assert [(t.text1, t.text2) for t in plain] == [("1", "6"), ("9", "7")]
+    assert [texts(t) for t in plain] == [("1", "6"), ("9", "7")]
     plus = sft.star_traces(traces, include_correct=True)
-    assert [(t.text1, t.text2) for t in plus] == [("1", "6"), ("6", "6"), ("9", "7")]
+    assert [texts(t) for t in plus] == [("1", "6"), ("6", "6"), ("9", "7")]
     for t in plus:  # attempt 1 is context: only attempt 2's tokens are trained
         labels = t.attempt_labels
-        assert set(labels[: len(t.prompt_ids) + len(t.attempt1_ids) + len(t.instruction_ids)]) == {0}
-        assert labels[-len(t.attempt2_ids) :] == [2] * len(t.attempt2_ids)
+        one, two = t.attempts
+        assert set(labels[: len(t.prompt_ids) + len(one.ids) + len(two.instruction_ids)]) == {0}
+        assert labels[-len(two.ids) :] == [2] * len(two.ids)
     assert [t.group for t in plus] == [0, 1, 2]
     assert not traces[0].first_from_base  # the samples themselves are not changed
 
@@ -91,17 +84,17 @@ def test_pair_sft_pairs_each_wrong_sample_with_a_right_one_of_its_problem(tiny):
         sample(builder, P[2], "8!", 1.0),
     ]
     plain = sft.pair_sft_traces(samples, builder, include_correct=False, seed=0)
-    assert [(t.problem.id, t.text1, t.text2, t.r1, t.r2) for t in plain] == [
+    assert [(t.problem.id, *texts(t), *t.rewards) for t in plain] == [
         ("p0", "1", "6", 0.0, 1.0),
         ("p0", "2", "6", 0.0, 1.0),
     ]
     for t, s in zip(plain, samples[:2], strict=True):
         # attempt 1 keeps its ids and ending; the instruction is the builder's for that ending
-        ctx, _ = builder.second_attempt_ids(s.prompt_ids, s.attempt1_ids, s.finish1)
-        assert t.token_ids == ctx + samples[2].attempt1_ids
+        ctx, _ = builder.second_attempt_ids(s.prompt_ids, s.attempts[0].ids, s.attempts[0].finish)
+        assert t.token_ids == ctx + samples[2].attempts[0].ids
         assert t.first_from_base and t.attempt_labels.count(1) == 0
     plus = sft.pair_sft_traces(samples, builder, include_correct=True, seed=0)
-    pairs = [(t.problem.id, t.text1, t.text2) for t in plus]
+    pairs = [(t.problem.id, *texts(t)) for t in plus]
     # the lone right sample of p0 is paired with itself; p2's two right samples with each other
     assert pairs == [("p0", "1", "6"), ("p0", "2", "6"), ("p0", "6", "6"), ("p2", "8", "8!"), ("p2", "8!", "8")]
     assert [t.group for t in plus] == list(range(5))
@@ -113,8 +106,8 @@ def test_pair_sft_choice_of_the_right_partner_is_seeded(tiny):
         sample(builder, P[0], "6", 1.0),
         sample(builder, P[0], "6.", 1.0),
     ]
-    a = [t.text2 for t in sft.pair_sft_traces(samples, builder, include_correct=False, seed=3)]
-    assert a == [t.text2 for t in sft.pair_sft_traces(samples, builder, include_correct=False, seed=3)]
+    a = [texts(t)[1] for t in sft.pair_sft_traces(samples, builder, include_correct=False, seed=3)]
+    assert a == [texts(t)[1] for t in sft.pair_sft_traces(samples, builder, include_correct=False, seed=3)]
     assert set(a) <= {"6", "6."} and len(a) == 6
 
 
@@ -135,14 +128,14 @@ def test_sft_loss_is_the_nll_of_attempt_two_tokens_against_float64(tiny):
         include_correct=True,
     )
     count = sft.trained_tokens(traces)
-    assert count == sum(len(t.attempt2_ids) for t in traces)
+    assert count == sum(len(t.attempts[1].ids) for t in traces)
     loss = sft.sft_loss(model, traces, float(count), FP32_CPU)
     ref_model = copy.deepcopy(model).double()
     nll = torch.zeros((), dtype=torch.float64)
     for t in traces:
         ids = torch.tensor(t.token_ids)
         logp = ref_model(ids[None])[0].double().log_softmax(-1)
-        start = len(t.token_ids) - len(t.attempt2_ids)
+        start = len(t.token_ids) - len(t.attempts[1].ids)
         for pos in range(start, len(t.token_ids)):  # row pos - 1 predicts token pos
             nll -= logp[pos - 1, ids[pos]]
     torch.testing.assert_close(loss.double(), nll / count, rtol=1e-5, atol=1e-6)

@@ -9,33 +9,18 @@ import pytest
 import torch
 
 from score.model import from_pretrained
-from score.rl.data import Problem
 from score.rl.loss import loss_denominator, micro_batch_loss, pack
 from score.rl.micro_batches import by_prompt_count
-from score.rl.rollout import Trajectory
 from score.rl.schedule import DataOrder, lr_at, stage_of
 from score.rl.trainer import Trainer
 from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parity
+from tests.helpers.trajectories import trajectory
 
 ALPHA, BETA1, BETA2 = 10.0, 0.01, 0.1
 
 
 def traj(group, prompt, a1, ins, a2, r1, r2, base=False):
-    return Trajectory(
-        group=group,
-        problem=Problem("p", "q", "1"),
-        prompt_ids=prompt,
-        attempt1_ids=a1,
-        attempt1_logprobs=[-1.0] * len(a1),
-        finish1="stop",
-        instruction_ids=ins,
-        attempt2_ids=a2,
-        attempt2_logprobs=[-1.0] * len(a2),
-        finish2="stop",
-        r1=r1,
-        r2=r2,
-        first_from_base=base,
-    )
+    return trajectory(group, [a1, a2], [r1, r2], prompt=prompt, instruction=ins, base=base)
 
 
 def hand_batch():
@@ -89,10 +74,11 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
         if t.first_from_base:
             assert kl1 == 0.0  # base-model first attempts are context, never trained on
         k = placement == "kl_in_reward"
+        r1, r2 = t.rewards
         if stage == 1:
-            returns.append((-BETA2 * kl1 * k, t.r2 - BETA1 * kl2 * k))
+            returns.append((-BETA2 * kl1 * k, r2 - BETA1 * kl2 * k))
         else:
-            returns.append((t.r1 - BETA1 * kl1 * k, t.r2 + ALPHA * (t.r2 - t.r1) - BETA1 * kl2 * k))
+            returns.append((r1 - BETA1 * kl1 * k, r2 + ALPHA * (r2 - r1) - BETA1 * kl2 * k))
     expect = torch.tensor(returns, dtype=torch.float64)
     torch.testing.assert_close(out.returns.double(), expect, atol=2e-5, rtol=1e-4)
     adv = torch.empty_like(expect)
@@ -108,7 +94,7 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
         [
             torch.full((n,), float(adv[s, a - 1]))
             for s, t in enumerate(trajs)
-            for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))
+            for a, n in ((1, 0 if t.first_from_base else len(t.attempts[0].ids)), (2, len(t.attempts[1].ids)))
         ]
     )
     if placement == "kl_in_reward":
@@ -119,7 +105,7 @@ def test_returns_and_advantages_match_the_design_table(models, stage, placement)
             [
                 torch.full((n,), (BETA2 if stage == 1 and a == 1 else BETA1), dtype=torch.float64)
                 for t in trajs
-                for a, n in ((1, 0 if t.first_from_base else len(t.attempt1_ids)), (2, len(t.attempt2_ids)))
+                for a, n in ((1, 0 if t.first_from_base else len(t.attempts[0].ids)), (2, len(t.attempts[1].ids)))
             ]
         )
         expected_grad = (-a_tok.double() + beta_tok) / denominator

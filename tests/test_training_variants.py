@@ -8,29 +8,15 @@ import torch
 from score.model import from_pretrained, load_tokenizer
 from score.rl import trainer as trainer_module
 from score.rl.config import ConfigError
-from score.rl.data import Problem
 from score.rl.factories import load_problems, make_engine, prompt_builder
 from score.rl.loss import loss_denominator, micro_batch_loss, pack
-from score.rl.rollout import Trajectory, two_attempt_rollout
+from score.rl.rollout import RolloutSpec, run_rollout
 from tests.helpers.tiny_run import ParityReward, tiny_config, trainer_with_parity
+from tests.helpers.trajectories import trajectory
 
 
 def traj(group, a1, a2, r1, r2, base=False):
-    return Trajectory(
-        group=group,
-        problem=Problem("p", "q", "1"),
-        prompt_ids=[5, 6],
-        attempt1_ids=a1,
-        attempt1_logprobs=[-1.0] * len(a1),
-        finish1="stop",
-        instruction_ids=[10] if a2 else [],
-        attempt2_ids=a2,
-        attempt2_logprobs=[-1.0] * len(a2),
-        finish2="stop" if a2 else "none",
-        r1=r1,
-        r2=r2,
-        first_from_base=base,
-    )
+    return trajectory(group, [a1, a2], [r1, r2], prompt=[5, 6], instruction=[10], base=base)
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +57,19 @@ def test_star_stage2_trains_only_the_successful_attempts(models):
 
 def test_single_turn_samples_and_trains_attempt_1_only(models, tmp_path, closes):
     cfg, policy, reference = models
-    trajectories, _ = two_attempt_rollout(
+    trajectories, _ = run_rollout(
         make_engine(cfg, policy),
         prompt_builder(cfg, load_tokenizer(cfg.model.path)),
         load_problems(cfg, cfg.data.train)[:2],
         ParityReward(),
-        k=2,
-        temperature=1.0,
-        max_tokens1=4,
-        max_tokens2=4,
-        seed=0,
-        second_attempt=False,
+        RolloutSpec(k=2, temperature=1.0, budgets=(4, 4), attempts=1, seed=0),
     )
-    assert all(t.attempt2_ids == [] and t.instruction_ids == [] and t.finish2 == "none" for t in trajectories)
-    assert all(t.token_ids == t.prompt_ids + t.attempt1_ids for t in trajectories)
+    assert all(len(t.attempts) == 1 for t in trajectories)
+    assert all(t.token_ids == t.prompt_ids + t.attempts[0].ids for t in trajectories)
 
     single = copy.deepcopy(cfg)
     single.score.single_turn, single.score.stage1_steps, single.score.stage2_steps = True, 0, 2
-    trajs = [traj(0, [8, 9], [], 1.0, 0.0), traj(0, [14, 15, 16], [], 0.0, 0.0)]
+    trajs = [trajectory(0, [[8, 9]], [1.0], prompt=[5, 6]), trajectory(0, [[14, 15, 16]], [0.0], prompt=[5, 6])]
     batch = pack(trajs, torch.device("cpu"))
     assert set(batch.attempt.tolist()) == {1}
     out, logp, _ = micro_batch_loss(policy, reference, batch, single, 2, loss_denominator(trajs, "token_mean"))
@@ -123,7 +104,7 @@ def test_multi_turn_rl_trains_each_attempt_on_its_own_reward(models, tmp_path, c
 def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monkeypatch, closes):
     cfg = tiny_config(tmp_path, score__online_first_attempt=False, score__stage1_steps=1, score__stage2_steps=1)
     seen = []
-    real = trainer_module.two_attempt_rollout
+    real = trainer_module.run_rollout
 
     def spy(engine, *args, **kwargs):
         seen.append((kwargs["from_base"], kwargs["base_engine"]))
@@ -131,7 +112,7 @@ def test_offline_turn1_takes_every_attempt_1_from_the_base_model(tmp_path, monke
         seen[-1] += (trajectories,)
         return trajectories, stats
 
-    monkeypatch.setattr(trainer_module, "two_attempt_rollout", spy)
+    monkeypatch.setattr(trainer_module, "run_rollout", spy)
     trainer = closes(trainer_with_parity(cfg, tmp_path / "offline"))
     trainer.fit()
     assert len(seen) == 2  # Stage I and Stage II

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from score.model.files import commit_folder, read_json_object, remove_stale_temporaries, temp_folder
 
-from ..parallel.distributed import raise_on_all_ranks
+from ..ranks import raise_on_all_ranks
 from .store import STATE_FILE, check_save_arguments, checkpoint_dir, prune
 
 KIND = "sharded"

@@ -6,9 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from score.model.files import TEMP_PREFIX, read_json_object
+from score.model.files import TEMP_PREFIX, read_json_object, write_json
 
-from ..evaluate import write_json
 from ..preflight import check_out_dir
 from ..run_lock import LOCK_FILE, lock_folder
 

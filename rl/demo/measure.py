@@ -21,9 +21,9 @@ from score.model import (
     from_pretrained,
     load_tokenizer,
 )
+from score.model.files import write_jsonl
 
 from ..config import RunConfig, config_from_dict, to_toml
-from ..evaluate import write_records
 from ..factories import load_problems, make_engine, make_reward, prompt_builder
 from ..metrics import seed_summary
 from ..progress import progress_bar
@@ -99,8 +99,8 @@ def train_and_evaluate(job: dict) -> dict:
                 )
         finally:
             trainer.close()
-    write_records(job["records"], held_out[1])
-    write_records(job["train_records"], training[1])
+    write_jsonl(job["records"], held_out[1])
+    write_jsonl(job["train_records"], training[1])
     result = {"seed": job["seed"], **pick(held_out[0]), "train": pick(training[0])}
     if job["name"] not in SFT_BASELINES:  # the SFT logs hold no rewards or attempts
         result["curves"] = run_curves(run_dir)

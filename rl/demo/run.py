@@ -11,8 +11,9 @@ import torch
 from score.model import (
     save_pretrained,
 )
+from score.model.files import write_json, write_jsonl
 
-from ..evaluate import evaluate_self_refine, write_json, write_records
+from ..evaluate import evaluate_self_refine
 from ..factories import load_problems, make_engine, make_reward, prompt_builder, self_refine_builders
 from ..metrics import format_table
 from ..run_inputs import run_inputs
@@ -110,9 +111,9 @@ def _run_demo(
 
     # Headroom and the base model's self-correction, before any RL, on held-out and training problems.
     room, room_rows = headroom(model, builder, eval_set, cfg)
-    write_records(out / "eval" / "headroom.jsonl", room_rows)
+    write_jsonl(out / "eval" / "headroom.jsonl", room_rows)
     room_train, room_train_rows = headroom(model, builder, train_set, cfg)
-    write_records(out / "eval" / "headroom_train.jsonl", room_train_rows)
+    write_jsonl(out / "eval" / "headroom_train.jsonl", room_train_rows)
     reward = make_reward(cfg)
     try:
         (base_metrics, base_records), (base_train, base_train_records) = evaluate_both(
@@ -120,8 +121,8 @@ def _run_demo(
         )
     finally:
         reward.close()
-    write_records(out / "eval" / f"base_seed{seed}.jsonl", base_records)
-    write_records(out / "eval" / f"base_seed{seed}_train.jsonl", base_train_records)
+    write_jsonl(out / "eval" / f"base_seed{seed}.jsonl", base_records)
+    write_jsonl(out / "eval" / f"base_seed{seed}_train.jsonl", base_train_records)
     methods = {"base": summarize([{"seed": seed, **pick(base_metrics), "train": pick(base_train)}])}
     if baselines:  # Self-Refine prompts the base model: greedy, so one row like the base model's
         reward = make_reward(cfg)
@@ -140,8 +141,8 @@ def _run_demo(
             ]
         finally:
             reward.close()
-        write_records(out / "eval" / f"self_refine_seed{seed}.jsonl", refined[0][1])
-        write_records(out / "eval" / f"self_refine_seed{seed}_train.jsonl", refined[1][1])
+        write_jsonl(out / "eval" / f"self_refine_seed{seed}.jsonl", refined[0][1])
+        write_jsonl(out / "eval" / f"self_refine_seed{seed}_train.jsonl", refined[1][1])
         methods["self_refine"] = summarize([{"seed": seed, **pick(refined[0][0]), "train": pick(refined[1][0])}])
     for problems, paths, two in ((eval_set, room, base_metrics), (train_set, room_train, base_train)):
         print(

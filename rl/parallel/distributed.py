@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ranks import raise_on_all_ranks
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -287,16 +289,6 @@ def sharded_from_pretrained(
         model.to_empty(device="cpu" if offloaded else env.device)
         set_model_state_dict(model, dict(full), options=options)  # a copy: the call rewrites its dict
     return policy, reference
-
-
-def raise_on_all_ranks(message: str | None) -> None:
-    """Rank 0's verdict on every rank: ValueError(message) everywhere when it is not None, so no rank
-    is left waiting in a collective for a peer that gave up (a no-op check without a process group)."""
-    box = [message]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ValueError(box[0])
 
 
 def fsdp_modules(model: nn.Module) -> list:

@@ -39,18 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-try:
-    from ..data import last_boxed
-except ImportError:  # loaded by file path inside a grading worker, outside the package (see _worker_main)
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location(
-        "_score_rl_data", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
-    )
-    _data = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _data  # dataclasses look their module up in sys.modules
-    _spec.loader.exec_module(_data)
-    last_boxed = _data.last_boxed
+from ..data import last_boxed
 
 STATUSES = ("correct", "incorrect", "no_answer", "parse_failure", "reference_parse_failure", "timeout", "error")
 
@@ -183,7 +172,7 @@ class _Worker:
 
     def __init__(self):
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_BOOTSTRAP, os.path.abspath(__file__)],
+            [sys.executable, "-P", "-c", _WORKER_BOOTSTRAP],  # -P: the working folder is not on sys.path
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,
@@ -389,15 +378,8 @@ def math_reward(completion: str, reference: str, *, timeout_s: float = 5.0) -> f
     return grader.grade([completion], [reference])[0]
 
 
-# The worker loads this file by path (no `score.rl` package import) and serves JSON lines.
-_WORKER_BOOTSTRAP = (
-    "import importlib.util, sys\n"
-    "spec = importlib.util.spec_from_file_location('_score_math_reward_worker', sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = module\n"
-    "spec.loader.exec_module(module)\n"
-    "module._worker_main()\n"
-)
+# The worker imports this module from the installed package (no torch on that path) and serves JSON lines.
+_WORKER_BOOTSTRAP = "from score.rl.rewards.math_reward import _worker_main; _worker_main()"
 
 
 def _worker_main() -> None:
