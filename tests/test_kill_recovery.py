@@ -61,13 +61,14 @@ def parity(monkeypatch):
 
 def kill_at(args, cwd, moment: str, out):
     """Start `score ARGS`, kill -9 it at `moment` (a path glob: just before that write lands; or
-    'first step': once metrics.jsonl holds a line)."""
+    'first step': stopped once its first step is logged, before the next one)."""
     if moment == "first step":
-        proc = start(args, cwd, parity_reward=True)
-        wait_until(lambda: lines(out / "metrics.jsonl") >= 1, "the first logged step", proc)
+        proc = start(args, cwd, stop_after_step=True, parity_reward=True)
     else:
         proc = start(args, cwd, stop_at=moment, parity_reward=True)
-        wait_stopped(proc, moment)
+    wait_stopped(proc, moment)
+    if moment == "first step":
+        assert lines(out / "metrics.jsonl") == 1
     kill_9(proc)
 
 

@@ -18,11 +18,18 @@ DEADLINE_S = 300.0  # a loaded 2-core machine starts torch in seconds; minutes m
 
 
 def start(
-    args: list[str], cwd: Path, *, stop_at: str | None = None, trace: Path | None = None, parity_reward: bool = False
+    args: list[str],
+    cwd: Path,
+    *,
+    stop_at: str | None = None,
+    stop_after_step: bool = False,
+    trace: Path | None = None,
+    parity_reward: bool = False,
 ) -> subprocess.Popen:
-    """`score ARGS` as a new process (stderr captured), optionally stopping at a write or tracing the
-    writes (stop_at.py)."""
+    """`score ARGS` as a new process (stderr captured), optionally stopping at a write or after its
+    first logged step, or tracing the writes (stop_at.py)."""
     options = (["--stop-at", stop_at] if stop_at else []) + (["--trace", str(trace)] if trace else [])
+    options += ["--stop-after-step"] if stop_after_step else []
     options += ["--parity-reward"] if parity_reward else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(

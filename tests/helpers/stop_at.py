@@ -1,11 +1,13 @@
 """`score ARGS` in a process that can be caught at an exact moment, for the crash tests.
 
-    python tests/helpers/stop_at.py [--stop-at GLOB[@N]] [--trace FILE] [--parity-reward] -- ARGS...
+    python tests/helpers/stop_at.py [--stop-at GLOB[@N] | --stop-after-step] [--trace FILE] [--parity-reward] -- ARGS...
 
 `--stop-at`: the N-th time (default 1) a path matching GLOB is about to be renamed into place (every
 whole-file and whole-folder write ends with that rename: score.model.files), the process stops
 itself with SIGSTOP, so the test can SIGKILL it with the temporary written and the target not yet
-there. `--trace FILE` appends every such path to FILE instead (what bench/kills.py kills at).
+there. `--stop-after-step`: the process stops itself the same way once its first step is logged
+(metrics.jsonl holds its line), however fast the steps after it would follow. `--trace FILE`
+appends every such path to FILE instead (what bench/kills.py kills at).
 `--parity-reward`: train and sft runs are rewarded by tests.helpers.tiny_run.ParityReward, which
 an untrained model can earn (so score sft has traces to train on).
 """
@@ -26,6 +28,8 @@ def main(argv: list[str]) -> int:
         spec = options[options.index("--stop-at") + 1]
         pattern, _, nth = spec.partition("@")
         stop_before_rename(pattern, int(nth or 1))
+    if "--stop-after-step" in options:
+        stop_after_first_step()
     if "--trace" in options:
         trace_renames(options[options.index("--trace") + 1])
     if "--parity-reward" in options:
@@ -50,6 +54,20 @@ def stop_before_rename(pattern: str, nth: int) -> None:
         return real(src, dst, *args, **kwargs)
 
     os.replace = replace
+
+
+def stop_after_first_step() -> None:
+    from score.rl.run_log import MetricsLogger
+
+    real = MetricsLogger.log
+
+    def log(self, step, metrics):
+        logged = real(self, step, metrics)
+        MetricsLogger.log = real  # once
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return logged
+
+    MetricsLogger.log = log
 
 
 def trace_renames(file: str) -> None:
