@@ -487,7 +487,8 @@ def score_loss(
         if loss_denominator <= 0:
             raise ValueError(f"loss_denominator must be > 0, got {loss_denominator}")
         denominator = loss_denominator
-    with_triton = use_triton(impl, logp, "score_loss")
+    # "auto" takes the torch path for more attempts than the kernel has lanes; "triton" says so
+    with_triton = use_triton(impl, logp, "score_loss") and (impl == "triton" or attempts <= _ATTEMPT_BLOCKS[-1])
 
     # --- compute --------------------------------------------------------------------------
     def per_attempt(values):

@@ -1,6 +1,7 @@
 """score_loss against hand-computed returns/advantages and a float64 per-token loop reference, for two
 attempts (the stage table) and for three."""
 
+import importlib
 import math
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 from score.kernels import ScoreLossOutput, score_loss
 from score.rl.loss import attempt_coefficients
+
+score_loss_module = importlib.import_module("score.kernels.score_loss")  # the function shares its name
 
 IMPLS = ["torch", "triton"]
 
@@ -161,11 +164,15 @@ def test_any_number_of_attempts_matches_loop_reference(impl, attempts, stage, no
     assert torch.allclose(grad.double(), want["grad"], atol=1e-6)
 
 
-def test_triton_refuses_more_attempts_than_its_lanes():
+def test_triton_refuses_more_attempts_than_its_lanes_and_auto_takes_the_torch_path(monkeypatch):
     batch = random_batch(attempts=9)
     with pytest.raises(NotImplementedError, match="up to 8 attempts"):
         run("triton", batch, stage=2)
-    run("torch", batch, stage=2)
+    want, want_grad = run("torch", batch, stage=2)
+    # "auto" where the kernel would run (a GPU; here the dispatch says so): the torch path, no error
+    monkeypatch.setattr(score_loss_module, "use_triton", lambda impl, tensor, op: True)
+    got, got_grad = run("auto", batch, stage=2)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got_grad, want_grad)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
