@@ -197,7 +197,7 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32, *, claim=None) ->
         remove_stale_temporaries_of(out)
     with atomic_folder(out) as tmp:
         save_safetensors(tensors, os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, "config.json"), hf_config, indent=2, sort_keys=True)
+        write_json(os.path.join(tmp, "config.json"), hf_config, sort_keys=True)
         tokenizer.save_pretrained(tmp)
         write_json(
             os.path.join(tmp, "gguf_source.json"),
@@ -208,6 +208,5 @@ def convert_gguf(src, out, dtype: torch.dtype = torch.float32, *, claim=None) ->
                 "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}),
                 "tokenizer_pre": fields.get("tokenizer.ggml.pre"),
             },
-            indent=2,
         )
     return out

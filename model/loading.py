@@ -199,4 +199,4 @@ def save_pretrained(model: Transformer, path, dtype: torch.dtype | None = None) 
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):  # a stale index would make loaders look for old shards
         os.remove(index)
-    write_json(os.path.join(path, "config.json"), config, indent=2, sort_keys=True)
+    write_json(os.path.join(path, "config.json"), config, sort_keys=True)

@@ -182,7 +182,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             **self.special_tokens,
         }
-        write_json(os.path.join(path, "tokenizer_config.json"), config, indent=2, ensure_ascii=False)
+        write_json(os.path.join(path, "tokenizer_config.json"), config, ensure_ascii=False)
         template_file = os.path.join(path, "chat_template.jinja")
         if self.chat_template is not None:
             write_text(template_file, self.chat_template)
@@ -193,7 +193,7 @@ class Tokenizer:
             gen_file = os.path.join(path, "generation_config.json")
             gen = read_json_object(gen_file) if os.path.exists(gen_file) else {}
             gen["eos_token_id"] = list(self.eos_token_ids)
-            write_json(gen_file, gen, indent=2)
+            write_json(gen_file, gen)
 
     def __repr__(self) -> str:
         return (
